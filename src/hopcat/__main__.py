@@ -1,0 +1,5 @@
+import sys
+
+from hopcat.cli import main
+
+sys.exit(main())

@@ -1,0 +1,148 @@
+"""The ``hopcat`` command: parse, call the library, turn errors into one line and an exit code.
+
+Start-up matters (ssh runs us once per connection), so this module imports only what the direct
+connect-and-relay path needs; anything else is imported inside the branch that uses it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from hopcat.cli._args import Options
+
+
+class Timeline:
+    """``-v`` output: one stderr line per event, stamped with ms since hopcat started."""
+
+    def __init__(self, enabled: bool, started: float) -> None:
+        self.enabled = enabled
+        self.started = started
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            elapsed_ms = (time.perf_counter() - self.started) * 1000
+            sys.stderr.write(f"hopcat: [{elapsed_ms:9.3f} ms] {message}\n")
+            sys.stderr.flush()
+
+
+def _fail(message: str, code: int) -> int:
+    sys.stderr.write(f"hopcat: {message}\n")
+    sys.stderr.flush()
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    started = time.perf_counter()
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        return _run(args, started)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except Exception as exc:
+        from hopcat.errors import ExitCode, HopcatError
+
+        if isinstance(exc, HopcatError):
+            if debug:
+                import traceback
+
+                traceback.print_exc()
+            return _fail(str(exc), exc.exit_code)
+        if debug:
+            raise
+        return _fail(
+            f"internal error: {type(exc).__name__}: {exc} (run with --debug for a traceback, "
+            "and please report it)",
+            ExitCode.SOFTWARE,
+        )
+
+
+def _run(args: list[str], started: float) -> int:
+    from hopcat.cli._args import help_text, parse_args
+    from hopcat.errors import UsageError
+
+    options = parse_args(args)
+    if options.help:
+        sys.stdout.write(help_text())
+        return 0
+    if options.version:
+        from hopcat import __version__
+
+        sys.stdout.write(f"hopcat {__version__}\n")
+        return 0
+    if len(options.operands) != 2:
+        raise UsageError(
+            "expected HOST PORT"
+            + (f", got {len(options.operands)} operands" if options.operands else "")
+            + " (see hopcat --help)"
+        )
+    return _connect_and_relay(options, Timeline(bool(options.verbose), started))
+
+
+def _connect_and_relay(options: Options, trace: Timeline) -> int:
+    import socket
+
+    from hopcat._endpoint import format_hostport, parse_port, validate_host
+    from hopcat.cli._args import DEFAULT_CONNECT_TIMEOUT_S
+    from hopcat.net.dial import dial_tcp
+    from hopcat.relay.pump import RelayOptions, relay
+
+    host = validate_host(options.operands[0], what="host")
+    port = parse_port(options.operands[1])
+    timeout_s = options.connect_timeout_s
+    if timeout_s is None:
+        timeout_s = options.idle_timeout_s or DEFAULT_CONNECT_TIMEOUT_S
+    deadline = time.monotonic() + (timeout_s if timeout_s > 0 else 365 * 86400.0)
+    family = socket.AF_UNSPEC
+    if options.ipv4_only:
+        family = socket.AF_INET
+    elif options.ipv6_only:
+        family = socket.AF_INET6
+
+    sock = dial_tcp(
+        host,
+        port,
+        deadline=deadline,
+        family=family,
+        source=options.source,
+        nodelay=not options.nagle,
+        keepalive=options.keepalive,
+        numeric_only=options.numeric,
+        trace=trace,
+        timeout_label=f"after {timeout_s:g} s",
+    )
+    with sock:
+        if trace.enabled:
+            local = sock.getsockname()
+            remote = sock.getpeername()
+            trace(
+                f"established {format_hostport(remote[0], remote[1])} "
+                f"(local {format_hostport(local[0], local[1])})"
+            )
+        relay_options = RelayOptions(
+            no_shutdown=options.no_shutdown or options.no_stdin,
+            keep_sending=options.keep_sending,
+            quit_after_eof_s=options.quit_after_eof_s,
+            idle_timeout_s=options.idle_timeout_s,
+            read_stdin=not options.no_stdin,
+        )
+        stats = None
+        try:
+            stats = relay(
+                sock, 0, 1, options=relay_options, trace=trace if options.verbose else None
+            )
+        finally:
+            if trace.enabled and stats is not None:
+                seconds = max(stats.seconds, 1e-9)
+                trace(
+                    f"done in {stats.seconds:.3f} s: up {stats.bytes_up} bytes "
+                    f"({stats.bytes_up / seconds / 1e6:.1f} MB/s, {stats.path_up}), "
+                    f"down {stats.bytes_down} bytes ({stats.bytes_down / seconds / 1e6:.1f} MB/s, "
+                    f"{stats.path_down})"
+                )
+    return 0

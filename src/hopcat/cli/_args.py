@@ -1,0 +1,207 @@
+"""Command-line parsing: a table of options and a small GNU-style parser.
+
+Not argparse: it costs several ms of imports on every ssh connection, and nc's habits (``-X5``,
+``-xhost:port``, ``-vv``, options after operands) are easier to honour with a table we own.
+"""
+
+from __future__ import annotations
+
+from hopcat.errors import UsageError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+DEFAULT_CONNECT_TIMEOUT_S = 30.0
+
+# (short, long, metavar or "" for a flag, attribute, help). Order is the order in --help.
+OPTION_TABLE: tuple[tuple[str, str, str, str, str], ...] = (
+    ("4", "", "", "ipv4_only", "use IPv4 addresses only"),
+    ("6", "", "", "ipv6_only", "use IPv6 addresses only"),
+    ("s", "source", "ADDR", "source", "connect from this local address"),
+    ("n", "", "", "numeric", "numeric addresses only: never resolve names"),
+    (
+        "",
+        "connect-timeout",
+        "SECS",
+        "connect_timeout_s",
+        f"give up connecting after SECS, whole attempt (default {DEFAULT_CONNECT_TIMEOUT_S:g}; 0 = none)",
+    ),
+    (
+        "w",
+        "idle-timeout",
+        "SECS",
+        "idle_timeout_s",
+        "exit after SECS with no data either way; also the connect timeout, as in nc",
+    ),
+    ("q", "quit-after-eof", "SECS", "quit_after_eof_s", "exit SECS after stdin EOF (nc's -q)"),
+    ("N", "", "", "shutdown_flag", "half-close after stdin EOF (the default; accepted for nc)"),
+    (
+        "",
+        "no-shutdown",
+        "",
+        "no_shutdown",
+        "never half-close: some proxies (microsocks, tinyproxy) drop the tunnel on a FIN",
+    ),
+    (
+        "",
+        "keep-sending",
+        "",
+        "keep_sending",
+        "after the peer's EOF keep sending stdin until it ends (servers that half-close)",
+    ),
+    ("d", "no-stdin", "", "no_stdin", "do not read stdin"),
+    ("", "keepalive", "", "keepalive", "enable TCP keepalive (idle 60 s, interval 15 s, 4 probes)"),
+    ("", "nagle", "", "nagle", "leave Nagle's algorithm on (TCP_NODELAY is set by default)"),
+    ("v", "verbose", "", "verbose", "timeline on stderr; -vv for more"),
+    ("", "debug", "", "debug", "show a traceback on unexpected errors"),
+    ("h", "help", "", "help", "show this help and exit"),
+    ("V", "version", "", "version", "show the version and exit"),
+)
+
+_BY_SHORT = {row[0]: row for row in OPTION_TABLE if row[0]}
+_BY_LONG = {row[1]: row for row in OPTION_TABLE if row[1]}
+_FLOAT_OPTIONS = frozenset({"connect_timeout_s", "idle_timeout_s", "quit_after_eof_s"})
+_COUNTED = frozenset({"verbose"})
+
+
+class Options:
+    """Parsed options: one explicit object passed down, no globals."""
+
+    ipv4_only: bool
+    ipv6_only: bool
+    source: str | None
+    numeric: bool
+    connect_timeout_s: float | None
+    idle_timeout_s: float | None
+    quit_after_eof_s: float | None
+    shutdown_flag: bool
+    no_shutdown: bool
+    keep_sending: bool
+    no_stdin: bool
+    keepalive: bool
+    nagle: bool
+    verbose: int
+    debug: bool
+    help: bool
+    version: bool
+    operands: list[str]
+
+    def __init__(self) -> None:
+        for _short, _long, metavar, attr, _help in OPTION_TABLE:
+            if attr in _COUNTED:
+                setattr(self, attr, 0)
+            else:
+                setattr(self, attr, None if metavar else False)
+        self.operands = []
+
+
+def _seconds(value: str, flag: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise UsageError(f"{flag} takes a number of seconds, not {value!r}") from None
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        raise UsageError(f"{flag} takes a finite number of seconds")
+    return seconds
+
+
+def _store(
+    options: Options, row: tuple[str, str, str, str, str], flag: str, value: str | None
+) -> None:
+    attr = row[3]
+    if value is None:
+        if attr in _COUNTED:
+            setattr(options, attr, getattr(options, attr) + 1)
+        else:
+            setattr(options, attr, True)
+    elif attr in _FLOAT_OPTIONS:
+        setattr(options, attr, _seconds(value, flag))
+    else:
+        setattr(options, attr, value)
+
+
+def parse_args(argv: Sequence[str]) -> Options:
+    options = Options()
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        index += 1
+        if arg == "--":
+            options.operands.extend(argv[index:])
+            break
+        if arg.startswith("--"):
+            name, eq, inline = arg[2:].partition("=")
+            row = _BY_LONG.get(name)
+            if row is None:
+                raise UsageError(f"unknown option --{name} (see hopcat --help)")
+            if not row[2]:
+                if eq:
+                    raise UsageError(f"--{name} takes no value")
+                _store(options, row, arg, None)
+                continue
+            if not eq:
+                if index >= len(argv):
+                    raise UsageError(f"--{name} needs a value ({row[2]})")
+                inline = argv[index]
+                index += 1
+            _store(options, row, f"--{name}", inline)
+            continue
+        if arg.startswith("-") and len(arg) > 1:
+            position = 1
+            while position < len(arg):
+                letter = arg[position]
+                position += 1
+                row = _BY_SHORT.get(letter)
+                if row is None:
+                    raise UsageError(f"unknown option -{letter} (see hopcat --help)")
+                if not row[2]:
+                    _store(options, row, f"-{letter}", None)
+                    continue
+                value = arg[position:]
+                if not value:
+                    if index >= len(argv):
+                        raise UsageError(f"-{letter} needs a value ({row[2]})")
+                    value = argv[index]
+                    index += 1
+                _store(options, row, f"-{letter}", value)
+                break
+            continue
+        options.operands.append(arg)
+    if options.ipv4_only and options.ipv6_only:
+        raise UsageError("-4 and -6 exclude each other")
+    for attr, flag in (("connect_timeout_s", "--connect-timeout"), ("idle_timeout_s", "-w")):
+        value = getattr(options, attr)
+        if value is not None and value < 0:
+            raise UsageError(f"{flag} must not be negative")
+    if options.quit_after_eof_s is not None and options.quit_after_eof_s < 0:
+        options.quit_after_eof_s = None  # nc: a negative -q means wait forever
+    return options
+
+
+def help_text(prog: str = "hopcat") -> str:
+    lines = [
+        f"usage: {prog} [options] HOST PORT",
+        "",
+        "Open a TCP connection to HOST PORT and relay stdin/stdout over it, built for",
+        "OpenSSH's ProxyCommand: true half-close, zero-copy splice(2), nothing lost.",
+        "",
+        "options:",
+    ]
+    for short, long, metavar, _attr, text in OPTION_TABLE:
+        names = ", ".join(
+            n for n in (f"-{short}" if short else "", f"--{long}" if long else "") if n
+        )
+        if metavar:
+            names += f" {metavar}"
+        lines.append(f"  {names:<26} {text}")
+    lines += [
+        "",
+        "In ~/.ssh/config:",
+        "  Host *.internal",
+        "      ProxyCommand hopcat %h %p",
+        "",
+        "Exit codes: 0 ok, 64 usage, 68 name not resolved, 69 refused/unreachable,",
+        "70 internal error, 74 I/O error while relaying, 75 timeout, 130 interrupted.",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,460 @@
+"""The relay: stdin -> socket ("up") and socket -> stdout ("down") in one poll loop, no threads.
+
+Each direction is a Flow that moves bytes one of three ways, chosen per direction at start:
+
+* ``splice``: one end is a pipe (the ProxyCommand case: ssh hands us two pipes) and the other a
+  pipe or socket. ``splice(2)`` moves pages between them inside the kernel; the pipe itself is the
+  buffer, so nothing is held in userspace.
+* ``splice via pipe``: both ends are sockets (library and server use). An intermediate pipe of
+  our own sits in the middle: socket -> pipe, pipe -> socket.
+* ``copy``: anything else (a tty, a regular file, a platform without splice, or a kernel that
+  answers EINVAL on the first splice): read into a 256 KiB buffer, write it out.
+
+End-of-stream policy (the reason this tool exists; nc and ncat get parts of it wrong):
+
+* stdin EOF: once every byte read from stdin has been sent, ``shutdown(SHUT_WR)`` the socket so
+  the peer sees our FIN, and keep delivering socket -> stdout, so a request/response exchange
+  still gets its answer. ``no_shutdown`` skips the FIN (microsocks and tinyproxy tear the whole
+  tunnel down on a client FIN). ``quit_after_eof_s`` (nc's -q) exits that long after stdin EOF.
+* peer FIN: once every byte received has reached stdout, close stdout and exit, even while
+  stdin is still open: ssh never closes our stdin, and waiting for it is the ProxyCommand hang
+  people hit with nc and old ncat. ``keep_sending`` instead keeps relaying stdin until it ends
+  too (for servers that half-close and still read).
+* POLLHUP without POLLIN (a pipe whose writer left) still means "read until EOF": the read, not
+  the poll flag, decides that the stream ended.
+* ``idle_timeout_s`` (-w): no byte moved either way for that long -> HopcatTimeoutError.
+
+Errors: EAGAIN waits for the next poll; EINTR is retried by Python (PEP 475); partial writes keep
+the rest buffered; EPIPE/ECONNRESET become RelayError naming the side and how many bytes were not
+delivered. A byte that was read is either written or reported, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import stat
+import time
+
+from hopcat.errors import HopcatTimeoutError, RelayError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+COPY_BUFFER_BYTES = 256 * 1024
+MAX_SPLICE_BYTES = 1 << 20
+PIPE_SIZE_BYTES = 1 << 20  # the default /proc/sys/fs/pipe-max-size: fewer wakeups per MiB
+SPLICE_ROUNDS_PER_WAKEUP = 16  # bound one direction's turn so the other is not starved
+F_SETPIPE_SZ = 1031  # fcntl.h; not exported by Python's fcntl before 3.10 on every platform
+
+_HAVE_SPLICE = hasattr(os, "splice")
+_SPLICE_FLAGS = (
+    getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2) if _HAVE_SPLICE else 0
+)
+_READ_EVENTS = select.POLLIN | select.POLLHUP | select.POLLERR
+_WRITE_EVENTS = select.POLLOUT | select.POLLERR | select.POLLHUP
+_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN)
+
+
+class RelayOptions:
+    __slots__ = (
+        "close_output",
+        "idle_timeout_s",
+        "keep_sending",
+        "no_shutdown",
+        "quit_after_eof_s",
+        "read_stdin",
+    )
+
+    def __init__(
+        self,
+        *,
+        no_shutdown: bool = False,
+        keep_sending: bool = False,
+        quit_after_eof_s: float | None = None,
+        idle_timeout_s: float | None = None,
+        read_stdin: bool = True,
+        close_output: bool = True,
+    ) -> None:
+        self.close_output = close_output
+        self.no_shutdown = no_shutdown
+        self.keep_sending = keep_sending
+        self.quit_after_eof_s = quit_after_eof_s
+        self.idle_timeout_s = idle_timeout_s
+        self.read_stdin = read_stdin
+
+
+class RelayStats:
+    __slots__ = ("bytes_down", "bytes_up", "path_down", "path_up", "seconds")
+
+    def __init__(self) -> None:
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.path_up = ""
+        self.path_down = ""
+        self.seconds = 0.0
+
+
+def fd_kind(fd: int) -> str:
+    """'pipe', 'socket', 'tty', 'file' or 'other' (e.g. /dev/null); 'closed' if fd is not open."""
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return "closed"
+    if stat.S_ISFIFO(mode):
+        return "pipe"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISCHR(mode) and os.isatty(fd):
+        return "tty"
+    return "other"
+
+
+def grow_pipe(fd: int) -> None:
+    """Best effort: a bigger pipe means fewer splice calls per MiB. Not fatal if refused."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE_BYTES)
+    except (OSError, ImportError):
+        pass
+
+
+def _is_writable_now(fd: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return bool(poller.poll(0))
+
+
+class Flow:
+    """One direction: bytes from ``src`` to ``dst`` until src's EOF has been delivered.
+
+    Invariant: ``buffered`` (copy mode: bytes in our buffer; pipe mode: bytes sitting in our
+    intermediate pipe) are bytes read from src and not yet written to dst. ``finished`` is True
+    only once src has reported EOF and ``buffered`` is zero.
+    """
+
+    def __init__(self, name: str, src: int, dst: int, mode: str) -> None:
+        self.name = name
+        self.src = src
+        self.dst = dst
+        self.mode = mode  # "splice", "splice via pipe" or "copy"
+        self.src_eof = False
+        self.finished = False
+        self.moved = 0  # bytes written to dst
+        self.buffered = 0
+        self.waiting_for_dst = False  # splice mode: last EAGAIN was dst being full
+        self._buffer: bytearray | None = None
+        self._view: memoryview | None = None
+        self._start = 0
+        self._pipe_r = -1
+        self._pipe_w = -1
+        if mode == "copy":
+            self._use_copy()
+        elif mode == "splice via pipe":
+            self._pipe_r, self._pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            grow_pipe(self._pipe_w)
+
+    def _use_copy(self) -> None:
+        self.mode = "copy"
+        self._buffer = bytearray(COPY_BUFFER_BYTES)
+        self._view = memoryview(self._buffer)
+
+    def close(self) -> None:
+        for fd in (self._pipe_r, self._pipe_w):
+            if fd >= 0:
+                os.close(fd)
+        self._pipe_r = self._pipe_w = -1
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+
+    def interest(self) -> list[tuple[int, int]]:
+        """(fd, poll events) this flow is waiting for right now."""
+        if self.finished:
+            return []
+        if self.mode == "splice":
+            if self.waiting_for_dst:
+                return [(self.dst, select.POLLOUT)]
+            return [(self.src, select.POLLIN)]
+        wanted: list[tuple[int, int]] = []
+        if self.buffered:
+            wanted.append((self.dst, select.POLLOUT))
+        has_room = not self.buffered if self.mode == "copy" else self.buffered < PIPE_SIZE_BYTES
+        if not self.src_eof and has_room:
+            wanted.append((self.src, select.POLLIN))
+        return wanted
+
+    def on_ready(self, fd: int) -> None:
+        """Move what can be moved without blocking. Raises OSError from the side that failed."""
+        if self.finished:
+            return
+        if self.mode == "splice":
+            self._splice_direct()
+        elif self.mode == "copy":
+            if fd == self.src and not self.buffered and not self.src_eof:
+                self._copy_read()
+            if self.buffered:
+                self._copy_write()
+        else:
+            if fd == self.src and not self.src_eof:
+                self._splice_in()
+            if self.buffered:
+                self._splice_out()
+        if self.src_eof and not self.buffered:
+            self.finished = True
+
+    # -- splice: one end is a pipe --------------------------------------------------------------
+    def _splice_direct(self) -> None:
+        self.waiting_for_dst = False
+        for _ in range(SPLICE_ROUNDS_PER_WAKEUP):
+            try:
+                count = os.splice(self.src, self.dst, MAX_SPLICE_BYTES, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                # Ambiguous: src empty or dst full. Ask dst, so we never spin on a writable dst.
+                self.waiting_for_dst = not _is_writable_now(self.dst)
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EINVAL, errno.ENOSYS) and self.moved == 0:
+                    self._use_copy()  # this kernel/fd pair cannot splice: copy instead
+                    return
+                raise
+            if count == 0:
+                self.src_eof = True
+                return
+            self.moved += count
+
+    # -- splice via our own pipe: socket -> pipe -> socket --------------------------------------
+    def _splice_in(self) -> None:
+        try:
+            count = os.splice(self.src, self._pipe_w, MAX_SPLICE_BYTES, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            return
+        if count == 0:
+            self.src_eof = True
+        self.buffered += count
+
+    def _splice_out(self) -> None:
+        while self.buffered:
+            try:
+                count = os.splice(self._pipe_r, self.dst, self.buffered, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                return
+            self.buffered -= count
+            self.moved += count
+
+    # -- copy: through a userspace buffer -------------------------------------------------------
+    def _copy_read(self) -> None:
+        assert self._view is not None
+        try:
+            count = os.readv(self.src, [self._view])
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            # A pty whose other side closed reports EIO: that is its end of file.
+            if exc.errno != errno.EIO:
+                raise
+            count = 0
+        if count == 0:
+            self.src_eof = True
+        self._start = 0
+        self.buffered = count
+
+    def _copy_write(self) -> None:
+        assert self._view is not None
+        while self.buffered:
+            try:
+                count = os.write(self.dst, self._view[self._start : self._start + self.buffered])
+            except BlockingIOError:
+                return
+            self._start += count
+            self.buffered -= count
+            self.moved += count
+
+
+def choose_mode(src_kind: str, dst_kind: str) -> str:
+    if not _HAVE_SPLICE:
+        return "copy"
+    spliceable = ("pipe", "socket")
+    if src_kind in spliceable and dst_kind in spliceable:
+        return "splice" if "pipe" in (src_kind, dst_kind) else "splice via pipe"
+    return "copy"
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write everything, waiting for POLLOUT when fd is non-blocking and full."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            poller = select.poll()
+            poller.register(fd, select.POLLOUT)
+            poller.poll()
+
+
+def relay(
+    sock: socket.socket,
+    in_fd: int = 0,
+    out_fd: int = 1,
+    *,
+    options: RelayOptions | None = None,
+    initial_down: bytes = b"",
+    trace: Callable[[str], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> RelayStats:
+    """Relay in_fd -> sock and sock -> out_fd under the module's end-of-stream policy.
+
+    ``initial_down`` holds bytes the peer sent before the relay started (a proxy's trailing data);
+    they reach out_fd before anything else. Returns byte counts; raises RelayError or
+    HopcatTimeoutError. Does not close ``sock`` or in_fd; closes out_fd once the peer's EOF has
+    been delivered when ``options.close_output`` is set (so the reader sees EOF right then).
+    """
+    opts = options or RelayOptions()
+    stats = RelayStats()
+    started = clock()
+    sock_fd = sock.fileno()
+    in_kind = fd_kind(in_fd) if opts.read_stdin else "closed"
+    out_kind = fd_kind(out_fd)
+    for fd, kind in ((in_fd, in_kind), (out_fd, out_kind)):
+        if kind == "pipe":
+            grow_pipe(fd)
+
+    if initial_down:
+        try:
+            write_all(out_fd, initial_down)
+        except OSError as exc:
+            raise RelayError(f"writing to stdout: {os.strerror(exc.errno or 0).lower()}") from None
+    up = Flow("up", in_fd, sock_fd, choose_mode(in_kind, "socket"))
+    down = Flow("down", sock_fd, out_fd, choose_mode("socket", out_kind))
+    down.moved = len(initial_down)
+    if in_kind == "closed":
+        up.src_eof = up.finished = True
+    stats.path_up, stats.path_down = up.mode, down.mode
+
+    restore: list[tuple[int, bool]] = []
+    sock.setblocking(False)
+    for fd, kind in ((in_fd, in_kind), (out_fd, out_kind)):
+        if kind in ("pipe", "socket"):
+            # Not a tty: its open file description is shared with the shell, which would then
+            # see EAGAIN after we exit. Regular files never block anyway.
+            restore.append((fd, os.get_blocking(fd)))
+            os.set_blocking(fd, False)
+
+    handled_stdin_eof = False
+    quit_at: float | None = None
+    last_activity = started
+    try:
+        # Invariant at the top of each round: every unfinished flow states what it waits for, and
+        # leaving the loop means the exit condition of the policy above holds (or a timer fired).
+        while not (down.finished and (not opts.keep_sending or up.finished)):
+            now = clock()
+            if up.finished and not handled_stdin_eof:
+                handled_stdin_eof = True
+                if opts.read_stdin:
+                    _after_stdin_eof(sock, opts, trace, up)
+                    if opts.quit_after_eof_s is not None:
+                        quit_at = now + opts.quit_after_eof_s
+            interest: dict[int, int] = {}
+            for flow in (down, up):
+                for fd, events in flow.interest():
+                    interest[fd] = interest.get(fd, 0) | events
+            deadlines = [] if quit_at is None else [quit_at]
+            if opts.idle_timeout_s is not None:
+                deadlines.append(last_activity + opts.idle_timeout_s)
+            timeout_ms = None
+            if deadlines:
+                timeout_ms = max(0, int((min(deadlines) - now) * 1000 + 0.999))
+            poller = select.poll()
+            for fd, events in interest.items():
+                poller.register(fd, events)
+            ready = {fd for fd, _events in poller.poll(timeout_ms)}
+            now = clock()
+            if not ready:
+                if quit_at is not None and now >= quit_at:
+                    if trace:
+                        trace(f"quitting {opts.quit_after_eof_s:g} s after stdin EOF (-q)")
+                    break
+                if opts.idle_timeout_s is not None and now - last_activity >= opts.idle_timeout_s:
+                    raise HopcatTimeoutError(f"idle for {opts.idle_timeout_s:g} s, closing (-w)")
+                continue
+            last_activity = now
+            # Down first: when the peer has closed, its EOF decides the outcome, not a send to
+            # the peer that fails in the same round.
+            for flow in (down, up):
+                woken = [fd for fd, _events in flow.interest() if fd in ready]
+                if woken:
+                    _pump(flow, woken[0], stats)
+                if flow is down and down.finished:
+                    if trace:
+                        trace(f"peer closed; {down.moved} bytes delivered to stdout")
+                    if opts.close_output and out_fd != in_fd:
+                        restore = [(fd, b) for fd, b in restore if fd != out_fd]
+                        os.close(out_fd)
+                    if not opts.keep_sending:
+                        break
+    finally:
+        stats.bytes_up, stats.bytes_down = up.moved, down.moved
+        stats.seconds = clock() - started
+        up.close()
+        down.close()
+        for fd, was_blocking in restore:
+            try:
+                os.set_blocking(fd, was_blocking)
+            except OSError:
+                pass
+    return stats
+
+
+def _pump(flow: Flow, fd: int, stats: RelayStats) -> None:
+    try:
+        flow.on_ready(fd)
+    except OSError as exc:
+        raise _relay_error(flow, exc) from None
+    if flow.name == "up":
+        stats.path_up = flow.mode
+    else:
+        stats.path_down = flow.mode
+
+
+def _relay_error(flow: Flow, exc: OSError) -> RelayError:
+    reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+    lost = f"; {flow.buffered} bytes not delivered" if flow.buffered else ""
+    if flow.name == "up":
+        side = "sending to the peer" if exc.errno in _GONE else "reading stdin or sending"
+        return RelayError(f"{side}: {reason} (after {flow.moved} bytes sent{lost})")
+    if exc.errno == errno.EPIPE:
+        return RelayError(
+            f"writing to stdout: {reason}, the reader went away (after {flow.moved} bytes{lost})"
+        )
+    if exc.errno == errno.ECONNRESET:
+        return RelayError(f"receiving from the peer: {reason} (after {flow.moved} bytes received)")
+    return RelayError(
+        f"receiving from the peer or writing stdout: {reason} (after {flow.moved} bytes)"
+    )
+
+
+def _after_stdin_eof(
+    sock: socket.socket,
+    opts: RelayOptions,
+    trace: Callable[[str], None] | None,
+    up: Flow,
+) -> None:
+    if opts.no_shutdown:
+        if trace:
+            trace(f"stdin EOF after {up.moved} bytes; not sending FIN (--no-shutdown)")
+        return
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError as exc:
+        if exc.errno not in _GONE:
+            raise RelayError(
+                f"half-closing the connection: {os.strerror(exc.errno or 0).lower()}"
+            ) from None
+    if trace:
+        trace(f"stdin EOF after {up.moved} bytes; sent FIN to the peer")
