@@ -346,24 +346,38 @@ def relay(
             restore.append((fd, os.get_blocking(fd)))
             os.set_blocking(fd, False)
 
-    handled_stdin_eof = False
+    stdin_eof_handled = peer_eof_handled = False
     quit_at: float | None = None
     last_activity = started
+
+    def handle_transitions(now: float) -> None:
+        """Act once on each end of stream, right after the pump that revealed it."""
+        nonlocal stdin_eof_handled, peer_eof_handled, quit_at, restore
+        if down.finished and not peer_eof_handled:
+            peer_eof_handled = True
+            if trace:
+                trace(f"peer closed; {down.moved} bytes delivered to stdout")
+            if opts.close_output and out_fd != in_fd:
+                restore = [(fd, blocking) for fd, blocking in restore if fd != out_fd]
+                os.close(out_fd)
+        if up.finished and not stdin_eof_handled:
+            stdin_eof_handled = True
+            if opts.read_stdin and not (down.finished and not opts.keep_sending):
+                _after_stdin_eof(sock, opts, trace, up)
+                if opts.quit_after_eof_s is not None:
+                    quit_at = now + opts.quit_after_eof_s
+
     try:
-        # Invariant at the top of each round: every unfinished flow states what it waits for, and
-        # leaving the loop means the exit condition of the policy above holds (or a timer fired).
+        handle_transitions(started)
+        # Invariant at the top of each round: every unfinished flow states what it waits for, each
+        # end of stream seen so far has been acted on, and the loop condition is the policy's
+        # exit rule from the module header.
         while not (down.finished and (not opts.keep_sending or up.finished)):
-            now = clock()
-            if up.finished and not handled_stdin_eof:
-                handled_stdin_eof = True
-                if opts.read_stdin:
-                    _after_stdin_eof(sock, opts, trace, up)
-                    if opts.quit_after_eof_s is not None:
-                        quit_at = now + opts.quit_after_eof_s
             interest: dict[int, int] = {}
             for flow in (down, up):
                 for fd, events in flow.interest():
                     interest[fd] = interest.get(fd, 0) | events
+            now = clock()
             deadlines = [] if quit_at is None else [quit_at]
             if opts.idle_timeout_s is not None:
                 deadlines.append(last_activity + opts.idle_timeout_s)
@@ -390,14 +404,9 @@ def relay(
                 woken = [fd for fd, _events in flow.interest() if fd in ready]
                 if woken:
                     _pump(flow, woken[0], stats)
-                if flow is down and down.finished:
-                    if trace:
-                        trace(f"peer closed; {down.moved} bytes delivered to stdout")
-                    if opts.close_output and out_fd != in_fd:
-                        restore = [(fd, b) for fd, b in restore if fd != out_fd]
-                        os.close(out_fd)
-                    if not opts.keep_sending:
-                        break
+                handle_transitions(now)
+                if down.finished and not opts.keep_sending:
+                    break
     finally:
         stats.bytes_up, stats.bytes_down = up.moved, down.moved
         stats.seconds = clock() - started

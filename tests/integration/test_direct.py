@@ -1,0 +1,288 @@
+"""The real hopcat entry point, direct TCP, against loopback targets: integrity and close orders."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import socket
+import subprocess
+import threading
+import time
+import tty
+
+import pytest
+
+from support import HOPCAT, clean_env, exchange, pattern, run_hopcat, sha256, silent_listener
+
+SIZES = [0, 1, 65535, 65536, 65537, 16 << 20]
+
+
+def _spawn(args: list[str], stdin: int, stdout: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [*HOPCAT, *args], stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, env=clean_env()
+    )
+
+
+def _feed(fd: int, data: bytes, close: bool = True) -> threading.Thread:
+    def run() -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view[: 1 << 16]) :]
+        if close:
+            os.close(fd)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def _drain(fd: int, sink: bytearray) -> threading.Thread:
+    def run() -> None:
+        while True:
+            try:
+                data = os.read(fd, 1 << 16)
+            except OSError:  # a pty master reports EIO once the slave side is gone
+                break
+            if not data:
+                break
+            sink.extend(data)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda n: f"{n}B")
+def test_pipes_both_directions(size: int) -> None:
+    up, down = pattern(size, 1), pattern(size, 2)
+    with exchange(down) as server:
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        proc = _spawn([server.host, str(server.port)], in_r, out_w)
+        os.close(in_r)
+        os.close(out_w)
+        got = bytearray()
+        feeder, drainer = _feed(in_w, up), _drain(out_r, got)
+        assert proc.wait(60) == 0, proc.stderr.read() if proc.stderr else b""
+        feeder.join(10)
+        drainer.join(10)
+        os.close(out_r)
+        proc.stderr.close()  # type: ignore[union-attr]
+        server.done.wait(10)
+    assert server.error is None
+    assert (len(server.received), sha256(server.received)) == (len(up), sha256(up))
+    assert server.saw_eof, "stdin EOF must reach the peer as a FIN"
+    assert (len(got), sha256(got)) == (len(down), sha256(down))
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda n: f"{n}B")
+def test_regular_files_both_directions(size: int, tmp_path: pytest.TempPathFactory) -> None:
+    up, down = pattern(size, 3), pattern(size, 4)
+    src, dst = tmp_path / "in", tmp_path / "out"  # type: ignore[operator]
+    src.write_bytes(up)
+    with exchange(down) as server, open(src, "rb") as fin, open(dst, "wb") as fout:
+        proc = subprocess.run(
+            [*HOPCAT, server.host, str(server.port)], stdin=fin, stdout=fout,
+            stderr=subprocess.PIPE, timeout=60, env=clean_env(),
+        )
+        server.done.wait(10)
+    assert proc.returncode == 0, proc.stderr
+    assert sha256(server.received) == sha256(up)
+    assert sha256(dst.read_bytes()) == sha256(down)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda n: f"{n}B")
+def test_pty_both_directions(size: int) -> None:
+    """stdin and stdout on one raw pty, as when run by hand in a terminal.
+
+    A raw pty has no EOF of its own, so the peer closes once it has every byte we sent.
+    """
+    up, down = pattern(size, 5), pattern(size, 6)
+    master, slave = pty.openpty()
+    tty.setraw(slave)
+    with exchange(down, close_after_up=size) as server:
+        proc = _spawn([server.host, str(server.port)], slave, slave)
+        os.close(slave)
+        got = bytearray()
+        feeder, drainer = _feed(master, up, close=False), _drain(master, got)
+        assert proc.wait(120) == 0, proc.stderr.read() if proc.stderr else b""
+        feeder.join(10)
+        drainer.join(10)
+        os.close(master)
+        proc.stderr.close()  # type: ignore[union-attr]
+        server.done.wait(10)
+    assert sha256(server.received) == sha256(up)
+    assert (len(got), sha256(got)) == (len(down), sha256(down))
+
+
+def test_half_close_answer_still_arrives() -> None:
+    """The peer answers only after our FIN: the answer must still reach stdout."""
+    data = pattern(3 << 20, 7)
+    with exchange(reply_digest=True) as server:
+        result = run_hopcat(server.host, str(server.port), input=data)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{len(data)} {sha256(data)}\n".encode()
+
+
+def test_peer_closes_first_while_stdin_stays_open() -> None:
+    """ssh never closes our stdin: the peer's close alone must end hopcat, with every byte out."""
+    down = pattern(1 << 20, 8)
+    with exchange(down, close_after_up=0) as server:
+        in_r, in_w = os.pipe()
+        proc = subprocess.Popen(
+            [*HOPCAT, server.host, str(server.port)], stdin=in_r, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env=clean_env(),
+        )
+        os.close(in_r)
+        try:
+            out, err = proc.communicate(timeout=30)
+        finally:
+            os.close(in_w)
+    assert proc.returncode == 0, err
+    assert sha256(out) == sha256(down)
+
+
+def test_keep_sending_after_peer_half_close() -> None:
+    up = pattern(2 << 20, 9)
+    with exchange(b"banner\n", half_close=True) as server:
+        result = run_hopcat("--keep-sending", server.host, str(server.port), input=up)
+        server.done.wait(10)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"banner\n"
+    assert sha256(server.received) == sha256(up)
+
+
+def test_no_shutdown_sends_no_fin() -> None:
+    up = b"x" * 1000
+    with exchange(b"", close_after_up=len(up)) as server:
+        result = run_hopcat("--no-shutdown", server.host, str(server.port), input=up)
+        server.done.wait(10)
+    assert result.returncode == 0, result.stderr
+    assert bytes(server.received) == up
+    assert not server.saw_eof
+
+
+def test_quit_after_stdin_eof() -> None:
+    with exchange(idle=True) as server:
+        started = time.monotonic()
+        result = run_hopcat("-q", "0.2", server.host, str(server.port), input=b"hi", timeout=20)
+        elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    assert elapsed < 10
+
+
+def test_idle_timeout() -> None:
+    with exchange(idle=True) as server:
+        in_r, in_w = os.pipe()
+        proc = subprocess.Popen(
+            [*HOPCAT, "-w", "0.5", server.host, str(server.port)], stdin=in_r,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env(),
+        )
+        os.close(in_r)
+        try:
+            _out, err = proc.communicate(timeout=20)
+        finally:
+            os.close(in_w)
+    assert proc.returncode == 75
+    assert err == b"hopcat: idle for 0.5 s, closing (-w)\n"
+
+
+def test_refused_port_is_one_line_and_exit_69() -> None:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # bound then closed: nothing listens there
+    result = run_hopcat("127.0.0.1", str(port))
+    assert result.returncode == 69
+    assert result.stderr == f"hopcat: connect to 127.0.0.1:{port}: connection refused\n".encode()
+
+
+def test_connect_timeout_covers_a_silent_host() -> None:
+    listener, fillers, port = silent_listener()
+    try:
+        started = time.monotonic()
+        result = run_hopcat("--connect-timeout", "1", "127.0.0.1", str(port), timeout=20)
+        elapsed = time.monotonic() - started
+    finally:
+        for sock in [listener, *fillers]:
+            sock.close()
+    assert result.returncode == 75
+    assert result.stderr == f"hopcat: connect to 127.0.0.1:{port}: timed out after 1 s\n".encode()
+    assert 0.9 < elapsed < 8
+
+
+def test_unresolvable_name_exit_68() -> None:
+    result = run_hopcat("no-such-host.invalid", "22")
+    assert result.returncode == 68
+    assert result.stderr.startswith(b"hopcat: resolve no-such-host.invalid: ")
+    assert result.stderr.count(b"\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "expected HOST PORT (see hopcat --help)"),
+        (["host"], "expected HOST PORT, got 1 operands (see hopcat --help)"),
+        (["--bogus", "h", "1"], "unknown option --bogus (see hopcat --help)"),
+        (["-Z", "h", "1"], "unknown option -Z (see hopcat --help)"),
+        (["h", "70000"], "port 70000 is out of range (1-65535)"),
+        (["h", "nope-not-a-service"], "port 'nope-not-a-service' is neither a number nor a known service name"),
+        (["-w", "soon", "h", "1"], "-w takes a number of seconds, not 'soon'"),
+        (["--connect-timeout", "-1", "h", "1"], "--connect-timeout must not be negative"),
+        (["-4", "-6", "h", "1"], "-4 and -6 exclude each other"),
+        (["bad host", "22"], "host 'bad host' contains a space or control character"),
+        (["evil\r\nHost: x", "22"], "host 'evil\\r\\nHost: x' contains a space or control character"),
+        (["-s"], "-s needs a value (ADDR)"),
+    ],
+)
+def test_bad_flags_one_line_exit_64(args: list[str], message: str) -> None:
+    result = run_hopcat(*args)
+    assert result.returncode == 64
+    assert result.stderr.decode() == f"hopcat: {message}\n"
+    assert result.stdout == b""
+
+
+def test_ipv6_loopback() -> None:
+    up, down = pattern(300_000, 10), pattern(200_000, 11)
+    with exchange(down, family=socket.AF_INET6) as server:
+        result = run_hopcat("-6", "::1", str(server.port), input=up)
+        server.done.wait(10)
+    assert result.returncode == 0, result.stderr
+    assert sha256(result.stdout) == sha256(down)
+    assert sha256(server.received) == sha256(up)
+
+
+def test_verbose_timeline_and_quiet_default() -> None:
+    with exchange(b"pong") as server:
+        quiet = run_hopcat(server.host, str(server.port), input=b"ping")
+    assert quiet.returncode == 0 and quiet.stderr == b""
+    with exchange(b"pong") as server:
+        loud = run_hopcat("-v", server.host, str(server.port), input=b"ping")
+    lines = loud.stderr.decode().splitlines()
+    assert all(line.startswith("hopcat: [") and " ms] " in line for line in lines)
+    text = "\n".join(lines)
+    assert f"connect 127.0.0.1:{server.port}" in text
+    assert "established" in text and "(local 127.0.0.1:" in text
+    assert "sent FIN" in text
+    assert "done in" in text and "up 4 bytes" in text and "down 4 bytes" in text
+
+
+def test_stdout_reader_gone_is_reported() -> None:
+    down = pattern(8 << 20, 12)
+    with exchange(down, close_after_up=0) as server:
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        proc = _spawn([server.host, str(server.port)], in_r, out_w)
+        os.close(in_r)
+        os.close(out_w)
+        select.select([out_r], [], [], 10)
+        os.close(out_r)  # the reader leaves before the peer's data is all delivered
+        try:
+            assert proc.wait(30) == 74
+            err = proc.stderr.read()  # type: ignore[union-attr]
+        finally:
+            os.close(in_w)
+            proc.stderr.close()  # type: ignore[union-attr]
+    assert err.startswith(b"hopcat: writing to stdout: broken pipe, the reader went away")
+    assert err.count(b"\n") == 1
