@@ -64,7 +64,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: list[str], started: float) -> int:
     from hopcat.cli._args import help_text, parse_args
-    from hopcat.errors import UsageError
 
     options = parse_args(args)
     if options.help:
@@ -75,6 +74,8 @@ def _run(args: list[str], started: float) -> int:
 
         sys.stdout.write(f"hopcat {__version__}\n")
         return 0
+    from hopcat.errors import UsageError
+
     if len(options.operands) != 2:
         raise UsageError(
             "expected HOST PORT"
@@ -85,11 +86,17 @@ def _run(args: list[str], started: float) -> int:
 
 
 def _connect_and_relay(options: Options, trace: Timeline) -> int:
+    import os
     import socket
 
     from hopcat._endpoint import format_hostport, parse_port, validate_host
     from hopcat.cli._args import DEFAULT_CONNECT_TIMEOUT_S
-    from hopcat.net.dial import dial_tcp
+    from hopcat.cli._proxy import (
+        fill_passwords,
+        proxies_from_command_line,
+        proxies_from_environment,
+    )
+    from hopcat.errors import UsageError
     from hopcat.relay.pump import RelayOptions, relay
 
     host = validate_host(options.operands[0], what="host")
@@ -104,18 +111,35 @@ def _connect_and_relay(options: Options, trace: Timeline) -> int:
     elif options.ipv6_only:
         family = socket.AF_INET6
 
-    sock = dial_tcp(
-        host,
-        port,
-        deadline=deadline,
-        family=family,
-        source=options.source,
-        nodelay=not options.nagle,
-        keepalive=options.keepalive,
-        numeric_only=options.numeric,
-        trace=trace,
-        timeout_label=f"after {timeout_s:g} s",
-    )
+    hops = proxies_from_command_line(options)
+    if options.proxy_dns is not None and options.proxy_dns not in ("local", "remote", "both"):
+        raise UsageError("--proxy-dns takes local, remote or both")
+    why_direct = "direct: proxies in the environment ignored (--no-proxy)"
+    if not hops and not options.no_proxy:
+        hops, why_direct = proxies_from_environment(os.environ, host)
+    fill_passwords(hops, os.environ)
+    timeout_label = f"after {timeout_s:g} s"
+    initial_down = b""
+    if hops:
+        from hopcat.net.chain import open_tunnel
+
+        trace("proxy chain: " + " -> ".join(f"{h.label()} (from {h.origin})" for h in hops))
+        tunnel = open_tunnel(
+            hops, host, port, deadline=deadline, family=family, source=options.source,
+            nodelay=not options.nagle, keepalive=options.keepalive,
+            proxy_dns=options.proxy_dns or "remote", cafile=options.proxy_cacert,
+            insecure=options.proxy_insecure, trace=trace, timeout_label=timeout_label,
+        )
+        sock, initial_down = tunnel.sock, tunnel.trailing
+    else:
+        from hopcat.net.dial import dial_tcp
+
+        trace(why_direct)
+        sock = dial_tcp(
+            host, port, deadline=deadline, family=family, source=options.source,
+            nodelay=not options.nagle, keepalive=options.keepalive, numeric_only=options.numeric,
+            trace=trace, timeout_label=timeout_label,
+        )
     with sock:
         if trace.enabled:
             local = sock.getsockname()

@@ -53,7 +53,21 @@ OPTION_TABLE: tuple[tuple[str, str, str, str, str], ...] = (
     ("d", "no-stdin", "", "no_stdin", "do not read stdin"),
     ("", "keepalive", "", "keepalive", "enable TCP keepalive (idle 60 s, interval 15 s, 4 probes)"),
     ("", "nagle", "", "nagle", "leave Nagle's algorithm on (TCP_NODELAY is set by default)"),
-    ("v", "verbose", "", "verbose", "timeline on stderr; -vv for more"),
+    ("x", "", "URL", "proxies",
+     "proxy URL (below); repeat for a chain, first hop first; nc: -x HOST[:PORT] with -X"),
+    ("X", "", "4|5|connect", "nc_proxy_type", "nc: protocol for a bare -x HOST[:PORT] (default 5)"),
+    ("P", "", "USER", "nc_proxy_user", "nc: proxy user name (password from HOPCAT_PROXY_PASSWORD or a prompt)"),
+    ("", "proxy", "HOST[:PORT]", "proxies", "ncat: proxy (a URL works too); bare = HTTP unless --proxy-type"),
+    ("", "proxy-type", "TYPE", "ncat_proxy_type", "ncat: socks4, socks4a, socks5 or http for --proxy"),
+    ("", "proxy-auth", "USER[:PASS]", "proxy_auth", "ncat: proxy credentials (prefer the password in the environment)"),
+    ("S", "", "[USER@]HOST[:PORT]", "proxies", "connect-proxy: SOCKS5 proxy (default port 1080)"),
+    ("H", "", "[USER@]HOST[:PORT]", "proxies", "connect-proxy: HTTP proxy (default port 80)"),
+    ("", "proxy-dns", "local|remote|both", "proxy_dns",
+     "where target names are resolved (default remote: sent to the proxy)"),
+    ("", "no-proxy", "", "no_proxy", "ignore proxies in the environment (ALL_PROXY, SOCKS5_SERVER, ...)"),
+    ("", "proxy-cacert", "FILE", "proxy_cacert", "CA bundle to verify an https:// proxy's certificate"),
+    ("", "proxy-insecure", "", "proxy_insecure", "do not verify an https:// proxy's certificate"),
+    ("v", "verbose", "", "verbose", "timeline on stderr, in ms since start"),
     ("", "debug", "", "debug", "show a traceback on unexpected errors"),
     ("h", "help", "", "help", "show this help and exit"),
     ("V", "version", "", "version", "show the version and exit"),
@@ -63,6 +77,7 @@ _BY_SHORT = {row[0]: row for row in OPTION_TABLE if row[0]}
 _BY_LONG = {row[1]: row for row in OPTION_TABLE if row[1]}
 _FLOAT_OPTIONS = frozenset({"connect_timeout_s", "idle_timeout_s", "quit_after_eof_s"})
 _COUNTED = frozenset({"verbose"})
+_LISTS = frozenset({"proxies"})  # (flag as typed, value) pairs, in command-line order
 
 
 class Options:
@@ -81,6 +96,15 @@ class Options:
     no_stdin: bool
     keepalive: bool
     nagle: bool
+    proxies: list[tuple[str, str]]
+    nc_proxy_type: str | None
+    nc_proxy_user: str | None
+    ncat_proxy_type: str | None
+    proxy_auth: str | None
+    proxy_dns: str | None
+    no_proxy: bool
+    proxy_cacert: str | None
+    proxy_insecure: bool
     verbose: int
     debug: bool
     help: bool
@@ -91,6 +115,8 @@ class Options:
         for _short, _long, metavar, attr, _help in OPTION_TABLE:
             if attr in _COUNTED:
                 setattr(self, attr, 0)
+            elif attr in _LISTS:
+                setattr(self, attr, [])
             else:
                 setattr(self, attr, None if metavar else False)
         self.operands = []
@@ -115,6 +141,8 @@ def _store(
             setattr(options, attr, getattr(options, attr) + 1)
         else:
             setattr(options, attr, True)
+    elif attr in _LISTS:
+        getattr(options, attr).append((flag, value))
     elif attr in _FLOAT_OPTIONS:
         setattr(options, attr, _seconds(value, flag))
     else:
@@ -194,14 +222,22 @@ def help_text(prog: str = "hopcat") -> str:
         )
         if metavar:
             names += f" {metavar}"
-        lines.append(f"  {names:<26} {text}")
+        lines.append(f"  {names:<26} {text}" if len(names) <= 26 else f"  {names}\n  {'':<26} {text}")
     lines += [
+        "",
+        "Proxy URLs: socks4|socks4a|socks5|socks5h|http|https://[USER[:PASS]@]HOST[:PORT]",
+        "(names go to the proxy, remote DNS, for every type but socks4).",
         "",
         "In ~/.ssh/config:",
         "  Host *.internal",
-        "      ProxyCommand hopcat %h %p",
+        "      ProxyCommand hopcat -x socks5h://127.0.0.1:1080 %h %p",
+        "",
+        "Environment: ALL_PROXY, SOCKS5_SERVER, SOCKS_SERVER, SOCKS4_SERVER, NO_PROXY;",
+        "passwords: HOPCAT_PROXY_PASSWORD, SOCKS5_PASSWD, HTTP_PROXY_PASSWORD, else a /dev/tty prompt.",
         "",
         "Exit codes: 0 ok, 64 usage, 68 name not resolved, 69 refused/unreachable,",
-        "70 internal error, 74 I/O error while relaying, 75 timeout, 130 interrupted.",
+        "70 internal error, 74 I/O error while relaying, 75 timeout, 76 proxy protocol error,",
+        "77 proxy authentication failed, 80 proxy unreachable, 81 proxy refused the target,",
+        "130 interrupted.",
     ]
     return "\n".join(lines) + "\n"

@@ -1,0 +1,96 @@
+"""Drive a sans-I/O client machine over a blocking socket, within a deadline.
+
+Two ways to read:
+
+* relay mode (``exact=False``): read whatever has arrived; bytes after the handshake come back as
+  ``trailing_data`` and the relay writes them to stdout first.
+* hand-off mode (``exact=True``): the socket goes to someone else afterwards (ssh with
+  ProxyUseFdpass, a library caller), so read exactly the handshake and nothing more: the machine
+  says how many bytes its current step needs (SOCKS), or we ``MSG_PEEK`` and consume only through
+  the end of the response head (HTTP), as OpenBSD nc does. sshd speaks first, so its banner can
+  arrive in the same segment as the proxy's last reply; it must stay in the socket.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from hopcat.errors import HopcatTimeoutError, RemoteProtocolError
+from hopcat.proto._events import NEED_DATA, Established
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from hopcat.proto._events import Event
+
+READ_BYTES = 65536
+
+
+def _remaining(deadline: float, clock: Callable[[], float]) -> float:
+    left = deadline - clock()
+    if left <= 0:
+        raise TimeoutError
+    return left
+
+
+def run_handshake(
+    sock: socket.socket,
+    machine: object,
+    *,
+    deadline: float,
+    clock: Callable[[], float],
+    exact: bool = False,
+    on_event: Callable[[Event], None] | None = None,
+) -> Established:
+    """Run ``machine`` to Established; its refusals and protocol errors propagate unchanged.
+
+    A stall past ``deadline`` raises HopcatTimeoutError; a reset or close mid-handshake raises
+    RemoteProtocolError. The socket's timeout is restored to blocking before returning.
+    """
+    m = machine  # duck-typed: socks4/socks5/http_connect clients share one interface
+    try:
+        try:
+            _send(sock, m.data_to_send(), deadline, clock)  # type: ignore[attr-defined]
+            while True:
+                event = m.next_event()  # type: ignore[attr-defined]
+                _send(sock, m.data_to_send(), deadline, clock)  # type: ignore[attr-defined]
+                if event is NEED_DATA:
+                    m.receive_data(_read(sock, m, deadline, clock, exact))  # type: ignore[attr-defined]
+                    continue
+                if isinstance(event, Established):
+                    return event
+                if on_event is not None:
+                    on_event(event)
+        except TimeoutError:
+            raise HopcatTimeoutError("no answer from the proxy before the connect timeout") from None
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            raise RemoteProtocolError(
+                f"the proxy reset the connection during the handshake ({exc.strerror or exc})"
+            ) from None
+    finally:
+        try:
+            sock.settimeout(None)
+        except OSError:
+            pass
+
+
+def _send(sock: socket.socket, data: bytes, deadline: float, clock: Callable[[], float]) -> None:
+    if data:
+        sock.settimeout(_remaining(deadline, clock))
+        sock.sendall(data)
+
+
+def _read(
+    sock: socket.socket, machine: object, deadline: float, clock: Callable[[], float], exact: bool
+) -> bytes:
+    sock.settimeout(_remaining(deadline, clock))
+    if not exact:
+        return sock.recv(READ_BYTES)
+    needed = machine.bytes_needed()  # type: ignore[attr-defined]
+    if needed is not None:
+        return sock.recv(needed)
+    peeked = sock.recv(READ_BYTES, socket.MSG_PEEK)
+    if not peeked:
+        return b""
+    return sock.recv(machine.handshake_prefix_len(peeked))  # type: ignore[attr-defined]
