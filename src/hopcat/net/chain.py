@@ -26,6 +26,7 @@ from hopcat.errors import (
     ProtocolError,
     ProxyError,
     ProxyUnreachableError,
+    RemoteProtocolError,
     ResolveError,
     UsageError,
 )
@@ -80,7 +81,7 @@ def _wrap_tls(
     try:
         wrapped = context.wrap_socket(sock, server_hostname=hop.host)
     except ssl.SSLCertVerificationError as exc:
-        raise ProxyError(
+        raise RemoteProtocolError(
             f"TLS certificate not trusted: {exc.verify_message} "
             "(--proxy-cacert FILE to trust its CA, --proxy-insecure to skip the check)"
         ) from None
@@ -181,8 +182,8 @@ def open_tunnel(
                 if carry:
                     machine.receive_data(carry)  # type: ignore[attr-defined]
 
-                def on_event(event: object, number: int = number) -> None:
-                    trace(f"hop {number}/{count}: {event!r} after {(clock() - step_started) * 1000:.1f} ms")
+                def on_event(event: object, number: int = number, since: float = step_started) -> None:
+                    trace(f"hop {number}/{count}: {event!r} after {(clock() - since) * 1000:.1f} ms")
 
                 established = run_handshake(
                     sock, machine, deadline=deadline, clock=clock, exact=exact and not tls,

@@ -139,8 +139,11 @@ class Flow:
     only once src has reported EOF and ``buffered`` is zero.
     """
 
-    def __init__(self, name: str, src: int, dst: int, mode: str) -> None:
+    def __init__(self, name: str, src: int, dst: int, mode: str, tls: object = None) -> None:
         self.name = name
+        # An ssl.SSLSocket for the network side of an https:// proxy tunnel: its bytes must go
+        # through the TLS object, so such a flow always copies.
+        self.tls = tls
         self.src = src
         self.dst = dst
         self.mode = mode  # "splice", "splice via pipe" or "copy"
@@ -252,7 +255,10 @@ class Flow:
     def _copy_read(self) -> None:
         assert self._view is not None
         try:
-            count = os.readv(self.src, [self._view])
+            if self.tls is not None:
+                count = _tls_recv_into(self.tls, self._view)
+            else:
+                count = os.readv(self.src, [self._view])
         except BlockingIOError:
             return
         except OSError as exc:
@@ -268,13 +274,34 @@ class Flow:
     def _copy_write(self) -> None:
         assert self._view is not None
         while self.buffered:
+            chunk = self._view[self._start : self._start + self.buffered]
             try:
-                count = os.write(self.dst, self._view[self._start : self._start + self.buffered])
+                count = _tls_send(self.tls, chunk) if self.tls is not None else os.write(self.dst, chunk)
             except BlockingIOError:
                 return
             self._start += count
             self.buffered -= count
             self.moved += count
+
+
+def _tls_recv_into(tls: object, view: memoryview) -> int:
+    import ssl
+
+    try:
+        return int(tls.recv_into(view))  # type: ignore[attr-defined]
+    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        raise BlockingIOError from None
+    except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+        return 0  # close_notify, or a TCP FIN without one: either way the stream ended
+
+
+def _tls_send(tls: object, view: memoryview) -> int:
+    import ssl
+
+    try:
+        return int(tls.send(view))  # type: ignore[attr-defined]
+    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        raise BlockingIOError from None
 
 
 def choose_mode(src_kind: str, dst_kind: str) -> str:
@@ -330,8 +357,10 @@ def relay(
             write_all(out_fd, initial_down)
         except OSError as exc:
             raise RelayError(f"writing to stdout: {os.strerror(exc.errno or 0).lower()}") from None
-    up = Flow("up", in_fd, sock_fd, choose_mode(in_kind, "socket"))
-    down = Flow("down", sock_fd, out_fd, choose_mode("socket", out_kind))
+    tls = sock if hasattr(sock, "cipher") else None  # an ssl.SSLSocket, without importing ssl
+    net_kind = "tls" if tls is not None else "socket"
+    up = Flow("up", in_fd, sock_fd, choose_mode(in_kind, net_kind), tls)
+    down = Flow("down", sock_fd, out_fd, choose_mode(net_kind, out_kind), tls)
     down.moved = len(initial_down)
     if in_kind == "closed":
         up.src_eof = up.finished = True
@@ -387,7 +416,11 @@ def relay(
             poller = select.poll()
             for fd, events in interest.items():
                 poller.register(fd, events)
+            if tls is not None and not down.buffered and tls.pending():
+                timeout_ms = 0  # decrypted bytes already inside the TLS object: poll can't see them
             ready = {fd for fd, _events in poller.poll(timeout_ms)}
+            if tls is not None and not down.finished and not down.buffered and tls.pending():
+                ready.add(sock_fd)
             now = clock()
             if not ready:
                 if quit_at is not None and now >= quit_at:
@@ -459,7 +492,9 @@ def _after_stdin_eof(
             trace(f"stdin EOF after {up.moved} bytes; not sending FIN (--no-shutdown)")
         return
     try:
-        sock.shutdown(socket.SHUT_WR)
+        # socket.socket.shutdown, not the SSLSocket override: that one discards the TLS state,
+        # and the peer's answer still has to be decrypted.
+        socket.socket.shutdown(sock, socket.SHUT_WR)
     except OSError as exc:
         if exc.errno not in _GONE:
             raise RelayError(

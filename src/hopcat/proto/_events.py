@@ -1,0 +1,117 @@
+"""Events the protocol machines hand to their driver, and the NEED_DATA sentinel.
+
+Every machine's ``next_event()`` returns either ``NEED_DATA`` (feed more bytes with
+``receive_data()``) or one of these. A client handshake always ends in ``Established``; a server
+handshake passes through ``Credentials`` (when authenticating) and ``Request``, and ends in
+``Established`` after ``reply_success()`` or ``Rejected`` after a refusal. Protocol modules may add
+intermediate events of their own (``socks5.MethodSelected``); drivers may ignore those.
+
+Events are small value objects compared by field, so tests can compare event sequences.
+"""
+
+from __future__ import annotations
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import ClassVar
+
+
+class NeedData:
+    """Type of ``NEED_DATA``: the machine needs more bytes from the peer before it can go on."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = NeedData()
+
+
+class Event:
+    """Base of all events: equality and repr over the fields named in ``_fields``."""
+
+    __slots__ = ()
+    _fields: ClassVar[tuple[str, ...]] = ()
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(getattr(self, name) == getattr(other, name) for name in self._fields)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-looking value objects; never dict keys
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
+        return f"{type(self).__name__}({fields})"
+
+
+class Established(Event):
+    """The handshake succeeded; bytes from now on are payload (see ``trailing_data``).
+
+    ``bound_host``/``bound_port`` are the address a SOCKS proxy reported in its reply (any address
+    type; informational, often 0.0.0.0:0). HTTP CONNECT has none, so both are None there.
+    ``detail`` is a short human-readable line for a verbose timeline.
+    """
+
+    __slots__ = ("bound_host", "bound_port", "detail")
+    _fields = __slots__
+
+    def __init__(self, bound_host: str | None, bound_port: int | None, detail: str) -> None:
+        self.bound_host = bound_host
+        self.bound_port = bound_port
+        self.detail = detail
+
+
+class Request(Event):
+    """Server side: the client asked for ``command`` to ``host``:``port``.
+
+    ``command`` is ``"CONNECT"``, ``"BIND"`` or ``"UDP_ASSOCIATE"`` for SOCKS, and the HTTP method
+    for HTTP (only ``"CONNECT"`` carries a target; other methods get ``host=""`` and ``port=0`` and
+    should be answered with ``reply_failure(405)``). ``host`` is an IPv4 or IPv6 literal (no
+    brackets) or a name exactly as the client sent it. ``user_id`` is the SOCKS4 USERID field.
+    The server code answers with ``reply_success()`` or ``reply_failure()``.
+    """
+
+    __slots__ = ("command", "host", "port", "user_id")
+    _fields = __slots__
+
+    def __init__(self, command: str, host: str, port: int, user_id: str = "") -> None:
+        self.command = command
+        self.host = host
+        self.port = port
+        self.user_id = user_id
+
+
+class Credentials(Event):
+    """Server side: the client authenticated with a username and password (RFC 1929 or HTTP Basic).
+
+    Bytes that are not UTF-8 are kept as surrogate escapes, so they never match a configured
+    string. The server code answers with ``accept_credentials(ok)``.
+    """
+
+    __slots__ = ("password", "username")
+    _fields = __slots__
+
+    def __init__(self, username: str, password: str) -> None:
+        self.username = username
+        self.password = password
+
+    def __repr__(self) -> str:
+        # Events end up in logs and test failure output; a password must not.
+        return f"Credentials(username={self.username!r}, password='***')"
+
+
+class Rejected(Event):
+    """Server side: the handshake ended in a refusal whose bytes are queued in ``data_to_send()``.
+
+    Either the machine refused on its own (no acceptable method, unsupported command or address
+    type, missing credentials) or the server code called ``accept_credentials(False)`` or
+    ``reply_failure()``. Flush ``data_to_send()`` and close the connection.
+    """
+
+    __slots__ = ("reason",)
+    _fields = __slots__
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason

@@ -1,0 +1,166 @@
+"""Proxy URLs, the environment's proxies, NO_PROXY and password sources."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hopcat._url import parse_proxy_url
+from hopcat.cli._args import parse_args
+from hopcat.cli._proxy import (
+    fill_passwords,
+    proxies_from_command_line,
+    proxies_from_environment,
+)
+from hopcat.errors import UsageError
+
+
+@pytest.mark.parametrize(
+    ("text", "scheme", "host", "port", "user", "password"),
+    [
+        ("socks5h://127.0.0.1:1080", "socks5h", "127.0.0.1", 1080, None, None),
+        ("socks5://proxy", "socks5", "proxy", 1080, None, None),
+        ("SOCKS4A://proxy:99", "socks4a", "proxy", 99, None, None),
+        ("socks4://u@proxy", "socks4", "proxy", 1080, "u", None),
+        ("http://proxy", "http", "proxy", 3128, None, None),
+        ("https://proxy/", "https", "proxy", 443, None, None),
+        ("http://al%40ice:p%3Ass%2F@[::1]:8080", "http", "::1", 8080, "al@ice", "p:ss/"),
+        ("socks5h://user:@h:1", "socks5h", "h", 1, "user", ""),
+        ("socks5h://%C3%A9:x@h:1", "socks5h", "h", 1, "\u00e9", "x"),
+        ("socks5h://a:b@c@h:1", "socks5h", "h", 1, "a", "b@c"),
+    ],
+)
+def test_parse_proxy_url(
+    text: str, scheme: str, host: str, port: int, user: str | None, password: str | None
+) -> None:
+    url = parse_proxy_url(text)
+    assert (url.scheme, url.host, url.port, url.username, url.password) == (
+        scheme,
+        host,
+        port,
+        user,
+        password,
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "ftp://h",
+        "socks5h://h:0",
+        "socks5h://h:99999",
+        "socks5h://h/path",
+        "socks5h://[::1",
+        "socks5h://a b",
+        "socks5h://u:p%zz@h",
+        "socks5h://",
+        "h:1080",
+        "socks5h://h:1:2",
+    ],
+)
+def test_bad_proxy_urls(text: str) -> None:
+    with pytest.raises(UsageError):
+        parse_proxy_url(text)
+
+
+def test_label_redacts_password_and_quotes_user() -> None:
+    assert parse_proxy_url("http://a%20b:secret@h:1").label() == "http://a%20b:***@h:1"
+    assert parse_proxy_url("http://a@h:1").label() == "http://a@h:1"
+
+
+@given(st.text(min_size=1, max_size=40))
+def test_errors_never_quote_the_password(secret: str) -> None:
+    marked = f"<{secret}>"
+    for text in (f"socks5h://user:{marked}@", f"bogus://user:{marked}@h", f"http://user:{marked}@h:x"):
+        try:
+            parse_proxy_url(text)
+        except UsageError as exc:
+            assert marked not in str(exc)
+
+
+def _hops(*argv: str):  # type: ignore[no-untyped-def]
+    return proxies_from_command_line(parse_args([*argv, "target", "22"]))
+
+
+def test_nc_ncat_and_connect_proxy_flags() -> None:
+    assert [h.label() for h in _hops("-x", "p:1")] == ["socks5://p:1"]
+    assert [h.label() for h in _hops("-X", "4", "-x", "p")] == ["socks4://p:1080"]
+    assert [h.label() for h in _hops("-Xconnect", "-xp:8")] == ["http://p:8"]
+    assert [h.label() for h in _hops("--proxy", "p")] == ["http://p:3128"]
+    assert [h.label() for h in _hops("--proxy", "p", "--proxy-type", "socks5")] == [
+        "socks5://p:1080"
+    ]
+    assert [h.label() for h in _hops("-S", "u@p")] == ["socks5://u@p:1080"]
+    assert [h.label() for h in _hops("-H", "p")] == ["http://p:80"]
+    chain = _hops("-x", "socks5h://a:1", "--proxy", "http://b:2", "-x", "socks4a://c:3")
+    assert [h.label() for h in chain] == ["socks5h://a:1", "http://b:2", "socks4a://c:3"]
+    (hop,) = _hops("--proxy", "p", "--proxy-auth", "u:pw")
+    assert (hop.username, hop.password) == ("u", "pw")
+    (hop,) = _hops("-X5", "-x", "p", "-P", "u")
+    assert (hop.username, hop.password) == ("u", None)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-X", "7", "-x", "p"],
+        ["-X", "5"],
+        ["--proxy-type", "gopher", "--proxy", "p"],
+        ["-x", "a:1", "-x", "b:2", "-P", "u"],
+    ],
+)
+def test_bad_proxy_flags(argv: list[str]) -> None:
+    with pytest.raises(UsageError):
+        _hops(*argv)
+
+
+@pytest.mark.parametrize(
+    ("environ", "host", "expected"),
+    [
+        ({"ALL_PROXY": "socks5h://p:1"}, "t", "socks5h://p:1"),
+        ({"all_proxy": "p:1"}, "t", "http://p:1"),
+        ({"SOCKS5_SERVER": "u@p"}, "t", "socks5://u@p:1080"),
+        ({"SOCKS4_SERVER": "p"}, "t", "socks4://p:1080"),
+        ({"ALL_PROXY": "socks5h://p:1", "NO_PROXY": "example.com"}, "git.example.com", None),
+        ({"ALL_PROXY": "socks5h://p:1", "NO_PROXY": ".example.com"}, "example.com", None),
+        (
+            {"ALL_PROXY": "socks5h://p:1", "NO_PROXY": "example.com"},
+            "badexample.com",
+            "socks5h://p:1",
+        ),
+        ({"ALL_PROXY": "socks5h://p:1", "no_proxy": "*"}, "t", None),
+        ({"ALL_PROXY": "socks5h://p:1", "NO_PROXY": "10.0.0.0/8, ::1"}, "10.1.2.3", None),
+        ({"ALL_PROXY": "socks5h://p:1", "NO_PROXY": "10.0.0.0/8"}, "11.1.2.3", "socks5h://p:1"),
+        ({"HTTP_PROXY": "http://p:1", "http_proxy": "http://p:1"}, "t", None),
+        ({}, "t", None),
+    ],
+)
+def test_environment(environ: dict[str, str], host: str, expected: str | None) -> None:
+    hops, why = proxies_from_environment(environ, host)
+    assert [h.label() for h in hops] == ([expected] if expected else [])
+    assert bool(why) == (expected is None)
+
+
+def test_password_sources_in_order() -> None:
+    def no_tty(_prompt: str) -> None:
+        return None
+
+    (hop,) = _hops("-x", "socks5h://u@p:1")
+    fill_passwords([hop], {"HOPCAT_PROXY_PASSWORD": "a", "SOCKS5_PASSWD": "b"}, prompt=no_tty)
+    assert hop.password == "a"
+    (hop,) = _hops("-x", "socks5h://u@p:1")
+    fill_passwords([hop], {"SOCKS5_PASSWD": "b", "HTTP_PROXY_PASSWORD": "c"}, prompt=no_tty)
+    assert hop.password == "b"
+    (hop,) = _hops("-x", "http://u@p:1")
+    fill_passwords([hop], {"SOCKS5_PASSWD": "b", "HTTP_PROXY_PASSWORD": "c"}, prompt=no_tty)
+    assert hop.password == "c"
+    (hop,) = _hops("-x", "http://u@p:1")
+    fill_passwords([hop], {}, prompt=lambda prompt: "typed" if "http://u@p:1" in prompt else None)
+    assert hop.password == "typed"
+    (hop,) = _hops("-x", "http://u@p:1")
+    with pytest.raises(UsageError, match="HOPCAT_PROXY_PASSWORD"):
+        fill_passwords([hop], {}, prompt=no_tty)
+    (hop,) = _hops("-x", "socks4://u@p:1")
+    fill_passwords([hop], {}, prompt=no_tty)  # SOCKS4 has a user id and no password
+    assert hop.password is None
