@@ -158,7 +158,8 @@ def _connect_and_relay(options: Options, trace: Timeline) -> int:
         stats = None
         try:
             stats = relay(
-                sock, 0, 1, options=relay_options, trace=trace if options.verbose else None
+                sock, 0, 1, options=relay_options, initial_down=initial_down,
+                trace=trace if options.verbose else None,
             )
         finally:
             if trace.enabled and stats is not None:

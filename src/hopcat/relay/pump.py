@@ -141,8 +141,8 @@ class Flow:
 
     def __init__(self, name: str, src: int, dst: int, mode: str, tls: object = None) -> None:
         self.name = name
-        # An ssl.SSLSocket for the network side of an https:// proxy tunnel: its bytes must go
-        # through the TLS object, so such a flow always copies.
+        # An ssl.SSLSocket for the network side of an https:// proxy tunnel ("up" writes to it,
+        # "down" reads from it): those bytes must go through the TLS object, so both flows copy.
         self.tls = tls
         self.src = src
         self.dst = dst
@@ -255,7 +255,7 @@ class Flow:
     def _copy_read(self) -> None:
         assert self._view is not None
         try:
-            if self.tls is not None:
+            if self.tls is not None and self.name == "down":
                 count = _tls_recv_into(self.tls, self._view)
             else:
                 count = os.readv(self.src, [self._view])
@@ -276,7 +276,10 @@ class Flow:
         while self.buffered:
             chunk = self._view[self._start : self._start + self.buffered]
             try:
-                count = _tls_send(self.tls, chunk) if self.tls is not None else os.write(self.dst, chunk)
+                if self.tls is not None and self.name == "up":
+                    count = _tls_send(self.tls, chunk)
+                else:
+                    count = os.write(self.dst, chunk)
             except BlockingIOError:
                 return
             self._start += count
@@ -293,6 +296,9 @@ def _tls_recv_into(tls: object, view: memoryview) -> int:
         raise BlockingIOError from None
     except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
         return 0  # close_notify, or a TCP FIN without one: either way the stream ended
+    except ssl.SSLError as exc:
+        # An SSLError's errno is an SSL_ERROR_* code, not an errno: give it a real one.
+        raise OSError(errno.EPROTO, f"TLS: {exc.reason or exc}") from None
 
 
 def _tls_send(tls: object, view: memoryview) -> int:
@@ -302,6 +308,10 @@ def _tls_send(tls: object, view: memoryview) -> int:
         return int(tls.send(view))  # type: ignore[attr-defined]
     except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
         raise BlockingIOError from None
+    except ssl.SSLEOFError:
+        raise BrokenPipeError(errno.EPIPE, "TLS session closed by the proxy") from None
+    except ssl.SSLError as exc:
+        raise OSError(errno.EPROTO, f"TLS: {exc.reason or exc}") from None
 
 
 def choose_mode(src_kind: str, dst_kind: str) -> str:
@@ -466,6 +476,8 @@ def _pump(flow: Flow, fd: int, stats: RelayStats) -> None:
 
 def _relay_error(flow: Flow, exc: OSError) -> RelayError:
     reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+    if exc.errno == errno.EPROTO and exc.strerror:
+        reason = exc.strerror  # TLS: the library's reason says more than "protocol error"
     lost = f"; {flow.buffered} bytes not delivered" if flow.buffered else ""
     if flow.name == "up":
         side = "sending to the peer" if exc.errno in _GONE else "reading stdin or sending"
@@ -490,6 +502,12 @@ def _after_stdin_eof(
     if opts.no_shutdown:
         if trace:
             trace(f"stdin EOF after {up.moved} bytes; not sending FIN (--no-shutdown)")
+        return
+    if up.tls is not None:
+        # A bare FIN inside TLS is a protocol violation (proxies answer with an alert and tear
+        # the tunnel down), and Python cannot send a one-way close_notify and keep reading.
+        if trace:
+            trace(f"stdin EOF after {up.moved} bytes; not half-closing a TLS tunnel (-q to quit)")
         return
     try:
         # socket.socket.shutdown, not the SSLSocket override: that one discards the TLS state,

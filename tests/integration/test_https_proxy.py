@@ -1,0 +1,86 @@
+"""An https:// proxy: TLS to the proxy (socat's OPENSSL-LISTEN in front of tinyproxy)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import peers
+import pytest
+from test_proxies import download, framed_upload
+
+from support import pattern, run_hopcat
+
+
+def _make_ca_and_cert(directory: Path) -> tuple[Path, Path, Path]:
+    ca_key, ca_crt = directory / "ca.key", directory / "ca.crt"
+    key, csr, crt = directory / "proxy.key", directory / "proxy.csr", directory / "proxy.crt"
+    ext = directory / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run = lambda *args: subprocess.run(["openssl", *args], check=True, capture_output=True)  # noqa: E731
+    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", str(ca_key), "-out", str(ca_crt), "-days", "2", "-subj", "/CN=hopcat test CA")
+    run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1")
+    run("x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key),
+        "-CAcreateserial", "-out", str(crt), "-days", "2", "-extfile", str(ext))
+    return ca_crt, crt, key
+
+
+@pytest.fixture
+def https_proxy(tinyproxy: peers.Daemon, tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    if not shutil.which("openssl") or not shutil.which("socat"):
+        pytest.skip("openssl and socat needed (apt-get install openssl socat)")
+    ca, crt, key = _make_ca_and_cert(tmp_path)
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    proc = subprocess.Popen(
+        ["socat", f"OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,cert={crt},key={key},verify=0",
+         f"TCP:{tinyproxy.host}:{tinyproxy.port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "socat TLS listener did not come up"
+            time.sleep(0.05)
+    try:
+        yield port, ca
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_https_proxy_verified_with_cacert(https_proxy: tuple[int, Path],
+                                          framed_echo: peers.FramedEcho, source_server) -> None:  # type: ignore[no-untyped-def]
+    port, ca = https_proxy
+    # -q 0: stdin EOF is not passed on through TLS (see README), so quit at it once answered.
+    args = ["-q", "0", "--proxy-cacert", str(ca), "-x", f"https://127.0.0.1:{port}"]
+    framed_upload(args, framed_echo, size=4 << 20)
+    data = pattern(4 << 20, 31)
+    download(args, source_server(data), data)
+
+
+def test_https_proxy_untrusted_certificate(https_proxy: tuple[int, Path],
+                                           framed_echo: peers.FramedEcho) -> None:
+    port, _ca = https_proxy
+    result = run_hopcat("-x", f"https://127.0.0.1:{port}", framed_echo.host, str(framed_echo.port))
+    assert result.returncode == 76, result.stderr
+    err = result.stderr.decode()
+    assert err.startswith(f"hopcat: proxy https://127.0.0.1:{port} (hop 1/1): TLS certificate not trusted")
+    assert "--proxy-cacert" in err and err.count("\n") == 1
+
+
+def test_https_proxy_insecure(https_proxy: tuple[int, Path], framed_echo: peers.FramedEcho) -> None:
+    port, _ca = https_proxy
+    framed_upload(["-q", "0", "--proxy-insecure", "-x", f"https://127.0.0.1:{port}"], framed_echo,
+                  size=1 << 20)
