@@ -10,6 +10,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	# Byte-compile now: ssh starts hopcat per connection, and an environment with
+	# PYTHONDONTWRITEBYTECODE set would otherwise compile every module on every start.
+	$(VENV)/bin/python -m compileall -q src
 	touch $(STAMP)
 
 demo: $(STAMP)

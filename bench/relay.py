@@ -12,6 +12,7 @@ and a loopback TCP socket:
 
 Usage: python3 bench/relay.py [--size 1G] [--reps 5] [--latency-runs 40]
        [--tools hopcat,nc,ncat,socat] [--only up,down,latency] [--json FILE]
+       [--proxy dante,microsocks,tinyproxy,direct]   (proxy mode: bench/proxies.py)
 
 Progress goes to stderr, the Markdown report to stdout.  See bench/README.md.
 """
@@ -60,9 +61,10 @@ _LIVE_PIDS: set[int] = set()
 
 @dataclass(frozen=True)
 class Proxy:
-    """A proxy to relay through (for the future --proxy mode).
+    """A proxy to relay through (--proxy mode, see bench/proxies.py).
 
-    scheme: "socks5" (remote DNS, i.e. socks5h), "socks4a" or "http" (CONNECT).
+    scheme: "socks5" (remote DNS, i.e. socks5h), "socks4" (IPv4 target),
+    "socks4a" or "http" (CONNECT).
     """
 
     scheme: str
@@ -81,7 +83,9 @@ def build_hopcat(base: list[str], mode: str, host: str, port: int, proxy: Proxy 
     # exiting when the server closes although stdin is still open.
     argv = list(base)
     if proxy is not None:
-        scheme = {"socks5": "socks5h", "socks4a": "socks4a", "http": "http"}[proxy.scheme]
+        scheme = {"socks5": "socks5h", "socks4": "socks4", "socks4a": "socks4a", "http": "http"}[
+            proxy.scheme
+        ]
         argv += ["-x", f"{scheme}://{proxy.host}:{proxy.port}"]
     return [*argv, host, str(port)]
 
@@ -93,7 +97,7 @@ def build_nc_openbsd(base: list[str], mode: str, host: str, port: int, proxy: Pr
     elif mode == "down":
         argv.append("-d")  # do not read stdin
     if proxy is not None:
-        kind = {"socks5": "5", "socks4a": "4", "http": "connect"}[proxy.scheme]
+        kind = {"socks5": "5", "socks4": "4", "socks4a": "4", "http": "connect"}[proxy.scheme]
         argv += ["-X", kind, "-x", f"{proxy.host}:{proxy.port}"]
     return [*argv, host, str(port)]
 
@@ -105,9 +109,11 @@ def build_ncat(base: list[str], mode: str, host: str, port: int, proxy: Proxy | 
     elif mode == "down":
         argv.append("--recv-only")
     if proxy is not None:
-        kind = {"socks5": "socks5", "socks4a": "socks4", "http": "http"}[proxy.scheme]
+        kind = {"socks5": "socks5", "socks4": "socks4", "socks4a": "socks4", "http": "http"}[
+            proxy.scheme
+        ]
         argv += ["--proxy", f"{proxy.host}:{proxy.port}", "--proxy-type", kind]
-        if proxy.scheme != "http":
+        if proxy.scheme in ("socks5", "socks4a"):
             argv += ["--proxy-dns", "remote"]
     return [*argv, host, str(port)]
 
@@ -115,6 +121,8 @@ def build_ncat(base: list[str], mode: str, host: str, port: int, proxy: Proxy | 
 def build_socat(base: list[str], mode: str, host: str, port: int, proxy: Proxy | None):
     if proxy is None:
         target = f"TCP:{host}:{port}"
+    elif proxy.scheme == "socks4":  # host must be an IPv4 address
+        target = f"SOCKS4:{proxy.host}:{host}:{port},socksport={proxy.port}"
     elif proxy.scheme == "socks4a":
         target = f"SOCKS4A:{proxy.host}:{host}:{port},socksport={proxy.port}"
     elif proxy.scheme == "http":
@@ -136,7 +144,9 @@ def build_connect_proxy(base: list[str], mode: str, host: str, port: int, proxy:
             argv += ["-H", f"{proxy.host}:{proxy.port}"]
         else:
             argv += ["-S", f"{proxy.host}:{proxy.port}"]
-            if proxy.scheme == "socks4a":
+            if proxy.scheme == "socks4":
+                argv += ["-4"]
+            elif proxy.scheme == "socks4a":
                 argv += ["-4", "-R", "remote"]
     return [*argv, host, str(port)]
 
@@ -165,6 +175,9 @@ TOOL_TABLE: dict[str, tuple[str, str | None, Builder]] = {
 }
 TOOL_ALIASES = {"nc.openbsd": "nc", "netcat": "nc", "connect-proxy": "connect"}
 DEFAULT_TOOLS = "hopcat,nc,ncat,socat"
+DEFAULT_PROXY_TOOLS = "hopcat,nc,ncat,connect,socat"  # --proxy mode
+# --proxy names (bench/proxies.py); "direct" adds rows without a proxy for comparison.
+PROXY_KINDS = ("dante", "microsocks", "tinyproxy", "direct")
 BASELINE = "nc"
 
 
@@ -536,7 +549,7 @@ class Ctx:
         self.trunc: bool = not args.no_trunc
         self.zero_fd = make_zero_fd(ZERO_CHUNK)
         self.devnull_w = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-        self.proxy: Proxy | None = None  # future --proxy mode
+        self.proxy: Proxy | None = None  # set per run by --proxy mode (bench/proxies.py)
 
 
 def _self_cpu() -> float:
@@ -1091,8 +1104,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--tools",
-        default=DEFAULT_TOOLS,
-        help=f"comma list from {','.join(TOOL_TABLE)} (default {DEFAULT_TOOLS})",
+        default=None,
+        help=f"comma list from {','.join(TOOL_TABLE)} (default {DEFAULT_TOOLS}; "
+        f"with --proxy {DEFAULT_PROXY_TOOLS})",
+    )
+    ap.add_argument(
+        "--proxy",
+        metavar="LIST",
+        default=None,
+        help="proxy mode (bench/proxies.py): relay through freshly started proxies, comma list "
+        f"from {','.join(PROXY_KINDS)}",
     )
     ap.add_argument("--only", default="up,down,latency", help="comma list of up,down,latency")
     ap.add_argument(
@@ -1130,6 +1151,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [m for m in args.modes if m not in MODES]
     if bad:
         ap.error(f"--only: unknown mode(s) {bad}; choose from {MODES}")
+    if args.tools is None:
+        args.tools = DEFAULT_PROXY_TOOLS if args.proxy else DEFAULT_TOOLS
     keys = []
     for k in (k.strip() for k in args.tools.split(",")):
         if not k:
@@ -1140,6 +1163,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if k not in keys:
             keys.append(k)
     args.tool_keys = keys
+    args.proxy_keys = []
+    if args.proxy is not None:
+        for k in (k.strip() for k in args.proxy.split(",")):
+            if k and k not in PROXY_KINDS:
+                ap.error(f"--proxy: unknown proxy {k!r}; choose from {list(PROXY_KINDS)}")
+            if k and k not in args.proxy_keys:
+                args.proxy_keys.append(k)
+        if not args.proxy_keys:
+            ap.error("--proxy: give at least one of " + ",".join(PROXY_KINDS))
     if args.reps < 1 or args.latency_runs < 0 or args.size < 1:
         ap.error("--reps must be >= 1, --latency-runs >= 0, --size >= 1")
     return args
@@ -1152,6 +1184,13 @@ def main(argv: list[str] | None = None) -> int:
     skipped = [t for t in resolved if t.argv is None]
     for t in skipped:
         log(f"skipping {t.name}: {t.missing}")
+    if args.proxy is not None:
+        # Proxy mode lives in bench/proxies.py, which imports this module as "relay".
+        sys.modules.setdefault("relay", sys.modules[__name__])
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import proxies
+
+        return proxies.run_proxy_mode(args, tools, skipped)
     meta = machine_meta(args, tools)
     ctx = Ctx(args)
     runs: list[Run] = []

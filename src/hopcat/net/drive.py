@@ -59,6 +59,7 @@ def run_handshake(
                     m.receive_data(_read(sock, m, deadline, clock, exact))  # type: ignore[attr-defined]
                     continue
                 if isinstance(event, Established):
+                    _quickack(sock)
                     return event
                 if on_event is not None:
                     on_event(event)
@@ -75,16 +76,33 @@ def run_handshake(
             pass
 
 
+def _quickack(sock: socket.socket) -> None:
+    """ACK the proxy's reply at once instead of after the delayed-ACK timer (~40 ms).
+
+    A proxy without TCP_NODELAY (microsocks) holds the target's first bytes behind its own
+    unacknowledged reply (Nagle); our delayed ACK then costs every connection ~40 ms. Linux
+    clears the flag by itself, so it is set again around every exchange.
+    """
+    option = getattr(socket, "TCP_QUICKACK", None)
+    if option is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, option, 1)
+        except OSError:
+            pass  # not TCP (a socketpair in tests) or an SSL wrapper refusing: only an optimisation
+
+
 def _send(sock: socket.socket, data: bytes, deadline: float, clock: Callable[[], float]) -> None:
     if data:
         sock.settimeout(_remaining(deadline, clock))
         sock.sendall(data)
+        _quickack(sock)
 
 
 def _read(
     sock: socket.socket, machine: object, deadline: float, clock: Callable[[], float], exact: bool
 ) -> bytes:
     sock.settimeout(_remaining(deadline, clock))
+    _quickack(sock)
     if not exact:
         return sock.recv(READ_BYTES)
     needed = machine.bytes_needed()  # type: ignore[attr-defined]
