@@ -118,6 +118,15 @@ def _connect_and_relay(options: Options, trace: Timeline) -> int:
     if not hops and not options.no_proxy:
         hops, why_direct = proxies_from_environment(os.environ, host)
     fill_passwords(hops, os.environ)
+    if options.fdpass:
+        from hopcat.net.fdpass import check_channel
+
+        check_channel(1)
+        if any(hop.tls for hop in hops):
+            raise UsageError(
+                "-F: an https:// proxy keeps the TLS session inside hopcat, so its socket cannot be "
+                "handed to ssh; drop -F (ProxyUseFdpass no) for this chain"
+            )
     timeout_label = f"after {timeout_s:g} s"
     initial_down = b""
     if hops:
@@ -129,6 +138,7 @@ def _connect_and_relay(options: Options, trace: Timeline) -> int:
             nodelay=not options.nagle, keepalive=options.keepalive,
             proxy_dns=options.proxy_dns or "remote", cafile=options.proxy_cacert,
             insecure=options.proxy_insecure, trace=trace, timeout_label=timeout_label,
+            exact=options.fdpass,
         )
         sock, initial_down = tunnel.sock, tunnel.trailing
     else:
@@ -148,6 +158,12 @@ def _connect_and_relay(options: Options, trace: Timeline) -> int:
                 f"established {format_hostport(remote[0], remote[1])} "
                 f"(local {format_hostport(local[0], local[1])})"
             )
+        if options.fdpass:
+            from hopcat.net.fdpass import pass_fd
+
+            pass_fd(1, sock.fileno())
+            trace("passed the connected socket to ssh (-F); exiting")
+            return 0
         relay_options = RelayOptions(
             no_shutdown=options.no_shutdown or options.no_stdin,
             keep_sending=options.keep_sending,

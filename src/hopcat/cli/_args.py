@@ -65,6 +65,8 @@ OPTION_TABLE: tuple[tuple[str, str, str, str, str], ...] = (
     ("", "proxy-dns", "local|remote|both", "proxy_dns",
      "where target names are resolved (default remote: sent to the proxy)"),
     ("", "no-proxy", "", "no_proxy", "ignore proxies in the environment (ALL_PROXY, SOCKS5_SERVER, ...)"),
+    ("F", "fdpass", "", "fdpass",
+     "pass the connected socket to ssh over stdout and exit (ProxyUseFdpass yes)"),
     ("", "proxy-cacert", "FILE", "proxy_cacert", "CA bundle to verify an https:// proxy's certificate"),
     ("", "proxy-insecure", "", "proxy_insecure", "do not verify an https:// proxy's certificate"),
     ("v", "verbose", "", "verbose", "timeline on stderr, in ms since start"),
@@ -105,6 +107,7 @@ class Options:
     no_proxy: bool
     proxy_cacert: str | None
     proxy_insecure: bool
+    fdpass: bool
     verbose: int
     debug: bool
     help: bool
