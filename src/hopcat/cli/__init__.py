@@ -63,6 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: list[str], started: float) -> int:
+    if args[:1] == ["ssh-config"]:
+        from hopcat.cli._sshconfig import main as ssh_config_main
+
+        return ssh_config_main(args[1:])
     from hopcat.cli._args import help_text, parse_args
 
     options = parse_args(args)

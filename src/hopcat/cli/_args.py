@@ -213,6 +213,7 @@ def parse_args(argv: Sequence[str]) -> Options:
 def help_text(prog: str = "hopcat") -> str:
     lines = [
         f"usage: {prog} [options] HOST PORT",
+        f"       {prog} ssh-config [--host PATTERN] [proxy options] | --check HOST",
         "",
         "Open a TCP connection to HOST PORT and relay stdin/stdout over it, built for",
         "OpenSSH's ProxyCommand: true half-close, zero-copy splice(2), nothing lost.",
