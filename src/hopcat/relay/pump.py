@@ -67,6 +67,7 @@ class RelayOptions:
         "no_shutdown",
         "quit_after_eof_s",
         "read_stdin",
+        "splice",
     )
 
     def __init__(
@@ -78,8 +79,10 @@ class RelayOptions:
         idle_timeout_s: float | None = None,
         read_stdin: bool = True,
         close_output: bool = True,
+        splice: bool = True,
     ) -> None:
         self.close_output = close_output
+        self.splice = splice  # False: copy even where splice(2) works (what other platforms get)
         self.no_shutdown = no_shutdown
         self.keep_sending = keep_sending
         self.quit_after_eof_s = quit_after_eof_s
@@ -314,8 +317,8 @@ def _tls_send(tls: object, view: memoryview) -> int:
         raise OSError(errno.EPROTO, f"TLS: {exc.reason or exc}") from None
 
 
-def choose_mode(src_kind: str, dst_kind: str) -> str:
-    if not _HAVE_SPLICE:
+def choose_mode(src_kind: str, dst_kind: str, allow_splice: bool = True) -> str:
+    if not (_HAVE_SPLICE and allow_splice):
         return "copy"
     spliceable = ("pipe", "socket")
     if src_kind in spliceable and dst_kind in spliceable:
@@ -369,8 +372,8 @@ def relay(
             raise RelayError(f"writing to stdout: {os.strerror(exc.errno or 0).lower()}") from None
     tls = sock if hasattr(sock, "cipher") else None  # an ssl.SSLSocket, without importing ssl
     net_kind = "tls" if tls is not None else "socket"
-    up = Flow("up", in_fd, sock_fd, choose_mode(in_kind, net_kind), tls)
-    down = Flow("down", sock_fd, out_fd, choose_mode(net_kind, out_kind), tls)
+    up = Flow("up", in_fd, sock_fd, choose_mode(in_kind, net_kind, opts.splice), tls)
+    down = Flow("down", sock_fd, out_fd, choose_mode(net_kind, out_kind, opts.splice), tls)
     down.moved = len(initial_down)
     if in_kind == "closed":
         up.src_eof = up.finished = True
