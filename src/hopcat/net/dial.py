@@ -42,7 +42,7 @@ KEEPALIVE_INTERVAL_S = 15
 KEEPALIVE_PROBES = 4
 
 
-def _default_resolver(host: str, port: int, family: int, flags: int) -> list[AddrInfo]:
+def _default_resolver(host: str, port: int, family: int, flags: int) -> Sequence[AddrInfo]:
     # An ASCII name passed as bytes skips CPython's IDNA codec import (re, stringprep: ~2.5 ms).
     name: str | bytes = host.encode("ascii") if host.isascii() else host
     return socket.getaddrinfo(name, port, family, socket.SOCK_STREAM, socket.IPPROTO_TCP, flags)

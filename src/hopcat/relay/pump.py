@@ -43,6 +43,7 @@ from hopcat.errors import HopcatTimeoutError, RelayError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import Any
 
 COPY_BUFFER_BYTES = 256 * 1024
 MAX_SPLICE_BYTES = 1 << 20
@@ -370,7 +371,8 @@ def relay(
             write_all(out_fd, initial_down)
         except OSError as exc:
             raise RelayError(f"writing to stdout: {os.strerror(exc.errno or 0).lower()}") from None
-    tls = sock if hasattr(sock, "cipher") else None  # an ssl.SSLSocket, without importing ssl
+    # An ssl.SSLSocket, recognised without importing ssl on the plain path.
+    tls: Any = sock if hasattr(sock, "cipher") else None
     net_kind = "tls" if tls is not None else "socket"
     up = Flow("up", in_fd, sock_fd, choose_mode(in_kind, net_kind, opts.splice), tls)
     down = Flow("down", sock_fd, out_fd, choose_mode(net_kind, out_kind, opts.splice), tls)
