@@ -478,7 +478,7 @@ def start_daemon(
             **(cls_kwargs or {}),
         )  # fmt: skip
 
-        def ready(d: Daemon = daemon) -> bool:
+        def ready(d: Daemon = daemon, start: int = start) -> bool:
             if d.proc.poll() is not None or _says_in_use(d.log(since=start)):
                 return True  # exited or lost a port race (sshd keeps running on ::1): see below
             return all(listening(d.pid, h, d.port) for h in (d.host, *also_hosts))
@@ -777,9 +777,7 @@ def start_ssh_socks(
             "-o", "ServerAliveInterval=30",
         )  # fmt: skip
 
-    return start_daemon(
-        "ssh-D", workdir, make_argv, host=host, scheme="socks5", timeout=timeout
-    )
+    return start_daemon("ssh-D", workdir, make_argv, host=host, scheme="socks5", timeout=timeout)
 
 
 # --------------------------------------------------------------------------- targets
@@ -1002,7 +1000,7 @@ class SourceServer(_Target):
     def _send_all(self, conn: socket.socket, rec: ConnRecord) -> None:
         view = memoryview(self.data)
         while view:
-            n = conn.send(view[:1 << 20])
+            n = conn.send(view[: 1 << 20])
             rec.sent_len += n
             view = view[n:]
         conn.shutdown(socket.SHUT_WR)

@@ -95,7 +95,9 @@ def test_digest_server(host: str, target_factory: Callable[..., peers.DigestServ
 
 
 @pytest.mark.parametrize("half_close_only", [False, True])
-def test_source_server(half_close_only: bool, source_server: Callable[..., peers.SourceServer]) -> None:
+def test_source_server(
+    half_close_only: bool, source_server: Callable[..., peers.SourceServer]
+) -> None:
     data, upload = os.urandom(1_000_000), os.urandom(500_000)
     srv = source_server(data, half_close_only=half_close_only)
     with socket.create_connection((srv.host, srv.port), timeout=TIMEOUT_S) as s:
@@ -151,7 +153,9 @@ def test_peer_env_drops_proxy_variables() -> None:
 
 
 @pytest.mark.peer("danted")
-def test_danted_socks5_curl(danted: peers.Daemon, http_target: peers.HttpTarget, need: Callable[..., str]) -> None:
+def test_danted_socks5_curl(
+    danted: peers.Daemon, http_target: peers.HttpTarget, need: Callable[..., str]
+) -> None:
     assert danted.url.startswith("socks5://127.0.0.1:")
     res = curl(need, "--socks5-hostname", danted.hostport, http_target.url)
     assert res.returncode == 0, res.stderr
@@ -159,7 +163,9 @@ def test_danted_socks5_curl(danted: peers.Daemon, http_target: peers.HttpTarget,
 
 
 @pytest.mark.peer("danted")
-def test_danted_socks4_curl(danted: peers.Daemon, http_target: peers.HttpTarget, need: Callable[..., str]) -> None:
+def test_danted_socks4_curl(
+    danted: peers.Daemon, http_target: peers.HttpTarget, need: Callable[..., str]
+) -> None:
     res = curl(need, "-x", danted.url_as("socks4"), http_target.url)
     assert res.returncode == 0, res.stderr
     assert res.stdout == http_target.body
@@ -178,7 +184,10 @@ def test_danted_passes_half_close(
 
 @pytest.mark.peer("danted")
 def test_danted_socks4_ncat_banner(
-    danted: peers.Daemon, banner_server: peers.BannerServer, need: Callable[..., str], tmp_path: Path
+    danted: peers.Daemon,
+    banner_server: peers.BannerServer,
+    need: Callable[..., str],
+    tmp_path: Path,
 ) -> None:
     out = converse([need("ncat"), "--proxy", danted.hostport, "--proxy-type", "socks4",
                     banner_server.host, str(banner_server.port)],
@@ -190,11 +199,16 @@ def test_danted_socks4_ncat_banner(
 def test_danted_username_auth(
     danted_auth: peers.Daemon, http_target: peers.HttpTarget, need: Callable[..., str]
 ) -> None:
-    assert danted_auth.url == f"socks5://{peers.PEER_USER}:{peers.PEER_PASSWORD}@{danted_auth.hostport}"
+    assert (
+        danted_auth.url
+        == f"socks5://{peers.PEER_USER}:{peers.PEER_PASSWORD}@{danted_auth.hostport}"
+    )
     res = curl(need, "-x", danted_auth.url.replace("socks5://", "socks5h://"), http_target.url)
     assert res.returncode == 0, res.stderr
     assert res.stdout == http_target.body
-    wrong = curl(need, "-x", f"socks5h://{peers.PEER_USER}:wrong@{danted_auth.hostport}", http_target.url)
+    wrong = curl(
+        need, "-x", f"socks5h://{peers.PEER_USER}:wrong@{danted_auth.hostport}", http_target.url
+    )
     none = curl(need, "-x", danted_auth.url_as("socks5h", auth=False), http_target.url)
     assert wrong.returncode != 0 and none.returncode != 0
     assert http_target.paths == ["/"]
@@ -202,7 +216,10 @@ def test_danted_username_auth(
 
 @pytest.mark.peer("danted")
 def test_danted_username_auth_ncat(
-    danted_auth: peers.Daemon, banner_server: peers.BannerServer, need: Callable[..., str], tmp_path: Path
+    danted_auth: peers.Daemon,
+    banner_server: peers.BannerServer,
+    need: Callable[..., str],
+    tmp_path: Path,
 ) -> None:
     out = converse([need("ncat"), "--proxy", danted_auth.hostport, "--proxy-type", "socks5",
                     "--proxy-auth", f"{peers.PEER_USER}:{peers.PEER_PASSWORD}",
@@ -236,7 +253,9 @@ def test_danted_v4_reaches_v6_target(
 
 
 @pytest.mark.peer("microsocks")
-def test_microsocks_curl(microsocks: peers.Daemon, http_target: peers.HttpTarget, need: Callable[..., str]) -> None:
+def test_microsocks_curl(
+    microsocks: peers.Daemon, http_target: peers.HttpTarget, need: Callable[..., str]
+) -> None:
     res = curl(need, "--socks5-hostname", microsocks.hostport, http_target.url)
     assert res.returncode == 0, res.stderr
     assert res.stdout == http_target.body
@@ -245,7 +264,10 @@ def test_microsocks_curl(microsocks: peers.Daemon, http_target: peers.HttpTarget
 
 @pytest.mark.peer("microsocks")
 def test_microsocks_nc_banner(
-    microsocks: peers.Daemon, banner_server: peers.BannerServer, need: Callable[..., str], tmp_path: Path
+    microsocks: peers.Daemon,
+    banner_server: peers.BannerServer,
+    need: Callable[..., str],
+    tmp_path: Path,
 ) -> None:
     out = converse([need("nc.openbsd"), "-N", "-X", "5", "-x", microsocks.hostport,
                     banner_server.host, str(banner_server.port)],
@@ -255,7 +277,10 @@ def test_microsocks_nc_banner(
 
 @pytest.mark.peer("microsocks")
 def test_microsocks_framed(
-    microsocks: peers.Daemon, framed_echo: peers.FramedEcho, need: Callable[..., str], tmp_path: Path
+    microsocks: peers.Daemon,
+    framed_echo: peers.FramedEcho,
+    need: Callable[..., str],
+    tmp_path: Path,
 ) -> None:
     payload = os.urandom(50_000)
     out = converse([need("connect-proxy"), "-S", microsocks.hostport,
@@ -280,7 +305,9 @@ def test_microsocks_auth(
 
 
 @pytest.mark.peer("tinyproxy")
-def test_tinyproxy_curl(tinyproxy: peers.Daemon, http_target: peers.HttpTarget, need: Callable[..., str]) -> None:
+def test_tinyproxy_curl(
+    tinyproxy: peers.Daemon, http_target: peers.HttpTarget, need: Callable[..., str]
+) -> None:
     res = curl(need, "-p", "-x", tinyproxy.url, http_target.url)
     assert res.returncode == 0, res.stderr
     assert res.stdout == http_target.body
@@ -289,7 +316,10 @@ def test_tinyproxy_curl(tinyproxy: peers.Daemon, http_target: peers.HttpTarget, 
 
 @pytest.mark.peer("tinyproxy")
 def test_tinyproxy_ncat_banner(
-    tinyproxy: peers.Daemon, banner_server: peers.BannerServer, need: Callable[..., str], tmp_path: Path
+    tinyproxy: peers.Daemon,
+    banner_server: peers.BannerServer,
+    need: Callable[..., str],
+    tmp_path: Path,
 ) -> None:
     out = converse([need("ncat"), "--proxy", tinyproxy.hostport, "--proxy-type", "http",
                     banner_server.host, str(banner_server.port)],
@@ -312,7 +342,9 @@ def test_tinyproxy_auth(
 
 
 @pytest.mark.peer("ncat")
-def test_ncat_http_curl(ncat_http: peers.Daemon, http_target: peers.HttpTarget, need: Callable[..., str]) -> None:
+def test_ncat_http_curl(
+    ncat_http: peers.Daemon, http_target: peers.HttpTarget, need: Callable[..., str]
+) -> None:
     res = curl(need, "-p", "-x", ncat_http.url, http_target.url)
     assert res.returncode == 0, res.stderr
     assert res.stdout == http_target.body
@@ -320,7 +352,10 @@ def test_ncat_http_curl(ncat_http: peers.Daemon, http_target: peers.HttpTarget, 
 
 @pytest.mark.peer("ncat")
 def test_ncat_http_nc_banner(
-    ncat_http: peers.Daemon, banner_server: peers.BannerServer, need: Callable[..., str], tmp_path: Path
+    ncat_http: peers.Daemon,
+    banner_server: peers.BannerServer,
+    need: Callable[..., str],
+    tmp_path: Path,
 ) -> None:
     out = converse([need("nc.openbsd"), "-N", "-X", "connect", "-x", ncat_http.hostport,
                     banner_server.host, str(banner_server.port)],
@@ -396,7 +431,9 @@ def test_sshd_via_proxycommand_through_danted(
 
 
 @pytest.mark.peer("sshd")
-def test_git_clone_over_ssh(sshd: peers.SshServer, tmp_path: Path, need: Callable[..., str]) -> None:
+def test_git_clone_over_ssh(
+    sshd: peers.SshServer, tmp_path: Path, need: Callable[..., str]
+) -> None:
     git = need("git")
     repo = tmp_path / "src"
     ident = ["-c", "user.name=t", "-c", "user.email=t@example.invalid"]
@@ -412,8 +449,14 @@ def test_git_clone_over_ssh(sshd: peers.SshServer, tmp_path: Path, need: Callabl
 
 
 @pytest.mark.peer("ssh")
-def test_ssh_socks_curl(ssh_socks: peers.Daemon, http_target: peers.HttpTarget, need: Callable[..., str]) -> None:
-    for url in (ssh_socks.url_as("socks5h"), ssh_socks.url_as("socks4"), ssh_socks.url_as("socks4a")):
+def test_ssh_socks_curl(
+    ssh_socks: peers.Daemon, http_target: peers.HttpTarget, need: Callable[..., str]
+) -> None:
+    for url in (
+        ssh_socks.url_as("socks5h"),
+        ssh_socks.url_as("socks4"),
+        ssh_socks.url_as("socks4a"),
+    ):
         res = curl(need, "-x", url, http_target.url.replace("127.0.0.1", "localhost"))
         assert res.returncode == 0, (url, res.stderr)
         assert res.stdout == http_target.body
