@@ -7,7 +7,8 @@ too-long one fails before any byte is sent.
 
 from __future__ import annotations
 
-import socket
+# _socket, not socket: the socket module costs ~10 ms of imports (enum, selectors) per start.
+import _socket as socket
 
 from hopcat.errors import UsageError
 

@@ -7,8 +7,10 @@ import sys
 
 from support import clean_env, exchange
 
+# socket.py and enum cost ~10 ms together on this platform; _socket is all the client needs.
 HEAVY = {"asyncio", "ssl", "argparse", "dataclasses", "typing", "logging", "re", "urllib.parse",
-         "threading", "inspect", "encodings.idna", "getopt", "gettext"}
+         "threading", "inspect", "encodings.idna", "getopt", "gettext", "socket", "enum",
+         "selectors", "ipaddress", "subprocess"}
 
 
 def _imported(args: list[str]) -> set[str]:
@@ -28,3 +30,14 @@ def test_direct_connect_path_imports_nothing_heavy() -> None:
     added = loaded - baseline
     assert not (added & HEAVY), sorted(added & HEAVY)
     assert {"hopcat.cli", "hopcat.net.dial", "hopcat.relay.pump"} <= added
+
+
+def test_proxy_path_imports_nothing_heavy() -> None:
+    baseline = _imported(["-c", "pass"])
+    # The "proxy" hangs up at once: the run gets as far as the SOCKS5 handshake, then fails.
+    with exchange(close_after_up=0) as proxy:
+        loaded = _imported(["-m", "hopcat", "-x", f"socks5h://127.0.0.1:{proxy.port}",
+                            "-x", "http://127.0.0.1:2", "127.0.0.1", "22"])
+    added = loaded - baseline
+    assert not (added & HEAVY), sorted(added & HEAVY)
+    assert {"hopcat.net.chain", "hopcat.cli._proxy", "hopcat.proto.socks5"} <= added

@@ -43,6 +43,7 @@ def test_first_address_refused_second_wins_at_once() -> None:
         started = time.monotonic()
         sock = dial_tcp(
             "example.test", 1, deadline=time.monotonic() + 5, trace=trace.append,
+            socket_factory=socket.socket,
             resolver=_resolver_for(("127.0.0.1", _closed_port()), ("127.0.0.1", good.getsockname()[1])),
         )
         elapsed = time.monotonic() - started
@@ -60,6 +61,7 @@ def test_silent_first_address_loses_to_second_after_stagger() -> None:
             started = time.monotonic()
             sock = dial_tcp(
                 "example.test", 1, deadline=time.monotonic() + 5, stagger_s=0.25,
+                socket_factory=socket.socket,
                 resolver=_resolver_for(("127.0.0.1", silent_port), ("127.0.0.1", good.getsockname()[1])),
             )
             elapsed = time.monotonic() - started
@@ -106,6 +108,6 @@ def test_ipv6_only_rejects_ipv4_literal() -> None:
 def test_source_address_is_bound() -> None:
     with socket.create_server(("127.0.0.1", 0)) as server:
         sock = dial_tcp("127.0.0.1", server.getsockname()[1], deadline=time.monotonic() + 5,
-                        source="127.0.0.2")
+                        source="127.0.0.2", socket_factory=socket.socket)
         with sock:
             assert sock.getsockname()[0] == "127.0.0.2"

@@ -67,6 +67,10 @@ def _run(args: list[str], started: float) -> int:
         from hopcat.cli._sshconfig import main as ssh_config_main
 
         return ssh_config_main(args[1:])
+    if args[:1] == ["serve"]:
+        from hopcat.server.cli import main as serve_main
+
+        return serve_main(args[1:])
     from hopcat.cli._args import help_text, parse_args
 
     options = parse_args(args)
@@ -90,8 +94,8 @@ def _run(args: list[str], started: float) -> int:
 
 
 def _connect_and_relay(options: Options, trace: Timeline) -> int:
+    import _socket as socket  # not the socket module: ~10 ms of imports per start
     import os
-    import socket
 
     from hopcat._endpoint import format_hostport, parse_port, validate_host
     from hopcat.cli._args import DEFAULT_CONNECT_TIMEOUT_S
@@ -154,7 +158,7 @@ def _connect_and_relay(options: Options, trace: Timeline) -> int:
             nodelay=not options.nagle, keepalive=options.keepalive, numeric_only=options.numeric,
             trace=trace, timeout_label=timeout_label,
         )
-    with sock:
+    try:
         if trace.enabled:
             local = sock.getsockname()
             remote = sock.getpeername()
@@ -190,4 +194,6 @@ def _connect_and_relay(options: Options, trace: Timeline) -> int:
                     f"down {stats.bytes_down} bytes ({stats.bytes_down / seconds / 1e6:.1f} MB/s, "
                     f"{stats.path_down})"
                 )
+    finally:
+        sock.close()
     return 0

@@ -15,7 +15,8 @@ git.example:22``.
 
 from __future__ import annotations
 
-import socket
+# _socket, not socket: the socket module costs ~10 ms of imports (enum, selectors) per start.
+import _socket as socket
 import time
 
 from hopcat._endpoint import format_hostport, is_ip_literal
@@ -71,8 +72,10 @@ def _wrap_tls(
     sock: socket.socket, hop: ProxyURL, cafile: str | None, insecure: bool, deadline: float,
     clock: Callable[[], float],
 ) -> socket.socket:
-    import ssl  # only chains with an https:// hop pay for it
+    import socket as socket_module  # ssl wants the full socket class; only TLS chains pay for it
+    import ssl
 
+    sock = socket_module.socket(fileno=sock.detach())
     context = ssl.create_default_context(cafile=cafile)
     if insecure:
         context.check_hostname = False

@@ -19,10 +19,11 @@ defaults are the stdlib's.
 
 from __future__ import annotations
 
+# _socket, not socket: the socket module costs ~10 ms of imports (enum, selectors) per start.
+import _socket as socket
 import errno
 import os
 import select
-import socket
 import time
 
 from hopcat._endpoint import format_hostport, is_ip_literal

@@ -13,7 +13,8 @@ Two ways to read:
 
 from __future__ import annotations
 
-import socket
+# _socket, not socket: the socket module costs ~10 ms of imports (enum, selectors) per start.
+import _socket as socket
 
 from hopcat.errors import HopcatTimeoutError, RemoteProtocolError
 from hopcat.proto._events import NEED_DATA, Established

@@ -11,8 +11,9 @@ the target's (say sshd's banner) read here would be lost to ssh.
 
 from __future__ import annotations
 
+import _socket
 import os
-import socket
+import sys
 
 from hopcat.errors import RelayError, UsageError
 
@@ -22,23 +23,28 @@ FDPASS_HINT = "use -F only as ssh's ProxyCommand with ProxyUseFdpass yes"
 def check_channel(fd: int) -> None:
     """Fail before connecting when ``fd`` cannot carry a descriptor (not a Unix socket)."""
     try:
-        probe = socket.socket(fileno=os.dup(fd))
+        probe = _socket.socket(fileno=os.dup(fd))
     except OSError:
         raise UsageError(f"-F: stdout is not a Unix socket; {FDPASS_HINT}") from None
-    with probe:
-        if probe.family != socket.AF_UNIX:
-            raise UsageError(f"-F: stdout is not a Unix socket; {FDPASS_HINT}")
+    family = probe.family
+    probe.close()
+    if family != _socket.AF_UNIX:
+        raise UsageError(f"-F: stdout is not a Unix socket; {FDPASS_HINT}")
 
 
 def pass_fd(channel_fd: int, fd: int) -> None:
     """Send ``fd`` over the Unix socket ``channel_fd`` with a one-byte message."""
-    with socket.socket(fileno=os.dup(channel_fd)) as channel:
+    # socket.send_fds does this too, but importing the socket module costs ~10 ms per start.
+    channel = _socket.socket(fileno=os.dup(channel_fd))
+    try:
         channel.setblocking(True)
-        try:
-            sent = socket.send_fds(channel, [b"\0"], [fd])
-        except OSError as exc:
-            raise RelayError(
-                f"-F: passing the connection to ssh failed: {os.strerror(exc.errno or 0).lower()}"
-            ) from None
+        rights = fd.to_bytes(4, sys.byteorder)  # one C int, as SCM_RIGHTS expects
+        sent = channel.sendmsg([b"\0"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
+    except OSError as exc:
+        raise RelayError(
+            f"-F: passing the connection to ssh failed: {os.strerror(exc.errno or 0).lower()}"
+        ) from None
+    finally:
+        channel.close()
     if sent != 1:
         raise RelayError("-F: passing the connection to ssh failed: short write")

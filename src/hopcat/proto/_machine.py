@@ -22,8 +22,8 @@ Nothing here touches a socket, a clock or the environment.
 
 from __future__ import annotations
 
-import socket
-from enum import Enum
+# _socket and no enum: each would cost milliseconds of imports on every ssh connection.
+import _socket as socket
 
 from ..errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from ._buffer import ReceiveBuffer
@@ -47,18 +47,47 @@ if TYPE_CHECKING:
 MAX_QUOTED_CHARS = 200
 
 
-class State(Enum):
-    GREETING = "greeting"  # server waits for the SOCKS5 method offer
-    METHOD_REPLY = "method reply"  # client waits for the SOCKS5 method selection
-    AUTH_REQUEST = "auth request"  # server waits for RFC 1929 username/password
-    AUTH_DECISION = "auth decision"  # server code must call accept_credentials()
-    AUTH_REPLY = "auth reply"  # client waits for the RFC 1929 status
-    REQUEST = "request"  # server waits for the CONNECT/BIND request (or HTTP request head)
-    REPLY_DECISION = "reply decision"  # server code must call reply_success()/reply_failure()
-    REPLY = "reply"  # client waits for the final reply (or HTTP response head)
-    DONE = "done"  # handshake succeeded; the rest is payload
-    CLOSED = "closed"  # a refusal is queued; flush it and close
-    ERROR = "error"  # poisoned by an exception
+class _Symbol:
+    """A named constant compared by identity: what Enum gives, without importing enum."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}.{self.name}"
+
+
+class State(_Symbol):
+    __slots__ = ()
+    GREETING: ClassVar[State]  # server waits for the SOCKS5 method offer
+    METHOD_REPLY: ClassVar[State]  # client waits for the SOCKS5 method selection
+    AUTH_REQUEST: ClassVar[State]  # server waits for RFC 1929 username/password
+    AUTH_DECISION: ClassVar[State]  # server code must call accept_credentials()
+    AUTH_REPLY: ClassVar[State]  # client waits for the RFC 1929 status
+    REQUEST: ClassVar[State]  # server waits for the CONNECT/BIND request (or HTTP request head)
+    REPLY_DECISION: ClassVar[State]  # server code must call reply_success()/reply_failure()
+    REPLY: ClassVar[State]  # client waits for the final reply (or HTTP response head)
+    DONE: ClassVar[State]  # handshake succeeded; the rest is payload
+    CLOSED: ClassVar[State]  # a refusal is queued; flush it and close
+    ERROR: ClassVar[State]  # poisoned by an exception
+
+
+for _name in (
+    "GREETING",
+    "METHOD_REPLY",
+    "AUTH_REQUEST",
+    "AUTH_DECISION",
+    "AUTH_REPLY",
+    "REQUEST",
+    "REPLY_DECISION",
+    "REPLY",
+    "DONE",
+    "CLOSED",
+    "ERROR",
+):
+    setattr(State, _name, State(_name))
 
 
 def _guard(
@@ -220,10 +249,15 @@ class Machine:
 # Host and port validation, shared by every client constructor (before any byte is produced).
 
 
-class HostKind(Enum):
-    IPV4 = "ipv4"
-    IPV6 = "ipv6"
-    NAME = "name"
+class HostKind(_Symbol):
+    __slots__ = ()
+    IPV4: ClassVar[HostKind]
+    IPV6: ClassVar[HostKind]
+    NAME: ClassVar[HostKind]
+
+
+for _name in ("IPV4", "IPV6", "NAME"):
+    setattr(HostKind, _name, HostKind(_name))
 
 
 def sanitize(text: str, limit: int = MAX_QUOTED_CHARS) -> str:

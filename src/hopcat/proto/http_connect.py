@@ -29,7 +29,7 @@ absolute-form requests (this is a tunnel, not a forwarding proxy); TLS to the pr
 
 from __future__ import annotations
 
-import socket
+import _socket as socket  # see _machine.py: no socket module
 
 from ..errors import LocalProtocolError, ProxyAuthError, ProxyError, RemoteProtocolError
 from ._buffer import find_head_end

@@ -20,8 +20,7 @@ Not done: BIND's second reply.
 
 from __future__ import annotations
 
-import socket
-from enum import IntEnum
+import _socket as socket  # see _machine.py: no socket module, no enum
 
 from ..errors import LocalProtocolError, ProxyAuthError, ProxyError, RemoteProtocolError
 from ._events import NEED_DATA, Established, Rejected, Request
@@ -66,14 +65,17 @@ MAX_FIELD_BYTES = 255
 SOCKS4A_MARKER = bytes((0, 0, 0, 1))
 
 
-class Command(IntEnum):
+class Command:
     """CD field of a request."""
 
     CONNECT = 1
     BIND = 2
 
 
-class Reply(IntEnum):
+COMMAND_NAMES: dict[int, str] = {Command.CONNECT: "CONNECT", Command.BIND: "BIND"}
+
+
+class Reply:
     """CD field of a reply."""
 
     REQUEST_GRANTED = 90
@@ -93,7 +95,7 @@ REPLY_TEXT: dict[int, str] = {
     ),
 }
 
-_COMMANDS = frozenset(Command)
+_COMMANDS = frozenset(COMMAND_NAMES)
 
 
 def describe_reply(code: int) -> str:
@@ -236,7 +238,9 @@ class Socks4Client(Machine):
             if address[:3] == b"\0\0\0" and address[3]:
                 # 0.0.0.x (x != 0) is SOCKS4a's "a host name follows" marker: a server would wait
                 # for a name that never comes.
-                raise LocalProtocolError(f"SOCKS4 cannot ask for {host}: 0.0.0.1-0.0.0.255 mean SOCKS4a")
+                raise LocalProtocolError(
+                    f"SOCKS4 cannot ask for {host}: 0.0.0.1-0.0.0.255 mean SOCKS4a"
+                )
             request = CommandRequest(Command.CONNECT, port, address, user, None)
         super().__init__(State.REPLY)
         self._outbox += request.to_bytes()
@@ -292,7 +296,7 @@ class Socks4Server(Machine):
             host = decode_name(request.hostname)
         user_id = request.user_id.decode("utf-8", "surrogateescape")
         self._state = State.REPLY_DECISION
-        return Request(Command(request.command).name, host, request.port, user_id)
+        return Request(COMMAND_NAMES[request.command], host, request.port, user_id)
 
     @_outbound
     def reply_success(self, bound_host: str | None = None, bound_port: int | None = None) -> None:

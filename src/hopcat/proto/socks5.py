@@ -33,8 +33,7 @@ header. The bound address in a reply is parsed for the timeline but not used.
 
 from __future__ import annotations
 
-import socket
-from enum import IntEnum
+import _socket as socket  # see _machine.py: no socket module, no enum
 
 from ..errors import LocalProtocolError, ProxyAuthError, ProxyError, RemoteProtocolError
 from ._events import NEED_DATA, Credentials, Established, Event, Rejected, Request
@@ -85,7 +84,7 @@ SOCKS_VERSION = 5
 USERPASS_VERSION = 1
 
 
-class Method(IntEnum):
+class Method:
     """Authentication methods (RFC 1928 section 3)."""
 
     NO_AUTHENTICATION_REQUIRED = 0x00
@@ -94,7 +93,7 @@ class Method(IntEnum):
     NO_ACCEPTABLE_METHODS = 0xFF
 
 
-class Command(IntEnum):
+class Command:
     """CMD field of a request (RFC 1928 section 4)."""
 
     CONNECT = 0x01
@@ -102,7 +101,14 @@ class Command(IntEnum):
     UDP_ASSOCIATE = 0x03
 
 
-class AddressType(IntEnum):
+COMMAND_NAMES: dict[int, str] = {
+    Command.CONNECT: "CONNECT",
+    Command.BIND: "BIND",
+    Command.UDP_ASSOCIATE: "UDP_ASSOCIATE",
+}
+
+
+class AddressType:
     """ATYP field (RFC 1928 section 5)."""
 
     IPV4 = 0x01
@@ -110,7 +116,7 @@ class AddressType(IntEnum):
     IPV6 = 0x04
 
 
-class Reply(IntEnum):
+class Reply:
     """REP field of a reply (RFC 1928 section 6)."""
 
     SUCCEEDED = 0x00
@@ -143,8 +149,8 @@ METHOD_TEXT: dict[int, str] = {
 }
 
 _SUCCESS_DETAIL = "reply 0 succeeded"
-_COMMANDS = frozenset(Command)
-_ADDRESS_TYPES = frozenset(AddressType)
+_COMMANDS = frozenset(COMMAND_NAMES)
+_ADDRESS_TYPES = frozenset((AddressType.IPV4, AddressType.DOMAINNAME, AddressType.IPV6))
 _ATYP_FOR_KIND = {
     HostKind.IPV4: AddressType.IPV4,
     HostKind.IPV6: AddressType.IPV6,
@@ -604,9 +610,9 @@ class Socks5Server(Machine):
         else:
             host = _address_text(request.atyp, request.address)
         self._state = State.REPLY_DECISION
-        return Request(Command(request.command).name, host, request.port)
+        return Request(COMMAND_NAMES[request.command], host, request.port)
 
-    def _refuse(self, code: Reply, why: str) -> Event:
+    def _refuse(self, code: int, why: str) -> Event:
         self._outbox += _failure_reply(code)
         return self._finish(State.CLOSED, Rejected(f"{why}: {describe_reply(code)}"))
 

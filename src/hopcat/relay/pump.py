@@ -31,10 +31,11 @@ delivered. A byte that was read is either written or reported, never dropped sil
 
 from __future__ import annotations
 
+# _socket, not socket: the socket module costs ~10 ms of imports (enum, selectors) per start.
+import _socket as socket
 import errno
 import os
 import select
-import socket
 import stat
 import time
 
@@ -515,8 +516,8 @@ def _after_stdin_eof(
             trace(f"stdin EOF after {up.moved} bytes; not half-closing a TLS tunnel (-q to quit)")
         return
     try:
-        # socket.socket.shutdown, not the SSLSocket override: that one discards the TLS state,
-        # and the peer's answer still has to be decrypted.
+        # The base class's shutdown, not the SSLSocket override: that one discards the TLS
+        # state, and the peer's answer still has to be decrypted.
         socket.socket.shutdown(sock, socket.SHUT_WR)
     except OSError as exc:
         if exc.errno not in _GONE:
