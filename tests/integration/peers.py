@@ -738,6 +738,7 @@ def start_sshd(workdir: Path, *, timeout: float = READY_TIMEOUT_S) -> SshServer:
             "X11Forwarding no",
             "UseDNS no",
             "PrintMotd no",
+            "Subsystem sftp internal-sftp",  # scp (SFTP mode) and sftp need it
             "PrintLastLog no",
             # Parallel tests under load: the default 10:30:100 drops unauthenticated connections.
             "MaxStartups 200",

@@ -286,3 +286,23 @@ def test_stdout_reader_gone_is_reported() -> None:
             proc.stderr.close()  # type: ignore[union-attr]
     assert err.startswith(b"hopcat: writing to stdout: broken pipe, the reader went away")
     assert err.count(b"\n") == 1
+
+
+def test_stdout_reader_gone_after_stdin_eof_is_a_quiet_end() -> None:
+    """ssh closes both of our pipes when it exits; sshd's last bytes must not become an error."""
+    down = pattern(8 << 20, 13)
+    with exchange(down, close_after_up=0) as server:
+        out_r, out_w = os.pipe()
+        proc = subprocess.Popen(
+            [*HOPCAT, server.host, str(server.port)], stdin=subprocess.DEVNULL, stdout=out_w,
+            stderr=subprocess.PIPE, env=clean_env(),
+        )
+        os.close(out_w)
+        select.select([out_r], [], [], 10)
+        os.close(out_r)
+        try:
+            assert proc.wait(30) == 0
+            err = proc.stderr.read()  # type: ignore[union-attr]
+        finally:
+            proc.stderr.close()  # type: ignore[union-attr]
+    assert err == b""

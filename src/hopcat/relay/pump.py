@@ -451,8 +451,12 @@ def relay(
             # the peer that fails in the same round.
             for flow in (down, up):
                 woken = [fd for fd, _events in flow.interest() if fd in ready]
-                if woken:
-                    _pump(flow, woken[0], stats)
+                if woken and not _pump(flow, woken[0], stats, stdin_ended=up.finished):
+                    # stdout's reader left after stdin ended: whoever ran us (ssh, at exit)
+                    # closed both ends, so the session is over; nobody is left to tell.
+                    if trace:
+                        trace("stdout's reader went away after stdin EOF; ending quietly")
+                    return stats
                 handle_transitions(now)
                 if down.finished and not opts.keep_sending:
                     break
@@ -469,15 +473,19 @@ def relay(
     return stats
 
 
-def _pump(flow: Flow, fd: int, stats: RelayStats) -> None:
+def _pump(flow: Flow, fd: int, stats: RelayStats, *, stdin_ended: bool) -> bool:
+    """Move bytes; False when stdout's reader is gone after stdin EOF (a normal end)."""
     try:
         flow.on_ready(fd)
     except OSError as exc:
+        if flow.name == "down" and exc.errno == errno.EPIPE and stdin_ended:
+            return False
         raise _relay_error(flow, exc) from None
     if flow.name == "up":
         stats.path_up = flow.mode
     else:
         stats.path_down = flow.mode
+    return True
 
 
 def _relay_error(flow: Flow, exc: OSError) -> RelayError:
