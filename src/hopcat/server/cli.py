@@ -1,0 +1,421 @@
+"""``hopcat serve``: its options, its help, and the checks made before anything listens.
+
+A small table-driven parser of its own (like ``hopcat.cli._args``, which is tied to the client's
+table): ``--name VALUE``, ``--name=VALUE``, ``-q``, ``-h``; repeatable options keep their order,
+which matters for the rules (first match wins).
+
+Refused before binding: a listen address beyond loopback without ``--auth``/``--auth-file``,
+unless ``--allow-open`` (an open proxy is a gift to anyone who finds it).
+
+Readiness for scripts and tests: ``--ready-fd N`` writes the bound addresses (``HOST:PORT``, one a
+line, ``[v6]:port`` for IPv6) to fd N and closes it, so the parent reads until EOF;
+``--ready-file PATH`` writes the same lines to PATH atomically (rename), so a shell can poll for
+the file. Both happen after every listener is listening. Port 0 picks a free port.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import sys
+
+from hopcat._endpoint import format_hostport, parse_port, split_hostport, validate_host
+from hopcat.errors import UsageError
+from hopcat.server.policy import (
+    RuleSet,
+    parse_auth_option,
+    parse_client_rule,
+    parse_dest_rule,
+)
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from hopcat._url import ProxyURL
+
+HELP_WIDTH = 100
+HELP_INDENT = 31
+DEFAULT_LISTEN = "127.0.0.1:1080"
+DEFAULT_PORT = 1080
+
+# (long name, metavar or "" for a flag, attribute, default, help). Order is the order in --help.
+OPTION_TABLE: tuple[tuple[str, str, str, object, str], ...] = (
+    (
+        "auth",
+        "USER:PASS",
+        "auth",
+        None,
+        "accept this user (repeatable): SOCKS5 username/password (RFC 1929) and HTTP Basic; "
+        "prefer --auth-file, a command line is visible to other local users",
+    ),
+    (
+        "auth-file",
+        "FILE",
+        "auth_file",
+        None,
+        "users from FILE, one user:password a line, plain text (so chmod 600); lines "
+        "starting with # are comments; reread on SIGHUP",
+    ),
+    (
+        "allow-open",
+        "",
+        "allow_open",
+        False,
+        "allow listening beyond loopback without authentication",
+    ),
+    (
+        "allow",
+        "DEST",
+        "rules",
+        None,
+        "allow destinations matching DEST = HOST[:PORTS] (repeatable; all rules in order, first "
+        "match wins): HOST is *, a glob (*.example.com), an address or CIDR; PORTS 443,8000-8100",
+    ),
+    ("deny", "DEST", "rules", None, "deny destinations matching DEST"),
+    ("allow-client", "CIDR", "rules", None, "accept clients from CIDR (repeatable, in order)"),
+    ("deny-client", "CIDR", "rules", None, "refuse clients from CIDR"),
+    (
+        "rules",
+        "FILE",
+        "rules_file",
+        None,
+        "more rules, one a line: allow DEST, deny DEST, allow-client CIDR, deny-client CIDR; "
+        "after the command line's; reread on SIGHUP",
+    ),
+    (
+        "via",
+        "URL",
+        "via",
+        None,
+        "reach destinations through this proxy (repeatable: a chain, first hop first); "
+        "URL is socks4, socks4a, socks5, socks5h or http://[USER[:PASS]@]HOST[:PORT]",
+    ),
+    (
+        "max-conns",
+        "N",
+        "max_conns",
+        4096,
+        "client connections at once; further clients wait in the backlog (default 4096)",
+    ),
+    (
+        "max-conns-per-client",
+        "N",
+        "max_conns_per_client",
+        256,
+        "connections at once from one client address, 0 = no limit (default 256)",
+    ),
+    (
+        "handshake-timeout",
+        "SECS",
+        "handshake_timeout_s",
+        10.0,
+        "close a client that has not sent a complete request after SECS (default 10)",
+    ),
+    (
+        "connect-timeout",
+        "SECS",
+        "connect_timeout_s",
+        10.0,
+        "give up connecting to a destination after SECS (default 10)",
+    ),
+    (
+        "idle-timeout",
+        "SECS",
+        "idle_timeout_s",
+        0.0,
+        "close a tunnel with no data either way for SECS (default 0: never)",
+    ),
+    (
+        "grace",
+        "SECS",
+        "grace_s",
+        30.0,
+        "on SIGTERM or SIGINT, let open tunnels finish for up to SECS (default 30)",
+    ),
+    ("log-format", "text|json", "log_format", "text", "log lines as key=value text or JSON"),
+    ("quiet", "", "quiet", False, "no line per tunnel (start, stop, reload and errors only)"),
+    (
+        "ready-fd",
+        "N",
+        "ready_fd",
+        None,
+        "when listening, write the bound HOST:PORT lines to fd N and close it",
+    ),
+    (
+        "ready-file",
+        "PATH",
+        "ready_file",
+        None,
+        "when listening, write the bound HOST:PORT lines to PATH (atomically)",
+    ),
+    (
+        "event-loop",
+        "auto|asyncio|uvloop",
+        "event_loop",
+        "auto",
+        "event loop (default auto: uvloop when installed)",
+    ),
+    ("no-splice", "", "no_splice", False, "relay by copying instead of splice(2)"),
+    ("help", "", "help", False, "show this help and exit"),
+)
+_BY_LONG = {row[0]: row for row in OPTION_TABLE}
+_SHORT = {"q": "quiet", "h": "help"}
+_SECONDS = frozenset({"handshake_timeout_s", "connect_timeout_s", "idle_timeout_s", "grace_s"})
+_COUNTS = frozenset({"max_conns", "max_conns_per_client", "ready_fd"})
+_LISTS = frozenset({"auth", "rules", "via"})
+
+
+class ServeOptions:
+    """Parsed options, plus what ``finish()`` derives from them; passed down, never global."""
+
+    auth_file: str | None
+    allow_open: bool
+    rules_file: str | None
+    max_conns: int
+    max_conns_per_client: int
+    handshake_timeout_s: float
+    connect_timeout_s: float
+    idle_timeout_s: float
+    grace_s: float
+    log_format: str
+    quiet: bool
+    ready_fd: int | None
+    ready_file: str | None
+    event_loop: str
+    no_splice: bool
+    help: bool
+
+    def __init__(self) -> None:
+        for _long, _metavar, attr, default, _help in OPTION_TABLE:
+            if attr not in _LISTS:
+                setattr(self, attr, default)
+        self.listen: list[str] = []
+        self.raw_auth: list[str] = []
+        self.raw_rules: list[tuple[str, str]] = []
+        self.raw_via: list[str] = []
+        # Derived by finish():
+        self.auth: list[tuple[str, str]] = []
+        self.rules = RuleSet()
+        self.via: list[ProxyURL] = []
+        self.bind_addresses: list[tuple[int, tuple[object, ...]]] = []
+        self.loopback_only = True
+
+    @property
+    def auth_required(self) -> bool:
+        return bool(self.auth) or self.auth_file is not None
+
+
+def _number(text: str, flag: str, *, seconds: bool) -> float:
+    try:
+        value = float(text) if seconds else int(text)
+    except ValueError:
+        kind = "a number of seconds" if seconds else "a whole number"
+        raise UsageError(f"{flag} takes {kind}, not {text!r}") from None
+    if value < 0 or value != value or value == float("inf"):
+        raise UsageError(f"{flag} must be a finite number >= 0")
+    return value
+
+
+def _store(options: ServeOptions, name: str, value: str | None) -> None:
+    flag = f"--{name}"
+    attr = _BY_LONG[name][2]
+    if value is None:
+        setattr(options, attr, True)
+    elif attr == "auth":
+        options.raw_auth.append(value)
+    elif attr == "rules":
+        options.raw_rules.append((name, value))
+    elif attr == "via":
+        options.raw_via.append(value)
+    elif attr in _SECONDS:
+        setattr(options, attr, _number(value, flag, seconds=True))
+    elif attr in _COUNTS:
+        setattr(options, attr, int(_number(value, flag, seconds=False)))
+    else:
+        setattr(options, attr, value)
+
+
+def parse_args(argv: Sequence[str]) -> ServeOptions:
+    options = ServeOptions()
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        index += 1
+        if arg == "--":
+            options.listen.extend(argv[index:])
+            break
+        if arg.startswith("--"):
+            name, eq, inline = arg[2:].partition("=")
+            row = _BY_LONG.get(name)
+            if row is None:
+                raise UsageError(f"unknown option --{name} (see hopcat serve --help)")
+            if not row[1]:
+                if eq:
+                    raise UsageError(f"--{name} takes no value")
+                _store(options, name, None)
+                continue
+            if not eq:
+                if index >= len(argv):
+                    raise UsageError(f"--{name} needs a value ({row[1]})")
+                inline = argv[index]
+                index += 1
+            _store(options, name, inline)
+        elif arg.startswith("-") and len(arg) > 1:
+            for letter in arg[1:]:
+                if letter not in _SHORT:
+                    raise UsageError(f"unknown option -{letter} (see hopcat serve --help)")
+                _store(options, _SHORT[letter], None)
+        else:
+            options.listen.append(arg)
+    return options
+
+
+def _listen_addresses(text: str) -> list[tuple[int, tuple[object, ...]]]:
+    """``PORT``, ``HOST``, ``HOST:PORT``, ``[V6]:PORT`` -> (family, sockaddr) to bind."""
+    port_text: str | None
+    if text.isdigit():
+        host_text, port_text = "127.0.0.1", text
+    else:
+        host_text, port_text = split_hostport(text, what="listen address")
+    host = validate_host(host_text, what="listen address")
+    port = (
+        DEFAULT_PORT
+        if port_text is None
+        else parse_port(port_text, what="listen port", allow_zero=True)
+    )
+    try:
+        infos = socket.getaddrinfo(
+            host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, socket.IPPROTO_TCP,
+            socket.AI_PASSIVE,
+        )  # fmt: skip
+    except socket.gaierror as exc:
+        raise UsageError(f"listen address {text!r}: {exc.strerror or exc}") from None
+    seen: list[tuple[int, tuple[object, ...]]] = []
+    for family, _type, _proto, _canon, sockaddr in infos:
+        if family in (socket.AF_INET, socket.AF_INET6) and (family, sockaddr) not in seen:
+            seen.append((family, sockaddr))
+    return seen
+
+
+def _is_loopback(sockaddr: tuple[object, ...]) -> bool:
+    address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def finish(options: ServeOptions) -> ServeOptions:
+    """Validate and derive: credentials, rules, upstream chain, bind addresses, exposure."""
+    from hopcat._url import parse_proxy_url
+
+    options.auth = [parse_auth_option(text) for text in options.raw_auth]
+    seen = set()
+    for user, _password in options.auth:
+        if user in seen:
+            raise UsageError(f"--auth: user {user!r} given twice")
+        seen.add(user)
+    clients = []
+    destinations = []
+    for name, value in options.raw_rules:
+        if name.endswith("-client"):
+            clients.append(parse_client_rule(value, name == "allow-client"))
+        else:
+            destinations.append(parse_dest_rule(value, name == "allow"))
+    options.rules = RuleSet(clients, destinations)
+    for index, text in enumerate(options.raw_via, 1):
+        hop = parse_proxy_url(text, origin=f"--via #{index}")
+        if hop.tls:
+            raise UsageError("--via: https:// upstreams are not supported by hopcat serve")
+        options.via.append(hop)
+    if options.log_format not in ("text", "json"):
+        raise UsageError("--log-format takes text or json")
+    if options.event_loop not in ("auto", "asyncio", "uvloop"):
+        raise UsageError("--event-loop takes auto, asyncio or uvloop")
+    if options.max_conns < 1:
+        raise UsageError("--max-conns must be at least 1")
+    if options.handshake_timeout_s <= 0 or options.connect_timeout_s <= 0:
+        raise UsageError("--handshake-timeout and --connect-timeout must be above 0")
+    if options.ready_fd is not None:
+        try:
+            os.fstat(options.ready_fd)
+        except OSError:
+            raise UsageError(f"--ready-fd {options.ready_fd}: not an open descriptor") from None
+    addresses: list[tuple[int, tuple[object, ...]]] = []
+    for text in options.listen or [DEFAULT_LISTEN]:
+        for item in _listen_addresses(text):
+            if item not in addresses:
+                addresses.append(item)
+    options.bind_addresses = addresses
+    exposed = [
+        format_hostport(str(sockaddr[0]), int(sockaddr[1]))  # type: ignore[call-overload]
+        for _family, sockaddr in addresses
+        if not _is_loopback(sockaddr)
+    ]
+    options.loopback_only = not exposed
+    if exposed and not options.auth_required and not options.allow_open:
+        raise UsageError(
+            f"refusing to listen on {', '.join(exposed)} without authentication: anyone who can "
+            "reach it could use this machine as an open proxy. Give --auth USER:PASS or "
+            "--auth-file FILE, or --allow-open if that is really meant (then restrict clients "
+            "with --allow-client/--deny-client or a firewall)"
+        )
+    return options
+
+
+def help_text() -> str:
+    lines = [
+        "usage: hopcat serve [options] [LISTEN ...]",
+        "",
+        "A SOCKS4, SOCKS4a, SOCKS5 and HTTP CONNECT proxy on one port (told apart by the first",
+        "byte). LISTEN is PORT, HOST, HOST:PORT or [V6]:PORT; default 127.0.0.1:1080; port 0",
+        "picks a free port. Only CONNECT is served: SOCKS5 BIND and UDP ASSOCIATE get reply 7,",
+        "SOCKS4 BIND reply 91, other HTTP methods 405.",
+        "",
+        "options:",
+    ]
+    import textwrap
+
+    for long, metavar, _attr, _default, text in OPTION_TABLE:
+        short = next((f"-{k}, " for k, v in _SHORT.items() if v == long), "")
+        names = f"{short}--{long}" + (f" {metavar}" if metavar else "")
+        wrapped = textwrap.wrap(text, HELP_WIDTH - HELP_INDENT)
+        first = f"  {names:<{HELP_INDENT - 3}} {wrapped[0]}"
+        if len(names) > HELP_INDENT - 3:
+            first = f"  {names}\n{'':<{HELP_INDENT}}{wrapped[0]}"
+        lines.append(first)
+        lines += [f"{'':<{HELP_INDENT}}{line}" for line in wrapped[1:]]
+    lines += [
+        "",
+        "Safe defaults: loopback only; listening on any other address needs --auth/--auth-file",
+        "or --allow-open. Destinations: rules are checked in order against the name and against",
+        "every address it resolves to; with no matching rule everything is allowed, except",
+        "that a server listening beyond loopback denies its own loopback, 0.0.0.0/8, link-local",
+        "(169.254.0.0/16 incl. cloud metadata, fe80::/10) and multicast. End with --deny '*'",
+        "for deny-by-default.",
+        "",
+        "Refusals: SOCKS5 reply 2 (rules), 4 (unreachable, timeout, name not found), 5 (refused),",
+        "1 (other); SOCKS4 91; HTTP 403, 407, 502, 503, 504.",
+        "",
+        "Logs (stderr): one line per connection at its end: client, user, proto, dest, result,",
+        "reason, up and down bytes (client->target, target->client), duration in seconds.",
+        "Signals: SIGTERM/SIGINT stop accepting and drain for --grace; SIGHUP rereads",
+        "--auth-file and --rules.",
+        "",
+        "Example: hopcat serve 127.0.0.1:0 --ready-file /tmp/hopcat.addr",
+        '         then: curl --socks5-hostname "$(head -1 /tmp/hopcat.addr)" https://example.com/',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str]) -> int:
+    """``hopcat serve ...``: errors are HopcatErrors, turned into a line and a code by the CLI."""
+    options = parse_args(argv)
+    if options.help:
+        sys.stdout.write(help_text())
+        return 0
+    finish(options)
+    from hopcat.server.serve import run
+
+    return run(options)

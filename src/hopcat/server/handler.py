@@ -1,0 +1,763 @@
+"""One client connection, from accept to its log line: handshake, decision, connect, relay.
+
+A ``Conn`` is driven by event-loop callbacks, not a coroutine: per connection that saves a task,
+its frames and a future per wait, which is most of the cost of a short tunnel in Python (the
+server's tunnels-per-second target). Its phases::
+
+    HANDSHAKE --(Request allowed)--> CONNECTING --(connected)--> RELAY --(both halves done)--> CLOSED
+        |                               |                          \\--(reset, idle timeout)--/
+        +--(refused / bad bytes)--+-----+--(failure reply)
+                                  v
+                                LINGER --(client EOF, or LINGER_S)--> CLOSED
+
+HANDSHAKE: the first byte picks the machine (``proto.detect``): SOCKS4/4a, SOCKS5 or HTTP
+CONNECT. Every read is fed to the machine and whatever it queues is written back at once (a
+handshake reply is a few bytes on a fresh socket: a client that does not take them is dropped).
+``Credentials`` are checked against the credential store, a ``Request`` against the destination
+rules. The client is not read while connecting: its reader stays registered (so that the relay
+can take it over without a system call), and bytes sent early make it drop the registration at
+the first wake-up. They wait in the kernel and reach the target after the machine's
+``trailing_data``.
+
+CONNECTING: an IP literal is dialled at once; a name is resolved by ``getaddrinfo`` on a small
+thread pool (the only portable non-blocking resolver), every address is checked
+against the rules, and the allowed ones are raced Happy-Eyeballs style (``Dialer``, RFC 8305:
+first address first, the next after 250 ms or at once on a failure). With ``--via`` the whole
+chain is opened by ``hopcat.net.chain.open_tunnel`` (the client's code, blocking) on a small
+thread pool: the only threads the server uses besides the resolver's, bounded by the connect
+timeout; a SOCKS5 upstream's refusal (replies 2-6) is passed on to a SOCKS5 client. The reply
+carries the target socket's local address (SOCKS) or is a 200 (HTTP).
+
+Failures get the protocol's own answer: SOCKS5 reply 2 (rules), 3/4 (unreachable, name not
+resolved, timeout), 5 (refused), 7 (BIND, UDP ASSOCIATE), 1 (anything else); SOCKS4 91; HTTP 403,
+405 (methods other than CONNECT), 407 (credentials), 502, 503 (out of descriptors), 504
+(timeout), 400 (malformed request). Then LINGER: our side is shut down for writing and the
+client's leftovers are read and dropped until it closes, so that closing with unread bytes does
+not turn the answer into a reset before the client has read it.
+
+Deadlines (handshake, connect, linger) and the idle timeout are enforced by the server's periodic
+sweep over ``deadline``/``active``, not by a timer per connection.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+
+from hopcat._endpoint import format_hostport
+from hopcat.errors import (
+    HopcatError,
+    HopcatTimeoutError,
+    ProtocolError,
+    ProxyError,
+    ProxyUnreachableError,
+    ResolveError,
+)
+from hopcat.proto._events import NEED_DATA, Credentials, Rejected, Request
+from hopcat.proto.detect import detect
+from hopcat.server.relay import DONE, Half, reset_on_close
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import asyncio
+    from collections.abc import Callable
+    from typing import Any
+
+    from hopcat.net.chain import Tunnel
+    from hopcat.server.serve import Server
+
+HANDSHAKE_RECV_BYTES = 16384
+LINGER_S = 2.0  # how long a refused client may take to read our answer and close
+LINGER_MAX_BYTES = 1 << 20  # and how much it may send meanwhile
+CONNECT_ATTEMPT_DELAY_S = 0.25  # RFC 8305 section 8
+VIA_GRACE_S = 1.0  # open_tunnel reports its own timeout; this is the backstop
+
+# Phases.
+HANDSHAKE = 1
+CONNECTING = 2
+RELAY = 3
+LINGER = 4
+CLOSED = 5
+
+# result -> (SOCKS5 reply code, HTTP status). SOCKS4 has a single failure code, 91.
+FAILURE_REPLIES: dict[str, tuple[int, int]] = {
+    "denied": (2, 403),
+    "net-unreachable": (3, 502),
+    "unreachable": (4, 502),
+    "dns-error": (4, 502),
+    "timeout": (4, 504),
+    "refused": (5, 502),
+    "unsupported": (7, 405),
+    "auth-failed": (1, 407),
+    "no-resources": (1, 503),
+    "upstream-unreachable": (1, 502),
+    "upstream-refused": (1, 502),
+    "upstream-error": (1, 502),
+    "error": (1, 502),
+}
+SOCKS4_FAILURE = 91
+
+_CONNECT_ERRORS = {
+    errno.ECONNREFUSED: "refused",
+    errno.ENETUNREACH: "net-unreachable",
+    errno.EHOSTUNREACH: "unreachable",
+    errno.EHOSTDOWN: "unreachable",
+    errno.ETIMEDOUT: "timeout",
+    errno.EMFILE: "no-resources",
+    errno.ENFILE: "no-resources",
+    errno.ENOBUFS: "no-resources",
+    errno.ENOMEM: "no-resources",
+    errno.EADDRNOTAVAIL: "no-resources",  # out of ephemeral ports
+}
+# How upstream SOCKS5 reply codes read as our results (the code is passed on).
+_UPSTREAM_SOCKS5 = {2: "denied", 3: "net-unreachable", 4: "unreachable", 5: "refused", 6: "timeout"}
+_UPSTREAM_HTTP = {403: "denied", 504: "timeout"}
+
+_FIRST_BYTE_HINTS = {
+    0x16: " (a TLS handshake: is the client configured for an https:// proxy?)",
+}
+
+
+def strerror(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return os.strerror(exc.errno).lower()
+    return str(exc) or type(exc).__name__
+
+
+def _literal_family(host: str) -> int | None:
+    """AF_INET/AF_INET6 when ``host`` is an IP literal's text, else None."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except OSError:
+            continue
+        return family
+    return None
+
+
+def _guarded(method: Callable[..., None]) -> Callable[..., None]:
+    """For Conn's event-loop callbacks: an exception (a bug) ends that connection with a log
+    line instead of leaving it registered, where a level-triggered fd would call it again."""
+
+    def callback(self: Conn, *args: object) -> None:
+        try:
+            method(self, *args)
+        except Exception as exc:
+            self.crashed(exc)
+
+    callback.__name__ = method.__name__
+    callback.__doc__ = method.__doc__
+    return callback
+
+
+class Dialer:
+    """Connect to the first of ``candidates`` (family, sockaddr) that answers, RFC 8305 style.
+
+    ``on_done(sock, None)`` with a connected non-blocking socket, or ``on_done(None, errnos)``.
+    Exactly one call, unless ``cancel()`` came first.
+    """
+
+    __slots__ = ("_attempts", "_candidates", "_done", "_errors", "_index", "_loop", "_on_done",
+                 "_timer")  # fmt: skip
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        candidates: list[tuple[int, tuple[object, ...]]],
+        on_done: object,
+    ) -> None:
+        self._loop = loop
+        self._candidates = candidates
+        self._on_done = on_done
+        self._index = 0
+        self._attempts: dict[int, socket.socket] = {}
+        self._errors: list[int] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._done = False
+
+    def start(self) -> None:
+        self._next()
+
+    def _next(self) -> None:
+        self._timer = None
+        while self._index < len(self._candidates) and not self._done:
+            family, sockaddr = self._candidates[self._index]
+            self._index += 1
+            sock = None
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                code = sock.connect_ex(sockaddr)
+            except OSError as exc:
+                if sock is not None:
+                    sock.close()
+                self._errors.append(exc.errno or 0)
+                continue
+            if code == 0:
+                self._win(sock)
+                return
+            if code != errno.EINPROGRESS:
+                sock.close()
+                self._errors.append(code)
+                continue
+            fd = sock.fileno()
+            self._attempts[fd] = sock
+            self._loop.add_writer(fd, self._on_writable, fd)
+            if self._index < len(self._candidates):
+                self._timer = self._loop.call_later(CONNECT_ATTEMPT_DELAY_S, self._next)
+            return
+        if not self._attempts and not self._done:
+            self._finish(None)
+
+    def _on_writable(self, fd: int) -> None:
+        self._loop.remove_writer(fd)
+        sock = self._attempts.pop(fd)
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code == 0:
+            self._win(sock)
+            return
+        sock.close()
+        self._errors.append(code)
+        # RFC 8305: a failure starts the next attempt at once instead of after the delay.
+        if self._timer is not None:
+            self._timer.cancel()
+        self._next()
+
+    def _win(self, sock: socket.socket) -> None:
+        self._finish(sock)
+
+    def _finish(self, sock: socket.socket | None) -> None:
+        self.cancel()
+        if sock is not None:
+            self._on_done(sock, None)  # type: ignore[operator]
+        else:
+            self._on_done(None, self._errors)  # type: ignore[operator]
+
+    def cancel(self) -> None:
+        self._done = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for fd, sock in self._attempts.items():
+            self._loop.remove_writer(fd)
+            sock.close()
+        self._attempts.clear()
+
+
+def _errors_result(errors: list[int]) -> tuple[str, str]:
+    """The result for a failed dial and its reason: refused wins, then unreachable, then first."""
+    if not errors:
+        return "unreachable", "no address to connect to"
+    for wanted in (errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH):
+        if wanted in errors:
+            code = wanted
+            break
+    else:
+        code = errors[0]
+    return _CONNECT_ERRORS.get(code, "error"), os.strerror(code).lower()
+
+
+class Conn:
+    """One client connection; see the module docstring."""
+
+    __slots__ = (
+        "_future",
+        "_lingered",
+        "active",
+        "client_ip",
+        "deadline",
+        "dest",
+        "dialer",
+        "down",
+        "fd",
+        "host",
+        "idle_since",
+        "machine",
+        "peer",
+        "phase",
+        "port",
+        "protocol",
+        "reading",
+        "reason",
+        "result",
+        "server",
+        "sock",
+        "started",
+        "target",
+        "up",
+        "upstream_code",
+        "user",
+    )
+
+    def __init__(self, server: Server, sock: socket.socket, peer: str, client_ip: str) -> None:
+        self.server = server
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.client_ip = client_ip
+        self.started = server.loop.time()
+        self.deadline = self.started + server.handshake_timeout
+        self.phase = HANDSHAKE
+        self.machine: object = None
+        self.protocol: str | None = None
+        self.user: str | None = None
+        self.dest: str | None = None
+        self.host = ""
+        self.port = 0
+        self.result: str | None = None
+        self.reason: str | None = None
+        self.target: socket.socket | None = None
+        self.dialer: Dialer | None = None
+        self._future: asyncio.Future[Any] | None = None
+        self.up: Half | None = None
+        self.down: Half | None = None
+        self.reading = False
+        self.active = False
+        self.idle_since = self.started
+        self.upstream_code: int | None = None
+        self._lingered = 0
+
+    # -- handshake --------------------------------------------------------------------------
+    def start(self) -> None:
+        # Under load the first bytes are usually there by the time we accept: try before waiting.
+        self._on_handshake_readable()
+
+    def _read_client(self, callback: object) -> None:
+        self.reading = True
+        self.server.loop.add_reader(self.fd, callback)  # type: ignore[arg-type]
+
+    def _stop_reading(self) -> None:
+        if self.reading:
+            self.reading = False
+            self.server.loop.remove_reader(self.fd)
+
+    @_guarded
+    def _on_handshake_readable(self) -> None:
+        if self.phase != HANDSHAKE:
+            # Bytes sent before our reply (optimistic data) while we connect: stop reading; they
+            # wait in the kernel for the relay. Most clients send nothing early, and then the
+            # registration passes to the relay as it is (a callback swap, no system call),
+            # which is why it is not dropped when the request arrives.
+            self._stop_reading()
+            return
+        try:
+            data = self.sock.recv(HANDSHAKE_RECV_BYTES)
+        except BlockingIOError:
+            if not self.reading:
+                self._read_client(self._on_handshake_readable)
+            return
+        except OSError as exc:
+            self.close("client-closed", f"during the handshake: {strerror(exc)}")
+            return
+        machine = self.machine
+        if machine is None:
+            if not data:
+                self.close("client-closed", "closed before sending a request")
+                return
+            machine = self._pick_machine(data[0])
+            if machine is None:
+                return
+        try:
+            machine.receive_data(data)  # type: ignore[attr-defined]
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        self._advance()
+        if self.phase == HANDSHAKE and not self.reading:
+            self._read_client(self._on_handshake_readable)
+
+    def _pick_machine(self, first: int) -> object:
+        kind = detect(first)
+        auth = self.server.auth_required
+        if kind == "socks5":
+            from hopcat.proto.socks5 import Socks5Server
+
+            machine: object = Socks5Server(require_auth=auth)
+        elif kind == "socks4":
+            from hopcat.proto.socks4 import Socks4Server
+
+            machine = Socks4Server()
+        elif kind == "http":
+            from hopcat.proto.http_connect import HttpConnectServer
+
+            machine = HttpConnectServer(require_auth=auth)
+        else:
+            hint = _FIRST_BYTE_HINTS.get(first, "")
+            self.close(
+                "protocol-error",
+                f"first byte 0x{first:02x} starts no SOCKS4, SOCKS5 or HTTP request{hint}",
+            )
+            return None
+        self.protocol = kind
+        self.machine = machine
+        return machine
+
+    def _advance(self) -> None:
+        """Run the machine as far as the bytes so far allow, answering its events."""
+        machine = self.machine
+        while self.phase == HANDSHAKE:
+            try:
+                event = machine.next_event()  # type: ignore[attr-defined]
+            except ProtocolError as exc:
+                self._protocol_error(exc)
+                return
+            out = machine.data_to_send()  # type: ignore[attr-defined]
+            if out and not self._send_handshake(out):
+                return
+            if event is NEED_DATA:
+                return
+            kind = type(event)
+            if kind is Credentials:
+                self.user = event.username
+                ok = self.server.credentials.check(event.username, event.password)
+                if not ok:
+                    self.result, self.reason = "auth-failed", "wrong user name or password"
+                machine.accept_credentials(ok)  # type: ignore[attr-defined]
+            elif kind is Request:
+                self._on_request(event)
+                return
+            elif kind is Rejected:
+                reason = event.reason
+                if self.result is None:
+                    self.result, self.reason = _rejection_result(reason), reason
+                self.linger(self.result, self.reason or reason)
+                return
+
+    def _send_handshake(self, data: bytes) -> bool:
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self.close("client-closed", f"during the handshake: {strerror(exc)}")
+            return False
+        if sent < len(data):
+            # A handshake answer is tens of bytes on a fresh connection: only a client that
+            # stuffed our send buffer without reading gets here.
+            self.close("protocol-error", "the client does not read its answers")
+            return False
+        return True
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        machine_eof = "closed the connection" in exc.message
+        if machine_eof:
+            self.close("client-closed", "closed during the handshake")
+            return
+        if self.protocol == "http":
+            # Malformed or oversized head: a 400 tells a human what went wrong.
+            try:
+                self.sock.send(
+                    b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                )
+            except OSError:
+                pass
+        self.linger("protocol-error", exc.message)
+
+    def _on_request(self, request: Request) -> None:
+        server = self.server
+        host, port = request.host, request.port
+        self.host, self.port = host, port
+        literal = _literal_family(host) if host else None
+        if self.protocol == "socks4" and host and literal is None:
+            self.protocol = "socks4a"
+        if host:
+            self.dest = format_hostport(host, port)
+        if request.command != "CONNECT":
+            self.refuse("unsupported", f"{request.command} is not supported (CONNECT only)")
+            return
+        if server.auth_required and self.protocol in ("socks4", "socks4a"):
+            self.refuse("auth-failed", "SOCKS4 carries no password and this server requires one")
+            return
+        via = server.via
+        policy = server.policy
+        decision = policy.check_name(host, port, resolvable=not via)
+        if decision is False:
+            self.refuse("denied", "destination not allowed by the rules")
+            return
+        self.phase = CONNECTING  # the client's reader stays: see _on_handshake_readable
+        loop = server.loop
+        self.deadline = loop.time() + server.connect_timeout
+        if via:
+            self.deadline += VIA_GRACE_S
+            self._start_via(host, port)
+        elif literal is not None:
+            sockaddr = (host, port) if literal == socket.AF_INET else (host, port, 0, 0)
+            self._dial([(literal, sockaddr)])
+        else:
+            future = loop.run_in_executor(
+                server.resolver_executor(), socket.getaddrinfo, host, port, 0,
+                socket.SOCK_STREAM, socket.IPPROTO_TCP,
+            )  # fmt: skip
+            self._future = future
+            future.add_done_callback(self._on_resolved)
+
+    @_guarded
+    def _on_resolved(self, future: asyncio.Future[list[tuple]]) -> None:  # type: ignore[type-arg]
+        if self._future is not future or self.phase != CONNECTING:
+            return  # timed out or closed meanwhile
+        self._future = None
+        host, port = self.host, self.port
+        try:
+            infos = future.result()
+        except (OSError, UnicodeError, ValueError) as exc:  # UnicodeError: a name IDNA refuses
+            if isinstance(exc, socket.gaierror) and exc.strerror:
+                why = exc.strerror.lower()
+            else:
+                why = strerror(exc)
+            self.refuse("dns-error", f"resolve {host}: {why}")
+            return
+        import ipaddress
+
+        from hopcat.net.dial import interleave_families
+
+        policy = self.server.policy
+        candidates: list[tuple[int, tuple[object, ...]]] = []
+        seen: set[object] = set()
+        for info in interleave_families(infos):
+            family, sockaddr = info[0], info[4]
+            if sockaddr in seen or family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            seen.add(sockaddr)
+            address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+            if policy.check_address(host, address, port):
+                candidates.append((family, sockaddr))
+        if not candidates:
+            self.refuse("denied", f"every address of {host} is denied by the rules")
+            return
+        self._dial(candidates)
+
+    def _dial(self, candidates: list[tuple[int, tuple[object, ...]]]) -> None:
+        self.dialer = Dialer(self.server.loop, candidates, self._on_dialed)
+        self.dialer.start()
+
+    @_guarded
+    def _on_dialed(self, sock: socket.socket | None, errors: list[int] | None) -> None:
+        self.dialer = None
+        if sock is None:
+            result, why = _errors_result(errors or [])
+            self.refuse(result, f"connect to {self.dest}: {why}")
+            return
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            bound = sock.getsockname()
+        except OSError as exc:
+            sock.close()
+            self.refuse("error", f"connect to {self.dest}: {strerror(exc)}")
+            return
+        self._established(sock, str(bound[0]), int(bound[1]))
+
+    def _start_via(self, host: str, port: int) -> None:
+        import functools
+        import time
+
+        from hopcat.net.chain import open_tunnel
+
+        opener = functools.partial(
+            open_tunnel, self.server.via, host, port,
+            deadline=time.monotonic() + self.server.connect_timeout,
+        )  # fmt: skip
+        future = self.server.loop.run_in_executor(self.server.via_executor(), opener)
+        self._future = future
+        future.add_done_callback(self._on_via_done)
+
+    @_guarded
+    def _on_via_done(self, future: asyncio.Future[Tunnel]) -> None:
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if self._future is not future or self.phase != CONNECTING:
+            if exc is None:
+                future.result().sock.close()  # too late: the client has gone or timed out
+            return
+        self._future = None
+        if exc is not None:
+            self.refuse(*_via_failure(exc, self))
+            return
+        tunnel = future.result()
+        sock = tunnel.sock
+        try:
+            sock.setblocking(False)
+        except OSError as error:
+            sock.close()
+            self.refuse("upstream-error", strerror(error))
+            return
+        self._established(sock, None, None, tunnel.trailing)  # type: ignore[arg-type]
+
+    def _established(
+        self, target: socket.socket, bound_host: str | None, bound_port: int | None,
+        trailing_down: bytes = b"",
+    ) -> None:  # fmt: skip
+        self.target = target
+        machine = self.machine
+        machine.reply_success(bound_host, bound_port)  # type: ignore[attr-defined]
+        reply = machine.data_to_send()  # type: ignore[attr-defined]
+        early = machine.trailing_data  # type: ignore[attr-defined]
+        self.machine = None
+        self.phase = RELAY
+        server = self.server
+        server.to_relay(self)
+        self.idle_since = server.loop.time()
+        engine = server.engine
+        self.down = Half(engine, self, "down", target, self.sock, reply + trailing_down)
+        self.down.moved = -len(reply)
+        self.up = Half(engine, self, "up", self.sock, target, early)
+        self.down.start()
+        if self.phase == RELAY:
+            if self.reading and not early:
+                self.reading = False  # the up half takes the client's registration over
+            else:
+                self._stop_reading()
+            self.up.start()
+
+    # -- refusals -----------------------------------------------------------------------------
+    def refuse(self, result: str, reason: str) -> None:
+        """Answer the pending Request with the protocol's failure for ``result``, then linger."""
+        socks5_code, http_status = FAILURE_REPLIES.get(result, FAILURE_REPLIES["error"])
+        if self.upstream_code is not None:
+            socks5_code = self.upstream_code
+        machine = self.machine
+        try:
+            if self.protocol == "socks5":
+                machine.reply_failure(socks5_code)  # type: ignore[attr-defined]
+            elif self.protocol == "http":
+                machine.reply_failure(http_status)  # type: ignore[attr-defined]
+            else:
+                machine.reply_failure(SOCKS4_FAILURE)  # type: ignore[attr-defined]
+            answer = machine.data_to_send()  # type: ignore[attr-defined]
+        except ProtocolError:
+            answer = b""
+        self.machine = None
+        if answer:
+            try:
+                self.sock.send(answer)
+            except OSError:
+                pass
+        self.linger(result, reason)
+
+    def linger(self, result: str, reason: str) -> None:
+        self.result, self.reason = result, reason
+        if self.dialer is not None:
+            self.dialer.cancel()
+            self.dialer = None
+        self._future = None
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close(result, reason)
+            return
+        self.phase = LINGER
+        self.deadline = self.server.loop.time() + LINGER_S
+        self.server.to_pending(self)
+        self._read_client(self._on_linger_readable)
+
+    @_guarded
+    def _on_linger_readable(self) -> None:
+        try:
+            data = self.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        self._lingered += len(data)
+        if not data or self._lingered > LINGER_MAX_BYTES:
+            self.close(self.result or "error", self.reason or "")
+
+    def on_deadline(self) -> None:
+        """Called by the server's sweep once ``deadline`` has passed."""
+        if self.phase == HANDSHAKE:
+            timeout = self.server.handshake_timeout
+            self.close("handshake-timeout", f"no complete request within {timeout:g} s")
+        elif self.phase == CONNECTING:
+            if self.dialer is not None:
+                self.dialer.cancel()
+                self.dialer = None
+            self._future = None
+            self.refuse(
+                "timeout",
+                f"connect to {self.dest} timed out after {self.server.connect_timeout:g} s",
+            )
+        elif self.phase == LINGER:
+            self.close(self.result or "error", self.reason or "")
+
+    # -- relay callbacks ---------------------------------------------------------------------
+    def half_done(self, half: Half) -> None:
+        assert self.up is not None and self.down is not None
+        if self.up.state == DONE and self.down.state == DONE and self.phase == RELAY:
+            self.close("ok", None)
+
+    def half_failed(self, half: Half, exc: OSError, side: str) -> None:
+        failed = half.src if side == "src" else half.dst
+        who = "client" if failed is self.sock else "target"
+        other = self.target if failed is self.sock else self.sock
+        if other is not None:
+            reset_on_close(other)
+        self.close("reset", f"{who}: {strerror(exc)}")
+
+    def crashed(self, exc: Exception) -> None:
+        import traceback
+
+        trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        self.server.logger.log(
+            "error", client=self.peer, reason=f"internal error: {type(exc).__name__}: {exc}",
+            traceback=trace,
+        )  # fmt: skip
+        self.close("error", f"internal error: {type(exc).__name__}")
+
+    # -- the end ------------------------------------------------------------------------------
+    def close(self, result: str, reason: str | None) -> None:
+        if self.phase == CLOSED:
+            return
+        self.result, self.reason = result, reason
+        self._stop_reading()
+        if self.dialer is not None:
+            self.dialer.cancel()
+            self.dialer = None
+        self._future = None
+        for half in (self.up, self.down):
+            if half is not None:
+                half.unregister()
+        self.sock.close()
+        if self.target is not None:
+            self.target.close()
+        self.phase = CLOSED
+        self.machine = None
+        self.server.release(self)
+
+    @property
+    def bytes_up(self) -> int:
+        return self.up.moved if self.up is not None else 0
+
+    @property
+    def bytes_down(self) -> int:
+        return max(0, self.down.moved) if self.down is not None else 0
+
+
+def _rejection_result(reason: str) -> str:
+    """The result for a refusal the machine made on its own (its reason says which)."""
+    if "unknown command" in reason or "unknown address type" in reason:
+        return "unsupported"
+    if "407" in reason or "authentication" in reason:
+        return "auth-failed"
+    return "rejected"
+
+
+def _via_failure(exc: BaseException, conn: Conn) -> tuple[str, str]:
+    """Map an open_tunnel error to a result and a reason (its message names the hop)."""
+    text = str(exc)
+    if isinstance(exc, HopcatTimeoutError):
+        return "timeout", text
+    if isinstance(exc, ProxyUnreachableError | ResolveError):
+        return "upstream-unreachable", text
+    if isinstance(exc, ProxyError):
+        code = exc.code
+        last = conn.server.via[-1]
+        if last.protocol == "socks5" and code in _UPSTREAM_SOCKS5:
+            conn.upstream_code = code
+            return _UPSTREAM_SOCKS5[code], text
+        if last.protocol == "http" and code in _UPSTREAM_HTTP:
+            return _UPSTREAM_HTTP[code], text
+        return "upstream-refused", text
+    if isinstance(exc, HopcatError | OSError):
+        return "upstream-error", text
+    return "error", f"{type(exc).__name__}: {text}"

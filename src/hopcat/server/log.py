@@ -1,0 +1,120 @@
+"""Log lines on stderr: ``key=value`` text (logfmt) or one JSON object a line.
+
+Every line has a timestamp (UTC, ms) and an ``event``: ``tunnel`` (one per client connection, at
+its end), ``listen``, ``reload``, ``limit``, ``accept-error``, ``shutdown``, ``error``. Values
+that came from a client (user names, host names, reasons quoting them) are escaped, so a line is
+always one line; passwords are never handed to the logger at all.
+
+Lines are buffered and written once per event-loop iteration: a busy server does one write(2)
+for many tunnels, not one each. The write is blocking, as for any daemon's stderr: send it to a
+file or a reader that keeps up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import asyncio
+    from collections.abc import Callable
+
+# What a text value may hold unquoted; anything else is written as a JSON string.
+_PLAIN = re.compile(r"[A-Za-z0-9\-._:/\[\]@+,*%~]+").fullmatch
+MAX_VALUE_CHARS = 300
+
+
+def _text_value(value: object) -> str:
+    if type(value) is int:
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    text = str(value)
+    if len(text) > MAX_VALUE_CHARS:
+        text = text[:MAX_VALUE_CHARS] + "..."
+    if _PLAIN(text):
+        return text
+    return json.dumps(text)
+
+
+class Logger:
+    """``log(event, **fields)``; fields whose value is None are left out."""
+
+    __slots__ = ("_fd", "_format", "_lines", "_loop", "_scheduled", "_second", "clock", "quiet")
+
+    def __init__(
+        self,
+        *,
+        fmt: str = "text",
+        quiet: bool = False,
+        fd: int = 2,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._format = fmt
+        self.quiet = quiet
+        self._fd = fd
+        self._lines: list[str] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._scheduled = False
+        self._second: tuple[int, str] = (-1, "")  # the last second formatted, and its text
+        self.clock = clock
+
+    def attach(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Buffer lines until the end of the loop iteration (None: write each line at once)."""
+        self.flush()
+        self._loop = loop
+
+    def tunnel(self, **fields: object) -> None:
+        if not self.quiet:
+            self.log("tunnel", **fields)
+
+    def _timestamp(self) -> str:
+        """UTC with milliseconds; the part up to the second is formatted once a second."""
+        now = self.clock()
+        second = int(now)
+        if second != self._second[0]:
+            self._second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+        return f"{self._second[1]}.{int(now * 1000) % 1000:03d}Z"
+
+    def log(self, event: str, **fields: object) -> None:
+        stamp = self._timestamp()
+        if self._format == "json":
+            record: dict[str, object] = {"ts": stamp, "event": event}
+            for key, value in fields.items():
+                if value is not None:
+                    if isinstance(value, float):
+                        value = round(value, 3)
+                    elif not isinstance(value, int | bool):
+                        value = str(value)[:MAX_VALUE_CHARS]
+                    record[key] = value
+            line = json.dumps(record, separators=(",", ":"))
+        else:
+            parts = [stamp, f"event={event}"]
+            for key, value in fields.items():
+                if value is not None:
+                    parts.append(f"{key}={_text_value(value)}")
+            line = " ".join(parts)
+        self._lines.append(line)
+        if self._loop is None:
+            self.flush()
+        elif not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if not self._lines:
+            return
+        data = ("\n".join(self._lines) + "\n").encode("utf-8", "backslashreplace")
+        self._lines.clear()
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except BlockingIOError:
+            pass  # a non-blocking stderr that is full: drop the rest rather than stall tunnels
+        except OSError:
+            pass  # stderr closed: keep serving

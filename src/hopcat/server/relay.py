@@ -1,0 +1,365 @@
+"""The established tunnel: two sockets relayed on the event loop's readiness callbacks.
+
+Each direction is a ``Half`` ("up": client -> target, "down": target -> client) that moves bytes
+one of two ways:
+
+* splice (Linux): ``splice(src -> pipe)`` then ``splice(pipe -> dst)``. The bytes stay in the
+  kernel; the pipe is the only buffer. Pipes come from a ``PipePool`` and go back to it as soon
+  as they are empty, so an idle tunnel holds no pipe at all: a pipe belongs to a Half only while
+  bytes sit in it because dst was full. This keeps an idle tunnel down to two sockets and a few
+  small Python objects, and the pool's pipes (grown to 1 MiB, fewer wakeups per MiB) are reused
+  across tunnels instead of created per chunk.
+* copy: ``recv_into`` one buffer shared by every tunnel of the engine, ``send`` at once; what dst
+  did not take is kept in ``pending`` (a bytes object, only while dst is full). Used when splice
+  is missing or refused (the first EINVAL/ENOSYS switches the engine over for good), and for a
+  chunk when no pipe can be opened (EMFILE: the tunnel keeps going, just copying).
+
+``pending`` also carries the bytes that must go first: the handshake reply and the target's bytes
+that came with an upstream proxy's reply (down), the client's bytes that came after its request
+(up).
+
+States of a Half, and the one callback each registers (level-triggered, so a callback that
+leaves data behind is simply called again)::
+
+    WRITING --(pending and pipe empty)--> READING --(dst took it all)--> READING
+       ^                                     |
+       +------------(dst full)---------------+
+    READING --(src EOF, nothing in flight)--> DONE   (dst gets shutdown(SHUT_WR))
+
+READING has a reader on src and no writer; WRITING has a writer on dst and no reader on src (that
+is the backpressure: a full dst stops reading src). End of stream follows the relay policy of
+``hopcat.relay.pump``: a FIN from one side becomes ``shutdown(SHUT_WR)`` towards the other once
+every byte before it is delivered, and the other direction keeps going; the tunnel ends when both
+Halves are DONE. An error on either side (reset, EPIPE) aborts the tunnel: both sockets close,
+the side that did not fail with SO_LINGER 0, so its peer sees a reset rather than a clean end.
+
+Nothing here blocks, allocates per idle tunnel, or starts a thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import asyncio
+    from typing import Protocol
+
+    class Owner(Protocol):
+        """What a Half reports to: the connection (``handler.Conn``)."""
+
+        active: bool  # set on every readiness callback: the idle sweep clears and checks it
+
+        def half_done(self, half: Half) -> None: ...
+
+        def half_failed(self, half: Half, exc: OSError, side: str) -> None: ...
+
+        def crashed(self, exc: Exception) -> None: ...
+
+
+PIPE_SIZE_BYTES = 1 << 20  # default /proc/sys/fs/pipe-max-size; best effort
+MAX_SPLICE_BYTES = PIPE_SIZE_BYTES
+IDLE_PIPES_KEPT = 64  # pipes kept open for reuse; more are closed when given back
+COPY_BUFFER_BYTES = 256 * 1024
+# After a splice that filled this much, more is probably waiting: go round again before
+# returning to the event loop (saves a wakeup per chunk on bulk transfers).
+BIG_CHUNK_BYTES = 64 * 1024
+ROUNDS_PER_WAKEUP = 8
+F_SETPIPE_SZ = 1031  # fcntl.h
+
+_HAVE_SPLICE = hasattr(os, "splice")
+_SPLICE_FLAGS = (
+    getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2) if _HAVE_SPLICE else 0
+)
+_LINGER_RESET = struct.pack("ii", 1, 0)
+# Out of descriptors or kernel memory: not this tunnel's fault, fall back to copying.
+_NO_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS)
+
+# Half states.
+IDLE = 0  # not started
+READING = 1
+WRITING = 2
+DONE = 3
+
+
+class PipePool:
+    """Non-blocking pipes (read fd, write fd), handed out empty and given back empty."""
+
+    __slots__ = ("_idle", "created")
+
+    def __init__(self) -> None:
+        self._idle: list[tuple[int, int]] = []
+        self.created = 0
+
+    def take(self) -> tuple[int, int] | None:
+        """An empty pipe, or None when none can be opened (fd limit): the caller copies."""
+        if self._idle:
+            return self._idle.pop()
+        try:
+            pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno in _NO_RESOURCES:
+                return None
+            raise
+        try:
+            import fcntl
+
+            fcntl.fcntl(pipe[1], F_SETPIPE_SZ, PIPE_SIZE_BYTES)
+        except OSError:
+            pass  # over pipe-user-pages-soft or pipe-max-size: the default 64 KiB works too
+        self.created += 1
+        return pipe
+
+    def give(self, pipe: tuple[int, int]) -> None:
+        """Return a pipe that is empty (the caller guarantees it)."""
+        if len(self._idle) < IDLE_PIPES_KEPT:
+            self._idle.append(pipe)
+        else:
+            self.discard(pipe)
+
+    @staticmethod
+    def discard(pipe: tuple[int, int]) -> None:
+        os.close(pipe[0])
+        os.close(pipe[1])
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    def close(self) -> None:
+        while self._idle:
+            self.discard(self._idle.pop())
+
+
+class Engine:
+    """What every tunnel on one event loop shares: the loop, the pipe pool, the copy buffer."""
+
+    __slots__ = ("_view", "buffer", "loop", "pool", "splice")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, splice: bool = True) -> None:
+        self.loop = loop
+        self.pool = PipePool()
+        self.splice = splice and _HAVE_SPLICE
+        self.buffer = bytearray(COPY_BUFFER_BYTES)
+        self._view = memoryview(self.buffer)
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+class Half:
+    """One direction of a tunnel; see the module docstring for the states."""
+
+    __slots__ = (
+        "dst",
+        "dst_fd",
+        "engine",
+        "inflight",
+        "moved",
+        "name",
+        "owner",
+        "pending",
+        "pipe",
+        "src",
+        "src_fd",
+        "state",
+    )
+
+    def __init__(
+        self,
+        engine: Engine,
+        owner: Owner,
+        name: str,
+        src: socket.socket,
+        dst: socket.socket,
+        pending: bytes = b"",
+    ) -> None:
+        self.engine = engine
+        self.owner = owner
+        self.name = name
+        self.src = src
+        self.dst = dst
+        self.src_fd = src.fileno()
+        self.dst_fd = dst.fileno()
+        self.pending = pending
+        self.pipe: tuple[int, int] | None = None
+        self.inflight = 0  # bytes in self.pipe
+        self.moved = 0  # bytes written to dst
+        self.state = IDLE
+
+    def start(self) -> None:
+        """Deliver ``pending`` (if any), then relay. May report to the owner before returning."""
+        flushed = self._flush()
+        if flushed:
+            self._enter_reading()
+        elif flushed is not None:
+            self._enter_writing()
+
+    # -- state changes: exactly one callback registered per state --------------------------------
+    def _enter_reading(self) -> None:
+        if self.state == WRITING:
+            self.engine.loop.remove_writer(self.dst_fd)
+        self.state = READING
+        self.engine.loop.add_reader(self.src_fd, self._on_readable)
+
+    def _enter_writing(self) -> None:
+        if self.state == READING:
+            self.engine.loop.remove_reader(self.src_fd)
+        self.state = WRITING
+        self.engine.loop.add_writer(self.dst_fd, self._on_writable)
+
+    def _finish(self) -> None:
+        """src reached EOF and everything before it is delivered: pass the FIN on."""
+        loop = self.engine.loop
+        if self.state == READING:
+            loop.remove_reader(self.src_fd)
+        elif self.state == WRITING:
+            loop.remove_writer(self.dst_fd)
+        self.state = DONE
+        try:
+            self.dst.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:  # the peer is gone already: nothing to tell it
+                self.owner.half_failed(self, exc, "dst")
+                return
+        self.owner.half_done(self)
+
+    def unregister(self) -> None:
+        """Drop this Half's callback and return its pipe; the owner closes the sockets."""
+        loop = self.engine.loop
+        if self.state == READING:
+            loop.remove_reader(self.src_fd)
+        elif self.state == WRITING:
+            loop.remove_writer(self.dst_fd)
+        self.state = DONE
+        if self.pipe is not None:
+            if self.inflight:
+                self.engine.pool.discard(self.pipe)  # holds bytes nobody will read
+            else:
+                self.engine.pool.give(self.pipe)
+            self.pipe = None
+            self.inflight = 0
+
+    # -- callbacks ------------------------------------------------------------------------------
+    def _on_readable(self) -> None:
+        # Invariant: READING, so pending is empty and no pipe holds bytes.
+        self.owner.active = True
+        try:
+            engine = self.engine
+            if engine.splice:
+                pipe = engine.pool.take()
+                if pipe is not None:
+                    self._splice_rounds(pipe)
+                    return
+            self._copy_round()
+        except Exception as exc:  # a bug: end this tunnel, never spin on a level-triggered fd
+            self.owner.crashed(exc)
+
+    def _splice_rounds(self, pipe: tuple[int, int]) -> None:
+        src_fd, dst_fd, pool = self.src_fd, self.dst_fd, self.engine.pool
+        for _ in range(ROUNDS_PER_WAKEUP):
+            try:
+                count = os.splice(src_fd, pipe[1], MAX_SPLICE_BYTES, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                pool.give(pipe)
+                return
+            except OSError as exc:
+                pool.give(pipe)
+                if exc.errno in (errno.EINVAL, errno.ENOSYS):
+                    # This kernel or socket type cannot splice: copy from now on, everywhere.
+                    self.engine.splice = False
+                    self._copy_round()
+                    return
+                self.owner.half_failed(self, exc, "src")
+                return
+            if count == 0:
+                pool.give(pipe)
+                self._finish()
+                return
+            sent = 0
+            try:
+                while sent < count:
+                    sent += os.splice(pipe[0], dst_fd, count - sent, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                self.moved += sent
+                self.pipe, self.inflight = pipe, count - sent
+                self.owner.half_failed(self, exc, "dst")
+                return
+            self.moved += sent
+            if sent < count:
+                # dst is full: keep the pipe (it holds the rest) and wait for dst instead of src.
+                self.pipe, self.inflight = pipe, count - sent
+                self._enter_writing()
+                return
+            if count < BIG_CHUNK_BYTES:
+                break
+        pool.give(pipe)
+
+    def _copy_round(self) -> None:
+        view = self.engine._view
+        try:
+            count = self.src.recv_into(view)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.owner.half_failed(self, exc, "src")
+            return
+        if count == 0:
+            self._finish()
+            return
+        try:
+            sent = self.dst.send(view[:count])
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self.owner.half_failed(self, exc, "dst")
+            return
+        self.moved += sent
+        if sent < count:
+            self.pending = bytes(view[sent:count])
+            self._enter_writing()
+
+    def _on_writable(self) -> None:
+        # Invariant: WRITING; the bytes in flight are in pending (first) or in the pipe.
+        self.owner.active = True
+        try:
+            if self._flush():
+                self._enter_reading()
+        except Exception as exc:
+            self.owner.crashed(exc)
+
+    def _flush(self) -> bool | None:
+        """Write pending, then the pipe: True when all is out, False when dst is full, None when
+        the write failed (already reported to the owner)."""
+        try:
+            while self.pending:
+                sent = self.dst.send(self.pending)
+                self.moved += sent
+                self.pending = self.pending[sent:]
+            while self.inflight:
+                assert self.pipe is not None
+                sent = os.splice(self.pipe[0], self.dst_fd, self.inflight, flags=_SPLICE_FLAGS)
+                self.moved += sent
+                self.inflight -= sent
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            self.owner.half_failed(self, exc, "dst")
+            return None
+        if self.pipe is not None:
+            self.engine.pool.give(self.pipe)
+            self.pipe = None
+        return True
+
+
+def reset_on_close(sock: socket.socket) -> None:
+    """Make close() send RST: the peer must not take an aborted tunnel for a clean end."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass

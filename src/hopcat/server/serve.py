@@ -1,0 +1,542 @@
+"""The server: listeners, limits, the periodic sweep, signals, reloading, and the event loop.
+
+One process, one thread running an asyncio event loop (uvloop's when it is installed and not
+turned off); every connection is a ``handler.Conn`` driven by readiness callbacks. Threads exist
+only in two small pools, made on first use: 16 for ``getaddrinfo`` (there is no portable
+non-blocking resolver) and 32 for ``--via`` chains (``hopcat.net.chain`` is blocking client
+code). No thread per connection.
+
+Limits:
+
+* ``--max-conns``: client connections at once (handshaking, connecting, relaying, lingering).
+  At the limit the listeners stop being read, so further clients wait in the kernel's backlog
+  instead of being dropped, and accepting resumes as soon as one connection ends.
+* ``--max-conns-per-client``: per client address; one more is closed right after accept.
+* Client rules: a denied client is closed right after accept.
+* EMFILE/ENFILE/ENOBUFS/ENOMEM from accept(): the listeners pause for 50 ms, doubling up to 2 s
+  while it persists, with one log line per pause. Level-triggered readiness would otherwise spin
+  on the connection left in the backlog. Other accept errors (ECONNABORTED, EPERM from a
+  firewall, ...) concern one connection and are skipped.
+* Deadlines (handshake, connect, linger) and the idle timeout are checked by one sweep every
+  ``SWEEP_INTERVAL_S``, not by a timer per connection.
+
+Signals: SIGTERM or SIGINT closes the listeners and the connections still in their handshake,
+lets established tunnels finish for up to ``--grace`` seconds, then closes what is left and
+exits 0; a second signal ends everything at once. SIGHUP rereads ``--auth-file`` and
+``--rules``; on an error the old configuration stays and the error is logged. Rule changes apply
+to connections accepted (client rules) or requesting (destination rules) afterwards.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+
+from hopcat._endpoint import format_hostport
+from hopcat.errors import ExitCode, HopcatError, UsageError
+from hopcat.server.handler import Conn
+from hopcat.server.log import Logger
+from hopcat.server.policy import (
+    CredentialStore,
+    Policy,
+    parse_auth_file,
+    parse_rules_file,
+)
+from hopcat.server.relay import Engine
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import asyncio
+    import concurrent.futures
+    from collections.abc import Callable
+
+    from hopcat._url import ProxyURL
+    from hopcat.server.cli import ServeOptions
+
+SWEEP_INTERVAL_S = 0.25
+ACCEPT_BATCH = 64  # accepts per readiness callback, so one listener cannot starve the rest
+BACKOFF_FIRST_S = 0.05
+BACKOFF_MAX_S = 2.0
+LIMIT_LOG_INTERVAL_S = 1.0  # at most one line per second about refused clients (floods)
+VIA_WORKERS = 32
+RESOLVER_WORKERS = 16
+PROTOCOLS = "socks4,socks4a,socks5,http-connect"
+_NO_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+class ServeError(HopcatError):
+    """The server could not start (e.g. the address is in use)."""
+
+    exit_code = ExitCode.UNAVAILABLE
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def _read_text(path: str, what: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            return f.read()
+    except OSError as exc:
+        raise UsageError(f"{what} {path}: {os.strerror(exc.errno or 0).lower()}") from None
+
+
+def load_config(options: ServeOptions) -> tuple[CredentialStore, Policy, list[str]]:
+    """Credentials and policy from the options and the files they name; warnings to log."""
+    warnings: list[str] = []
+    users = list(options.auth)
+    if options.auth_file is not None:
+        users += parse_auth_file(_read_text(options.auth_file, "--auth-file"), options.auth_file)
+        try:
+            mode = os.stat(options.auth_file).st_mode
+        except OSError:
+            mode = 0
+        if mode & 0o077:
+            warnings.append(
+                f"--auth-file {options.auth_file} is readable by group or others "
+                f"(mode {mode & 0o777:o}); chmod 600 it"
+            )
+    rules = options.rules
+    if options.rules_file is not None:
+        rules = rules + parse_rules_file(
+            _read_text(options.rules_file, "--rules"), options.rules_file
+        )
+    policy = Policy(rules, restrict_local=not options.loopback_only)
+    return CredentialStore(users), policy, warnings
+
+
+# --------------------------------------------------------------------------- listening
+
+
+def bind_listeners(addresses: list[tuple[int, tuple[object, ...]]]) -> list[socket.socket]:
+    """Bind and listen on every (family, sockaddr); all or nothing."""
+    listeners: list[socket.socket] = []
+    try:
+        for family, sockaddr in addresses:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            listeners.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                # [::] must not also take IPv4 (that is 0.0.0.0's job, and the rules say which).
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(sockaddr)
+            except OSError as exc:
+                where = format_hostport(str(sockaddr[0]), int(sockaddr[1]))  # type: ignore[call-overload]
+                raise ServeError(
+                    f"listen on {where}: {os.strerror(exc.errno or 0).lower()}"
+                ) from None
+            sock.listen(socket.SOMAXCONN)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in listeners:
+            sock.close()
+        raise
+    return listeners
+
+
+def raise_fd_limit() -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit (a proxy needs two per tunnel); the new limit."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
+        if soft != resource.RLIM_INFINITY and soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        return int(soft)
+    except (ImportError, OSError, ValueError):
+        return -1
+
+
+# --------------------------------------------------------------------------- the server
+
+
+class Server:
+    """State shared by every connection of one event loop; see the module docstring."""
+
+    def __init__(
+        self,
+        options: ServeOptions,
+        listeners: list[socket.socket],
+        loop: asyncio.AbstractEventLoop,
+        logger: Logger,
+        credentials: CredentialStore,
+        policy: Policy,
+    ) -> None:
+        self.options = options
+        self.listeners = listeners
+        self.loop = loop
+        self.logger = logger
+        self.credentials = credentials
+        self.policy = policy
+        self.engine = Engine(loop, splice=not options.no_splice)
+        self.auth_required = options.auth_required
+        self.via: list[ProxyURL] = options.via
+        self.handshake_timeout = options.handshake_timeout_s
+        self.connect_timeout = options.connect_timeout_s
+        self.idle_timeout = options.idle_timeout_s
+        self.max_conns = options.max_conns
+        self.max_per_client = options.max_conns_per_client
+        self.pending: set[Conn] = set()  # handshaking, connecting, lingering
+        self.tunnels: set[Conn] = set()  # relaying
+        self.per_client: dict[str, int] = {}
+        self.count = 0
+        self.served = 0
+        self.accepting = False
+        self.paused_for: str | None = None  # "max-conns" or "backoff" while paused
+        self.stopping = False
+        self._backoff_s = 0.0
+        self._resume_handle: asyncio.TimerHandle | None = None
+        self._sweep_handle: asyncio.TimerHandle | None = None
+        self._grace_handle: asyncio.TimerHandle | None = None
+        self._next_idle_check = 0.0
+        self._limit_logged_at = -1e9
+        self._suppressed: dict[str, int] = {}  # refusals not logged one by one, by result
+        self._via_executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._resolver_executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self.done: asyncio.Future[int] = loop.create_future()
+
+    # -- accepting ------------------------------------------------------------------------
+    def start(self) -> None:
+        self._resume_accepting()
+        self._sweep_handle = self.loop.call_later(SWEEP_INTERVAL_S, self._sweep)
+
+    def _resume_accepting(self) -> None:
+        if self.accepting or self.stopping:
+            return
+        self.accepting = True
+        self.paused_for = None
+        for listener in self.listeners:
+            self.loop.add_reader(listener.fileno(), self._on_accept, listener)
+
+    def _pause_accepting(self, why: str) -> None:
+        if not self.accepting:
+            return
+        self.accepting = False
+        self.paused_for = why
+        for listener in self.listeners:
+            self.loop.remove_reader(listener.fileno())
+
+    def _on_accept(self, listener: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, address = listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in _NO_RESOURCES:
+                    self._back_off(exc)
+                    return
+                continue  # ECONNABORTED, EPROTO, EPERM...: that connection is gone, not us
+            self._backoff_s = 0.0
+            self._admit(sock, address)
+            if not self.accepting:
+                return
+
+    def _back_off(self, exc: OSError) -> None:
+        self._backoff_s = min(BACKOFF_MAX_S, self._backoff_s * 2 or BACKOFF_FIRST_S)
+        self._pause_accepting("backoff")
+        self.logger.log(
+            "accept-error", error=os.strerror(exc.errno or 0).lower(), connections=self.count,
+            pause=self._backoff_s,
+        )  # fmt: skip
+        self._resume_handle = self.loop.call_later(self._backoff_s, self._end_backoff)
+
+    def _end_backoff(self) -> None:
+        self._resume_handle = None
+        if self.paused_for != "backoff":
+            return
+        if self.count < self.max_conns:
+            self._resume_accepting()
+        else:
+            self.paused_for = "max-conns"  # release() resumes once a connection ends
+
+    def _admit(self, sock: socket.socket, address: tuple[object, ...]) -> None:
+        ip = str(address[0])
+        peer = format_hostport(ip, int(address[1]))  # type: ignore[call-overload]
+        if not self.policy.client_allowed(ip):
+            sock.close()
+            self._log_refusal(peer, "client-denied", "client address not allowed by the rules")
+            return
+        have = self.per_client.get(ip, 0)
+        if self.max_per_client and have >= self.max_per_client:
+            sock.close()
+            self._log_refusal(
+                peer, "limit", f"{have} connections from this client (--max-conns-per-client)"
+            )
+            return
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            sock.close()  # reset before we got to it
+            return
+        conn = Conn(self, sock, peer, ip)
+        self.per_client[ip] = have + 1
+        self.count += 1
+        self.served += 1
+        self.pending.add(conn)
+        if self.count >= self.max_conns:
+            self._pause_accepting("max-conns")
+            self.logger.log(
+                "limit", reason=f"{self.count} connections (--max-conns); accepting paused"
+            )
+        conn.start()
+
+    def _log_refusal(self, peer: str, result: str, reason: str) -> None:
+        """One line per refused connection, but at most one a second: a flood of refusals
+        would otherwise be a flood of log lines. The sweep reports what was left out."""
+        now = self.loop.time()
+        if now - self._limit_logged_at < LIMIT_LOG_INTERVAL_S:
+            self._suppressed[result] = self._suppressed.get(result, 0) + 1
+            return
+        self._limit_logged_at = now
+        self.logger.tunnel(client=peer, result=result, reason=reason, duration=0.0)
+
+    def _log_suppressed(self, now: float) -> None:
+        if self._suppressed and now - self._limit_logged_at >= LIMIT_LOG_INTERVAL_S:
+            counts = ",".join(f"{result}:{n}" for result, n in sorted(self._suppressed.items()))
+            self._suppressed.clear()
+            self._limit_logged_at = now
+            self.logger.log("refusals", unlogged=counts)
+
+    # -- bookkeeping called by Conn ---------------------------------------------------------
+    def to_relay(self, conn: Conn) -> None:
+        self.pending.discard(conn)
+        self.tunnels.add(conn)
+
+    def to_pending(self, conn: Conn) -> None:
+        self.tunnels.discard(conn)
+        self.pending.add(conn)
+
+    def release(self, conn: Conn) -> None:
+        self.pending.discard(conn)
+        self.tunnels.discard(conn)
+        self.count -= 1
+        left = self.per_client.get(conn.client_ip, 1) - 1
+        if left > 0:
+            self.per_client[conn.client_ip] = left
+        else:
+            self.per_client.pop(conn.client_ip, None)
+        self.logger.tunnel(
+            client=conn.peer,
+            user=conn.user,
+            proto=conn.protocol,
+            dest=conn.dest,
+            result=conn.result,
+            reason=conn.reason,
+            up=conn.bytes_up,
+            down=conn.bytes_down,
+            duration=self.loop.time() - conn.started,
+        )
+        if self.paused_for == "max-conns" and self.count < self.max_conns:
+            self._resume_accepting()
+        if self.stopping:
+            self._maybe_done()
+
+    def via_executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        """Threads for --via chains (blocking client code), made on first use."""
+        if self._via_executor is None:
+            self._via_executor = _thread_pool(VIA_WORKERS, "hopcat-via")
+        return self._via_executor
+
+    def resolver_executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        """Threads for getaddrinfo, made on first use: a slow DNS server must not hold up
+        more than these (each lookup is bounded by the connect timeout for the client)."""
+        if self._resolver_executor is None:
+            self._resolver_executor = _thread_pool(RESOLVER_WORKERS, "hopcat-resolve")
+        return self._resolver_executor
+
+    # -- the sweep ----------------------------------------------------------------------------
+    def _sweep(self) -> None:
+        """Deadlines of pending connections; idle tunnels. Invariant: reschedules itself."""
+        now = self.loop.time()
+        self._log_suppressed(now)
+        if self.pending:
+            for conn in [c for c in self.pending if c.deadline <= now]:
+                conn.on_deadline()
+        if self.idle_timeout and now >= self._next_idle_check:
+            self._next_idle_check = now + min(1.0, self.idle_timeout / 4)
+            for conn in list(self.tunnels):
+                if conn.active:
+                    conn.active = False
+                    conn.idle_since = now
+                elif now - conn.idle_since >= self.idle_timeout:
+                    conn.close("idle-timeout", f"no data either way for {self.idle_timeout:g} s")
+        self._sweep_handle = self.loop.call_later(SWEEP_INTERVAL_S, self._sweep)
+
+    # -- signals ------------------------------------------------------------------------------
+    def stop(self, signame: str) -> None:
+        if self.stopping:
+            self.logger.log("shutdown", signal=signame, reason="second signal: closing everything")
+            self._close_all("shutdown", "server stopped")
+            return
+        self.stopping = True
+        grace = self.options.grace_s
+        self.logger.log(
+            "shutdown", signal=signame, tunnels=len(self.tunnels), grace=float(grace),
+            served=self.served,
+        )  # fmt: skip
+        if self.accepting:
+            self._pause_accepting("stopping")
+        if self._resume_handle is not None:
+            self._resume_handle.cancel()
+        for listener in self.listeners:
+            listener.close()
+        for conn in list(self.pending):
+            conn.close("shutdown", "server stopping")
+        if self.tunnels:
+            self._grace_handle = self.loop.call_later(
+                grace, self._close_all, "shutdown", f"grace period of {grace:g} s over"
+            )
+        self._maybe_done()
+
+    def _close_all(self, result: str, reason: str) -> None:
+        for conn in list(self.tunnels) + list(self.pending):
+            conn.close(result, reason)
+        self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        if not self.tunnels and not self.pending and not self.done.done():
+            self.done.set_result(0)
+
+    def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        """asyncio's own error reports (a callback raised), as one of our log lines."""
+        exc = context.get("exception")
+        self.logger.log(
+            "error", reason=str(context.get("message")),
+            exception=f"{type(exc).__name__}: {exc}" if exc is not None else None,
+        )  # fmt: skip
+
+    def reload(self) -> None:
+        try:
+            credentials, policy, warnings = load_config(self.options)
+        except HopcatError as exc:
+            self.logger.log("reload", result="error", reason=str(exc))
+            return
+        self.credentials, self.policy = credentials, policy
+        for warning in warnings:
+            self.logger.log("warning", reason=warning)
+        self.logger.log(
+            "reload", result="ok", users=len(credentials),
+            rules=len(policy.rules.destinations) + len(policy.rules.clients),
+        )  # fmt: skip
+
+    # -- running --------------------------------------------------------------------------------
+    async def serve(self, on_ready: Callable[[], None] = lambda: None) -> int:
+        """Serve until stopped; ``on_ready`` runs once signals are handled and accepts are on,
+        so whoever it tells can stop us right away."""
+        loop = self.loop
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stop, signal.Signals(signum).name)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.set_exception_handler(self._on_loop_error)
+        self.start()
+        on_ready()
+        try:
+            return await self.done
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
+            for handle in (self._sweep_handle, self._grace_handle, self._resume_handle):
+                if handle is not None:
+                    handle.cancel()
+            for listener in self.listeners:
+                listener.close()
+            self.engine.close()
+            for executor in (self._via_executor, self._resolver_executor):
+                if executor is not None:
+                    executor.shutdown(wait=False, cancel_futures=True)
+            self._log_suppressed(float("inf"))
+            self.logger.log("stopped", served=self.served)
+            self.logger.flush()
+
+
+def _thread_pool(workers: int, name: str) -> concurrent.futures.ThreadPoolExecutor:
+    import concurrent.futures
+
+    return concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+
+
+def new_event_loop(choice: str) -> tuple[asyncio.AbstractEventLoop, str]:
+    """``auto``: uvloop when importable, else asyncio's default loop."""
+    if choice in ("auto", "uvloop"):
+        try:
+            import uvloop  # type: ignore[import-not-found,unused-ignore]
+        except ImportError:
+            if choice == "uvloop":
+                raise UsageError(
+                    "--event-loop uvloop: uvloop is not installed (pip install 'hopcat[uvloop]')"
+                ) from None
+        else:
+            return uvloop.new_event_loop(), "uvloop"
+    import asyncio
+
+    return asyncio.new_event_loop(), "asyncio"
+
+
+def report_ready(options: ServeOptions, addresses: list[str]) -> None:
+    """Tell whoever started us where we listen: --ready-fd (then closed), --ready-file (atomic)."""
+    text = "".join(f"{address}\n" for address in addresses).encode()
+    if options.ready_fd is not None:
+        try:
+            os.write(options.ready_fd, text)
+        finally:
+            os.close(options.ready_fd)
+    if options.ready_file is not None:
+        temporary = f"{options.ready_file}.tmp{os.getpid()}"
+        with open(temporary, "wb") as f:
+            f.write(text)
+        os.replace(temporary, options.ready_file)
+
+
+def run(options: ServeOptions) -> int:
+    """Bind, serve until stopped by a signal, return the exit code."""
+    credentials, policy, warnings = load_config(options)
+    fd_limit = raise_fd_limit()
+    listeners = bind_listeners(options.bind_addresses)
+    logger = Logger(fmt=options.log_format, quiet=options.quiet)
+    try:
+        loop, loop_name = new_event_loop(options.event_loop)
+    except BaseException:
+        for sock in listeners:
+            sock.close()
+        raise
+    try:
+        server = Server(options, listeners, loop, logger, credentials, policy)
+        addresses = []
+        for sock in listeners:
+            name = sock.getsockname()
+            addresses.append(format_hostport(str(name[0]), int(name[1])))
+        logger.attach(loop)
+        for address in addresses:
+            logger.log(
+                "listen", address=address, protocols=PROTOCOLS,
+                auth="required" if options.auth_required else "none",
+                via=" -> ".join(hop.label() for hop in options.via) or None,
+                loop=loop_name, pid=os.getpid(),
+            )  # fmt: skip
+        for warning in warnings:
+            logger.log("warning", reason=warning)
+        needed = 2 * options.max_conns + 64
+        if 0 < fd_limit < needed:
+            logger.log(
+                "warning",
+                reason=f"the descriptor limit ({fd_limit}) is below what --max-conns "
+                f"{options.max_conns} may need ({needed}); accepts will back off at the limit",
+            )
+        logger.flush()
+        return loop.run_until_complete(server.serve(lambda: report_ready(options, addresses)))
+    finally:
+        logger.attach(None)
+        loop.close()
+        if options.ready_file is not None:
+            try:
+                os.unlink(options.ready_file)  # a stale file must not look like a ready server
+            except OSError:
+                pass
