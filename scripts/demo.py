@@ -1,8 +1,9 @@
 """`make demo`: hopcat's main job end to end on loopback, with its -v timeline and the figures.
 
-Starts a target that reads everything it is sent while sending its own stream, runs
-``hopcat -v 127.0.0.1 PORT`` with stdin and stdout as pipes (as ssh's ProxyCommand gets them),
-and checks SHA-256 of every byte in both directions.
+Starts the built-in proxy (``hopcat serve`` on a free loopback port) and a target that reads
+everything it is sent while sending its own stream, runs
+``hopcat -v -x socks5h://PROXY 127.0.0.1 PORT`` with stdin and stdout as pipes (as ssh's
+ProxyCommand gets them), and checks SHA-256 of every byte in both directions.
 """
 
 from __future__ import annotations
@@ -30,6 +31,19 @@ def hopcat_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "hopcat"]
 
 
+def start_proxy() -> tuple[subprocess.Popen[bytes], str]:
+    """hopcat serve on a free loopback port; returns it and its HOST:PORT once it accepts."""
+    ready_r, ready_w = os.pipe()
+    proc = subprocess.Popen(
+        [*hopcat_command(), "serve", "127.0.0.1:0", "--ready-fd", str(ready_w)],
+        pass_fds=(ready_w,), stderr=subprocess.PIPE,
+    )
+    os.close(ready_w)
+    with os.fdopen(ready_r, "rb") as ready:
+        address = ready.read().decode().split()[0]
+    return proc, address
+
+
 def serve(listener: socket.socket, payload: bytes, result: dict[str, object]) -> None:
     conn, _ = listener.accept()
     with conn:
@@ -52,11 +66,14 @@ def main() -> int:
     server = threading.Thread(target=serve, args=(listener, payload, server_result))
     server.start()
 
-    print(f"demo: target on 127.0.0.1:{port}; moving {SIZE >> 20} MiB each way through hopcat -v\n")
+    proxy, proxy_address = start_proxy()
+    print(f"demo: hopcat serve listening on {proxy_address} (SOCKS4/4a/5 and HTTP CONNECT)")
+    print(f"demo: target on 127.0.0.1:{port}; moving {SIZE >> 20} MiB each way through "
+          f"hopcat -v -x socks5h://{proxy_address}\n")
     sys.stdout.flush()
     started = time.perf_counter()
     proc = subprocess.Popen(
-        [*hopcat_command(), "-v", "127.0.0.1", str(port)],
+        [*hopcat_command(), "-v", "-x", f"socks5h://{proxy_address}", "127.0.0.1", str(port)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
     )
     assert proc.stdin is not None and proc.stdout is not None
@@ -71,16 +88,22 @@ def main() -> int:
     feeder.join()
     server.join()
     listener.close()
+    proxy.terminate()  # SIGTERM: stop accepting, drain (nothing open now), exit 0
+    _out, proxy_log = proxy.communicate(timeout=30)
 
     up_ok = server_result.get("sha") == want and server_result.get("count") == SIZE
     down_ok = digest.hexdigest() == want and received == SIZE
     print()
-    print(f"demo: hopcat exit code {code}")
+    print("demo: the server's log line for the tunnel:")
+    for line in proxy_log.decode(errors="replace").splitlines():
+        if "event=tunnel" in line:
+            print(f"  {line}")
+    print(f"demo: hopcat exit code {code}, hopcat serve exit code {proxy.returncode}")
     print(f"demo: upload   {SIZE} bytes, SHA-256 {'match' if up_ok else 'MISMATCH'}")
     print(f"demo: download {received} bytes, SHA-256 {'match' if down_ok else 'MISMATCH'}")
     print(f"demo: {2 * SIZE / elapsed / 1e6:.0f} MB/s both directions together "
           f"({elapsed:.2f} s wall, including start-up)")
-    return 0 if code == 0 and up_ok and down_ok else 1
+    return 0 if code == 0 and proxy.returncode == 0 and up_ok and down_ok else 1
 
 
 if __name__ == "__main__":
