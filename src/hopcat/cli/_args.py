@@ -6,6 +6,7 @@ Not argparse: it costs several ms of imports on every ssh connection, and nc's h
 
 from __future__ import annotations
 
+from hopcat.cli._scan import scan_options
 from hopcat.errors import UsageError
 
 TYPE_CHECKING = False
@@ -75,8 +76,8 @@ OPTION_TABLE: tuple[tuple[str, str, str, str, str], ...] = (
     ("V", "version", "", "version", "show the version and exit"),
 )
 
-_BY_SHORT = {row[0]: row for row in OPTION_TABLE if row[0]}
-_BY_LONG = {row[1]: row for row in OPTION_TABLE if row[1]}
+_ROWS = {f"-{row[0]}": row for row in OPTION_TABLE if row[0]}
+_ROWS.update({f"--{row[1]}": row for row in OPTION_TABLE if row[1]})
 _FLOAT_OPTIONS = frozenset({"connect_timeout_s", "idle_timeout_s", "quit_after_eof_s"})
 _COUNTED = frozenset({"verbose"})
 _LISTS = frozenset({"proxies"})  # (flag as typed, value) pairs, in command-line order
@@ -125,6 +126,11 @@ class Options:
         self.operands = []
 
 
+def _metavar_of(flag: str) -> str | None:
+    row = _ROWS.get(flag)
+    return None if row is None else row[2]
+
+
 def _seconds(value: str, flag: str) -> float:
     try:
         seconds = float(value)
@@ -154,51 +160,11 @@ def _store(
 
 def parse_args(argv: Sequence[str]) -> Options:
     options = Options()
-    index = 0
-    while index < len(argv):
-        arg = argv[index]
-        index += 1
-        if arg == "--":
-            options.operands.extend(argv[index:])
-            break
-        if arg.startswith("--"):
-            name, eq, inline = arg[2:].partition("=")
-            row = _BY_LONG.get(name)
-            if row is None:
-                raise UsageError(f"unknown option --{name} (see hopcat --help)")
-            if not row[2]:
-                if eq:
-                    raise UsageError(f"--{name} takes no value")
-                _store(options, row, arg, None)
-                continue
-            if not eq:
-                if index >= len(argv):
-                    raise UsageError(f"--{name} needs a value ({row[2]})")
-                inline = argv[index]
-                index += 1
-            _store(options, row, f"--{name}", inline)
-            continue
-        if arg.startswith("-") and len(arg) > 1:
-            position = 1
-            while position < len(arg):
-                letter = arg[position]
-                position += 1
-                row = _BY_SHORT.get(letter)
-                if row is None:
-                    raise UsageError(f"unknown option -{letter} (see hopcat --help)")
-                if not row[2]:
-                    _store(options, row, f"-{letter}", None)
-                    continue
-                value = arg[position:]
-                if not value:
-                    if index >= len(argv):
-                        raise UsageError(f"-{letter} needs a value ({row[2]})")
-                    value = argv[index]
-                    index += 1
-                _store(options, row, f"-{letter}", value)
-                break
-            continue
-        options.operands.append(arg)
+    for flag, value in scan_options(argv, _metavar_of, see="see hopcat --help"):
+        if flag:
+            _store(options, _ROWS[flag], flag, value)
+        else:
+            options.operands.append(value or "")
     if options.ipv4_only and options.ipv6_only:
         raise UsageError("-4 and -6 exclude each other")
     for attr, flag in (("connect_timeout_s", "--connect-timeout"), ("idle_timeout_s", "-w")):

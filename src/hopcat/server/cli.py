@@ -21,6 +21,7 @@ import socket
 import sys
 
 from hopcat._endpoint import format_hostport, parse_port, split_hostport, validate_host
+from hopcat.cli._scan import scan_options
 from hopcat.errors import UsageError
 from hopcat.server.policy import (
     RuleSet,
@@ -237,38 +238,19 @@ def _store(options: ServeOptions, name: str, value: str | None) -> None:
         setattr(options, attr, value)
 
 
+def _metavar_of(flag: str) -> str | None:
+    name = _SHORT.get(flag[1:], "") if not flag.startswith("--") else flag[2:]
+    row = _BY_LONG.get(name)
+    return None if row is None else row[1]
+
+
 def parse_args(argv: Sequence[str]) -> ServeOptions:
     options = ServeOptions()
-    index = 0
-    while index < len(argv):
-        arg = argv[index]
-        index += 1
-        if arg == "--":
-            options.listen.extend(argv[index:])
-            break
-        if arg.startswith("--"):
-            name, eq, inline = arg[2:].partition("=")
-            row = _BY_LONG.get(name)
-            if row is None:
-                raise UsageError(f"unknown option --{name} (see hopcat serve --help)")
-            if not row[1]:
-                if eq:
-                    raise UsageError(f"--{name} takes no value")
-                _store(options, name, None)
-                continue
-            if not eq:
-                if index >= len(argv):
-                    raise UsageError(f"--{name} needs a value ({row[1]})")
-                inline = argv[index]
-                index += 1
-            _store(options, name, inline)
-        elif arg.startswith("-") and len(arg) > 1:
-            for letter in arg[1:]:
-                if letter not in _SHORT:
-                    raise UsageError(f"unknown option -{letter} (see hopcat serve --help)")
-                _store(options, _SHORT[letter], None)
+    for flag, value in scan_options(argv, _metavar_of, see="see hopcat serve --help"):
+        if not flag:
+            options.listen.append(value or "")
         else:
-            options.listen.append(arg)
+            _store(options, flag[2:] if flag.startswith("--") else _SHORT[flag[1:]], value)
     return options
 
 
