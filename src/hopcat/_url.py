@@ -25,6 +25,7 @@ from hopcat.errors import UsageError
 
 DEFAULT_PORTS = {"socks4": 1080, "socks4a": 1080, "socks5": 1080, "socks5h": 1080, "http": 3128,
                  "https": 443}
+PROXY_DNS_POLICIES = ("remote", "local", "both")  # --proxy-dns; the first is the default
 PROTOCOL_OF_SCHEME = {"socks4": "socks4", "socks4a": "socks4", "socks5": "socks5",
                       "socks5h": "socks5", "http": "http", "https": "http"}
 
@@ -60,9 +61,14 @@ class ProxyURL:
 
     def label(self) -> str:
         """The URL as it may be shown: the password is never printed, only that there is one."""
-        userinfo = ""
-        if self.username is not None:
-            userinfo = _quote(self.username) + (":***" if self.password is not None else "") + "@"
+        return self._url(":***" if self.password is not None else "")
+
+    def without_password(self) -> str:
+        """The URL as it may be written into a file: no password, not even a mark."""
+        return self._url("")
+
+    def _url(self, password_part: str) -> str:
+        userinfo = "" if self.username is None else f"{_quote(self.username)}{password_part}@"
         return f"{self.scheme}://{userinfo}{format_hostport(self.host, self.port)}"
 
     def __repr__(self) -> str:

@@ -120,8 +120,6 @@ def _connect_and_relay(options: Options, trace: Timeline) -> int:
         family = socket.AF_INET6
 
     hops = proxies_from_command_line(options)
-    if options.proxy_dns is not None and options.proxy_dns not in ("local", "remote", "both"):
-        raise UsageError("--proxy-dns takes local, remote or both")
     why_direct = "direct: proxies in the environment ignored (--no-proxy)"
     if not hops and not options.no_proxy:
         hops, why_direct = proxies_from_environment(os.environ, host)

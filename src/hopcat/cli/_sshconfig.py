@@ -17,14 +17,13 @@ import shutil
 import subprocess
 import sys
 
-from hopcat._endpoint import format_hostport
 from hopcat.cli._args import parse_args
 from hopcat.cli._proxy import proxies_from_command_line
 from hopcat.errors import ExitCode, UsageError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from hopcat._url import ProxyURL
+    pass
 
 USAGE = """usage: hopcat ssh-config [--host PATTERN] [--no-fdpass] [proxy options]
        hopcat ssh-config --check HOST [--config FILE]
@@ -44,13 +43,6 @@ def hopcat_path() -> str:
     if found:
         return os.path.abspath(found)
     return f"{shlex.quote(sys.executable)} -m hopcat"
-
-
-def _url_without_password(hop: ProxyURL) -> str:
-    user = ""
-    if hop.username is not None:
-        user = hop.label().split("://", 1)[1].split("@", 1)[0].split(":", 1)[0] + "@"
-    return f"{hop.scheme}://{user}{format_hostport(hop.host, hop.port)}"
 
 
 def stanza(args: list[str]) -> tuple[str, list[str]]:
@@ -86,7 +78,7 @@ def stanza(args: list[str]) -> tuple[str, list[str]]:
                 f"left the password of {hop.label()} out of the file: export HOPCAT_PROXY_PASSWORD "
                 "for ssh, or let hopcat prompt on the terminal"
             )
-        command += ["-x", shlex.quote(_url_without_password(hop))]
+        command += ["-x", shlex.quote(hop.without_password())]
     if options.ipv4_only:
         command.append("-4")
     if options.ipv6_only:

@@ -20,6 +20,7 @@ import _socket as socket
 import time
 
 from hopcat._endpoint import format_hostport, is_ip_literal
+from hopcat._url import PROXY_DNS_POLICIES
 from hopcat.errors import (
     ConnectError,
     HopcatError,
@@ -39,8 +40,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
     from hopcat._url import ProxyURL
-
-PROXY_DNS_POLICIES = ("remote", "local", "both")
 
 
 class Tunnel:

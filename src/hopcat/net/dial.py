@@ -193,7 +193,7 @@ def dial_tcp(
     if not is_ip_literal(host):
         trace(f"resolved {host}: " + ", ".join(info[4][0] for info in candidates))
 
-    failures: list[str] = []
+    failures: list[tuple[str, str]] = []  # (address, why it failed)
     pending: dict[int, tuple[socket.socket, AddrInfo]] = {}
     poller = select.poll()
     next_index = 0
@@ -219,7 +219,7 @@ def dial_tcp(
             sock.close()
             reason = os.strerror(code).lower()
             trace(f"connect {label}: {reason}")
-            failures.append(f"{label}: {reason}")
+            failures.append((label, reason))
 
     try:
         while True:
@@ -253,13 +253,14 @@ def dial_tcp(
                 sock.close()
                 reason = os.strerror(code).lower()
                 trace(f"connect {label}: {reason}")
-                failures.append(f"{label}: {reason}")
+                failures.append((label, reason))
                 next_start = clock()  # RFC 8305: a failure starts the next attempt at once
     finally:
         for sock, _info in pending.values():
             sock.close()
 
     if len(failures) == 1:
-        reason = failures[0].rsplit(": ", 1)[1]
+        reason = failures[0][1]
         raise ConnectError(f"connect to {where}: {reason}")
-    raise ConnectError(f"connect to {where}: every address failed ({'; '.join(failures)})")
+    tried = "; ".join(f"{address}: {why}" for address, why in failures)
+    raise ConnectError(f"connect to {where}: every address failed ({tried})")

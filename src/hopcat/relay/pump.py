@@ -55,8 +55,6 @@ _HAVE_SPLICE = hasattr(os, "splice")
 _SPLICE_FLAGS = (
     getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2) if _HAVE_SPLICE else 0
 )
-_READ_EVENTS = select.POLLIN | select.POLLHUP | select.POLLERR
-_WRITE_EVENTS = select.POLLOUT | select.POLLERR | select.POLLHUP
 _GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN)
 
 
@@ -381,7 +379,6 @@ def relay(
     down.moved = len(initial_down)
     if in_kind == "closed":
         up.src_eof = up.finished = True
-    stats.path_up, stats.path_down = up.mode, down.mode
 
     restore: list[tuple[int, bool]] = []
     sock.setblocking(False)
