@@ -151,3 +151,11 @@ def silent_listener(host: str = "127.0.0.1") -> tuple[socket.socket, list[socket
         filler.connect_ex((host, port))
         fillers.append(filler)
     return listener, fillers, port
+
+
+@contextlib.contextmanager
+def closed_port(host: str = "127.0.0.1") -> Iterator[int]:
+    """A port that is bound but not listening: connecting to it is refused while this is open."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        yield sock.getsockname()[1]

@@ -25,6 +25,9 @@ Daemons (each a peers.Daemon: .host .port .hostport .url .url_as(scheme) .userna
     sshd                                  session  peers.SshServer: .ssh_argv(*opts) .destination
     ssh_socks                             session  ssh -N -D against sshd: socks5/socks4/socks4a
 
+Our own server: ``serve`` (function) is a factory: ``serve(*args)`` starts ``hopcat serve
+127.0.0.1:0 *args`` and returns a ``test_serve_support.ServeProcess``.
+
 Helpers: ``peer_env`` (environment without proxy variables), ``need(program)`` (path or skip).
 """
 
@@ -37,6 +40,7 @@ from typing import Any
 
 import peers
 import pytest
+from test_serve_support import ServeProcess, serve_factory
 
 # --------------------------------------------------------------------------- helpers
 
@@ -253,3 +257,9 @@ def ssh_socks(
     """``ssh -N -D 127.0.0.1:PORT`` against ``sshd``: SOCKS5 (url), socks4 and socks4a too."""
     with _daemon(peers.start_ssh_socks, sshd, _session_dir(tmp_path_factory, "ssh-D")) as d:
         yield d
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
+    """A factory of ``hopcat serve`` subprocesses, each stopped by pid at teardown."""
+    yield from serve_factory(tmp_path)

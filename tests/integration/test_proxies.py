@@ -17,7 +17,7 @@ import time
 import peers
 import pytest
 
-from support import HOPCAT, clean_env, pattern, run_hopcat, sha256
+from support import HOPCAT, clean_env, closed_port, pattern, run_hopcat, sha256
 
 BULK = 8 << 20
 
@@ -248,17 +248,9 @@ def test_ipv6_proxy_and_target(danted_v6: peers.Daemon, digest_server_v6: peers.
 
 # -- errors: unreachable proxy, bad hostnames, a hostile proxy ----------------------------------
 
-def _closed_port() -> int:
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    return port
-
-
 def test_unreachable_proxy_exit_80() -> None:
-    port = _closed_port()
-    result = run_hopcat("-x", f"socks5h://u:pw@127.0.0.1:{port}", "example.test", "22")
+    with closed_port() as port:
+        result = run_hopcat("-x", f"socks5h://u:pw@127.0.0.1:{port}", "example.test", "22")
     assert result.returncode == 80
     assert result.stderr.decode() == (
         f"hopcat: proxy socks5h://u:***@127.0.0.1:{port} (hop 1/1): unreachable: "

@@ -8,13 +8,12 @@ chains through microsocks use FramedEcho instead, since microsocks drops the tun
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import peers
@@ -24,30 +23,16 @@ from test_serve_support import (
     connect,
     http_connect,
     recv_exact,
-    serve_factory,
     socks4_connect,
     socks5_connect,
     wait_closed,
 )
 
-from support import clean_env, pattern, run_hopcat, sha256
+from support import clean_env, closed_port, pattern, run_hopcat, sha256
 
 Serve = Callable[..., ServeProcess]
 USER, PASSWORD = "alice", "s3cret-pw:with-colon"
 BULK = 4 << 20
-
-
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Serve]:
-    yield from serve_factory(tmp_path)
-
-
-@contextlib.contextmanager
-def closed_port() -> Iterator[int]:
-    """A loopback port that is bound but not listening: connecting to it is refused."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield sock.getsockname()[1]
 
 
 def curl(need: Callable[..., str], *args: str) -> subprocess.CompletedProcess[bytes]:

@@ -12,17 +12,14 @@ import random
 import resource
 import socket
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import peers
-import pytest
 from test_serve_support import (
     ServeProcess,
     connect,
     http_connect,
     recv_exact,
-    serve_factory,
     socks4_connect,
     socks5_connect,
     wait_closed,
@@ -32,11 +29,6 @@ from support import pattern, run_hopcat
 
 Serve = Callable[..., ServeProcess]
 USER, PASSWORD = "mallory-test", "correct horse"
-
-
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Serve]:
-    yield from serve_factory(tmp_path)
 
 
 def good_tunnel(server: ServeProcess, digest: peers.DigestServer, **auth: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import peers
@@ -15,7 +15,6 @@ from test_serve_support import (
     connect,
     http_connect,
     recv_exact,
-    serve_factory,
     socks5_connect,
     wait_closed,
 )
@@ -23,11 +22,6 @@ from test_serve_support import (
 from support import silent_listener
 
 Serve = Callable[..., ServeProcess]
-
-
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Serve]:
-    yield from serve_factory(tmp_path)
 
 
 def open_echo(server: ServeProcess, banner: peers.BannerServer) -> socket.socket:

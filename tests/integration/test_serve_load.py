@@ -16,21 +16,14 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
-import pytest
-from test_serve_support import ServeProcess, serve_factory
+from test_serve_support import ServeProcess
 
 Serve = Callable[..., ServeProcess]
 TUNNELS = 2000
 MAX_PAYLOAD = 48 * 1024
 DEADLINE_S = 90.0
-
-
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Serve]:
-    yield from serve_factory(tmp_path)
 
 
 class DigestTarget(threading.Thread):

@@ -9,15 +9,7 @@ import pytest
 
 from hopcat.errors import ConnectError, HopcatTimeoutError, ResolveError
 from hopcat.net.dial import dial_tcp, interleave_families
-from support import silent_listener
-
-
-def _closed_port() -> int:
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    return port
+from support import closed_port, silent_listener
 
 
 def _resolver_for(*sockaddrs: tuple[str, int]):  # type: ignore[no-untyped-def]
@@ -41,11 +33,12 @@ def test_first_address_refused_second_wins_at_once() -> None:
     with socket.create_server(("127.0.0.1", 0)) as good:
         trace: list[str] = []
         started = time.monotonic()
-        sock = dial_tcp(
-            "example.test", 1, deadline=time.monotonic() + 5, trace=trace.append,
-            socket_factory=socket.socket,
-            resolver=_resolver_for(("127.0.0.1", _closed_port()), ("127.0.0.1", good.getsockname()[1])),
-        )
+        with closed_port() as refused:
+            sock = dial_tcp(
+                "example.test", 1, deadline=time.monotonic() + 5, trace=trace.append,
+                socket_factory=socket.socket,
+                resolver=_resolver_for(("127.0.0.1", refused), ("127.0.0.1", good.getsockname()[1])),
+            )
         elapsed = time.monotonic() - started
         with sock:
             assert sock.getpeername()[1] == good.getsockname()[1]
@@ -74,8 +67,7 @@ def test_silent_first_address_loses_to_second_after_stagger() -> None:
 
 
 def test_every_address_failing_names_each() -> None:
-    a, b = _closed_port(), _closed_port()
-    with pytest.raises(ConnectError) as info:
+    with closed_port() as a, closed_port() as b, pytest.raises(ConnectError) as info:
         dial_tcp("example.test", 1, deadline=time.monotonic() + 5,
                  resolver=_resolver_for(("127.0.0.1", a), ("127.0.0.1", b)))
     message = str(info.value)
