@@ -88,12 +88,7 @@ def open_tunnel(
     for data, size in zip(sends, replies, strict=True):
         sock.sendall(data)
         if size > 0:
-            got = b""
-            while len(got) < size:
-                chunk = sock.recv(size - len(got))
-                if not chunk:
-                    raise ConnectionError("proxy closed during the handshake")
-                got += chunk
+            got = recv_exact(sock, size)
             if got[1] != 0 and len(got) == 10:
                 raise ConnectionError(f"SOCKS5 reply {got[1]}")
         else:

@@ -49,13 +49,13 @@ from harness.common import (
     MB,
     GiB,
     MiB,
+    arg_parser,
     first_line,
     human_size,
     log,
     machine_meta,
     md_table,
     median,
-    parse_size,
     rotated,
     stop_on_signals,
     write_json,
@@ -394,30 +394,18 @@ def report(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    p.add_argument(
-        "--size",
-        type=parse_size,
-        default=GiB,
-        help="bytes per run (K/M/G = KiB/MiB/GiB; default 1G)",
-    )
-    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default 3)")
+    p = arg_parser((__doc__ or "").split("\n\n")[0], reps=3)
     p.add_argument("--tools", default=",".join(ROWS), help=f"any of {','.join(ROWS)}")
     p.add_argument("--only", default="down,up,setup", help="any of down,up,setup")
     p.add_argument(
         "--cipher", default="aes128-gcm@openssh.com", help="ssh -c (default aes128-gcm@openssh.com)"
     )
     p.add_argument(
-        "--hopcat", help="hopcat command (default <repo>/.venv/bin/hopcat, else python -m hopcat)"
-    )
-    p.add_argument(
         "--no-cpu", action="store_true", help="run ProxyCommands bare, without the rusage wrapper"
     )
-    p.add_argument("--no-warmup", action="store_true", help="skip the untimed 16 MiB run per tool")
     p.add_argument(
         "--timeout", type=float, default=0, help="seconds per run (default 60 + size / 20 MB/s)"
     )
-    p.add_argument("--json", help="write raw runs and the summary here")
     args = p.parse_args(argv)
     args.only = [x for x in args.only.split(",") if x]
     args.tool_names = [x for x in args.tools.split(",") if x]

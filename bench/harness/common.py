@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -83,6 +84,35 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: set[i
         "-" * (w + 1) + ":" if i in right else "-" * (w + 2) for i, w in enumerate(widths)
     )
     return "\n".join([line(headers), f"|{sep}|", *(line(r) for r in rows)])
+
+
+def arg_parser(doc: str, reps: int) -> argparse.ArgumentParser:
+    """The options every throughput benchmark has: --size, --reps, --hopcat, --json, --no-warmup."""
+    ap = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--size",
+        type=parse_size,
+        default=GiB,
+        help="bytes per throughput run; K/M/G suffixes are binary (default 1G)",
+    )
+    ap.add_argument(
+        "--reps", type=int, default=reps, help=f"interleaved repetitions (default {reps})"
+    )
+    ap.add_argument(
+        "--hopcat",
+        metavar="CMD",
+        help="hopcat command (default <repo>/.venv/bin/hopcat, else "
+        "'python3 -m hopcat' with PYTHONPATH=<repo>/src)",
+    )
+    ap.add_argument("--json", metavar="FILE", help="also write raw runs and the summary as JSON")
+    ap.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="skip the untimed 16 MiB warm-up run per tool and direction",
+    )
+    return ap
 
 
 def first_line(argv: list[str], env: dict[str, str] | None = None) -> str | None:

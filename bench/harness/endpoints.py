@@ -56,7 +56,7 @@ def recv_exact(sock: socket.socket, size: int) -> bytes:
     while len(data) < size:
         chunk = sock.recv(size - len(data))
         if not chunk:
-            raise ConnectionError("EOF")
+            raise ConnectionError(f"EOF after {len(data)} of {size} bytes")
         data += chunk
     return data
 

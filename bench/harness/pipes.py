@@ -38,6 +38,7 @@ from .common import (
     HOST,
     GiB,
     MiB,
+    arg_parser,
     human_size,
     log,
     machine_line,
@@ -194,68 +195,45 @@ def _finish(
     run.ok = not errors
 
 
-def _spawn(
-    argv: list[str], tool: Tool, stdin: int, stdout: int, errf: IO[bytes], server: ServerEndpoint
-) -> int | None:
-    try:
-        return spawn(argv, tool.env, stdin, stdout, errf.fileno())
-    except OSError as e:
-        server.error = f"spawn failed: {e}"
-        server.abort("spawn failed")
-        return None
-
-
-def run_upload(ctx: Ctx, tool: Tool, run: Run, proxy: Proxy | None) -> None:
-    lst = make_listener(ctx.rcvbuf)
-    argv = tool.command("up", lst.getsockname()[1], proxy)
+def run_throughput(ctx: Ctx, tool: Tool, run: Run, proxy: Proxy | None) -> None:
+    """One up or down run (run.mode) of run.nbytes; fills in run."""
+    up = run.mode == "up"
+    lst = make_listener(ctx.rcvbuf if up else 0)
+    argv = tool.command(run.mode, lst.getsockname()[1], proxy)
     if argv is None:
         lst.close()
         run.error = "mode not supported by tool"
         return
     run.argv = argv
-    sink = Sink(lst, ctx.timeout, ctx.trunc)
-    r, w = os.pipe()
-    feeder = Feeder(w, run.nbytes, ctx.zero_fd)  # owns (and closes) w
+    in_r, in_w = os.pipe()  # the tool's stdin; down: open until the tool has exited
+    server: ServerEndpoint
+    if up:
+        server = Sink(lst, ctx.timeout, ctx.trunc)
+        endpoints: tuple[Endpoint, Endpoint] = (Feeder(in_w, run.nbytes, ctx.zero_fd), server)
+        stdout, close = ctx.devnull_w, (in_r,)  # the feeder owns (and closes) in_w
+    else:
+        out_r, out_w = os.pipe()
+        server = Source(lst, ctx.timeout, run.nbytes, ctx.zero_fd)
+        endpoints = (server, Reader(out_r, ctx.devnull_w))  # the reader owns out_r
+        stdout, close = out_w, (in_r, out_w)
     ex = None
     with tempfile.TemporaryFile() as errf:
-        sink.start()
-        feeder.start()
+        for ep in endpoints:
+            ep.start()
         h0, t0 = self_cpu(), time.perf_counter()
-        pid = _spawn(argv, tool, r, ctx.devnull_w, errf, sink)
-        os.close(r)  # the tool's now; after a failed spawn the feeder gets EPIPE
+        try:
+            pid: int | None = spawn(argv, tool.env, in_r, stdout, errf.fileno())
+        except OSError as e:
+            pid, server.error = None, f"spawn failed: {e}"
+            server.abort("spawn failed")
+        for fd in close:  # the tool holds them now: EOF and EPIPE reach the endpoints
+            os.close(fd)
         if pid is not None:
             ex = wait_exit(pid, ctx.timeout)
             if ex.timed_out:
-                sink.abort("tool timed out")
-        _finish(run, ex, t0, h0, (feeder, sink), errf)
-    lst.close()
-
-
-def run_download(ctx: Ctx, tool: Tool, run: Run, proxy: Proxy | None) -> None:
-    lst = make_listener()
-    argv = tool.command("down", lst.getsockname()[1], proxy)
-    if argv is None:
-        lst.close()
-        run.error = "mode not supported by tool"
-        return
-    run.argv = argv
-    source = Source(lst, ctx.timeout, run.nbytes, ctx.zero_fd)
-    in_r, in_w = os.pipe()  # the tool's stdin: open until the tool has exited
-    out_r, out_w = os.pipe()
-    reader = Reader(out_r, ctx.devnull_w)  # owns (and closes) out_r
-    ex = None
-    with tempfile.TemporaryFile() as errf:
-        source.start()
-        reader.start()
-        h0, t0 = self_cpu(), time.perf_counter()
-        pid = _spawn(argv, tool, in_r, out_w, errf, source)
-        os.close(in_r)
-        os.close(out_w)  # the reader sees EOF when the tool's copy is closed too
-        if pid is not None:
-            ex = wait_exit(pid, ctx.timeout)
-            if ex.timed_out:
-                source.abort("tool timed out")
-        _finish(run, ex, t0, h0, (source, reader), errf)
+                server.abort("tool timed out")
+        _finish(run, ex, t0, h0, endpoints, errf)
+    if not up:
         os.close(in_w)
     lst.close()
 
@@ -339,8 +317,7 @@ class Matrix:
             run.nbytes = len(BANNER)
             run_latency(self.ctx, tool, run, route.proxy(scheme), self.banner)
         else:
-            runner = run_upload if mode == "up" else run_download
-            runner(self.ctx, tool, run, route.proxy(scheme))
+            run_throughput(self.ctx, tool, run, route.proxy(scheme))
         # The endpoints have all N bytes (or failed) by now: the proxy's share of the run is done.
         if d is not None:
             run.proxy_cpu = d.cpu() - c0
@@ -793,16 +770,7 @@ def _names(
 
 
 def parse_args(scenario: Scenario, argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        description=scenario.doc, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument(
-        "--size",
-        type=parse_size,
-        default=GiB,
-        help="bytes per throughput run; K/M/G suffixes are binary (default 1G)",
-    )
-    ap.add_argument("--reps", type=int, default=5, help="throughput repetitions (default 5)")
+    ap = arg_parser(scenario.doc, reps=5)
     ap.add_argument(
         "--latency-runs", type=int, default=40, help="first-byte runs per tool (default 40)"
     )
@@ -821,17 +789,7 @@ def parse_args(scenario: Scenario, argv: list[str] | None) -> argparse.Namespace
             f"without a proxy (default {scenario.default_proxies})",
         )
     ap.add_argument("--only", default="up,down,latency", help="comma list of up,down,latency")
-    ap.add_argument(
-        "--hopcat",
-        metavar="CMD",
-        help="hopcat command (default <repo>/.venv/bin/hopcat, else "
-        "'python3 -m hopcat' with PYTHONPATH=<repo>/src)",
-    )
-    ap.add_argument("--json", metavar="FILE", help="also write raw runs + summary as JSON")
     ap.add_argument("--timeout", type=float, help="per-run timeout in s (default 30 + size/20MB/s)")
-    ap.add_argument(
-        "--no-warmup", action="store_true", help="skip the untimed warm-up run per tool and mode"
-    )
     ap.add_argument(
         "--no-trunc",
         action="store_true",
