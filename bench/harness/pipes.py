@@ -384,30 +384,24 @@ def _stats(rs: list[Run], mode: str) -> dict[str, Any]:
         mb_s_min=min(rates),
         mb_s_max=max(rates),
         wall_s=median([r.wall or 0 for r in good]),
-        tool_cpu_gib=med(lambda r: r.tool_cpu, "gib"),
-        tool_core=med(lambda r: r.tool_cpu, "wall"),
         tool_user_gib=med(lambda r: r.tool_user, "gib"),
         tool_sys_gib=med(lambda r: r.tool_sys, "gib"),
-        src_cpu_gib=med(lambda r: r.src_cpu, "gib"),
-        src_core=med(lambda r: r.src_cpu, "wall"),
-        dst_cpu_gib=med(lambda r: r.dst_cpu, "gib"),
-        dst_core=med(lambda r: r.dst_cpu, "wall"),
         harness_cpu_gib=med(lambda r: r.harness_cpu, "gib"),
         sum_core=med(
             lambda r: (r.tool_cpu or 0) + (r.proxy_cpu or 0) + (r.src_cpu or 0) + (r.dst_cpu or 0),
             "wall",
         ),
     )
-    if all(r.proxy_cpu is not None for r in good):
-        s["proxy_cpu_gib"] = med(lambda r: r.proxy_cpu, "gib")
-        s["proxy_core"] = med(lambda r: r.proxy_cpu, "wall")
-    cores = {
-        "tool": s["tool_core"],
-        "proxy": s.get("proxy_core", -1.0),
-        "src": s["src_core"],
-        "dst": s["dst_core"],
+    cpu: dict[str, Callable[[Run], float | None]] = {
+        "tool": lambda r: r.tool_cpu,
+        "proxy": lambda r: r.proxy_cpu,  # None on the direct route
+        "src": lambda r: r.src_cpu,
+        "dst": lambda r: r.dst_cpu,
     }
-    s["busiest"] = max(cores, key=lambda k: cores[k])
+    for who, value in cpu.items():
+        if all(value(r) is not None for r in good):
+            s[f"{who}_cpu_gib"], s[f"{who}_core"] = med(value, "gib"), med(value, "wall")
+    s["busiest"] = max((w for w in cpu if f"{w}_core" in s), key=lambda w: s[f"{w}_core"])
     return s
 
 
@@ -584,9 +578,9 @@ class Result:
             else:
                 d = route.daemon
                 left = f"; LEFT RUNNING after stop: pids {d.leftover}" if d.leftover else ""
+                name = " ".join(filter(None, (route.name, meta["proxy_versions"].get(key))))
                 out.append(
-                    f"- proxy {route.name} {meta['proxy_versions'].get(key) or ''}: "
-                    f"`{shlex.join(d.argv)}` on {d.hostport}, pid {d.pid}{left}"
+                    f"- proxy {name}: `{shlex.join(d.argv)}` on {d.hostport}, pid {d.pid}{left}"
                 )
         names = {r.key: r.name for r in self.routes}
         for (tkey, rkey), scheme in self.matrix.schemes.items():
