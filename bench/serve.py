@@ -45,14 +45,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import json
 import os
 import resource
 import selectors
-import shutil
-import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,215 +56,15 @@ import threading
 import time
 from pathlib import Path
 
-HOST = "127.0.0.1"
-REPO = Path(__file__).resolve().parent.parent
-BENCH = Path(__file__).resolve().parent
-MiB = 1 << 20
-GiB = 1 << 30
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-READY_TIMEOUT_S = 15.0
-STOP_TIMEOUT_S = 5.0
-BANNER = b"SSH-2.0-bench-banner\r\n"
+from harness import daemons
+from harness.common import HOST, GiB, MiB, log, md_table, median, parse_size, rotated, write_json
+from harness.endpoints import BANNER, recv_discard, recv_exact, send_zeros, zero_memfd
+
 BANNER_PORTS = 32  # target ports the tps client rotates over (see banner_target_main)
 CLIENT_ADDRESSES = 32  # and 127.0.0.1..127.0.0.32 as its source addresses
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
-ZERO_FILE_BYTES = 64 * MiB  # memfd the senders sendfile from (repeatedly)
 TRUNC_BUFFER = bytearray(4 * MiB)  # MSG_TRUNC never writes into it; recv_into needs one
-
-# --------------------------------------------------------------------------- servers
-
-
-def hopcat_python() -> str:
-    venv = REPO / ".venv" / "bin" / "python"
-    return str(venv) if venv.exists() else sys.executable
-
-
-def ensure_venv(path: Path, packages: list[str]) -> Path:
-    """A venv at ``path`` with ``packages`` pip-installed (once); its python."""
-    python = path / "bin" / "python"
-    stamp = path / ".installed"
-    if stamp.exists() and stamp.read_text() == " ".join(packages):
-        return python
-    log(f"creating {path} with {' '.join(packages)} (pip, from PyPI)")
-    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", *packages], check=True)
-    stamp.write_text(" ".join(packages))
-    return python
-
-
-HOPCAT_EXTRA: list[str] = []  # --hopcat-args
-
-
-def argv_hopcat(workdir: Path, port: int, python: str | None = None) -> list[str]:
-    return [
-        python or hopcat_python(), "-m", "hopcat", "serve", f"{HOST}:{port}",
-        "--max-conns", "100000", "--max-conns-per-client", "0", *HOPCAT_EXTRA,
-    ]  # fmt: skip
-
-
-def argv_hopcat_uvloop(workdir: Path, port: int) -> list[str]:
-    python = ensure_venv(BENCH / ".venv-uvloop", ["uvloop"])
-    # hopcat from this checkout, on the uvloop venv's interpreter (env execs: same pid).
-    return ["env", f"PYTHONPATH={REPO / 'src'}",
-            *argv_hopcat(workdir, port, str(python)), "--event-loop", "uvloop"]  # fmt: skip
-
-
-def argv_dante(workdir: Path, port: int) -> list[str]:
-    lines = [
-        "logoutput: stderr",
-        f"internal: {HOST} port = {port}",
-        f"external: {HOST}",
-        "clientmethod: none",
-        "socksmethod: none",
-    ]
-    if os.geteuid() == 0:
-        lines += ["user.privileged: root", "user.unprivileged: nobody"]
-    lines += [
-        "client pass {", "  from: 127.0.0.0/8 to: 127.0.0.0/8", "}",
-        "socks pass {", "  from: 127.0.0.0/8 to: 127.0.0.0/8", "  command: connect",
-        "  protocol: tcp", "  log: error", "}",
-    ]  # fmt: skip
-    conf = workdir / "danted.conf"
-    conf.write_text("\n".join(lines) + "\n")
-    conf.chmod(0o644)
-    return [exe("danted"), "-f", str(conf), "-p", str(workdir / "danted.pid")]
-
-
-def argv_microsocks(workdir: Path, port: int) -> list[str]:
-    return [exe("microsocks"), "-i", HOST, "-p", str(port)]
-
-
-def argv_tinyproxy(workdir: Path, port: int) -> list[str]:
-    lines = ["User nobody", "Group nogroup"] if os.geteuid() == 0 else []
-    lines += [
-        f"Port {port}", f"Listen {HOST}", "Timeout 600", "LogLevel Critical",
-        "MaxClients 100000", "Allow 127.0.0.0/8", "DisableViaHeader Yes",
-    ]  # fmt: skip
-    conf = workdir / "tinyproxy.conf"
-    conf.write_text("\n".join(lines) + "\n")
-    conf.chmod(0o644)
-    return [exe("tinyproxy"), "-d", "-c", str(conf)]
-
-
-def argv_pproxy(workdir: Path, port: int) -> list[str]:
-    python = ensure_venv(BENCH / ".venv-pproxy", ["pproxy"])
-    return [str(python), "-m", "pproxy", "-l", f"socks5://{HOST}:{port}"]
-
-
-# name -> (argv builder, protocol spoken to it)
-SERVERS = {
-    "hopcat": (argv_hopcat, "socks5"),
-    "hopcat-uvloop": (argv_hopcat_uvloop, "socks5"),
-    "dante": (argv_dante, "socks5"),
-    "microsocks": (argv_microsocks, "socks5"),
-    "tinyproxy": (argv_tinyproxy, "http"),
-    "pproxy": (argv_pproxy, "socks5"),
-}
 DEFAULT_SERVERS = "hopcat,dante,microsocks,tinyproxy,pproxy"
-
-
-def exe(program: str) -> str:
-    found = shutil.which(program) or shutil.which(program, path="/usr/sbin:/sbin")
-    if found is None:
-        raise RuntimeError(f"{program} is not installed")
-    return found
-
-
-def _stat(pid: str) -> list[bytes] | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return data[data.rindex(b")") + 2 :].split()
-
-
-def session_pids(sid: int) -> list[int]:
-    pids = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            fields = _stat(name)
-            if fields is not None and int(fields[3]) == sid:  # field 6: session
-                pids.append(int(name))
-    return pids
-
-
-class Daemon:
-    def __init__(self, name: str, proc: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
-        self.name, self.proc, self.port, self.log_path = name, proc, port, log_path
-
-    def cpu(self) -> float:
-        ticks = 0
-        for pid in session_pids(self.proc.pid):
-            fields = _stat(str(pid))
-            if fields is not None:
-                ticks += sum(int(fields[i]) for i in (11, 12, 13, 14))  # utime stime cutime cstime
-        return ticks / CLK_TCK
-
-    def pss_kib(self) -> int:
-        total = 0
-        for pid in session_pids(self.proc.pid):
-            with contextlib.suppress(OSError), open(f"/proc/{pid}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("Pss:"):
-                        total += int(line.split()[1])
-        return total
-
-    def log_tail(self) -> str:
-        with contextlib.suppress(OSError):
-            return self.log_path.read_text(errors="replace")[-800:]
-        return ""
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(STOP_TIMEOUT_S)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        # SO_REUSEADDR: a port whose old connections sit in TIME_WAIT is fine for a listener
-        # (the servers set it too), and without it bind(0) can run out of ports after many runs.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(name: str, workdir: Path) -> Daemon:
-    build, _protocol = SERVERS[name]
-    workdir.mkdir(parents=True, exist_ok=True)
-    workdir.chmod(0o755)
-    for _attempt in range(5):
-        port = free_port()
-        argv = build(workdir, port)
-        log_path = workdir / f"{name}.log"
-        with open(log_path, "ab") as logf:
-            proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                cwd=workdir, start_new_session=True, env=clean_env(),
-            )  # fmt: skip
-        daemon = Daemon(name, proc, port, log_path)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while proc.poll() is None and time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection((HOST, port), 0.2):
-                time.sleep(0.2)  # let multi-process servers finish starting their workers
-                return daemon
-            time.sleep(0.02)
-        daemon.stop()
-        if "in use" not in daemon.log_tail().lower():
-            break
-    raise RuntimeError(f"{name} did not start: {daemon.log_tail()}")
-
-
-def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items()
-            if not (k.lower().endswith("_proxy") or k.startswith(("SOCKS", "CONNECT_")))}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- client side
@@ -292,12 +88,7 @@ def open_tunnel(
     for data, size in zip(sends, replies, strict=True):
         sock.sendall(data)
         if size > 0:
-            got = b""
-            while len(got) < size:
-                chunk = sock.recv(size - len(got))
-                if not chunk:
-                    raise ConnectionError("proxy closed during the handshake")
-                got += chunk
+            got = recv_exact(sock, size)
             if got[1] != 0 and len(got) == 10:
                 raise ConnectionError(f"SOCKS5 reply {got[1]}")
         else:
@@ -312,43 +103,8 @@ def open_tunnel(
     return sock
 
 
-def zero_fd() -> int:
-    fd = os.memfd_create("bench-zeros", os.MFD_CLOEXEC)
-    chunk = bytes(MiB)
-    for _ in range(ZERO_FILE_BYTES // MiB):
-        os.write(fd, chunk)
-    return fd
-
-
-def send_zeros(sock: socket.socket, fd: int, total: int) -> None:
-    """sendfile ``total`` bytes from the zero memfd, wrapping around its end."""
-    sent = 0
-    out = sock.fileno()
-    while sent < total:
-        offset = sent % ZERO_FILE_BYTES
-        count = min(total - sent, ZERO_FILE_BYTES - offset)
-        sent += os.sendfile(out, fd, offset, count)
-
-
-def recv_discard(sock: socket.socket, total: int) -> int:
-    """recv(MSG_TRUNC) until ``total`` bytes or EOF; the count."""
-    got = 0
-    while got < total:
-        count = sock.recv_into(TRUNC_BUFFER, min(len(TRUNC_BUFFER), total - got), socket.MSG_TRUNC)
-        if count == 0:
-            break
-        got += count
-    return got
-
-
-def recv_exact(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise ConnectionError("EOF")
-        data += chunk
-    return data
+def discard(sock: socket.socket, total: int) -> int:
+    return recv_discard(sock, TRUNC_BUFFER, total, socket.MSG_TRUNC)
 
 
 class StreamTarget:
@@ -384,10 +140,10 @@ class StreamTarget:
                     int.from_bytes(header[5:], "big"),
                 )
                 if direction == 0:
-                    moved = recv_discard(conn, size)
+                    moved = discard(conn, size)
                 else:
                     recv_exact(conn, 1)  # "go"
-                    send_zeros(conn, self.zeros, size)
+                    send_zeros(conn.fileno(), self.zeros, size)
                     moved = size
                     recv_exact(conn, 1)  # the client's "done": close only after it has it all
             except OSError:
@@ -407,8 +163,15 @@ class StreamTarget:
         self.listener.close()
 
 
-def run_stream(daemon: Daemon, protocol: str, target: StreamTarget, stream: int, direction: int,
-               size: int, zeros: int) -> tuple[float, float]:  # fmt: skip
+def run_stream(
+    daemon: daemons.Daemon,
+    protocol: str,
+    target: StreamTarget,
+    stream: int,
+    direction: int,
+    size: int,
+    zeros: int,
+) -> tuple[float, float]:
     """One stream through the proxy; (seconds from tunnel-open to the last byte, bytes)."""
     sock = open_tunnel(daemon.port, protocol, target.port)
     with sock:
@@ -417,23 +180,24 @@ def run_stream(daemon: Daemon, protocol: str, target: StreamTarget, stream: int,
         sock.sendall(header + (b"g" if direction else b""))
         started = time.perf_counter()
         if direction == 0:
-            send_zeros(sock, zeros, size)
+            send_zeros(sock.fileno(), zeros, size)
             ended, moved = target.wait(stream, 600)
         else:
-            moved = recv_discard(sock, size)
+            moved = discard(sock, size)
             ended = time.perf_counter()
             sock.sendall(b"k")
             target.wait(stream, 60)
     if moved != size:
-        raise RuntimeError(f"{daemon.name}: stream moved {moved} of {size} bytes")
+        raise RuntimeError(f"{daemon.key}: stream moved {moved} of {size} bytes")
     return ended - started, float(moved)
 
 
 _stream_ids = iter(range(1, 1 << 31))
 
 
-def measure_single(daemon: Daemon, protocol: str, target: StreamTarget, zeros: int,
-                   size: int) -> dict[str, float]:  # fmt: skip
+def measure_single(
+    daemon: daemons.Daemon, protocol: str, target: StreamTarget, zeros: int, size: int
+) -> dict[str, float]:
     out: dict[str, float] = {}
     for name, direction in (("up", 0), ("down", 1)):
         cpu0 = daemon.cpu()
@@ -446,8 +210,9 @@ def measure_single(daemon: Daemon, protocol: str, target: StreamTarget, zeros: i
     return out
 
 
-def measure_aggregate(daemon: Daemon, protocol: str, target: StreamTarget, zeros: int,
-                      streams: int, size: int) -> dict[str, float]:  # fmt: skip
+def measure_aggregate(
+    daemon: daemons.Daemon, protocol: str, target: StreamTarget, zeros: int, streams: int, size: int
+) -> dict[str, float]:
     errors: list[BaseException] = []
     barrier = threading.Barrier(streams + 1)
     done: list[float] = []
@@ -461,7 +226,7 @@ def measure_aggregate(daemon: Daemon, protocol: str, target: StreamTarget, zeros
                 sock.sendall(stream.to_bytes(4, "big") + b"\x01" + size.to_bytes(7, "big"))
                 barrier.wait(60)
                 sock.sendall(b"g")
-                if recv_discard(sock, size) != size:
+                if discard(sock, size) != size:
                     raise RuntimeError("short stream")
                 done.append(time.perf_counter())
                 sock.sendall(b"k")
@@ -481,7 +246,7 @@ def measure_aggregate(daemon: Daemon, protocol: str, target: StreamTarget, zeros
         thread.join(600)
     cpu = daemon.cpu() - cpu0
     if errors:
-        raise RuntimeError(f"{daemon.name}: aggregate: {errors[0]!r}")
+        raise RuntimeError(f"{daemon.key}: aggregate: {errors[0]!r}")
     total = streams * size
     seconds = max(done) - started
     return {"agg_mbps": total / seconds / 1e6, "agg_cpu_per_gib": cpu / (total / GiB)}
@@ -559,8 +324,9 @@ class BannerTarget:
         self.proc.wait()
 
 
-def measure_tps(daemon: Daemon, protocol: str, banner_ports: list[int], inflight: int,
-                seconds: float) -> dict[str, float]:  # fmt: skip
+def measure_tps(
+    daemon: daemons.Daemon, protocol: str, banner_ports: list[int], inflight: int, seconds: float
+) -> dict[str, float]:
     """Tunnels per second with ``inflight`` at once: connect, handshake, banner, close.
 
     The target sends its banner and closes; the client reads the reply and the banner, then
@@ -655,12 +421,17 @@ def measure_tps(daemon: Daemon, protocol: str, banner_ports: list[int], inflight
         key.fileobj.close()  # type: ignore[union-attr]
     sel.close()
     if failed > completed // 100:
-        raise RuntimeError(f"{daemon.name}: tps: {failed} failed, {completed} completed: {errors}")
-    return {"tps": completed / elapsed, "tps_cpu_ms": cpu / max(completed, 1) * 1000,
-            "tps_failed": float(failed)}  # fmt: skip
+        raise RuntimeError(f"{daemon.key}: tps: {failed} failed, {completed} completed: {errors}")
+    return {
+        "tps": completed / elapsed,
+        "tps_cpu_ms": cpu / max(completed, 1) * 1000,
+        "tps_failed": float(failed),
+    }
 
 
-def measure_idle(daemon: Daemon, protocol: str, banner_port: int, count: int) -> dict[str, float]:
+def measure_idle(
+    daemon: daemons.Daemon, protocol: str, banner_port: int, count: int
+) -> dict[str, float]:
     """PSS growth per idle established tunnel (banner read, then nothing)."""
     warm = [open_tunnel(daemon.port, protocol, banner_port) for _ in range(20)]
     for sock in warm:
@@ -685,24 +456,17 @@ def measure_idle(daemon: Daemon, protocol: str, banner_port: int, count: int) ->
 # --------------------------------------------------------------------------- driver
 
 
-def log(message: str) -> None:
-    sys.stderr.write(f"bench: {message}\n")
-    sys.stderr.flush()
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": MiB, "G": GiB}
-    if text[-1:].upper() in units:
-        return int(float(text[:-1]) * units[text[-1].upper()])
-    return int(text)
-
-
 COLUMNS = [
-    ("up_mbps", "up MB/s"), ("up_cpu_per_gib", "up CPU-s/GiB"),
-    ("down_mbps", "down MB/s"), ("down_cpu_per_gib", "down CPU-s/GiB"),
-    ("agg_mbps", "64-stream MB/s"), ("agg_cpu_per_gib", "64-stream CPU-s/GiB"),
-    ("tps", "tunnels/s"), ("tps_cpu_ms", "CPU ms/tunnel"), ("idle_kib", "KiB/idle tunnel"),
-]  # fmt: skip
+    ("up_mbps", "up MB/s"),
+    ("up_cpu_per_gib", "up CPU-s/GiB"),
+    ("down_mbps", "down MB/s"),
+    ("down_cpu_per_gib", "down CPU-s/GiB"),
+    ("agg_mbps", "64-stream MB/s"),
+    ("agg_cpu_per_gib", "64-stream CPU-s/GiB"),
+    ("tps", "tunnels/s"),
+    ("tps_cpu_ms", "CPU ms/tunnel"),
+    ("idle_kib", "KiB/idle tunnel"),
+]
 
 
 def main() -> int:
@@ -725,17 +489,17 @@ def main() -> int:
     if args.banner_target:
         banner_target_main(args.banner_target)
         return 0
-    HOPCAT_EXTRA.extend(args.hopcat_args.split())
+    hopcat_extra = args.hopcat_args.split()
     names = [n for n in args.servers.split(",") if n]
     for name in names:
-        if name not in SERVERS:
-            parser.error(f"unknown server {name!r} (choose from {', '.join(SERVERS)})")
+        if name not in daemons.SERVERS:
+            parser.error(f"unknown server {name!r} (choose from {', '.join(daemons.SERVERS)})")
     only = set(args.only.split(","))
     size = parse_size(args.size)
     stream_size = parse_size(args.stream_size)
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by the servers
-    zeros = zero_fd()
+    zeros = zero_memfd()
     results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     failures: list[str] = []
     load = os.getloadavg()[0]
@@ -745,30 +509,35 @@ def main() -> int:
         target = StreamTarget(zeros)
         try:
             for rep in range(args.reps):
-                order = names[rep % len(names) :] + names[: rep % len(names)]
-                for name in order:
-                    protocol = SERVERS[name][1]
+                for name in rotated(names, rep):
+                    protocol = daemons.SERVERS[name].schemes[0]
                     row: dict[str, float] = {}
                     try:
                         if only & {"single", "aggregate", "tps"}:
-                            daemon = start_server(name, work / f"{name}-{rep}")
+                            daemon = daemons.start(name, work / f"{name}-{rep}", hopcat_extra)
                             try:
                                 if "tps" in only:
                                     log(f"rep {rep + 1} {name}: tunnels per second")
-                                    row |= measure_tps(daemon, protocol, banner.ports,
-                                                       args.inflight, args.tps_seconds)  # fmt: skip
+                                    row |= measure_tps(
+                                        daemon,
+                                        protocol,
+                                        banner.ports,
+                                        args.inflight,
+                                        args.tps_seconds,
+                                    )
                                 if "single" in only:
                                     log(f"rep {rep + 1} {name}: single stream")
                                     row |= measure_single(daemon, protocol, target, zeros, size)
                                 if "aggregate" in only:
                                     log(f"rep {rep + 1} {name}: {args.streams} streams")
-                                    row |= measure_aggregate(daemon, protocol, target, zeros,
-                                                             args.streams, stream_size)  # fmt: skip
+                                    row |= measure_aggregate(
+                                        daemon, protocol, target, zeros, args.streams, stream_size
+                                    )
                             finally:
                                 daemon.stop()
                         if "idle" in only:
                             log(f"rep {rep + 1} {name}: {args.idle} idle tunnels")
-                            daemon = start_server(name, work / f"{name}-{rep}-idle")
+                            daemon = daemons.start(name, work / f"{name}-{rep}-idle", hopcat_extra)
                             try:
                                 row |= measure_idle(daemon, protocol, banner.port, args.idle)
                             finally:
@@ -781,14 +550,17 @@ def main() -> int:
             target.close()
             banner.close()
     print(report(results, names, args, load, failures))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results,
-                                               "failures": failures}, indent=1))  # fmt: skip
+    write_json(args.json, {"args": vars(args), "results": results, "failures": failures})
     return 1 if failures else 0
 
 
-def report(results: dict[str, list[dict[str, float]]], names: list[str], args: argparse.Namespace,
-           load: float, failures: list[str]) -> str:  # fmt: skip
+def report(
+    results: dict[str, list[dict[str, float]]],
+    names: list[str],
+    args: argparse.Namespace,
+    load: float,
+    failures: list[str],
+) -> str:
     lines = [
         "# hopcat serve benchmark",
         "",
@@ -798,11 +570,13 @@ def report(results: dict[str, list[dict[str, float]]], names: list[str], args: a
         "Medians.",
         "",
     ]
-    shown = [(key, title) for key, title in COLUMNS
-             if any(key in row for rows in results.values() for row in rows)]  # fmt: skip
+    shown = [
+        (key, title)
+        for key, title in COLUMNS
+        if any(key in row for rows in results.values() for row in rows)
+    ]
     titles = [title.replace("64-stream", f"{args.streams}-stream") for _, title in shown]
-    lines.append("| server | " + " | ".join(titles) + " |")
-    lines.append("|---|" + "---:|" * len(shown))
+    rows = []
     medians: dict[str, dict[str, float]] = {}
     for name in names:
         cells = []
@@ -812,10 +586,11 @@ def report(results: dict[str, list[dict[str, float]]], names: list[str], args: a
             if not values:
                 cells.append("-")
                 continue
-            value = statistics.median(values)
+            value = median(values)
             medians[name][key] = value
             cells.append(f"{value:.0f}" if value >= 100 else f"{value:.2f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        rows.append([name, *cells])
+    lines.append(md_table(["server", *titles], rows, set(range(1, len(titles) + 1))))
     hop = medians.get("hopcat", {})
     checks = []
     dante, pproxy = medians.get("dante", {}), medians.get("pproxy", {})
@@ -829,8 +604,9 @@ def report(results: dict[str, list[dict[str, float]]], names: list[str], args: a
     ):
         if key in hop and key in other:
             ok = hop[key] >= other[key] if better == "higher" else hop[key] <= other[key]
-            checks.append(f"- {label}: {hop[key]:.2f} vs {other[key]:.2f}: "
-                          f"{'met' if ok else 'NOT met'}")  # fmt: skip
+            checks.append(
+                f"- {label}: {hop[key]:.2f} vs {other[key]:.2f}: {'met' if ok else 'NOT met'}"
+            )
     if checks:
         lines += ["", "Targets (hopcat vs peer, same run):", *checks]
     if failures:

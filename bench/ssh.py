@@ -34,33 +34,49 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
-import platform
-import select
 import shlex
 import shutil
-import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests" / "integration"))
-import peers  # noqa: E402  (start_sshd, start_danted, peer_env)
+from harness import daemons
+from harness.common import (
+    MB,
+    GiB,
+    MiB,
+    arg_parser,
+    first_line,
+    human_size,
+    log,
+    machine_meta,
+    md_table,
+    median,
+    rotated,
+    stop_on_signals,
+    write_json,
+)
+from harness.daemons import peers
+from harness.procs import rusage_cpu, wait_exit
+from harness.tools import hopcat_command, resolve_tool
 
-MiB = 1 << 20
-GiB = 1 << 30
-MB = 1e6
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 WARMUP_SIZE = 16 * MiB
 RUSAGE_WAIT_S = 5.0  # after ssh exits, how long the wrapper may take to report the tool's rusage
 DIRECTIONS = ("down", "up")
-ALL_TOOLS = ("direct", "hopcat", "hopcat-F", "nc", "nc-F", "ncat", "connect")
+# The rows: name -> (tool, fd passing, ProxyCommand options before "%h %p"; {hp} = Dante's H:P).
+ROWS: dict[str, tuple[str, bool, list[str]] | None] = {
+    "direct": None,
+    "hopcat": ("hopcat", False, ["-x", "socks5h://{hp}"]),
+    "hopcat-F": ("hopcat", True, ["-F", "-x", "socks5h://{hp}"]),
+    "nc": ("nc", False, ["-X", "5", "-x", "{hp}"]),
+    "nc-F": ("nc", True, ["-F", "-X", "5", "-x", "{hp}"]),
+    "ncat": ("ncat", False, ["--proxy", "{hp}", "--proxy-type", "socks5"]),
+    "connect": ("connect", False, ["-S", "{hp}"]),
+}
 
 # Runs the ProxyCommand tool as its child and records the child's rusage (and its own) in a file.
 # ssh sends SIGHUP to the ProxyCommand when it exits: forward it, then still reap and record.
@@ -93,9 +109,6 @@ os._exit(code if code >= 0 else 128 - code)
 """
 
 
-# --------------------------------------------------------------------------- tools
-
-
 @dataclass
 class Tool:
     name: str
@@ -111,58 +124,20 @@ class Tool:
         return shlex.join(a.replace("%", "%%") for a in argv) + " %h %p"
 
 
-def hopcat_argv(cmd: str | None) -> tuple[list[str] | None, dict[str, str], str | None]:
-    """(argv, extra env, missing reason) for hopcat, as bench/relay.py picks it."""
-    if cmd:
-        argv = shlex.split(cmd)
-        path = shutil.which(argv[0]) if os.sep not in argv[0] else argv[0]
-        if not path or not os.access(path, os.X_OK):
-            return None, {}, f"--hopcat command not found: {argv[0]}"
-        return [path, *argv[1:]], {}, None
-    if os.access(REPO / ".venv/bin/hopcat", os.X_OK):
-        return [str(REPO / ".venv/bin/hopcat")], {}, None
-    if (REPO / "src/hopcat").is_dir():
-        pp = os.environ.get("PYTHONPATH")
-        env = {"PYTHONPATH": str(REPO / "src") + (os.pathsep + pp if pp else "")}
-        return [sys.executable, "-m", "hopcat"], env, None
-    return None, {}, f"no {REPO}/.venv/bin/hopcat and no {REPO}/src/hopcat"
-
-
-def make_tools(names: list[str], proxy_hostport: str, hopcat_cmd: str | None) -> list[Tool]:
-    hp = proxy_hostport
-    tools: list[Tool] = []
+def make_tools(names: list[str], hostport: str, hopcat_cmd: str | None) -> list[Tool]:
+    tools = []
     for name in names:
-        if name == "direct":
+        row = ROWS[name]
+        if row is None:
             tools.append(Tool(name, None))
             continue
-        if name in ("hopcat", "hopcat-F"):
-            argv, env, missing = hopcat_argv(hopcat_cmd)
-            fd = name == "hopcat-F"
-            if argv is not None:
-                argv = [*argv, *(["-F"] if fd else []), "-x", f"socks5h://{hp}"]
-            tools.append(Tool(name, argv, fdpass=fd, env=env, missing=missing))
-            continue
-        exe = {
-            "nc": "nc.openbsd",
-            "nc-F": "nc.openbsd",
-            "ncat": "ncat",
-            "connect": "connect-proxy",
-        }[name]
-        path = shutil.which(exe)
-        if path is None:
-            tools.append(Tool(name, None, missing=f"{exe} not installed"))
-            continue
-        tail = {
-            "nc": ["-X", "5", "-x", hp],
-            "nc-F": ["-F", "-X", "5", "-x", hp],
-            "ncat": ["--proxy", hp, "--proxy-type", "socks5"],
-            "connect": ["-S", hp],
-        }[name]
-        tools.append(Tool(name, [path, *tail], fdpass=name.endswith("-F")))
+        key, fdpass, options = row
+        tool = resolve_tool(key, hopcat_cmd)
+        argv = (
+            None if tool.argv is None else [*tool.argv, *(o.format(hp=hostport) for o in options)]
+        )
+        tools.append(Tool(name, argv, fdpass, tool.env, tool.missing))
     return tools
-
-
-# --------------------------------------------------------------------------- measuring
 
 
 @dataclass
@@ -179,37 +154,6 @@ class Run:
     error: str = ""
 
 
-def group_cpu(pgid: int) -> float:
-    """utime+stime+cutime+cstime of every live process in a process group (Dante and children)."""
-    total = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        # after the command: state(0) ppid(1) pgrp(2) ... utime(11) stime(12) cutime(13) cstime(14)
-        if int(fields[2]) == pgid:
-            total += sum(int(x) for x in fields[11:15])
-    return total / CLK_TCK
-
-
-def wait_pid(pid: int, timeout: float) -> tuple[int, float] | None:
-    """Reap pid within timeout: (exit code, user+sys CPU incl. reaped children) or None."""
-    fd = os.pidfd_open(pid)
-    try:
-        ready, _, _ = select.select([fd], [], [], timeout)
-        if not ready:
-            return None
-        _, status, ru = os.wait4(pid, 0)
-        return os.waitstatus_to_exitcode(status), ru.ru_utime + ru.ru_stime
-    finally:
-        os.close(fd)
-
-
 class Bench:
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args = args
@@ -217,15 +161,14 @@ class Bench:
         self.env = peers.peer_env()
         log("starting sshd and Dante on 127.0.0.1 ...")
         self.sshd = peers.start_sshd(workdir / "sshd")
-        self.dante = peers.start_danted(workdir / "dante")
+        self.dante = daemons.start("dante", workdir / "dante")
         self.wrapper_path = workdir / "rusage_wrapper.py"
         self.wrapper_path.write_text(WRAPPER)
         self.seq = 0
 
     def close(self) -> None:
-        for daemon in (self.dante, self.sshd):
-            with contextlib.suppress(Exception):
-                daemon.stop()
+        self.dante.stop()
+        self.sshd.stop()
 
     def ssh_argv(self, tool: Tool, rusage_file: Path | None) -> list[str]:
         opts = ["-T", "-x", "-c", self.args.cipher, "-o", "Compression=no"]
@@ -250,38 +193,37 @@ class Bench:
         env = {**self.env, **tool.env}
         timeout = self.args.timeout or (60 + size / (20 * MB))
         feeder = None
-        dante0 = group_cpu(self.dante.pid)
+        dante0 = self.dante.cpu()
         start = time.perf_counter()
         with tempfile.TemporaryFile() as err:
+            stdin: Any = subprocess.DEVNULL
             if direction == "up":
                 feeder = subprocess.Popen(
                     ["head", "-c", str(size), "/dev/zero"],
+                    env=env,
                     stdout=subprocess.PIPE,
                     stdin=subprocess.DEVNULL,
-                    env=env,
                 )
                 stdin = feeder.stdout
-            else:
-                stdin = subprocess.DEVNULL
-            with open(os.devnull, "wb") as null:
-                ssh = subprocess.Popen(
-                    argv, stdin=stdin, stdout=null, stderr=err, env=env, start_new_session=True
-                )
+            ssh = subprocess.Popen(
+                argv,
+                stdin=stdin,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                env=env,
+                start_new_session=True,
+            )
             if feeder is not None and feeder.stdout is not None:
                 feeder.stdout.close()
-            done = wait_pid(ssh.pid, timeout)
+            ex = wait_exit(ssh.pid, timeout, group=True)
+            ssh.returncode = ex.status  # reaped by wait_exit; keeps Popen from trying again
             run.wall = time.perf_counter() - start
-            if done is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(ssh.pid, signal.SIGKILL)
-                os.waitpid(ssh.pid, 0)
+            if ex.timed_out:
                 run.error = f"timed out after {timeout:.0f}s"
             else:
-                code, ssh_cpu = done
-                run.ssh_cpu = ssh_cpu
-                if code != 0:
-                    run.error = f"ssh exit {code}"
-            ssh.returncode = 0  # reaped above; keep Popen from warning
+                run.ssh_cpu = rusage_cpu(ex.rusage)
+                if ex.status != 0:
+                    run.error = f"ssh exit {ex.status}"
             if feeder is not None:
                 try:
                     feeder.wait(10)
@@ -290,12 +232,11 @@ class Bench:
                     feeder.wait(10)
                 if feeder.returncode != 0 and not run.error:
                     run.error = f"head exit {feeder.returncode}"
-            run.dante_cpu = group_cpu(self.dante.pid) - dante0
+            run.dante_cpu = self.dante.cpu() - dante0
             if rusage_file is not None:
                 self._read_rusage(run, rusage_file, tool)
-            if not run.error:
-                run.ok = True
-            else:
+            run.ok = not run.error
+            if run.error:
                 err.seek(0)
                 run.error += ": " + err.read()[-400:].decode(errors="replace").strip()
         return run
@@ -315,48 +256,6 @@ class Bench:
         path.unlink()
 
 
-# --------------------------------------------------------------------------- report
-
-
-def parse_size(text: str) -> int:
-    t = text.strip().lower().removesuffix("b").removesuffix("i")
-    mult = {"k": 1 << 10, "m": MiB, "g": GiB}
-    if t and t[-1] in mult:
-        return int(float(t[:-1]) * mult[t[-1]])
-    return int(t)
-
-
-def human_size(n: int) -> str:
-    for unit, m in (("GiB", GiB), ("MiB", MiB), ("KiB", 1024)):
-        if n >= m and n % m == 0:
-            return f"{n // m} {unit}"
-    return f"{n} B"
-
-
-def md_table(headers: list[str], rows: list[list[str]], text_cols: int = 2) -> str:
-    """Markdown table; the first ``text_cols`` columns left-aligned, the rest right-aligned."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-    def line(cells: list[str]) -> str:
-        return (
-            "| "
-            + " | ".join(
-                c.ljust(w) if i < text_cols else c.rjust(w)
-                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-            )
-            + " |"
-        )
-
-    sep = "|" + "|".join(
-        "-" * (w + 2) if i < text_cols else "-" * (w + 1) + ":" for i, w in enumerate(widths)
-    )
-    return "\n".join([line(headers), sep + "|", *(line(r) for r in rows)])
-
-
-def med(xs: list[float]) -> float | None:
-    return statistics.median(xs) if xs else None
-
-
 def summarize(runs: list[Run], tools: list[Tool], directions: list[str]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for tool in tools:
@@ -366,17 +265,21 @@ def summarize(runs: list[Run], tools: list[Tool], directions: list[str]) -> dict
             ok = [r for r in rs if r.ok]
             entry: dict = {"runs": len(rs), "ok": len(ok)}
             if ok:
-                gib = ok[0].size / GiB if d != "setup" else None
                 if d == "setup":
-                    entry["wall_ms"] = med([r.wall * 1000 for r in ok])
+                    entry["wall_ms"] = median([r.wall * 1000 for r in ok])
                 else:
                     rates = [r.size / r.wall / MB for r in ok]
-                    entry["wall_s"] = med([r.wall for r in ok])
-                    entry["mbps"], entry["min"], entry["max"] = med(rates), min(rates), max(rates)
+                    entry["wall_s"] = median([r.wall for r in ok])
+                    entry["mbps"], entry["min"], entry["max"] = (
+                        median(rates),
+                        min(rates),
+                        max(rates),
+                    )
+                per_gib = GiB / ok[0].size if d != "setup" else 1.0
                 for key in ("ssh_cpu", "tool_cpu", "dante_cpu"):
-                    vals = [getattr(r, key) for r in ok if getattr(r, key) is not None]
+                    vals = [v for r in ok if (v := getattr(r, key)) is not None]
                     if vals:
-                        entry[key] = med(vals) / gib if gib else med(vals)
+                        entry[key] = median(vals) * per_gib
             per[d] = entry
         out[tool.name] = per
     return out
@@ -413,6 +316,14 @@ def report(
     def ratio(x: float | None, base: float | None) -> str:
         return fmt(x / base if x and base else None, ".2f")
 
+    def net(name: str, d: str) -> float | None:
+        """MB/s over (median wall - median setup): the transfer without connection setup."""
+        wall = summary[name][d].get("wall_s")
+        setup_ms = summary[name].get("setup", {}).get("wall_ms")
+        if wall is None or setup_ms is None or wall <= setup_ms / 1000:
+            return None
+        return float(args.size / (wall - setup_ms / 1000) / MB)
+
     # Throughput and connection setup.
     headers = ["tool", "ProxyCommand"]
     for d in dirs:
@@ -422,15 +333,6 @@ def report(
     if setup:
         headers += ["setup ms", "vs direct"]
     headers.append("ok")
-
-    def net(name: str, d: str) -> float | None:
-        """MB/s over (median wall - median setup): the transfer without connection setup."""
-        wall = summary[name][d].get("wall_s")
-        setup_ms = summary[name].get("setup", {}).get("wall_ms")
-        if wall is None or setup_ms is None or wall <= setup_ms / 1000:
-            return None
-        return float(args.size / (wall - setup_ms / 1000) / MB)
-
     rows = []
     for tool in tools:
         pc = "(none)"
@@ -455,8 +357,7 @@ def report(
         bad = [f"{d} {s[d]['ok']}/{s[d]['runs']}" for d in measured if s[d]["ok"] != s[d]["runs"]]
         row.append(", ".join(bad) if bad else "all")
         rows.append(row)
-    lines.append(md_table(headers, rows))
-    lines.append("")
+    lines += [md_table(headers, rows, set(range(2, len(headers)))), ""]
 
     # CPU per GiB moved.
     headers = ["tool"]
@@ -465,11 +366,17 @@ def report(
     rows = []
     for tool in tools:
         s = summary[tool.name]
-        row = [tool.name]
-        for key in ("tool_cpu", "dante_cpu", "ssh_cpu"):
-            row += [fmt(s[d].get(key), ".2f") for d in dirs]
-        rows.append(row)
-    lines.append(md_table(headers, rows, text_cols=1))
+        rows.append(
+            [
+                tool.name,
+                *(
+                    fmt(s[d].get(key), ".2f")
+                    for key in ("tool_cpu", "dante_cpu", "ssh_cpu")
+                    for d in dirs
+                ),
+            ]
+        )
+    lines.append(md_table(headers, rows, set(range(1, len(headers)))))
     lines += [
         "",
         "MB/s = size / wall of the whole ssh command (1 MB = 10^6 B), connection setup "
@@ -478,8 +385,7 @@ def report(
         "Dante CPU = its process group; ssh CPU = the ssh client (fd-passing ProxyCommand "
         "subtracted). The remote sshd's CPU is not measured.",
     ]
-    for name, why in meta.get("skipped", {}).items():
-        lines.append(f"- skipped {name}: {why}")
+    lines += [f"- skipped {name}: {why}" for name, why in meta.get("skipped", {}).items()]
     failures = [r for r in runs if not r.ok]
     if failures:
         lines += ["", "## Failures", ""]
@@ -487,77 +393,24 @@ def report(
     return "\n".join(lines) + "\n"
 
 
-def version_line(argv: list[str]) -> str:
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        cp = subprocess.run(
-            argv, capture_output=True, text=True, timeout=5, stdin=subprocess.DEVNULL
-        )
-        text = (cp.stdout + cp.stderr).strip()
-        if text:
-            return text.splitlines()[0][:80]
-    return "?"
-
-
-def machine_meta(hopcat: str) -> dict:
-    cpu = "?"
-    with contextlib.suppress(OSError):
-        for ln in Path("/proc/cpuinfo").read_text().splitlines():
-            if ln.startswith("model name"):
-                cpu = ln.split(":", 1)[1].strip()
-                break
-    return {
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "kernel": platform.release(),
-        "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "git": version_line(["git", "-C", str(REPO), "describe", "--always", "--dirty"]),
-        "openssh": version_line(["ssh", "-V"]),
-        "dante": version_line(
-            [shutil.which("danted", path="/usr/sbin:/sbin:/usr/bin") or "danted", "-v"]
-        ),
-        "hopcat": hopcat,
-    }
-
-
-# --------------------------------------------------------------------------- main
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--size",
-        type=parse_size,
-        default=GiB,
-        help="bytes per run (K/M/G = KiB/MiB/GiB; default 1G)",
-    )
-    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default 3)")
-    p.add_argument("--tools", default=",".join(ALL_TOOLS), help=f"any of {','.join(ALL_TOOLS)}")
+    p = arg_parser((__doc__ or "").split("\n\n")[0], reps=3)
+    p.add_argument("--tools", default=",".join(ROWS), help=f"any of {','.join(ROWS)}")
     p.add_argument("--only", default="down,up,setup", help="any of down,up,setup")
     p.add_argument(
         "--cipher", default="aes128-gcm@openssh.com", help="ssh -c (default aes128-gcm@openssh.com)"
     )
     p.add_argument(
-        "--hopcat", help="hopcat command (default <repo>/.venv/bin/hopcat, else python -m hopcat)"
-    )
-    p.add_argument(
         "--no-cpu", action="store_true", help="run ProxyCommands bare, without the rusage wrapper"
     )
-    p.add_argument("--no-warmup", action="store_true", help="skip the untimed 16 MiB run per tool")
     p.add_argument(
         "--timeout", type=float, default=0, help="seconds per run (default 60 + size / 20 MB/s)"
     )
-    p.add_argument("--json", help="write raw runs and the summary here")
     args = p.parse_args(argv)
     args.only = [x for x in args.only.split(",") if x]
     args.tool_names = [x for x in args.tools.split(",") if x]
     bad = [x for x in args.only if x not in (*DIRECTIONS, "setup")]
-    bad += [x for x in args.tool_names if x not in ALL_TOOLS]
+    bad += [x for x in args.tool_names if x not in ROWS]
     if bad:
         p.error(f"unknown: {', '.join(bad)}")
     return args
@@ -571,15 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         except peers.PeerUnavailable as e:
             log(f"cannot run: {e}")
             return 2
-
-    def on_signal(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    for s in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, on_signal)
-
     runs: list[Run] = []
-    with tempfile.TemporaryDirectory(prefix="hopcat-bench-ssh-") as tmp:
+    with stop_on_signals(), tempfile.TemporaryDirectory(prefix="hopcat-bench-ssh-") as tmp:
         workdir = Path(tmp)
         workdir.chmod(0o755)
         bench = Bench(args, workdir)
@@ -589,9 +435,15 @@ def main(argv: list[str] | None = None) -> int:
                 if t.missing:
                     log(f"skipping {t.name}: {t.missing}")
             active = [t for t in tools if not t.missing]
-            hop_argv, _hop_env, hop_missing = hopcat_argv(args.hopcat)
-            meta = machine_meta(hop_missing or shlex.join(hop_argv or []))
-            meta["skipped"] = {t.name: t.missing for t in tools if t.missing}
+            hop_argv, _hop_env, hop_missing = hopcat_command(args.hopcat)
+            danted = shutil.which("danted", path="/usr/sbin:/sbin:/usr/bin") or "danted"
+            meta: dict[str, Any] = machine_meta()
+            meta.update(
+                openssh=first_line(["ssh", "-V"]),
+                dante=first_line([danted, "-v"]),
+                hopcat=hop_missing or shlex.join(hop_argv or []),
+                skipped={t.name: t.missing for t in tools if t.missing},
+            )
             dirs = [d for d in ("down", "up", "setup") if d in args.only]
             if not args.no_warmup:
                 for t in active:
@@ -599,8 +451,7 @@ def main(argv: list[str] | None = None) -> int:
                         r = bench.run(t, d, WARMUP_SIZE, -1)
                         log(f"warm-up {t.name:9} {d:5} {'ok' if r.ok else 'FAIL ' + r.error}")
             for rep in range(args.reps):
-                k = rep % len(active)
-                for t in active[k:] + active[:k]:  # rotate: no tool always goes first
+                for t in rotated(active, rep):
                     for d in dirs:
                         size = 0 if d == "setup" else args.size
                         r = bench.run(t, d, size, rep)
@@ -617,15 +468,10 @@ def main(argv: list[str] | None = None) -> int:
             summary = summarize(runs, active, dirs)
             sample = [*bench.ssh_argv(Tool("direct", None), None), "CMD"]
         finally:
-            bench.close()
-    text = report(args, meta, active, summary, runs, sample)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {"meta": meta, "summary": summary, "runs": [asdict(r) for r in runs]}, indent=2
-            )
-        )
+            with contextlib.suppress(Exception):
+                bench.close()
+    print(report(args, meta, active, summary, runs, sample))
+    write_json(args.json, {"meta": meta, "summary": summary, "runs": [asdict(r) for r in runs]})
     return 0 if all(r.ok for r in runs) else 1
 
 

@@ -1,0 +1,257 @@
+"""Loopback endpoints that are never the limit: each measures its own CPU (RUSAGE_THREAD).
+
+Data is a memfd of real zeros (no holes), sent with splice(2) into a pipe or sendfile(2) into a
+socket; received data is discarded with recv(MSG_TRUNC) or spliced into /dev/null. Nothing is
+copied through Python.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import threading
+import time
+
+from .common import HOST, MiB
+from .procs import thread_cpu
+
+ZERO_BYTES = 8 * MiB  # size of the zero memfd; every send starts at its offset 0
+IO_CHUNK = 1 * MiB  # receive / splice request size
+BANNER = b"SSH-2.0-OpenSSH_9.2 hopcat-bench\r\n"
+_NO_SPLICE = (errno.EINVAL, errno.ENOSYS)  # e.g. a file system without splice: plain copies
+
+
+def zero_memfd() -> int:
+    fd = os.memfd_create("hopcat-bench-zeros", os.MFD_CLOEXEC)
+    block = bytes(MiB)
+    for _ in range(ZERO_BYTES // MiB):
+        os.write(fd, block)
+    return fd
+
+
+def send_zeros(out_fd: int, zero_fd: int, total: int) -> int:
+    """sendfile ``total`` zero bytes into a socket."""
+    sent = 0
+    while sent < total:
+        sent += os.sendfile(out_fd, zero_fd, 0, min(total - sent, ZERO_BYTES))
+    return sent
+
+
+def recv_discard(sock: socket.socket, buf: bytearray, total: int = -1, flags: int = 0) -> int:
+    """recv into buf until EOF (or ``total`` bytes); the count. With MSG_TRUNC in flags the kernel
+    discards the data and buf is never written."""
+    recv_into, n, count = sock.recv_into, len(buf), 0
+    while count != total:
+        k = recv_into(buf, n if total < 0 else min(n, total - count), flags)
+        if not k:
+            break
+        count += k
+    return count
+
+
+def recv_exact(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError(f"EOF after {len(data)} of {size} bytes")
+        data += chunk
+    return data
+
+
+def make_listener(rcvbuf: int = 0, backlog: int = 16) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if rcvbuf:
+        # Set before listen() so accept() inherits it (and the window scale that follows from it).
+        force = getattr(socket, "SO_RCVBUFFORCE", None) if os.geteuid() == 0 else None
+        try:
+            s.setsockopt(socket.SOL_SOCKET, force or socket.SO_RCVBUF, rcvbuf)
+        except OSError:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.bind((HOST, 0))
+    s.listen(backlog)
+    return s
+
+
+class Endpoint(threading.Thread):
+    """One side of a run, in a thread; ``work`` sets ``count``; errors are reported, not raised."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self.count = 0
+        self.cpu = 0.0
+        self.t_done: float | None = None  # perf_counter when its job was complete
+        self.error: str | None = None
+        self.abort_reason: str | None = None
+
+    def run(self) -> None:
+        c0 = thread_cpu()
+        try:
+            self.work()
+        except BaseException as e:  # a failed run, reported with the others
+            self.error = f"{self.name}: {self.abort_reason or f'{type(e).__name__}: {e}'}"
+        finally:
+            if self.t_done is None:
+                self.t_done = time.perf_counter()
+            self.cpu = thread_cpu() - c0
+
+    def work(self) -> None:
+        raise NotImplementedError
+
+    def abort(self, reason: str = "aborted") -> None:
+        self.abort_reason = self.abort_reason or reason
+
+
+class ServerEndpoint(Endpoint):
+    def __init__(self, name: str, lst: socket.socket, accept_timeout: float) -> None:
+        super().__init__(name)
+        self.lst = lst
+        self.accept_timeout = accept_timeout
+        self.conn: socket.socket | None = None
+        self._aborted = False
+
+    def accept(self) -> socket.socket:
+        self.lst.settimeout(self.accept_timeout)
+        conn, _ = self.lst.accept()
+        conn.setblocking(True)
+        self.conn = conn
+        if self._aborted:
+            conn.close()
+            raise RuntimeError("aborted")
+        return conn
+
+    def abort(self, reason: str = "aborted") -> None:
+        super().abort(reason)
+        self._aborted = True
+        for s in (self.lst, self.conn):
+            if s is not None:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+
+class Sink(ServerEndpoint):
+    """Upload sink: accept one connection, discard until EOF, count the bytes."""
+
+    def __init__(self, lst: socket.socket, accept_timeout: float, trunc: bool = True) -> None:
+        super().__init__("sink", lst, accept_timeout)
+        self.flags = socket.MSG_TRUNC if trunc else 0
+        self.buf = bytearray(IO_CHUNK)
+
+    def work(self) -> None:
+        conn = self.accept()
+        self.count = recv_discard(conn, self.buf, flags=self.flags)
+        self.t_done = time.perf_counter()
+        conn.close()
+
+
+class Feeder(Endpoint):
+    """Upload feeder: splice ``total`` zero bytes into a pipe's write end, then close it."""
+
+    def __init__(self, wfd: int, total: int, zero_fd: int) -> None:
+        super().__init__("feeder")
+        self.wfd, self.total, self.zero_fd = wfd, total, zero_fd
+
+    def work(self) -> None:
+        remaining = self.total
+        try:
+            try:
+                while remaining:
+                    k = os.splice(self.zero_fd, self.wfd, min(remaining, ZERO_BYTES), offset_src=0)
+                    if not k:
+                        raise RuntimeError("splice returned 0")
+                    remaining -= k
+            except OSError as e:
+                if e.errno not in _NO_SPLICE:
+                    raise
+                block = memoryview(bytes(IO_CHUNK))
+                while remaining:
+                    remaining -= os.write(self.wfd, block[: min(remaining, IO_CHUNK)])
+        finally:
+            self.count = self.total - remaining
+            os.close(self.wfd)
+        self.t_done = time.perf_counter()
+
+
+class Source(ServerEndpoint):
+    """Download source: accept, sendfile ``total`` zero bytes, half-close, then close."""
+
+    def __init__(self, lst: socket.socket, accept_timeout: float, total: int, zero_fd: int) -> None:
+        super().__init__("source", lst, accept_timeout)
+        self.total, self.zero_fd = total, zero_fd
+
+    def work(self) -> None:
+        conn = self.accept()
+        self.count = send_zeros(conn.fileno(), self.zero_fd, self.total)
+        conn.shutdown(socket.SHUT_WR)  # FIN now: "the server closes"
+        self.t_done = time.perf_counter()
+        # Close for good once the client has gone (no RST if it sent anything), bounded.
+        conn.settimeout(self.accept_timeout)
+        with contextlib.suppress(OSError):
+            while conn.recv(65536):
+                pass
+        conn.close()
+
+
+class Reader(Endpoint):
+    """Download reader: splice the tool's stdout pipe into /dev/null until EOF."""
+
+    def __init__(self, rfd: int, devnull_w: int) -> None:
+        super().__init__("reader")
+        self.rfd, self.devnull_w = rfd, devnull_w
+
+    def work(self) -> None:
+        count = 0
+        try:
+            try:
+                while k := os.splice(self.rfd, self.devnull_w, IO_CHUNK):
+                    count += k
+            except OSError as e:
+                if e.errno not in _NO_SPLICE:
+                    raise
+                buf = bytearray(IO_CHUNK)
+                while k := os.readv(self.rfd, [buf]):
+                    count += k
+        finally:
+            self.count = count
+            os.close(self.rfd)
+        self.t_done = time.perf_counter()
+
+
+class BannerServer(threading.Thread):
+    """First-byte target: sends BANNER as soon as it accepts a connection, keeps it until
+    ``drop_conns``."""
+
+    def __init__(self) -> None:
+        super().__init__(name="banner", daemon=True)
+        self.lst = make_listener()
+        self.port: int = self.lst.getsockname()[1]
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.conns: list[socket.socket] = []
+
+    def run(self) -> None:
+        self.lst.settimeout(0.2)
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.lst.accept()
+            except OSError:  # including the timeout that lets it see stop
+                continue
+            with self.lock:
+                self.conns.append(conn)
+            with contextlib.suppress(OSError):
+                conn.sendall(BANNER)
+
+    def drop_conns(self) -> None:
+        with self.lock:
+            conns, self.conns = self.conns, []
+        for c in conns:
+            c.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.join(2)
+        self.lst.close()
+        self.drop_conns()

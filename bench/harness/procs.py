@@ -1,0 +1,96 @@
+"""Running the program under test: spawn, bounded wait with its rusage, cleanup."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import select
+import signal
+import time
+from dataclasses import dataclass
+from typing import IO
+
+# Children spawned and not reaped yet: killed at the end of a run, on Ctrl-C or a crash.
+LIVE_PIDS: set[int] = set()
+
+
+def spawn(argv: list[str], env: dict[str, str] | None, stdin: int, stdout: int, stderr: int) -> int:
+    pid = os.posix_spawn(
+        argv[0],
+        argv,
+        {**os.environ, **(env or {})},
+        file_actions=[
+            (os.POSIX_SPAWN_DUP2, stdin, 0),
+            (os.POSIX_SPAWN_DUP2, stdout, 1),
+            (os.POSIX_SPAWN_DUP2, stderr, 2),
+        ],
+        # Python ignores SIGPIPE/SIGXFSZ, and ignored dispositions survive exec.
+        setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+    )
+    LIVE_PIDS.add(pid)
+    return pid
+
+
+@dataclass
+class Exit:
+    status: int  # exit code, or -signal
+    rusage: resource.struct_rusage
+    t_exit: float  # perf_counter when the exit was noticed
+    timed_out: bool
+
+
+def wait_exit(pid: int, timeout: float, *, group: bool = False) -> Exit:
+    """Wait (pidfd, no polling) at most ``timeout`` s for pid to exit, else SIGKILL it (its whole
+    process group with ``group``); reap it with wait4 for its rusage."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        p = select.poll()
+        p.register(pidfd, select.POLLIN)
+        timed_out = not p.poll(max(0, int(timeout * 1000)))
+        t_exit = time.perf_counter()
+    finally:
+        os.close(pidfd)
+    if timed_out:
+        with contextlib.suppress(ProcessLookupError):
+            (os.killpg if group else os.kill)(pid, signal.SIGKILL)
+    _, wstatus, ru = os.wait4(pid, 0)
+    LIVE_PIDS.discard(pid)
+    return Exit(os.waitstatus_to_exitcode(wstatus), ru, t_exit, timed_out)
+
+
+def kill_and_reap(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+    LIVE_PIDS.discard(pid)
+
+
+def reap_all() -> None:
+    for pid in list(LIVE_PIDS):
+        kill_and_reap(pid)
+
+
+def rusage_cpu(ru: resource.struct_rusage) -> float:
+    return ru.ru_utime + ru.ru_stime
+
+
+def self_cpu() -> float:
+    return rusage_cpu(resource.getrusage(resource.RUSAGE_SELF))
+
+
+def thread_cpu() -> float:
+    return rusage_cpu(resource.getrusage(resource.RUSAGE_THREAD))
+
+
+def read_tail(f: IO[bytes], limit: int = 400) -> str:
+    """The end of a captured stderr, on one line."""
+    try:
+        f.seek(0)
+        text = f.read().decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+    if len(text) > limit:
+        text = "..." + text[-limit:]
+    return " | ".join(text.splitlines())
