@@ -83,10 +83,8 @@ _REFUSED = {
 
 # Needs no quoting for the shell nor for ssh's argv_split (% is escaped separately).
 _PLAIN = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789@%+=:,./_-")
-# The %-tokens ssh expands in a ProxyCommand (ssh_config(5)); any other is fatal to ssh.
-_SSH_TOKENS = "hnpr"
-# Characters after which the shell might run something besides the one command: --check then
-# splits the words itself instead of asking the shell.
+# Characters with which the shell could run or redirect something besides the one command:
+# --check then splits the words itself instead of asking the shell.
 _SHELL_CONTROL = frozenset(";&|<>`\n")
 
 
@@ -271,7 +269,8 @@ def ssh_settings(host: str, config: str | None) -> dict[str, str]:
 
 
 def percent_expand(command: str, tokens: dict[str, str]) -> str:
-    """ssh's percent_expand over a ProxyCommand: %% and the known tokens, anything else fatal."""
+    """ssh's percent_expand over a ProxyCommand: %% and ``tokens`` (ssh_config(5) gives a
+    ProxyCommand %h %n %p %r), anything else fatal as it is to ssh."""
     out: list[str] = []
     index = 0
     while index < len(command):
