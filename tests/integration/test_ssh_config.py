@@ -206,3 +206,15 @@ def test_check_reports_a_stanza_ssh_would_mangle(
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stdout.decode().startswith("x: broken: ")
     assert verdict in result.stdout.decode()
+
+
+@needs_ssh
+def test_check_follows_exec_env_and_the_shell(installed_hopcat: Path, tmp_path: Path) -> None:
+    """Words the shell changes are checked as changed: $VAR expanded, exec and env looked past."""
+    config = tmp_path / "config"
+    config.write_text(f"Host x\n    ProxyCommand exec env ALL_PROXY=$PROXY_FOR_TEST "
+                      f"{ssh_word(str(installed_hopcat))} %h %p\n")
+    result = run_hopcat("ssh-config", "--check", "x", "--config", str(config),
+                        env=hopcat_env(PROXY_FOR_TEST="socks5h://127.0.0.1:1081"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.decode().rstrip().endswith("via socks5h://127.0.0.1:1081; ProxyUseFdpass no")

@@ -337,8 +337,23 @@ def _first_command_words(command: str) -> list[str]:
     return words
 
 
-def _hopcat_position(words: list[str]) -> int | None:
-    """Index of the first hopcat argument in ``words``, if they start hopcat."""
+def _command_words(words: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The words from the program on, after an ``exec`` or ``env NAME=VALUE ...`` in front,
+    and the variables that env sets."""
+    assignments: dict[str, str] = {}
+    while words and words[0] == "exec":
+        words = words[1:]
+    if words and os.path.basename(words[0]) == "env":
+        words = words[1:]
+        while words and "=" in words[0] and not words[0].startswith("="):
+            name, _, value = words[0].partition("=")
+            assignments[name] = value
+            words = words[1:]
+    return words, assignments
+
+
+def _hopcat_arguments_at(words: list[str]) -> int | None:
+    """Where hopcat's arguments start if ``words`` run hopcat (its script or ``python -m``)."""
     if words and os.path.basename(words[0]) == "hopcat":
         return 1
     if words[1:3] == ["-m", "hopcat"]:
@@ -346,7 +361,9 @@ def _hopcat_position(words: list[str]) -> int | None:
     return None
 
 
-def _dry_run(argv: list[str], host: str, port: str, fdpass: bool) -> list[ProxyURL]:
+def _dry_run(
+    argv: list[str], host: str, port: str, fdpass: bool, environ: dict[str, str]
+) -> list[ProxyURL]:
     """What hopcat does with ``argv`` before it connects; the hops, or _Broken saying why not."""
     from hopcat._endpoint import parse_port, validate_host
 
@@ -361,7 +378,7 @@ def _dry_run(argv: list[str], host: str, port: str, fdpass: bool) -> list[ProxyU
         parse_port(port)
         hops = proxies_from_command_line(options)
         if not hops and not options.no_proxy:
-            hops, _why = proxies_from_environment(os.environ, host)
+            hops, _why = proxies_from_environment(environ, host)
     except UsageError as exc:
         raise _Broken(f"hopcat would refuse its options: {exc}") from None
     if options.fdpass and not fdpass:
@@ -391,8 +408,9 @@ def check(host: str, config: str | None = None) -> tuple[int, str]:
         expanded = percent_expand(command, {
             "h": target, "n": host, "p": port, "r": settings.get("user", ""),
         })
-        words, caveat = shell_words(expanded)
-        position = _hopcat_position(words)
+        all_words, caveat = shell_words(expanded)
+        words, assignments = _command_words(all_words)
+        position = _hopcat_arguments_at(words)
         if position is None and any(
             os.path.basename(word) == "hopcat" for word in words[1:] if word != target
         ):
@@ -404,7 +422,7 @@ def check(host: str, config: str | None = None) -> tuple[int, str]:
         if not (os.path.isfile(program) and os.access(program, os.X_OK)):
             raise _Broken(f"ssh would run {program!r}, which is not an executable file")
         fdpass = settings.get("proxyusefdpass", "no") == "yes"
-        hops = _dry_run(words[position:], target, port, fdpass)
+        hops = _dry_run(words[position:], target, port, fdpass, {**os.environ, **assignments})
     except _Broken as exc:
         return CHECK_BROKEN, f"{host}: broken: {exc}"
     route = " -> ".join(hop.label() for hop in hops) if hops else "no proxy (direct)"
