@@ -154,3 +154,10 @@ def test_words_that_broke_shlex_quote(word: str) -> None:
 def test_percent_expand_fails_as_ssh_does(command: str, broken: str) -> None:
     with pytest.raises(_sshconfig._Broken, match=broken):
         _sshconfig.percent_expand(command, {"h": "H", "p": "22"})
+
+
+def test_idle_timeout_in_a_relay_stanza_comes_with_a_note() -> None:
+    pattern, no_fdpass, options = _sshconfig._split_arguments(
+        ["-x", "socks5h://p", "-w", "600", "--no-fdpass"])
+    notes = _sshconfig.stanza(pattern, no_fdpass, options)[1]
+    assert any(note.startswith("-w 600: hopcat will end an ssh session") for note in notes)

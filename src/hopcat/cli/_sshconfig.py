@@ -232,6 +232,9 @@ def stanza(pattern: str, no_fdpass: bool, options: Options) -> tuple[str, list[s
     use_fdpass = not no_fdpass and not tls
     if tls and not no_fdpass:
         notes.append("no ProxyUseFdpass: an https:// hop keeps its TLS session inside hopcat")
+    if options.idle_timeout_s and not use_fdpass:
+        notes.append(f"-w {_seconds_text(options.idle_timeout_s)}: hopcat will end an ssh session "
+                     "quiet for that long (ssh's ServerAliveInterval keeps one busy)")
     if use_fdpass:
         command.append("-F")
     line = " ".join(ssh_word(word) for word in command) + " %h %p"
@@ -425,9 +428,9 @@ def check(host: str, config: str | None = None) -> tuple[int, str]:
         hops = _dry_run(words[position:], target, port, fdpass, {**os.environ, **assignments})
     except _Broken as exc:
         return CHECK_BROKEN, f"{host}: broken: {exc}"
-    route = " -> ".join(hop.label() for hop in hops) if hops else "no proxy (direct)"
+    route = "via " + " -> ".join(hop.label() for hop in hops) if hops else "without a proxy"
     shown = " ".join(words[:position])
-    return CHECK_USES_HOPCAT, (f"{host}: ssh uses hopcat ({shown}) via {route}; ProxyUseFdpass "
+    return CHECK_USES_HOPCAT, (f"{host}: ssh uses hopcat ({shown}) {route}; ProxyUseFdpass "
                                f"{'yes' if fdpass else 'no'}{caveat}")
 
 
