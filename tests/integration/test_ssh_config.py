@@ -96,7 +96,7 @@ def test_awkward_words_reach_the_program_as_written(tmp_path: Path) -> None:
     dump.write_text(f"#!{sys.executable}\nimport json, sys\n"
                     f"open({str(out)!r}, 'w').write(json.dumps(sys.argv[1:]))\n")
     dump.chmod(0o755)
-    words = ["dom\\", "a'b", "it's\\'", "100%", "%h", "#x", "$HOME", "`id`", " two  words ",
+    words = ["dom\\", "a'b", "it's\\'", "100%", "%h", "#x", "$HOME", "${HOME}", "`id`", " two  words ",
              '"q"', "*", "~", "", "tab\there", "ünï"]
     line = " ".join(ssh_word(w) for w in [str(dump), *words]) + " %h %p"
     config = tmp_path / "config"
