@@ -17,8 +17,8 @@ from hopcat.server.policy import (
     parse_auth_option,
     parse_client_rule,
     parse_dest_rule,
-    parse_ports,
     parse_ipv4_spelling,
+    parse_ports,
     parse_rules_file,
     resolver_form,
 )
@@ -105,7 +105,8 @@ def test_parse_dest_rule_kinds(text: str, kind: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["", "exa mple.com", "10.0.0.0/33", "[::1", "[::1]x", "host:99999", "a\nb", "ü*.example"]
+    "text",
+    ["", "exa mple.com", "10.0.0.0/33", "[::1", "[::1]x", "host:99999", "a\nb", "ü*.example"],
 )
 def test_parse_dest_rule_rejects(text: str) -> None:
     with pytest.raises(UsageError):
@@ -164,7 +165,7 @@ def test_address_rules_see_every_spelling(spelling: str) -> None:
 @pytest.mark.parametrize(
     "text", ["127.1", "2130706433", "0x7f000001", "0177.0.0.1", "0", "00", "0x7f.0.1", "1.2.3",
              "10.0.0.1", "0X0A.0.0.1", "4294967295", "08.1", "0x", "1.2.3.4.5", "256.1",
-             "1.16777216", "127.0.0.1.", "", "a.b", "1 .2", "0x1g", "１"],
+             "1.16777216", "127.0.0.1.", "", "a.b", "1 .2", "0x1g", "\uff11"],
 )  # fmt: skip
 def test_ipv4_spellings_agree_with_getaddrinfo(text: str) -> None:
     spelled = parse_ipv4_spelling(text)
@@ -227,9 +228,10 @@ def test_unresolvable_upstream_names_skip_network_rules() -> None:
 def test_zone_ids_do_not_hide_link_local_addresses() -> None:
     policy = dest_policy(("deny", "fe80::/10"), ("allow", "*"))
     assert policy.check_address(None, ipaddress.ip_address("fe80::1%eth0"), 22) is False
-    assert dest_policy(restrict_local=True).check_address(
-        None, ipaddress.ip_address("fe80::1%2"), 22
-    ) is False
+    assert (
+        dest_policy(restrict_local=True).check_address(None, ipaddress.ip_address("fe80::1%2"), 22)
+        is False
+    )
 
 
 @pytest.mark.parametrize(
