@@ -479,7 +479,8 @@ class Policy:
         return not (self.restrict_local and self._protected(address))
 
     def is_listener(self, address: IPAddress, port: int) -> bool:
-        """Whether dialling ``address``:``port`` (unmapped) would reach this server itself."""
+        """Whether dialling ``address``:``port`` would reach this server itself."""
+        address = _unmapped(address)
         for bound, bound_port in self.listeners:
             if port != bound_port or address.version != bound.version:
                 continue
