@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -47,9 +48,7 @@ LOOPBACK_SPELLINGS = ["127.0.0.1", "127.1", "2130706433", "0x7f000001", "0177.0.
 
 def interface_addresses() -> list[str]:
     """The host's addresses beyond loopback and link-local (which built-in networks cover)."""
-    return sorted(
-        str(a) for a in host_addresses() if not (a.is_loopback or a.is_link_local)
-    )
+    return sorted(str(a) for a in host_addresses() if not (a.is_loopback or a.is_link_local))
 
 
 def run_serve(*args: str) -> subprocess.CompletedProcess[bytes]:
@@ -231,7 +230,7 @@ def test_a_lookup_that_never_ends_does_not_hold_sigterm(tmp_path: Path) -> None:
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
             time.sleep(0.02)
         host, _, port = ready.read_text().split()[0].rpartition(":")
-        client = __import__("socket").create_connection((host, int(port)), timeout=10)
+        client = socket.create_connection((host, int(port)), timeout=10)
         with client:
             client.sendall(b"\x05\x01\x00\x05\x01\x00\x03\x0dnever.example\x00\x50")
             while not marker.exists():
