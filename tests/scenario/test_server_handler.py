@@ -26,8 +26,10 @@ from hopcat.server.ifaddrs import host_addresses
 from hopcat.server.log import Logger
 from hopcat.server.policy import Policy
 from hopcat.server.serve import (
+    CHAINS_PER_CLIENT,
     LOOKUPS_PER_CLIENT,
     RESOLVER_WORKERS,
+    VIA_WORKERS,
     Server,
     bind_listeners,
     load_config,
@@ -269,11 +271,79 @@ def test_a_queued_lookup_is_dropped_when_its_client_leaves(tmp_path: Path) -> No
             await scene.loop.sock_sendall(sock, socks5_request(f"slow{index}.example", 80))
         await wait_for(lambda: "result=timeout" in scene.log(), "connect timeouts")
         resolver.release.set()
-        await wait_for(lambda: resolver.in_flight == 0 and not server._lookups_running, "lookups")
+        await wait_for(lambda: resolver.in_flight == 0 and not server.resolving.running, "lookups")
         # The queued three timed out before their turn: they never reached the resolver.
         assert len(resolver.calls) == LOOKUPS_PER_CLIENT
         for sock in socks:
             sock.close()
+
+    run_scene(tmp_path, scenario)
+
+
+class SlowUpstream:
+    """A SOCKS5 upstream (no auth, names only) that grants "fast*" names at once, with an echo
+    tunnel, and never answers for the others; counts the unanswered requests it holds."""
+
+    def __init__(self) -> None:
+        self.held = 0
+        self.most_held = 0
+        self.port = 0
+        self.server: asyncio.Server | None = None
+        self.release = asyncio.Event()
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readexactly(3)
+            writer.write(b"\x05\x00")
+            head = await reader.readexactly(5)
+            name = await reader.readexactly(head[4])
+            await reader.readexactly(2)
+            if not name.startswith(b"fast"):
+                self.held += 1
+                self.most_held = max(self.most_held, self.held)
+                await self.release.wait()
+                return
+            writer.write(b"\x05\x00\x00\x01\x7f\x00\x00\x01\x00\x01")
+            while data := await reader.read(65536):
+                writer.write(data)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        self.release.set()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+def test_one_client_cannot_hold_every_chain_thread(tmp_path: Path) -> None:
+    assert CHAINS_PER_CLIENT < VIA_WORKERS
+    upstream = SlowUpstream()
+    flood = VIA_WORKERS + 8
+
+    async def scenario(scene: Scene) -> None:
+        await upstream.start()
+        try:
+            server = scene.serve("--via", f"socks5h://127.0.0.1:{upstream.port}",
+                                 resolver=ScriptedResolver({}), restrict_local=False)  # fmt: skip
+            for index in range(flood):
+                hog = await scene.client(server, "127.0.0.2")
+                await scene.loop.sock_sendall(hog, socks5_request(f"slow{index}.example", 80))
+            await wait_for(lambda: upstream.held >= CHAINS_PER_CLIENT, "the hog's chains")
+            started = time.monotonic()
+            other = await scene.client(server, "127.0.0.3")
+            assert await socks5(other, "fast.example", 80) == 0
+            assert await echoes(other)
+            assert time.monotonic() - started < BOUND_S
+            assert upstream.most_held == CHAINS_PER_CLIENT
+        finally:
+            await upstream.close()
 
     run_scene(tmp_path, scenario)
 

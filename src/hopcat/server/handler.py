@@ -603,7 +603,7 @@ class Conn:
             open_tunnel, self.server.via, host, port,
             deadline=time.monotonic() + self.server.connect_timeout,
         )  # fmt: skip
-        future = self.server.loop.run_in_executor(self.server.via_executor(), opener)
+        future = self.server.chaining.submit(self, opener)
         self._future = future
         future.add_done_callback(self._on_via_done)
 

@@ -8,10 +8,11 @@ code). No thread per connection. Their threads are daemons (``DaemonPool``): a l
 DNS server that never answers must not keep the process alive after the grace period, which
 ``concurrent.futures.ThreadPoolExecutor`` would, since it joins its threads at exit.
 
-Fair resolving: one client address has at most ``LOOKUPS_PER_CLIENT`` lookups in flight, well
-below the pool's size; its further lookups wait in a queue of its own. A client that asks for
-names served by a slow DNS server therefore slows only itself. The resolver is a parameter
-(``resolver``, getaddrinfo by default), so tests can script one.
+Fair shares (``FairPool``): one client address has at most ``LOOKUPS_PER_CLIENT`` lookups and
+``CHAINS_PER_CLIENT`` --via chains in flight, well below each pool's size; its further jobs wait
+in a queue of its own. A client that asks for names served by a slow DNS server, or for
+destinations a slow upstream takes its time over, therefore slows only itself. The resolver is a
+parameter (``resolver``, getaddrinfo by default), so tests can script one.
 
 Facts about the host that the policy needs (``Policy.host_addresses``, ``Policy.listeners``)
 are read at start, on SIGHUP and every ``HOST_REFRESH_S``: interface addresses change (DHCP,
@@ -86,6 +87,7 @@ LIMIT_LOG_INTERVAL_S = 1.0  # at most one line per second about refused clients 
 VIA_WORKERS = 32
 RESOLVER_WORKERS = 16
 LOOKUPS_PER_CLIENT = 4  # below RESOLVER_WORKERS: one client cannot hold every resolver thread
+CHAINS_PER_CLIENT = 8  # below VIA_WORKERS, for the same reason
 HOST_REFRESH_S = 10.0
 PROTOCOLS = "socks4,socks4a,socks5,http-connect"
 _NO_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -284,6 +286,74 @@ class DaemonPool(concurrent.futures.Executor):
             self._queue.put(None)
 
 
+class FairPool:
+    """Jobs for connections on a DaemonPool (made on first use), at most ``per_client`` running
+    for one client address; its further jobs wait in a FIFO of its own, and a job whose
+    connection is no longer connecting when its turn comes is dropped. The future a job returns
+    is never failed for a job that did not run."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, workers: int, per_client: int, name: str
+    ) -> None:
+        self._loop = loop
+        self._workers = workers
+        self.per_client = per_client
+        self._name = name
+        self._pool: DaemonPool | None = None
+        self.running: dict[str, int] = {}  # by client address
+        self._waiting: dict[
+            str, collections.deque[tuple[Conn, asyncio.Future[Any], Callable[[], Any]]]
+        ] = {}
+
+    def submit(
+        self, conn: Conn, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs
+    ) -> asyncio.Future[T]:
+        result: asyncio.Future[T] = self._loop.create_future()
+        client = conn.client_ip
+        waiting = self._waiting.get(client)
+        if waiting is None:
+            waiting = self._waiting[client] = collections.deque()
+        waiting.append((conn, result, functools.partial(fn, *args, **kwargs)))
+        self._start(client)
+        return result
+
+    def _start(self, client: str) -> None:
+        waiting = self._waiting[client]
+        while waiting and self.running.get(client, 0) < self.per_client:
+            conn, result, job = waiting.popleft()
+            if conn.phase != CONNECTING:
+                continue  # it timed out or went away while waiting its turn
+            if self._pool is None:
+                self._pool = DaemonPool(self._workers, self._name)
+            self.running[client] = self.running.get(client, 0) + 1
+            running = self._loop.run_in_executor(self._pool, job)
+            running.add_done_callback(functools.partial(self._finished, client, result))
+        if not waiting:
+            del self._waiting[client]
+
+    def _finished(
+        self, client: str, result: asyncio.Future[Any], done: asyncio.Future[Any]
+    ) -> None:
+        left = self.running[client] - 1
+        if left:
+            self.running[client] = left
+        else:
+            del self.running[client]
+        if not done.cancelled():  # cancelled: the pool shut down, and the server with it
+            exc = done.exception()
+            if exc is not None:
+                result.set_exception(exc)
+            else:
+                result.set_result(done.result())
+        if client in self._waiting:
+            self._start(client)
+
+    def shutdown(self) -> None:
+        self._waiting.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 # --------------------------------------------------------------------------- the server
 
 
@@ -337,12 +407,8 @@ class Server:
         self._next_idle_check = 0.0
         self._limit_logged_at = -1e9
         self._suppressed: dict[str, int] = {}  # refusals not logged one by one, by result
-        self._via_executor: DaemonPool | None = None
-        self._resolver_executor: DaemonPool | None = None
-        self._lookups_running: dict[str, int] = {}  # by client address
-        self._lookups_waiting: dict[
-            str, collections.deque[tuple[Conn, str, int, asyncio.Future[Sequence[AddrInfo]]]]
-        ] = {}
+        self.resolving = FairPool(loop, RESOLVER_WORKERS, LOOKUPS_PER_CLIENT, "hopcat-resolve")
+        self.chaining = FairPool(loop, VIA_WORKERS, CHAINS_PER_CLIENT, "hopcat-via")
         self.done: asyncio.Future[int] = loop.create_future()
 
     # -- accepting ------------------------------------------------------------------------
@@ -483,55 +549,9 @@ class Server:
         if self.stopping:
             self._maybe_done()
 
-    def via_executor(self) -> DaemonPool:
-        """Threads for --via chains (blocking client code), made on first use."""
-        if self._via_executor is None:
-            self._via_executor = DaemonPool(VIA_WORKERS, "hopcat-via")
-        return self._via_executor
-
     def lookup(self, conn: Conn, host: str, port: int) -> asyncio.Future[Sequence[AddrInfo]]:
-        """Resolve ``host`` for ``conn`` on the resolver threads, within its client's share
-        (``LOOKUPS_PER_CLIENT``); the future never fails for a lookup that did not run."""
-        result: asyncio.Future[Sequence[AddrInfo]] = self.loop.create_future()
-        client = conn.client_ip
-        waiting = self._lookups_waiting.get(client)
-        if waiting is None:
-            waiting = self._lookups_waiting[client] = collections.deque()
-        waiting.append((conn, host, port, result))
-        self._start_lookups(client)
-        return result
-
-    def _start_lookups(self, client: str) -> None:
-        waiting = self._lookups_waiting[client]
-        while waiting and self._lookups_running.get(client, 0) < LOOKUPS_PER_CLIENT:
-            conn, host, port, result = waiting.popleft()
-            if conn.phase != CONNECTING:
-                continue  # it timed out or went away while waiting its turn
-            if self._resolver_executor is None:
-                self._resolver_executor = DaemonPool(RESOLVER_WORKERS, "hopcat-resolve")
-            self._lookups_running[client] = self._lookups_running.get(client, 0) + 1
-            running = self.loop.run_in_executor(self._resolver_executor, self.resolver, host, port)
-            running.add_done_callback(functools.partial(self._looked_up, client, result))
-        if not waiting:
-            del self._lookups_waiting[client]
-
-    def _looked_up(
-        self, client: str, result: asyncio.Future[Sequence[AddrInfo]],
-        done: asyncio.Future[Sequence[AddrInfo]],
-    ) -> None:  # fmt: skip
-        left = self._lookups_running[client] - 1
-        if left:
-            self._lookups_running[client] = left
-        else:
-            del self._lookups_running[client]
-        if not done.cancelled():  # cancelled: the pool shut down, and the server with it
-            exc = done.exception()
-            if exc is not None:
-                result.set_exception(exc)
-            else:
-                result.set_result(done.result())
-        if client in self._lookups_waiting:
-            self._start_lookups(client)
+        """Resolve ``host`` for ``conn`` on the resolver threads, within its client's share."""
+        return self.resolving.submit(conn, self.resolver, host, port)
 
     def _placed(self, policy: Policy) -> Policy:
         """``policy`` told where this server runs: the host's addresses and its listeners."""
@@ -644,9 +664,8 @@ class Server:
             for listener in self.listeners:
                 listener.close()
             self.engine.close()
-            for executor in (self._via_executor, self._resolver_executor):
-                if executor is not None:
-                    executor.shutdown(wait=False, cancel_futures=True)
+            for pool in (self.chaining, self.resolving):
+                pool.shutdown()
             self._log_suppressed(float("inf"))
             self.logger.log("stopped", served=self.served)
             self.logger.flush()
