@@ -51,6 +51,7 @@ import os
 import queue
 import signal
 import socket
+import threading
 
 from hopcat._endpoint import format_hostport
 from hopcat.errors import ExitCode, HopcatError, UsageError
@@ -226,8 +227,6 @@ class DaemonPool(concurrent.futures.Executor):
     docstring. Threads start on demand up to ``workers`` and then stay."""
 
     def __init__(self, workers: int, name: str) -> None:
-        import threading
-
         self._workers = workers
         self._name = name
         self._queue: queue.SimpleQueue[
@@ -240,8 +239,6 @@ class DaemonPool(concurrent.futures.Executor):
     def submit(
         self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
     ) -> concurrent.futures.Future[T]:
-        import threading
-
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._queue.put((future, functools.partial(fn, *args, **kwargs)))
         with self._lock:
