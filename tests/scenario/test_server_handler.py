@@ -30,6 +30,7 @@ from hopcat.server.serve import (
     LOOKUPS_PER_CLIENT,
     RESOLVER_WORKERS,
     VIA_WORKERS,
+    DaemonPool,
     Server,
     bind_listeners,
     load_config,
@@ -519,3 +520,35 @@ def test_listener_on_every_address_is_reached_by_each(tmp_path: Path) -> None:
             sock.close()
 
     run_scene(tmp_path, scenario)
+
+
+# --------------------------------------------------------------------------- the thread pool
+
+
+def test_daemon_pool_runs_every_job_on_at_most_its_threads() -> None:
+    pool = DaemonPool(3, "test-pool")
+    gate = threading.Event()
+    seen: set[str] = set()
+
+    def job(number: int) -> int:
+        gate.wait(SCENARIO_TIMEOUT_S)
+        seen.add(threading.current_thread().name)
+        assert threading.current_thread().daemon  # never joined at exit
+        return number * 2
+
+    futures = [pool.submit(job, number) for number in range(50)]
+    gate.set()
+    assert [f.result(SCENARIO_TIMEOUT_S) for f in futures] == [n * 2 for n in range(50)]
+    assert 1 <= len(seen) <= 3
+    # Idle threads take new jobs instead of new threads being made.
+    assert pool.submit(job, 21).result(SCENARIO_TIMEOUT_S) == 42 and len(seen) <= 3
+    gate.clear()
+    waiting = [pool.submit(job, number) for number in range(6)]
+    deadline = time.monotonic() + SCENARIO_TIMEOUT_S
+    while sum(f.running() for f in waiting) < 3:  # every thread busy
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    pool.shutdown(cancel_futures=True)
+    assert [f.cancelled() for f in waiting] == [False] * 3 + [True] * 3  # not started: cancelled
+    gate.set()
+    assert [f.result(SCENARIO_TIMEOUT_S) for f in waiting[:3]] == [0, 2, 4]
