@@ -170,6 +170,24 @@ def test_listener_on_any_address_is_reached_through_each(serve: Serve) -> None:
             assert socks5_connect(sock, host, server.port) == 2, host
 
 
+def test_via_to_itself_is_refused_at_start() -> None:
+    """Every request would go round: exit 64 with one line, before serving."""
+    for _attempt in range(3):  # the port is free when chosen; another process may take it
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "hopcat", "serve", f"127.0.0.1:{port}", "--via",
+             f"socks5h://localhost:{port}"],
+            capture_output=True, timeout=30, env=clean_env(),
+        )  # fmt: skip
+        if result.returncode != 69:  # 69: the port was taken meanwhile
+            break
+    assert result.returncode == 64, result.stderr
+    lines = result.stderr.decode().splitlines()
+    assert len(lines) == 1 and "is this server itself" in lines[0], lines
+
+
 @pytest.mark.parametrize("protocol", ["socks5", "http", "socks4"])
 def test_pipelined_self_connects_do_not_lock_others_out(serve: Serve,
         digest_server: peers.DigestServer, protocol: str) -> None:  # fmt: skip

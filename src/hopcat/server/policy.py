@@ -45,10 +45,12 @@ Destination rules (``--allow DEST`` / ``--deny DEST``)
     (``restrict_local``) denies its protected addresses: every address of the host
     (``host_addresses``, its interfaces' addresses), loopback, the unspecified networks,
     link-local (169.254.0.0/16 holds cloud metadata services; fe80::/10), other metadata
-    addresses, multicast and broadcast; also the IPv4 address embedded in a NAT64 (64:ff9b::/96)
-    or 6to4 (2002::/16) address. Only an address rule placed before reopens a protected address
-    (``--allow 127.0.0.1:8080``): a name glob, ``*`` included, never does, since a name may
-    resolve to anything. ``--deny '*'`` as the last rule makes the policy deny-by-default.
+    addresses, multicast and broadcast, and NAT64 (64:ff9b::/96) or 6to4 (2002::/16) addresses
+    that embed one of those. (Rules match such an address as the IPv6 address it is: a
+    translator must not carry it to a non-global IPv4 address, RFC 6052 section 3.1.) Only an
+    address rule placed before reopens a protected address (``--allow 127.0.0.1:8080``): a name
+    glob, ``*`` included, never does, since a name may resolve to anything. ``--deny '*'`` as the
+    last rule makes the policy deny-by-default.
 
 Credentials (``--auth USER:PASS``, ``--auth-file FILE``)
     The file holds one ``user:password`` a line, in plain text (hashing would need a dependency

@@ -200,22 +200,28 @@ def listening_on(
     return bound
 
 
-def via_dials_here(
-    hops: Sequence[ProxyURL], own: frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address],
-) -> bool:  # fmt: skip
+def via_dials_here(hops: Sequence[ProxyURL], policy: Policy) -> bool:
     """Whether the last hop of a --via chain runs on this host, so that it dials destinations
     from here. Hop k is dialled by hop k-1: an address of this host reaches this host from
     anywhere, a loopback or unspecified address reaches whoever dialled it. A hop whose name does
-    not resolve here counts as local: resolving the destination here is the safe mistake."""
+    not resolve here counts as local: resolving the destination here is the safe mistake.
+
+    A hop dialled from here that is this server itself would make every request a loop: that
+    is refused before serving (UsageError, exit 64)."""
     here = True  # we dial the first hop
-    for hop in hops:
+    for index, hop in enumerate(hops, 1):
         try:
             infos = getaddrinfo(hop.host, hop.port)
         except (OSError, UnicodeError):
             here = True
             continue
         addresses = [ipaddress.ip_address(str(info[4][0]).partition("%")[0]) for info in infos]
-        if any(address in own for address in addresses if not address.is_loopback):
+        if here and any(policy.is_listener(address, hop.port) for address in addresses):
+            raise UsageError(
+                f"--via #{index} {hop.label()} is this server itself: every request would loop"
+            )
+        local = [a for a in addresses if a in policy.host_addresses and not a.is_loopback]
+        if local:
             here = True
         elif not any(address.is_loopback or address.is_unspecified for address in addresses):
             here = False
@@ -383,7 +389,7 @@ class Server:
         self.via: list[ProxyURL] = options.via
         # Whether names must be resolved here: always when dialling, through --via only when
         # the last hop dials from this host (see handler).
-        self.resolves_names = not self.via or via_dials_here(self.via, self.host_addresses)
+        self.resolves_names = not self.via or via_dials_here(self.via, self.policy)
         self.handshake_timeout = options.handshake_timeout_s
         self.connect_timeout = options.connect_timeout_s
         self.idle_timeout = options.idle_timeout_s
