@@ -212,8 +212,10 @@ def test_chain_of_hopcat_servers(serve: Serve, digest_server: peers.DigestServer
     assert result.stdout == digest_server.answer_for(data)
     for server in (a, b, c):
         assert "result=ok" in server.wait_log("result=ok")
-    # The same servers as a client-side chain (hopcat -x -x -x), no --via involved.
-    result = run_hopcat("-x", a.url("socks5"), "-x", a.url("http"), "-x", a.url("socks4"),
+    # A client-side chain (hopcat -x -x -x), no --via involved; three servers, since a server
+    # refuses to connect to itself (a proxy loop).
+    d, e = serve(), serve()
+    result = run_hopcat("-x", a.url("socks5"), "-x", d.url("http"), "-x", e.url("socks4"),
                         digest_server.host, str(digest_server.port), input=data)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout == digest_server.answer_for(data)

@@ -19,14 +19,19 @@ can take it over without a system call), and bytes sent early make it drop the r
 the first wake-up. They wait in the kernel and reach the target after the machine's
 ``trailing_data``.
 
-CONNECTING: an IP literal is dialled at once; a name is resolved by ``getaddrinfo`` on a small
-thread pool (the only portable non-blocking resolver), every address is checked
-against the rules, and the allowed ones are raced Happy-Eyeballs style (``Dialer``, RFC 8305:
-first address first, the next after 250 ms or at once on a failure). With ``--via`` the whole
+CONNECTING: the host is taken in the form the resolver will see (IDNA, ``policy.resolver_form``);
+an IP literal in any spelling getaddrinfo accepts is parsed by getaddrinfo itself
+(AI_NUMERICHOST) and checked at once; a name is first checked on its own (a deny glob needs no
+lookup), then resolved by ``getaddrinfo`` on a small thread pool (the only portable non-blocking
+resolver; ``Server.lookup`` keeps each client to its share). Every address is checked against
+the rules (``_decide``), and exactly the allowed sockaddrs are raced Happy-Eyeballs style
+(``Dialer``, RFC 8305: first address first, the next after 250 ms or at once on a failure):
+no second lookup, so DNS rebinding cannot slip another address in. With ``--via`` the whole
 chain is opened by ``hopcat.net.chain.open_tunnel`` (the client's code, blocking) on a small
-thread pool: the only threads the server uses besides the resolver's, bounded by the connect
-timeout; a SOCKS5 upstream's refusal (replies 2-6) is passed on to a SOCKS5 client. The reply
-carries the target socket's local address (SOCKS) or is a 200 (HTTP).
+thread pool, for the checked address when the last hop dials from this host and the rules needed
+the addresses, else for the name: the only threads the server uses besides the resolver's,
+bounded by the connect timeout; a SOCKS5 upstream's refusal (replies 2-6) is passed on to a
+SOCKS5 client. The reply carries the target socket's local address (SOCKS) or is a 200 (HTTP).
 
 Failures get the protocol's own answer: SOCKS5 reply 2 (rules), 3/4 (unreachable, name not
 resolved, timeout), 5 (refused), 7 (BIND, UDP ASSOCIATE), 1 (anything else); SOCKS4 91; HTTP 403,
@@ -56,12 +61,13 @@ from hopcat.errors import (
 )
 from hopcat.proto._events import NEED_DATA, Credentials, Rejected, Request
 from hopcat.proto.detect import detect
+from hopcat.server.policy import resolver_form
 from hopcat.server.relay import DONE, Half, reset_on_close
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import asyncio
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
     from typing import Any
 
     from hopcat.net.chain import Tunnel
@@ -123,6 +129,24 @@ def strerror(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno is not None:
         return os.strerror(exc.errno).lower()
     return str(exc) or type(exc).__name__
+
+
+def _numeric(host: str, port: int) -> tuple[int, tuple[Any, ...]] | None:
+    """(family, sockaddr) when ``host`` is an IP literal in any spelling getaddrinfo accepts
+    (``127.1``, ``0x7f000001``, ``fe80::1%eth0``): its own parser, so no spelling escapes the
+    address rules. No lookup: AI_NUMERICHOST."""
+    try:
+        infos = socket.getaddrinfo(
+            host, port, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP, socket.AI_NUMERICHOST
+        )
+    except (OSError, UnicodeError, ValueError):
+        return None
+    return infos[0][0], infos[0][4]
+
+
+def _compared(wire: str) -> str:
+    """A name in the form rule globs are matched against (see hopcat.server.policy)."""
+    return wire.lower().rstrip(".")
 
 
 def _literal_family(host: str) -> int | None:
@@ -458,8 +482,7 @@ class Conn:
         server = self.server
         host, port = request.host, request.port
         self.host, self.port = host, port
-        literal = _literal_family(host) if host else None
-        if self.protocol == "socks4" and host and literal is None:
+        if self.protocol == "socks4" and host and _literal_family(host) is None:
             self.protocol = "socks4a"
         if host:
             self.dest = format_hostport(host, port)
@@ -469,35 +492,37 @@ class Conn:
         if server.auth_required and self.protocol in ("socks4", "socks4a"):
             self.refuse("auth-failed", "SOCKS4 carries no password and this server requires one")
             return
-        via = server.via
-        policy = server.policy
-        decision = policy.check_name(host, port, resolvable=not via)
-        if decision is False:
-            self.refuse("denied", "destination not allowed by the rules")
+        wire = resolver_form(host)
+        if wire is None:
+            self.refuse("dns-error", f"resolve {host}: not a valid host name (IDNA)")
             return
+        literal = _numeric(wire, port)
+        decision = None
+        if literal is None:
+            name = _compared(wire)
+            decision = server.policy.check_name(name, port, resolvable=server.resolves_names)
+            if decision is False:
+                self.refuse("denied", "destination not allowed by the rules")
+                return
         self.phase = CONNECTING  # the client's reader stays: see _on_handshake_readable
         loop = server.loop
         self.deadline = loop.time() + server.connect_timeout
-        if via:
+        if server.via:
             self.deadline += VIA_GRACE_S
-            self._start_via(host, port)
-        elif literal is not None:
-            sockaddr = (host, port) if literal == socket.AF_INET else (host, port, 0, 0)
-            self._dial([(literal, sockaddr)])
+        if literal is not None:
+            self._decide(None, [literal])
+        elif decision is True and server.via:
+            self._start_via(wire, port)  # no address could change the answer
         else:
-            future = loop.run_in_executor(
-                server.resolver_executor(), socket.getaddrinfo, host, port, 0,
-                socket.SOCK_STREAM, socket.IPPROTO_TCP,
-            )  # fmt: skip
+            future = server.lookup(self, wire, port)
             self._future = future
             future.add_done_callback(self._on_resolved)
 
     @_guarded
-    def _on_resolved(self, future: asyncio.Future[list[tuple]]) -> None:  # type: ignore[type-arg]
+    def _on_resolved(self, future: asyncio.Future[Sequence[tuple[Any, ...]]]) -> None:
         if self._future is not future or self.phase != CONNECTING:
             return  # timed out or closed meanwhile
         self._future = None
-        host, port = self.host, self.port
         try:
             infos = future.result()
         except (OSError, UnicodeError, ValueError) as exc:  # UnicodeError: a name IDNA refuses
@@ -505,27 +530,48 @@ class Conn:
                 why = exc.strerror.lower()
             else:
                 why = strerror(exc)
-            self.refuse("dns-error", f"resolve {host}: {why}")
+            self.refuse("dns-error", f"resolve {self.host}: {why}")
             return
-        import ipaddress
-
         from hopcat.net.dial import interleave_families
 
+        candidates = [
+            (info[0], info[4])
+            for info in interleave_families(list(infos))
+            if info[0] in (socket.AF_INET, socket.AF_INET6)
+        ]
+        self._decide(_compared(resolver_form(self.host) or ""), candidates)
+
+    def _decide(self, name: str | None, candidates: list[tuple[int, tuple[Any, ...]]]) -> None:
+        """Check each address to be dialled (a literal, or what ``name`` resolved to) and dial
+        the allowed ones: these very sockaddrs, never the name again, since a second lookup may
+        answer otherwise (DNS rebinding). Through --via the first allowed address is sent on."""
+        import ipaddress
+
         policy = self.server.policy
-        candidates: list[tuple[int, tuple[object, ...]]] = []
-        seen: set[object] = set()
-        for info in interleave_families(infos):
-            family, sockaddr = info[0], info[4]
-            if sockaddr in seen or family not in (socket.AF_INET, socket.AF_INET6):
+        port = self.port
+        allowed: list[tuple[int, tuple[Any, ...]]] = []
+        loops = False
+        for family, sockaddr in candidates:
+            address = ipaddress.ip_address(sockaddr[0])
+            if (family, sockaddr) in allowed:
                 continue
-            seen.add(sockaddr)
-            address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
-            if policy.check_address(host, address, port):
-                candidates.append((family, sockaddr))
-        if not candidates:
-            self.refuse("denied", f"every address of {host} is denied by the rules")
+            if policy.check_address(name, address, port):
+                allowed.append((family, sockaddr))
+            else:
+                loops = loops or policy.is_listener(address, port)
+        if not allowed:
+            if loops:
+                self.refuse("denied", "the destination is this server itself (a proxy loop)")
+            elif name is None:
+                self.refuse("denied", "destination not allowed by the rules")
+            else:
+                self.refuse("denied", f"every address of {self.host} is denied by the rules")
             return
-        self._dial(candidates)
+        if self.server.via:
+            family, sockaddr = allowed[0]
+            self._start_via(str(ipaddress.ip_address(sockaddr[0])), port)
+        else:
+            self._dial(allowed)
 
     def _dial(self, candidates: list[tuple[int, tuple[object, ...]]]) -> None:
         self.dialer = Dialer(self.server.loop, candidates, self._on_dialed)
@@ -557,7 +603,7 @@ class Conn:
             open_tunnel, self.server.via, host, port,
             deadline=time.monotonic() + self.server.connect_timeout,
         )  # fmt: skip
-        future = self.server.loop.run_in_executor(self.server.via_executor(), opener)
+        future = self.server.chaining.submit(self, opener)
         self._future = future
         future.add_done_callback(self._on_via_done)
 

@@ -8,26 +8,49 @@ Client rules (``--allow-client CIDR`` / ``--deny-client CIDR``)
     whose network holds the address decides; no match allows.
 
 Destination rules (``--allow DEST`` / ``--deny DEST``)
-    ``DEST`` is ``HOST[:PORTS]`` or ``:PORTS``. HOST is ``*``, a glob over names (``*.example.com``,
-    matched without case and without a trailing dot, also against the text of an IP literal the
-    client sent), an address or a CIDR network (``10.0.0.0/8``, ``::1``, ``[2001:db8::/32]:443``:
-    brackets when an IPv6 host has ports). PORTS is ``*`` or a list of ``N`` and ``N-M``
-    (``80,443,8000-8100``). In order, the first rule whose host and ports match decides.
+    ``DEST`` is ``HOST[:PORTS]`` or ``:PORTS``. HOST is ``*``, a glob over names
+    (``*.example.com``), an IPv4 glob (``10.*``, ``192.168.?.*``), an address or a CIDR network
+    (``10.0.0.0/8``, ``::1``, ``[2001:db8::/32]:443``). An IPv6 host with ports needs brackets
+    (``[::1]:22``): ``::1:22`` is refused as ambiguous, and so are IPv6 globs (use a network).
+    PORTS is ``*`` or a list of ``N`` and ``N-M`` (``80,443,8000-8100``). In order, the first
+    rule whose host and ports match decides.
 
-    Network rules are checked against the addresses a name resolves to, not against the name:
-    ``--deny 10.0.0.0/8`` also stops ``internal.example`` resolving to 10.1.2.3, and ``127.1`` or
-    ``::ffff:127.0.0.1`` (IPv4-mapped addresses are matched as the IPv4 address they carry).
-    A name is resolved only when a network rule could decide it: glob rules are tried first as
-    far as the order allows (``check_name``), then each resolved address is checked in full
-    (``check_address``) and only allowed addresses are dialled. Through ``--via`` upstreams the
-    name is resolved by the upstream, so network rules match IP-literal destinations only.
+    Rules decide on what will be dialled, never on the client's spelling of it:
+
+    * Names are compared in the form the resolver is given (``resolver_form``): Python hands a
+      non-ASCII name to getaddrinfo IDNA-encoded, which folds full-width letters, case and the
+      ideographic dots (U+3002, U+FF0E, U+FF61). Globs see that form, lowercased and without a
+      trailing dot; rule patterns are folded the same way.
+    * Address rules (networks, addresses, IPv4 globs) are matched against the addresses that
+      will be dialled: an IP literal in whichever spelling the resolver accepts (``127.1``,
+      ``2130706433``, ``0x7f000001``, ``0177.0.0.1``, ``0``, ``::ffff:127.0.0.1``,
+      ``fe80::1%eth0``; the server parses these with the resolver's own numeric parser), or each
+      address a name resolves to. IPv4-mapped IPv6 addresses are matched as the IPv4 address
+      they carry, since that is what the kernel dials. The server dials exactly the addresses
+      it checked, never the name again (DNS rebinding).
+    * A name glob matches a literal destination by the address's canonical text (so ``*``
+      matches everything).
+
+    ``check_name`` decides from the name alone where the rules allow it (a deny glob needs no
+    lookup); ``check_address`` is the whole decision for one address. Through ``--via``
+    upstreams that dial from another host, names are resolved there: only name rules apply to
+    them (``resolvable=False``).
+
+    Loops: a destination that is one of the server's own listeners (``listeners``; a listener on
+    0.0.0.0 or :: is reached through every address of the host and loopback) is denied whatever
+    the rules say.
 
     When no rule matches: a server listening only on loopback addresses allows everything (its
     users could reach those hosts anyway). A server listening beyond loopback
-    (``restrict_local``) denies the server's own loopback, the unspecified address, link-local
-    networks (169.254.0.0/16 holds cloud metadata services; fe80::/10) and multicast, and allows
-    everything else. An explicit ``--allow`` placed before reopens any of them; ``--deny '*'`` as
-    the last rule makes the policy deny-by-default.
+    (``restrict_local``) denies its protected addresses: every address of the host
+    (``host_addresses``, its interfaces' addresses), loopback, the unspecified networks,
+    link-local (169.254.0.0/16 holds cloud metadata services; fe80::/10), other metadata
+    addresses, multicast and broadcast, and NAT64 (64:ff9b::/96) or 6to4 (2002::/16) addresses
+    that embed one of those. (Rules match such an address as the IPv6 address it is: a
+    translator must not carry it to a non-global IPv4 address, RFC 6052 section 3.1.) Only an
+    address rule placed before reopens a protected address (``--allow 127.0.0.1:8080``): a name
+    glob, ``*`` included, never does, since a name may resolve to anything. ``--deny '*'`` as the
+    last rule makes the policy deny-by-default.
 
 Credentials (``--auth USER:PASS``, ``--auth-file FILE``)
     The file holds one ``user:password`` a line, in plain text (hashing would need a dependency
@@ -41,6 +64,7 @@ Credentials (``--auth USER:PASS``, ``--auth-file FILE``)
 
 from __future__ import annotations
 
+import encodings.idna
 import fnmatch
 import hashlib
 import hmac
@@ -58,24 +82,35 @@ if TYPE_CHECKING:
 
 ALL_PORTS: tuple[tuple[int, int], ...] = ((0, 65535),)
 
-# Denied by default when the server listens beyond loopback (see the module docstring).
+# Denied by default when the server listens beyond loopback, with the host's own addresses (see
+# the module docstring).
 LOCAL_NETWORKS: tuple[IPNetwork, ...] = tuple(
     ipaddress.ip_network(text)
     for text in (
         "127.0.0.0/8",  # loopback (RFC 1122)
         "0.0.0.0/8",  # "this network": 0.0.0.0 reaches the server's own services on Linux
         "169.254.0.0/16",  # link-local (RFC 3927), including cloud metadata at 169.254.169.254
+        "100.100.100.200/32",  # Alibaba Cloud's metadata service
         "224.0.0.0/4",  # multicast
         "255.255.255.255/32",  # limited broadcast
         "::1/128",  # loopback
-        "::/128",  # unspecified
+        "::/128",  # unspecified: dials ::1 on Linux
         "fe80::/10",  # link-local
+        "fd00:ec2::254/128",  # AWS's IPv6 metadata service
         "ff00::/8",  # multicast
     )
 )
+# IPv6 prefixes that carry an IPv4 address a translator or relay may dial (RFC 6052, RFC 3056).
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+_6TO4 = ipaddress.ip_network("2002::/16")
 
 # Glob characters plus what a host name, an IP literal's text or a reg-name may hold.
 _GLOB_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._*?[]!%~")
+_WILDCARDS = frozenset("*?[")
+_IPV4_GLOB_CHARS = frozenset("0123456789.*?[]!-")
+# The dots IDNA (RFC 3490 section 3.1) treats as label separators.
+_IDNA_DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
 
 
 def _address(text: str) -> IPAddress | None:
@@ -87,10 +122,72 @@ def _address(text: str) -> IPAddress | None:
 
 
 def _unmapped(address: IPAddress) -> IPAddress:
-    """An IPv4-mapped IPv6 address (``::ffff:10.0.0.1``) is matched as the IPv4 address."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
+    """An IPv4-mapped IPv6 address (``::ffff:10.0.0.1``) is matched as the IPv4 address, and a
+    zone id (``fe80::1%eth0``) says which link, not which address."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+        if address.scope_id is not None:
+            return ipaddress.IPv6Address(int(address))
     return address
+
+
+def resolver_form(host: str) -> str | None:
+    """The name as getaddrinfo will receive it: Python passes ASCII as it is and IDNA-encodes the
+    rest (nameprep folds case and full-width forms, ideographic dots become dots). None when the
+    encoder refuses it, so no resolver would look it up."""
+    if host.isascii():
+        return host
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
+
+
+def parse_ipv4_spelling(text: str) -> ipaddress.IPv4Address | None:
+    """An IPv4 address in any spelling inet_aton(3) accepts, as getaddrinfo does: one to four
+    dot-separated parts, each decimal, octal (leading 0) or hex (0x), the last filling the
+    remaining bytes (``127.1``, ``2130706433``, ``0x7f.1``, ``0177.0.0.1``)."""
+    parts = text.split(".")
+    if not 1 <= len(parts) <= 4:
+        return None
+    values: list[int] = []
+    for part in parts:
+        lowered = part.lower()
+        digits, base = part, 10
+        if lowered.startswith("0x"):
+            digits, base = part[2:], 16
+        elif len(part) > 1 and part.startswith("0"):
+            digits, base = part[1:], 8
+        if not digits or not digits.isascii() or not digits.isalnum():
+            return None
+        try:
+            values.append(int(digits, base))
+        except ValueError:
+            return None
+    *leading, last = values
+    if any(value > 255 for value in leading) or last >= 1 << (8 * (4 - len(leading))):
+        return None
+    number = last
+    for index, value in enumerate(leading):
+        number |= value << (8 * (3 - index))
+    return ipaddress.IPv4Address(number)
+
+
+def _fold_pattern(pattern: str) -> str | None:
+    """A name glob in the form names are compared in (``resolver_form``, lowercase, no trailing
+    dot); None when a label cannot be IDNA-encoded or mixes non-ASCII with wildcards."""
+    labels = []
+    for label in pattern.translate(_IDNA_DOTS).split("."):
+        if not label.isascii():
+            if _WILDCARDS & set(label):
+                return None
+            try:
+                label = encodings.idna.ToASCII(label).decode("ascii")
+            except UnicodeError:
+                return None
+        labels.append(label.lower())
+    return ".".join(labels).rstrip(".")
 
 
 def parse_network(text: str, *, what: str) -> IPNetwork:
@@ -101,10 +198,19 @@ def parse_network(text: str, *, what: str) -> IPNetwork:
         if close == -1:
             raise UsageError(f"{what} {text!r}: missing ']'")
         inner = inner[1:close] + inner[close + 1 :]
+    address, slash, length = inner.partition("/")
+    spelled = parse_ipv4_spelling(address)
+    if spelled is not None:
+        inner = f"{spelled}{slash}{length}"
     try:
-        return ipaddress.ip_network(inner, strict=False)
+        network = ipaddress.ip_network(inner, strict=False)
     except ValueError:
         raise UsageError(f"{what} {text!r} is not an IP address or CIDR network") from None
+    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_MAPPED):
+        # Addresses are matched unmapped (see _unmapped), so rules are too.
+        mapped = int(network.network_address) & 0xFFFFFFFF
+        return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
 
 
 def parse_ports(text: str, *, what: str) -> tuple[tuple[int, int], ...]:
@@ -132,9 +238,12 @@ def _port_in(port: int, ranges: tuple[tuple[int, int], ...]) -> bool:
 
 
 class DestRule:
-    """One ``--allow``/``--deny`` destination rule: a host matcher and port ranges."""
+    """One ``--allow``/``--deny`` destination rule: a host matcher and port ranges.
 
-    __slots__ = ("allow", "glob", "network", "ports", "text")
+    Exactly one matcher: ``glob`` (over names), ``address_glob`` (over IPv4 addresses' dotted
+    text) or ``network``."""
+
+    __slots__ = ("address_glob", "allow", "glob", "network", "ports", "text")
 
     def __init__(
         self,
@@ -143,13 +252,23 @@ class DestRule:
         ports: tuple[tuple[int, int], ...],
         *,
         glob: re.Pattern[str] | None = None,
+        address_glob: re.Pattern[str] | None = None,
         network: IPNetwork | None = None,
     ) -> None:
         self.allow = allow
         self.text = text
         self.ports = ports
         self.glob = glob
+        self.address_glob = address_glob
         self.network = network
+
+    def matches_address(self, address: IPAddress) -> bool:
+        """An address rule's verdict on ``address`` (already unmapped); False for name globs."""
+        if self.network is not None:
+            return address.version == self.network.version and address in self.network
+        if self.address_glob is not None:
+            return address.version == 4 and self.address_glob.match(str(address)) is not None
+        return False
 
     def __repr__(self) -> str:
         return f"<DestRule {'allow' if self.allow else 'deny'} {self.text}>"
@@ -185,9 +304,25 @@ def _split_dest(text: str, what: str) -> tuple[str, str]:
             raise UsageError(f"{what} {text!r}: expected ':PORTS' after ']'")
         return host, rest[1:]
     if text.count(":") >= 2:
-        return text, "*"  # an unbracketed IPv6 address or network: no ports
+        # An unbracketed IPv6 address or network has no ports; refuse what could be read both
+        # ways ("::1:22": the address ::1:22, or ::1 port 22?).
+        head, _, last = text.rpartition(":")
+        if last.isdigit() and _is_ipv6(head.partition("/")[0]):
+            raise UsageError(
+                f"{what} {text!r} is ambiguous: write [{head}]:{last} for port {last} of {head}, "
+                f"or [{text}] for the address"
+            )
+        return text, "*"
     host, colon, ports = text.partition(":")
     return host or "*", ports if colon else "*"
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_dest_rule(text: str, allow: bool) -> DestRule:
@@ -198,10 +333,19 @@ def parse_dest_rule(text: str, allow: bool) -> DestRule:
     ports = parse_ports(ports_text, what=f"{what} {text!r}")
     if host == "*":
         return DestRule(allow, text, ports, glob=re.compile(".*", re.DOTALL))
-    looks_ip = ":" in host or "/" in host or host.replace(".", "").isdigit()
+    if not host.isascii():  # compared as the resolver will see it, and so classified
+        host = _fold_pattern(host) or "\0"
+    wildcard = bool(_WILDCARDS & set(host))
+    if wildcard and set(host) <= _IPV4_GLOB_CHARS and any(c.isdigit() for c in host):
+        return DestRule(allow, text, ports, address_glob=re.compile(fnmatch.translate(host)))
+    if wildcard and ":" in host:
+        raise UsageError(
+            f"{what} {text!r}: IPv6 globs are not supported; use a network such as 2001:db8::/32"
+        )
+    looks_ip = ":" in host or "/" in host or parse_ipv4_spelling(host) is not None
     if looks_ip:
         return DestRule(allow, text, ports, network=parse_network(host, what=what))
-    pattern = host.lower().rstrip(".")
+    pattern = _fold_pattern(host)
     if not pattern or not set(pattern) <= _GLOB_CHARS:
         raise UsageError(
             f"{what} {text!r}: the host must be *, a name glob such as *.example.com, an IP "
@@ -263,13 +407,22 @@ def parse_rules_file(text: str, source: str) -> RuleSet:
 
 
 class Policy:
-    """Decisions over a RuleSet; ``restrict_local`` selects the default described above."""
+    """Decisions over a RuleSet; ``restrict_local`` selects the default described above.
 
-    __slots__ = ("restrict_local", "rules")
+    ``host_addresses`` (the host's interface addresses) and ``listeners`` (the server's own
+    bound addresses and ports) are facts about the host that the server keeps up to date."""
 
-    def __init__(self, rules: RuleSet, *, restrict_local: bool) -> None:
+    __slots__ = ("host_addresses", "listeners", "restrict_local", "rules")
+
+    def __init__(
+        self, rules: RuleSet, *, restrict_local: bool,
+        host_addresses: frozenset[IPAddress] = frozenset(),
+        listeners: Sequence[tuple[IPAddress, int]] = (),
+    ) -> None:  # fmt: skip
         self.rules = rules
         self.restrict_local = restrict_local
+        self.host_addresses = host_addresses
+        self.listeners = tuple(listeners)
 
     def client_allowed(self, host: str) -> bool:
         if not self.rules.clients:
@@ -284,57 +437,77 @@ class Policy:
                 return rule.allow
         return True
 
-    def check_name(self, host: str, port: int, *, resolvable: bool = True) -> bool | None:
-        """Decide before resolving: True/False, or None when the addresses are needed.
+    def check_name(self, name: str, port: int, *, resolvable: bool = True) -> bool | None:
+        """What ``check_address`` would answer for every address ``name`` may resolve to, or
+        None when that depends on the addresses.
 
-        ``host`` is a name or an IP literal's text as the client sent it. With
-        ``resolvable=False`` (the name is resolved upstream) network rules never match a name,
-        and the answer is never None.
+        ``name`` is a name (not an IP literal) in its compared form: ``resolver_form``,
+        lowercased, trailing dot removed. With ``resolvable=False`` (an upstream on another
+        host resolves it) address rules never match a name, and the answer is never None.
         """
-        if not self.rules.destinations and not self.restrict_local:
-            return True  # the common loopback set-up: nothing to parse
-        name = host.lower().rstrip(".")
-        address = _address(host)
+        # An allowing answer waits for the addresses when they could be this server (a loop) or
+        # a protected address that only an address rule may reopen.
+        unsure = resolvable and (
+            self.restrict_local or any(port == bound_port for _bound, bound_port in self.listeners)
+        )
         for rule in self.rules.destinations:
             if not _port_in(port, rule.ports):
                 continue
-            if rule.glob is not None:
-                if rule.glob.match(name):
-                    return rule.allow
+            if rule.glob is None:
+                if resolvable:
+                    return None  # this rule may match once the name is resolved
                 continue
-            assert rule.network is not None
-            if address is not None:
-                if address.version == rule.network.version and address in rule.network:
-                    return rule.allow
-                continue
-            if resolvable:
-                return None  # this rule may match once the name is resolved
-        if address is not None:
-            return self._default(address)
-        if self.restrict_local and resolvable:
-            return None
-        return True
+            if rule.glob.match(name):
+                return None if rule.allow and unsure else rule.allow
+        return None if unsure else True
 
-    def check_address(self, host: str, address: IPAddress, port: int) -> bool:
-        """The full decision for dialling ``address``, which ``host`` resolved to (or is)."""
-        name = host.lower().rstrip(".")
+    def check_address(self, name: str | None, address: IPAddress, port: int) -> bool:
+        """The full decision for dialling ``address``, which ``name`` (compared form) resolved
+        to; ``name`` None for an IP literal, which name globs then see as its canonical text."""
         address = _unmapped(address)
+        if self.is_listener(address, port):
+            return False
+        text = str(address) if name is None else name
         for rule in self.rules.destinations:
             if not _port_in(port, rule.ports):
                 continue
             if rule.glob is not None:
-                if rule.glob.match(name):
+                if rule.glob.match(text):
+                    if rule.allow and self.restrict_local and self._protected(address):
+                        continue  # a name never reopens a protected address
                     return rule.allow
-            else:
-                assert rule.network is not None
-                if address.version == rule.network.version and address in rule.network:
-                    return rule.allow
-        return self._default(address)
+            elif rule.matches_address(address):
+                return rule.allow
+        return not (self.restrict_local and self._protected(address))
 
-    def _default(self, address: IPAddress) -> bool:
-        if not self.restrict_local:
+    def is_listener(self, address: IPAddress, port: int) -> bool:
+        """Whether dialling ``address``:``port`` would reach this server itself."""
+        address = _unmapped(address)
+        for bound, bound_port in self.listeners:
+            if port != bound_port or address.version != bound.version:
+                continue
+            if address == bound or address.is_unspecified:
+                return True
+            if bound.is_unspecified and (address.is_loopback or address in self.host_addresses):
+                return True
+        return False
+
+    def _protected(self, address: IPAddress) -> bool:
+        if address in self.host_addresses or _in_local_networks(address):
             return True
-        return not any(address.version == net.version and address in net for net in LOCAL_NETWORKS)
+        embedded = None
+        if isinstance(address, ipaddress.IPv6Address):
+            if address in _NAT64:
+                embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+            else:
+                embedded = address.sixtofour
+        return embedded is not None and (
+            embedded in self.host_addresses or _in_local_networks(embedded)
+        )
+
+
+def _in_local_networks(address: IPAddress) -> bool:
+    return any(address.version == net.version and address in net for net in LOCAL_NETWORKS)
 
 
 # --------------------------------------------------------------------------- credentials

@@ -4,7 +4,20 @@ One process, one thread running an asyncio event loop (uvloop's when it is insta
 turned off); every connection is a ``handler.Conn`` driven by readiness callbacks. Threads exist
 only in two small pools, made on first use: 16 for ``getaddrinfo`` (there is no portable
 non-blocking resolver) and 32 for ``--via`` chains (``hopcat.net.chain`` is blocking client
-code). No thread per connection.
+code). No thread per connection. Their threads are daemons (``DaemonPool``): a lookup stuck on a
+DNS server that never answers must not keep the process alive after the grace period, which
+``concurrent.futures.ThreadPoolExecutor`` would, since it joins its threads at exit.
+
+Fair shares (``FairPool``): one client address has at most ``LOOKUPS_PER_CLIENT`` lookups and
+``CHAINS_PER_CLIENT`` --via chains in flight, well below each pool's size; its further jobs wait
+in a queue of its own. A client that asks for names served by a slow DNS server, or for
+destinations a slow upstream takes its time over, therefore slows only itself. The resolver is a
+parameter (``resolver``, getaddrinfo by default), so tests can script one.
+
+Facts about the host that the policy needs (``Policy.host_addresses``, ``Policy.listeners``)
+are read at start, on SIGHUP and every ``HOST_REFRESH_S``: interface addresses change (DHCP,
+VPNs). ``--via`` chains whose last hop runs on this host (``via_dials_here``) dial destinations
+from here, so names are resolved here to check them (see ``handler``).
 
 Limits:
 
@@ -29,14 +42,21 @@ to connections accepted (client rules) or requesting (destination rules) afterwa
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import errno
+import functools
+import ipaddress
 import os
+import queue
 import signal
 import socket
+import threading
 
 from hopcat._endpoint import format_hostport
 from hopcat.errors import ExitCode, HopcatError, UsageError
-from hopcat.server.handler import Conn
+from hopcat.server.handler import CONNECTING, Conn
+from hopcat.server.ifaddrs import host_addresses
 from hopcat.server.log import Logger
 from hopcat.server.policy import (
     CredentialStore,
@@ -49,11 +69,16 @@ from hopcat.server.relay import Engine
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import asyncio
-    import concurrent.futures
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
+    from typing import Any, ParamSpec, TypeVar
 
     from hopcat._url import ProxyURL
     from hopcat.server.cli import ServeOptions
+
+    P = ParamSpec("P")
+    T = TypeVar("T")
+    AddrInfo = tuple[Any, ...]  # getaddrinfo's (family, type, proto, canonname, sockaddr)
+    Resolver = Callable[[str, int], Sequence[AddrInfo]]
 
 SWEEP_INTERVAL_S = 0.25
 ACCEPT_BATCH = 64  # accepts per readiness callback, so one listener cannot starve the rest
@@ -62,6 +87,9 @@ BACKOFF_MAX_S = 2.0
 LIMIT_LOG_INTERVAL_S = 1.0  # at most one line per second about refused clients (floods)
 VIA_WORKERS = 32
 RESOLVER_WORKERS = 16
+LOOKUPS_PER_CLIENT = 4  # below RESOLVER_WORKERS: one client cannot hold every resolver thread
+CHAINS_PER_CLIENT = 8  # below VIA_WORKERS, for the same reason
+HOST_REFRESH_S = 10.0
 PROTOCOLS = "socks4,socks4a,socks5,http-connect"
 _NO_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
@@ -153,6 +181,182 @@ def raise_fd_limit() -> int:
         return -1
 
 
+# --------------------------------------------------------------------------- the host
+
+
+def getaddrinfo(host: str, port: int) -> Sequence[AddrInfo]:
+    """The default resolver: the system's, for TCP."""
+    return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+
+
+def listening_on(
+    listeners: Sequence[socket.socket],
+) -> list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]]:
+    """(address, port) of each listener, as the policy's loop check wants them."""
+    bound = []
+    for sock in listeners:
+        name = sock.getsockname()
+        bound.append((ipaddress.ip_address(str(name[0]).partition("%")[0]), int(name[1])))
+    return bound
+
+
+def via_dials_here(hops: Sequence[ProxyURL], policy: Policy) -> bool:
+    """Whether the last hop of a --via chain runs on this host, so that it dials destinations
+    from here. Hop k is dialled by hop k-1: an address of this host reaches this host from
+    anywhere, a loopback or unspecified address reaches whoever dialled it. A hop whose name does
+    not resolve here counts as local: resolving the destination here is the safe mistake.
+
+    A hop dialled from here that is this server itself would make every request a loop: that
+    is refused before serving (UsageError, exit 64)."""
+    here = True  # we dial the first hop
+    for index, hop in enumerate(hops, 1):
+        try:
+            infos = getaddrinfo(hop.host, hop.port)
+        except (OSError, UnicodeError):
+            here = True
+            continue
+        addresses = [ipaddress.ip_address(str(info[4][0]).partition("%")[0]) for info in infos]
+        if here and any(policy.is_listener(address, hop.port) for address in addresses):
+            raise UsageError(
+                f"--via #{index} {hop.label()} is this server itself: every request would loop"
+            )
+        local = [a for a in addresses if a in policy.host_addresses and not a.is_loopback]
+        if local:
+            here = True
+        elif not any(address.is_loopback or address.is_unspecified for address in addresses):
+            here = False
+    return here
+
+
+class DaemonPool(concurrent.futures.Executor):
+    """A thread pool whose threads are daemons, for ``loop.run_in_executor``: see the module
+    docstring. Threads start on demand up to ``workers`` and then stay."""
+
+    def __init__(self, workers: int, name: str) -> None:
+        self._workers = workers
+        self._name = name
+        self._queue: queue.SimpleQueue[
+            tuple[concurrent.futures.Future[Any], Callable[[], Any]] | None
+        ] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+        self._lock = threading.Lock()
+
+    def submit(
+        self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._queue.put((future, functools.partial(fn, *args, **kwargs)))
+        with self._lock:
+            if self._idle == 0 and len(self._threads) < self._workers:
+                thread = threading.Thread(
+                    target=self._work, name=f"{self._name}-{len(self._threads)}", daemon=True
+                )
+                self._threads.append(thread)
+                thread.start()
+            else:
+                self._idle -= 1  # an idle thread takes it, or below zero: it waits for one
+        return future
+
+    def _work(self) -> None:
+        """Invariant: ``_idle`` is the threads free for a new job minus the jobs queued."""
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            future, job = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = job()
+                except BaseException as exc:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+            with self._lock:
+                self._idle += 1
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Cancel the jobs not started and let idle threads end; busy ones end with their job
+        or with the process."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
+        for _thread in self._threads:
+            self._queue.put(None)
+
+
+class FairPool:
+    """Jobs for connections on a DaemonPool (made on first use), at most ``per_client`` running
+    for one client address; its further jobs wait in a FIFO of its own, and a job whose
+    connection is no longer connecting when its turn comes is dropped. The future a job returns
+    is never failed for a job that did not run."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, workers: int, per_client: int, name: str
+    ) -> None:
+        self._loop = loop
+        self._workers = workers
+        self.per_client = per_client
+        self._name = name
+        self._pool: DaemonPool | None = None
+        self.running: dict[str, int] = {}  # by client address
+        self._waiting: dict[
+            str, collections.deque[tuple[Conn, asyncio.Future[Any], Callable[[], Any]]]
+        ] = {}
+
+    def submit(
+        self, conn: Conn, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs
+    ) -> asyncio.Future[T]:
+        result: asyncio.Future[T] = self._loop.create_future()
+        client = conn.client_ip
+        waiting = self._waiting.get(client)
+        if waiting is None:
+            waiting = self._waiting[client] = collections.deque()
+        waiting.append((conn, result, functools.partial(fn, *args, **kwargs)))
+        self._start(client)
+        return result
+
+    def _start(self, client: str) -> None:
+        waiting = self._waiting[client]
+        while waiting and self.running.get(client, 0) < self.per_client:
+            conn, result, job = waiting.popleft()
+            if conn.phase != CONNECTING:
+                continue  # it timed out or went away while waiting its turn
+            if self._pool is None:
+                self._pool = DaemonPool(self._workers, self._name)
+            self.running[client] = self.running.get(client, 0) + 1
+            running = self._loop.run_in_executor(self._pool, job)
+            running.add_done_callback(functools.partial(self._finished, client, result))
+        if not waiting:
+            del self._waiting[client]
+
+    def _finished(
+        self, client: str, result: asyncio.Future[Any], done: asyncio.Future[Any]
+    ) -> None:
+        left = self.running[client] - 1
+        if left:
+            self.running[client] = left
+        else:
+            del self.running[client]
+        if not done.cancelled():  # cancelled: the pool shut down, and the server with it
+            exc = done.exception()
+            if exc is not None:
+                result.set_exception(exc)
+            else:
+                result.set_result(done.result())
+        if client in self._waiting:
+            self._start(client)
+
+    def shutdown(self) -> None:
+        self._waiting.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 # --------------------------------------------------------------------------- the server
 
 
@@ -167,16 +371,25 @@ class Server:
         logger: Logger,
         credentials: CredentialStore,
         policy: Policy,
+        *,
+        resolver: Resolver = getaddrinfo,
     ) -> None:
         self.options = options
         self.listeners = listeners
         self.loop = loop
         self.logger = logger
         self.credentials = credentials
-        self.policy = policy
+        self.resolver = resolver
+        self.listening = listening_on(listeners)
+        self.host_addresses = host_addresses()
+        self._host_checked_at = loop.time()
+        self.policy = self._placed(policy)
         self.engine = Engine(loop, splice=not options.no_splice)
         self.auth_required = options.auth_required
         self.via: list[ProxyURL] = options.via
+        # Whether names must be resolved here: always when dialling, through --via only when
+        # the last hop dials from this host (see handler).
+        self.resolves_names = not self.via or via_dials_here(self.via, self.policy)
         self.handshake_timeout = options.handshake_timeout_s
         self.connect_timeout = options.connect_timeout_s
         self.idle_timeout = options.idle_timeout_s
@@ -197,8 +410,8 @@ class Server:
         self._next_idle_check = 0.0
         self._limit_logged_at = -1e9
         self._suppressed: dict[str, int] = {}  # refusals not logged one by one, by result
-        self._via_executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._resolver_executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self.resolving = FairPool(loop, RESOLVER_WORKERS, LOOKUPS_PER_CLIENT, "hopcat-resolve")
+        self.chaining = FairPool(loop, VIA_WORKERS, CHAINS_PER_CLIENT, "hopcat-via")
         self.done: asyncio.Future[int] = loop.create_future()
 
     # -- accepting ------------------------------------------------------------------------
@@ -339,24 +552,28 @@ class Server:
         if self.stopping:
             self._maybe_done()
 
-    def via_executor(self) -> concurrent.futures.ThreadPoolExecutor:
-        """Threads for --via chains (blocking client code), made on first use."""
-        if self._via_executor is None:
-            self._via_executor = _thread_pool(VIA_WORKERS, "hopcat-via")
-        return self._via_executor
+    def lookup(self, conn: Conn, host: str, port: int) -> asyncio.Future[Sequence[AddrInfo]]:
+        """Resolve ``host`` for ``conn`` on the resolver threads, within its client's share."""
+        return self.resolving.submit(conn, self.resolver, host, port)
 
-    def resolver_executor(self) -> concurrent.futures.ThreadPoolExecutor:
-        """Threads for getaddrinfo, made on first use: a slow DNS server must not hold up
-        more than these (each lookup is bounded by the connect timeout for the client)."""
-        if self._resolver_executor is None:
-            self._resolver_executor = _thread_pool(RESOLVER_WORKERS, "hopcat-resolve")
-        return self._resolver_executor
+    def _placed(self, policy: Policy) -> Policy:
+        """``policy`` told where this server runs: the host's addresses and its listeners."""
+        policy.host_addresses = self.host_addresses
+        policy.listeners = tuple(self.listening)
+        return policy
+
+    def _refresh_host(self, now: float) -> None:
+        self._host_checked_at = now
+        self.host_addresses = host_addresses()
+        self.policy.host_addresses = self.host_addresses
 
     # -- the sweep ----------------------------------------------------------------------------
     def _sweep(self) -> None:
         """Deadlines of pending connections; idle tunnels. Invariant: reschedules itself."""
         now = self.loop.time()
         self._log_suppressed(now)
+        if now - self._host_checked_at >= HOST_REFRESH_S:
+            self._refresh_host(now)
         if self.pending:
             for conn in [c for c in self.pending if c.deadline <= now]:
                 conn.on_deadline()
@@ -419,7 +636,8 @@ class Server:
         except HopcatError as exc:
             self.logger.log("reload", result="error", reason=str(exc))
             return
-        self.credentials, self.policy = credentials, policy
+        self._refresh_host(self.loop.time())
+        self.credentials, self.policy = credentials, self._placed(policy)
         for warning in warnings:
             self.logger.log("warning", reason=warning)
         self.logger.log(
@@ -449,18 +667,11 @@ class Server:
             for listener in self.listeners:
                 listener.close()
             self.engine.close()
-            for executor in (self._via_executor, self._resolver_executor):
-                if executor is not None:
-                    executor.shutdown(wait=False, cancel_futures=True)
+            for pool in (self.chaining, self.resolving):
+                pool.shutdown()
             self._log_suppressed(float("inf"))
             self.logger.log("stopped", served=self.served)
             self.logger.flush()
-
-
-def _thread_pool(workers: int, name: str) -> concurrent.futures.ThreadPoolExecutor:
-    import concurrent.futures
-
-    return concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
 
 
 def new_event_loop(choice: str) -> tuple[asyncio.AbstractEventLoop, str]:
@@ -495,7 +706,7 @@ def report_ready(options: ServeOptions, addresses: list[str]) -> None:
         os.replace(temporary, options.ready_file)
 
 
-def run(options: ServeOptions) -> int:
+def run(options: ServeOptions, *, resolver: Resolver = getaddrinfo) -> int:
     """Bind, serve until stopped by a signal, return the exit code."""
     credentials, policy, warnings = load_config(options)
     fd_limit = raise_fd_limit()
@@ -508,7 +719,7 @@ def run(options: ServeOptions) -> int:
             sock.close()
         raise
     try:
-        server = Server(options, listeners, loop, logger, credentials, policy)
+        server = Server(options, listeners, loop, logger, credentials, policy, resolver=resolver)
         addresses = []
         for sock in listeners:
             name = sock.getsockname()
