@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import select
 import socket
 import sys
 import threading
@@ -174,6 +176,64 @@ def test_ready_stdin_left_open_is_sent_then_the_relay_ends(kind: str, splice: bo
     finally:
         for fd in (stdin_r, stdin_w, out_r):
             os.close(fd)
+
+
+def test_producer_that_keeps_writing_after_the_peer_fin() -> None:
+    """Everything a producer writes after the peer's FIN arrives, as long as it keeps our stdin
+    pipe from running dry; with the pipe left open the relay still ends once it is drained.
+
+    In lockstep, so no timing decides it: the network is a socketpair, whose fixed buffer takes
+    at most a few hundred KiB at a time from our 1 MiB pipe (a TCP socket's autotuned one could
+    swallow the pipe whole). Fill everything, the peer half-closes, then reads 64 KiB at a time,
+    and the producer tops the pipe up after each read."""
+    total = 8 << 20
+    up = pattern(total, 49)
+    ours, theirs = socket.socketpair()
+    stdin_r, stdin_w = os.pipe()
+    out_r, out_w = os.pipe()
+    outcome: list[object] = []
+
+    def run_relay() -> None:
+        try:
+            outcome.append(relay(ours, stdin_r, out_w))
+        except BaseException as exc:  # surfaced below
+            outcome.append(exc)
+
+    written = 0
+
+    def top_up(wait_s: float) -> int:
+        """Wait up to wait_s for room in the pipe, then write what fits."""
+        nonlocal written
+        before = written
+        if select.select([], [stdin_w], [], wait_s)[1]:
+            with contextlib.suppress(BlockingIOError):
+                while written < total:
+                    written += os.write(stdin_w, up[written : written + (1 << 16)])
+        return written - before
+
+    os.set_blocking(stdin_w, False)
+    worker = threading.Thread(target=run_relay, daemon=True)
+    worker.start()
+    received = bytearray()
+    try:
+        with ours, theirs:
+            theirs.settimeout(30)
+            while top_up(0.2):
+                pass  # until the pipe and the socketpair are full
+            theirs.shutdown(socket.SHUT_WR)
+            assert _read_all(out_r) == b""  # the relay saw the FIN and closed stdout
+            after_fin = 0
+            while len(received) < written or written < total:
+                received += theirs.recv(1 << 16)
+                after_fin += top_up(0.002)
+            worker.join(30)
+    finally:
+        os.close(stdin_w)  # only now: the relay ended with its stdin still open
+        os.close(stdin_r)
+        os.close(out_r)
+    assert outcome and not isinstance(outcome[0], BaseException), outcome
+    assert after_fin > 1 << 20, "the producer kept writing after the peer's FIN"
+    assert (len(received), sha256(bytes(received))) == (total, sha256(up))
 
 
 @pytest.mark.parametrize("kind", ["pipe", "socket"])
