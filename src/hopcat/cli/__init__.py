@@ -11,7 +11,8 @@ What the process inherits is guarded here, before anything else runs:
 * SIGTERM, SIGHUP and SIGINT (unless inherited as ignored, as under nohup) raise ``Terminated``
   in the client, so every ``finally`` runs on the way out: the relay puts O_NONBLOCK on stdin
   and stdout back, the password prompt turns echo back on. Exit 128 + the signal number with one
-  line on stderr. SIGPIPE stays ignored, as Python sets it: a reader that went away is an EPIPE
+  line on stderr, except for SIGHUP: ssh sends it to its ProxyCommand at the end of every
+  session, so it ends hopcat quietly. SIGPIPE stays ignored, as Python sets it: a reader that went away is an EPIPE
   the relay reports (exit 74) or, after stdin's EOF, takes as the end of the session.
 """
 
@@ -30,11 +31,11 @@ if TYPE_CHECKING:
 else:
     import _signal  # already loaded by the interpreter; signal.py would import enum
 
-# What ends hopcat, with the word for its one line; the exit code is 128 + the number (shells').
-ENDING_SIGNALS: dict[int, tuple[str, str]] = {
-    _signal.SIGINT: ("interrupted", "SIGINT"),
-    _signal.SIGTERM: ("terminated", "SIGTERM"),
-    _signal.SIGHUP: ("hung up", "SIGHUP"),
+# What ends hopcat, with its one line ("" for none); the exit code is 128 + the number (shells').
+ENDING_SIGNALS: dict[int, str] = {
+    _signal.SIGINT: "interrupted (SIGINT)",
+    _signal.SIGTERM: "terminated (SIGTERM)",
+    _signal.SIGHUP: "",  # how ssh ends its ProxyCommand after every session: not worth a word
 }
 
 
@@ -120,8 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args, started)
     except Terminated as exc:
-        word, name = ENDING_SIGNALS[exc.signum]
-        return _fail(f"{word} ({name})", 128 + exc.signum)
+        line = ENDING_SIGNALS[exc.signum]
+        return _fail(line, 128 + exc.signum) if line else 128 + exc.signum
     except KeyboardInterrupt:  # SIGINT before our handler was in place
         return _fail("interrupted (SIGINT)", 128 + _signal.SIGINT)
     except Exception as exc:
