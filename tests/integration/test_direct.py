@@ -9,6 +9,7 @@ import pty
 import select
 import socket
 import subprocess
+import sys
 import threading
 import time
 import tty
@@ -376,3 +377,14 @@ def test_stdin_left_open_with_bytes_ready_is_sent_after_the_peer_half_closes(kin
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == b""
     assert (len(server.received), sha256(server.received)) == (len(up), sha256(up))
+
+
+def test_relay_timeouts_beyond_what_poll_takes() -> None:
+    """-w and -q up to the largest float (the connect timeout is given apart: dial's own)."""
+    huge = repr(sys.float_info.max)
+    with exchange(b"pong") as server:
+        result = run_hopcat("--connect-timeout", "10", "-w", huge, "-q", huge, server.host,
+                            str(server.port), input=b"ping")
+        server.done.wait(10)
+    assert result.returncode == 0, result.stderr
+    assert (result.stdout, bytes(server.received)) == (b"pong", b"ping")
