@@ -551,13 +551,13 @@ def relay(
 
 def _bytes_ready(fd: int) -> int:
     """Bytes ``fd`` could still be read for (to report what a failed send left behind); 0 if
-    unknown. Only on the error path: it costs an import and two syscalls."""
+    unknown. Only on the error path: it costs imports and syscalls."""
     import sys
 
     try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISREG(mode):
-            return max(0, os.fstat(fd).st_size - os.lseek(fd, 0, os.SEEK_CUR))
+        status = os.fstat(fd)
+        if stat.S_ISREG(status.st_mode):
+            return max(0, status.st_size - os.lseek(fd, 0, os.SEEK_CUR))
         import fcntl
         import termios
 
