@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import pty
 import select
 import socket
 import subprocess
+import sys
 import threading
 import time
 import tty
+from pathlib import Path
 
 import pytest
 
 from support import HOPCAT, clean_env, exchange, pattern, run_hopcat, sha256, silent_listener
 
 SIZES = [0, 1, 65535, 65536, 65537, 16 << 20]
+F_SETPIPE_SZ = 1031  # fcntl.h
 
 
 def _spawn(args: list[str], stdin: int, stdout: int) -> subprocess.Popen[bytes]:
@@ -306,3 +311,80 @@ def test_stdout_reader_gone_after_stdin_eof_is_a_quiet_end() -> None:
         finally:
             proc.stderr.close()  # type: ignore[union-attr]
     assert err == b""
+
+
+# -- after the peer's FIN, stdin is sent while it has bytes ready (README: End of stream) -------
+
+
+def test_file_stdin_is_sent_whole_to_a_server_that_half_closes_first(tmp_path: Path) -> None:
+    """``hopcat host port < file``: the server greets, half-closes, then reads everything."""
+    up = pattern(16 << 20, 14)
+    (tmp_path / "up").write_bytes(up)
+    with exchange(b"hello\n", half_close=True) as server, open(tmp_path / "up", "rb") as stdin:
+        proc = subprocess.run(
+            [*HOPCAT, server.host, str(server.port)], stdin=stdin, capture_output=True,
+            timeout=60, env=clean_env(),
+        )
+        server.done.wait(30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"hello\n"
+    assert (len(server.received), sha256(server.received)) == (len(up), sha256(up))
+    assert server.saw_eof, "stdin's EOF still becomes a FIN after the peer's"
+
+
+def test_full_duplex_bulk_when_the_server_finishes_sending_first(tmp_path: Path) -> None:
+    """Both directions at once; the server's 4 MiB end (FIN) long before our 24 MiB do."""
+    up, down = pattern(24 << 20, 15), pattern(4 << 20, 16)
+    (tmp_path / "up").write_bytes(up)
+    with exchange(down, half_close=True) as server, open(tmp_path / "up", "rb") as stdin:
+        proc = subprocess.run(
+            [*HOPCAT, server.host, str(server.port)], stdin=stdin, capture_output=True,
+            timeout=60, env=clean_env(),
+        )
+        server.done.wait(30)
+    assert proc.returncode == 0, proc.stderr
+    assert sha256(proc.stdout) == sha256(down)
+    assert (len(server.received), sha256(server.received)) == (len(up), sha256(up))
+
+
+@pytest.mark.parametrize("kind", ["pipe", "socket"])
+def test_stdin_left_open_with_bytes_ready_is_sent_after_the_peer_half_closes(kind: str) -> None:
+    """stdin holds bytes and is never closed (ssh's habit) while the server half-closes first:
+    every ready byte arrives, then hopcat ends without waiting for an EOF that never comes.
+    (A producer that keeps writing after the FIN: tests/scenario/test_relay.py, in lockstep.)"""
+    if kind == "pipe":
+        stdin_r, stdin_w = os.pipe()
+        fcntl.fcntl(stdin_w, F_SETPIPE_SZ, 1 << 20)
+    else:
+        reader, writer = socket.socketpair()
+        stdin_r, stdin_w = reader.detach(), writer.detach()
+    os.set_blocking(stdin_w, False)
+    up = bytearray()
+    chunk = pattern(1 << 16, 17)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            up += chunk[: os.write(stdin_w, chunk)]
+    try:
+        with exchange(half_close=True) as server:  # its FIN is there before our first poll
+            proc = subprocess.run(
+                [*HOPCAT, server.host, str(server.port)], stdin=stdin_r, capture_output=True,
+                timeout=60, env=clean_env(),
+            )
+            server.done.wait(30)
+    finally:
+        os.close(stdin_r)
+        os.close(stdin_w)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b""
+    assert (len(server.received), sha256(server.received)) == (len(up), sha256(up))
+
+
+def test_relay_timeouts_beyond_what_poll_takes() -> None:
+    """-w and -q up to the largest float (the connect timeout is given apart: dial's own)."""
+    huge = repr(sys.float_info.max)
+    with exchange(b"pong") as server:
+        result = run_hopcat("--connect-timeout", "10", "-w", huge, "-q", huge, server.host,
+                            str(server.port), input=b"ping")
+        server.done.wait(10)
+    assert result.returncode == 0, result.stderr
+    assert (result.stdout, bytes(server.received)) == (b"pong", b"ping")

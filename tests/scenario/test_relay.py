@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import select
 import socket
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
-from hopcat.relay.pump import RelayOptions, relay
+from hopcat.errors import RelayError
+from hopcat.relay.pump import RelayOptions, grow_pipe, relay
 from support import pattern, sha256
 
 
@@ -88,3 +94,264 @@ def test_socket_stdio_splices_through_a_pipe_and_initial_bytes_come_first() -> N
     assert (stats.path_up, stats.path_down) == ("splice via pipe", "splice via pipe")
     assert sha256(bytes(peer.received)) == sha256(up)
     assert bytes(got) == b"FIRST" + down
+
+
+# -- after the peer's FIN: stdin is sent while it has bytes ready, then the relay ends ----------
+
+
+def _half_closing_peer(sock: socket.socket, received: bytearray, down: bytes = b"") -> threading.Thread:
+    """A server that says its piece, half-closes, then reads everything (until our close)."""
+
+    def run() -> None:
+        sock.sendall(down)
+        sock.shutdown(socket.SHUT_WR)
+        while data := sock.recv(1 << 16):
+            received.extend(data)
+        sock.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def _fill(fd: int, seed: int) -> bytes:
+    """Write into fd until it would block; the bytes written (a source left open, all ready)."""
+    os.set_blocking(fd, False)
+    written = bytearray()
+    chunk = pattern(1 << 16, seed)
+    try:
+        while True:
+            written += chunk[: os.write(fd, chunk)]
+    except BlockingIOError:
+        pass
+    os.set_blocking(fd, True)
+    return bytes(written)
+
+
+def test_regular_file_is_sent_to_its_end_after_the_peer_half_closes(tmp_path: Path) -> None:
+    up = pattern(6 << 20, 45)
+    (tmp_path / "up").write_bytes(up)
+    ours, theirs = socket.socketpair()
+    received = bytearray()
+    peer = _half_closing_peer(theirs, received, b"ready\n")
+    out_r, out_w = os.pipe()
+    with ours, open(tmp_path / "up", "rb") as stdin:
+        stats = relay(ours, stdin.fileno(), out_w)
+    peer.join(30)
+    assert os.read(out_r, 100) == b"ready\n"
+    os.close(out_r)
+    assert stats.bytes_up == len(up)
+    assert sha256(bytes(received)) == sha256(up)
+
+
+@pytest.mark.parametrize(
+    ("kind", "splice", "path"),
+    [
+        ("pipe", True, "splice"),
+        ("pipe", False, "copy"),
+        ("socket", True, "splice via pipe"),
+        ("socket", False, "copy"),
+    ],
+)
+def test_ready_stdin_left_open_is_sent_then_the_relay_ends(kind: str, splice: bool, path: str) -> None:
+    """stdin never ends (ssh's habit) but holds bytes when the peer half-closes: they all go out,
+    then the relay ends instead of waiting for an EOF that never comes."""
+    if kind == "pipe":
+        stdin_r, stdin_w = os.pipe()
+        grow_pipe(stdin_w)
+    else:
+        reader, writer = socket.socketpair()
+        stdin_r, stdin_w = reader.detach(), writer.detach()
+    up = _fill(stdin_w, 46)
+    ours, theirs = socket.socketpair()
+    received = bytearray()
+    peer = _half_closing_peer(theirs, received)
+    out_r, out_w = os.pipe()
+    try:
+        with ours:
+            stats = relay(ours, stdin_r, out_w, options=RelayOptions(splice=splice))
+        peer.join(30)
+        assert stats.path_up == path
+        assert (len(received), sha256(bytes(received))) == (len(up), sha256(up))
+    finally:
+        for fd in (stdin_r, stdin_w, out_r):
+            os.close(fd)
+
+
+def test_producer_that_keeps_writing_after_the_peer_fin() -> None:
+    """Everything a producer writes after the peer's FIN arrives, as long as it keeps our stdin
+    pipe from running dry; with the pipe left open the relay still ends once it is drained.
+
+    In lockstep, so no timing decides it: the network is a socketpair, whose fixed buffer takes
+    at most a few hundred KiB at a time from our 1 MiB pipe (a TCP socket's autotuned one could
+    swallow the pipe whole). Fill everything, the peer half-closes, then reads 64 KiB at a time,
+    and the producer tops the pipe up after each read."""
+    total = 8 << 20
+    up = pattern(total, 49)
+    ours, theirs = socket.socketpair()
+    stdin_r, stdin_w = os.pipe()
+    out_r, out_w = os.pipe()
+    outcome: list[object] = []
+
+    def run_relay() -> None:
+        try:
+            outcome.append(relay(ours, stdin_r, out_w))
+        except BaseException as exc:  # surfaced below
+            outcome.append(exc)
+
+    written = 0
+
+    def top_up(wait_s: float) -> int:
+        """Wait up to wait_s for room in the pipe, then write what fits."""
+        nonlocal written
+        before = written
+        if select.select([], [stdin_w], [], wait_s)[1]:
+            with contextlib.suppress(BlockingIOError):
+                while written < total:
+                    written += os.write(stdin_w, up[written : written + (1 << 16)])
+        return written - before
+
+    os.set_blocking(stdin_w, False)
+    worker = threading.Thread(target=run_relay, daemon=True)
+    worker.start()
+    received = bytearray()
+    try:
+        with ours, theirs:
+            theirs.settimeout(30)
+            while top_up(0.2):
+                pass  # until the pipe and the socketpair are full
+            theirs.shutdown(socket.SHUT_WR)
+            assert _read_all(out_r) == b""  # the relay saw the FIN and closed stdout
+            after_fin = 0
+            while len(received) < written or written < total:
+                received += theirs.recv(1 << 16)
+                after_fin += top_up(0.002)
+            worker.join(30)
+    finally:
+        os.close(stdin_w)  # only now: the relay ended with its stdin still open
+        os.close(stdin_r)
+        os.close(out_r)
+    assert outcome and not isinstance(outcome[0], BaseException), outcome
+    assert after_fin > 1 << 20, "the producer kept writing after the peer's FIN"
+    assert (len(received), sha256(bytes(received))) == (total, sha256(up))
+
+
+@pytest.mark.parametrize("kind", ["pipe", "socket"])
+def test_idle_stdin_left_open_does_not_hold_the_relay(kind: str) -> None:
+    """The ProxyCommand promise: the peer closes, ssh keeps stdin open and quiet, we end."""
+    if kind == "pipe":
+        stdin_r, stdin_w = os.pipe()
+    else:
+        reader, writer = socket.socketpair()
+        stdin_r, stdin_w = reader.detach(), writer.detach()
+    down = pattern(1 << 20, 47)
+    ours, theirs = socket.socketpair()
+
+    def peer() -> None:
+        theirs.sendall(down)
+        theirs.close()
+
+    threading.Thread(target=peer, daemon=True).start()
+    out_r, out_w = os.pipe()
+    got = bytearray()
+    drainer = threading.Thread(target=lambda: got.extend(_read_all(out_r)), daemon=True)
+    drainer.start()
+    try:
+        with ours:
+            relay(ours, stdin_r, out_w, options=RelayOptions(idle_timeout_s=20))
+        drainer.join(30)
+        assert sha256(bytes(got)) == sha256(down)
+    finally:
+        for fd in (stdin_r, stdin_w, out_r):
+            os.close(fd)
+
+
+def _read_all(fd: int) -> bytes:
+    data = bytearray()
+    while chunk := os.read(fd, 1 << 16):
+        data += chunk
+    return bytes(data)
+
+
+def test_peer_that_stops_reading_is_reported_with_what_was_left(tmp_path: Path) -> None:
+    """The peer half-closes, then closes for good: what stdin still had is counted, not lost."""
+    up = pattern(8 << 20, 48)
+    (tmp_path / "up").write_bytes(up)
+    ours, theirs = socket.socketpair()
+
+    def peer() -> None:
+        theirs.shutdown(socket.SHUT_WR)
+        theirs.recv(1)  # the relay has started sending
+        theirs.close()
+
+    threading.Thread(target=peer, daemon=True).start()
+    out_r, out_w = os.pipe()
+    with ours, open(tmp_path / "up", "rb") as stdin, pytest.raises(RelayError) as caught:
+        relay(ours, stdin.fileno(), out_w)
+    os.close(out_r)
+    match = re.fullmatch(
+        r"sending to the peer: broken pipe \(after (\d+) bytes sent; (\d+) bytes of stdin not sent\)",
+        str(caught.value),
+    )
+    assert match, str(caught.value)
+    sent, unsent = map(int, match.groups())
+    assert sent + unsent == len(up) and unsent > 0
+
+
+# -- process state: O_NONBLOCK goes back as found, timeouts of any size --------------------------
+
+
+def test_stdout_gets_its_blocking_mode_back_before_it_is_closed() -> None:
+    """Another holder of stdout's pipe (the shell, the next command) must not inherit EAGAIN."""
+    ours, theirs = socket.socketpair()
+    theirs.sendall(b"bye")
+    theirs.close()
+    out_r, out_w = os.pipe()
+    other_holder = os.dup(out_w)  # the same open file description, as a shell's copy would be
+    try:
+        with ours:
+            relay(ours, os.open(os.devnull, os.O_RDONLY), out_w)
+        assert os.get_blocking(other_holder)
+        assert os.read(out_r, 10) == b"bye"
+    finally:
+        os.close(other_holder)
+        os.close(out_r)
+
+
+@pytest.mark.parametrize("close_output", [True, False])
+def test_one_socket_as_stdin_and_stdout_is_left_blocking(close_output: bool) -> None:
+    """inetd and socat EXEC give one socket as fds 0 and 1: flags read before any is changed."""
+    ours, theirs = socket.socketpair()
+    client, ours_stdio = socket.socketpair()
+    theirs.sendall(b"reply")
+    theirs.shutdown(socket.SHUT_WR)
+    client.sendall(b"request")
+    client.shutdown(socket.SHUT_WR)
+    stdio = ours_stdio.fileno()
+    duplicate = os.dup(stdio)
+    with ours, client, ours_stdio:
+        relay(ours, stdio, duplicate, options=RelayOptions(close_output=close_output))
+        if not close_output:
+            os.close(duplicate)
+        assert os.get_blocking(stdio)
+        assert client.recv(100) == b"reply"
+        assert theirs.recv(100) == b"request"
+    theirs.close()
+
+
+def test_timeouts_beyond_what_poll_takes_work() -> None:
+    """-w and -q values up to the largest float: poll() takes at most ~24.8 days at a time."""
+    ours, theirs = socket.socketpair()
+    peer = Peer(theirs, b"x" * 1000)
+    in_r, in_w = os.pipe()
+    os.write(in_w, b"hello")
+    os.close(in_w)
+    out_r, out_w = os.pipe()
+    huge = sys.float_info.max
+    with ours:
+        stats = relay(ours, in_r, out_w, options=RelayOptions(idle_timeout_s=huge, quit_after_eof_s=huge))
+    peer.thread.join(30)
+    os.close(in_r)
+    assert os.read(out_r, 2000) == b"x" * 1000
+    os.close(out_r)
+    assert (stats.bytes_up, bytes(peer.received)) == (5, b"hello")

@@ -2,18 +2,91 @@
 
 Start-up matters (ssh runs us once per connection), so this module imports only what the direct
 connect-and-relay path needs; anything else is imported inside the branch that uses it.
+
+What the process inherits is guarded here, before anything else runs:
+
+* descriptors 0, 1 and 2 are always open: a closed one gets /dev/null, so no socket of ours can
+  land on it (a socket on fd 0 would be relayed back to its own peer). A closed stdin is then
+  empty (the peer gets our FIN at once), a closed stdout discards, a closed stderr is silent.
+* SIGTERM, SIGHUP and SIGINT (unless inherited as ignored, as under nohup) raise ``Terminated``
+  in the client, so every ``finally`` runs on the way out: the relay puts O_NONBLOCK on stdin
+  and stdout back, the password prompt turns echo back on. Exit 128 + the signal number with one
+  line on stderr, except for SIGHUP: ssh sends it to its ProxyCommand at the end of every
+  session, so it ends hopcat quietly. SIGPIPE stays ignored, as Python sets it: a reader that went away is an EPIPE
+  the relay reports (exit 74) or, after stdin's EOF, takes as the end of the session.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import signal as _signal  # the same functions, with stubs
     from collections.abc import Sequence
 
     from hopcat.cli._args import Options
+else:
+    import _signal  # already loaded by the interpreter; signal.py would import enum
+
+# What ends hopcat, with its one line ("" for none); the exit code is 128 + the number (shells').
+ENDING_SIGNALS: dict[int, str] = {
+    _signal.SIGINT: "interrupted (SIGINT)",
+    _signal.SIGTERM: "terminated (SIGTERM)",
+    _signal.SIGHUP: "",  # how ssh ends its ProxyCommand after every session: not worth a word
+}
+
+
+class Terminated(BaseException):
+    """A signal ended hopcat. A BaseException, so no ``except Exception`` on the way swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_ending_signal(signum: int, _frame: object) -> None:
+    # Once: a second signal must not cut short the finally blocks the first one started.
+    for other in ENDING_SIGNALS:
+        if _signal.getsignal(other) is _on_ending_signal:
+            _signal.signal(other, _signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+def _catch_ending_signals() -> None:
+    for signum in ENDING_SIGNALS:
+        current = _signal.getsignal(signum)
+        if current == _signal.SIG_DFL or current is _signal.default_int_handler:
+            _signal.signal(signum, _on_ending_signal)
+
+
+def _reserve_standard_fds() -> None:
+    """Open /dev/null onto whichever of 0, 1 and 2 is closed (usually one open and one close)."""
+    fd = os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor
+    while fd <= 2:
+        os.set_inheritable(fd, True)  # it stands in for a standard descriptor, also for children
+        # Python left sys.std* None for a descriptor closed at start: give them the stand-in.
+        stream = open(fd, "r" if fd == 0 else "w", closefd=False)  # noqa: SIM115
+        setattr(sys, ("stdin", "stdout", "stderr")[fd], stream)
+        fd = os.open(os.devnull, os.O_RDWR)
+    os.close(fd)
+
+
+def _write_fd(fd: int, text: str) -> None:
+    """Write all of ``text``, waiting in poll if fd is non-blocking (stdout and stderr can be one
+    pipe the relay made non-blocking); raises OSError."""
+    view = memoryview(text.encode("utf-8", "backslashreplace"))
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            import select
+
+            poller = select.poll()
+            poller.register(fd, select.POLLOUT)
+            poller.poll()
 
 
 class Timeline:
@@ -26,24 +99,32 @@ class Timeline:
     def __call__(self, message: str) -> None:
         if self.enabled:
             elapsed_ms = (time.perf_counter() - self.started) * 1000
-            sys.stderr.write(f"hopcat: [{elapsed_ms:9.3f} ms] {message}\n")
-            sys.stderr.flush()
+            try:
+                _write_fd(2, f"hopcat: [{elapsed_ms:9.3f} ms] {message}\n")
+            except OSError:
+                pass  # stderr's reader went away: the relay goes on, the exit code still tells
 
 
 def _fail(message: str, code: int) -> int:
-    sys.stderr.write(f"hopcat: {message}\n")
-    sys.stderr.flush()
+    try:
+        _write_fd(2, f"hopcat: {message}\n")
+    except OSError:
+        pass  # nowhere to say it: the exit code still does
     return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
+    _reserve_standard_fds()
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     try:
         return _run(args, started)
-    except KeyboardInterrupt:
-        return _fail("interrupted", 130)
+    except Terminated as exc:
+        line = ENDING_SIGNALS[exc.signum]
+        return _fail(line, 128 + exc.signum) if line else 128 + exc.signum
+    except KeyboardInterrupt:  # SIGINT before our handler was in place
+        return _fail("interrupted (SIGINT)", 128 + _signal.SIGINT)
     except Exception as exc:
         from hopcat.errors import ExitCode, HopcatError
 
@@ -62,6 +143,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
 
+def _print(text: str) -> int:
+    """Our own output (--help, --version): a reader that stops early (``| head``) is no error."""
+    try:
+        _write_fd(1, text)
+    except BrokenPipeError:
+        pass
+    except OSError as exc:
+        return _fail(f"writing to stdout: {os.strerror(exc.errno or 0).lower()}", 74)
+    return 0
+
+
 def _run(args: list[str], started: float) -> int:
     if args[:1] == ["ssh-config"]:
         from hopcat.cli._sshconfig import main as ssh_config_main
@@ -71,17 +163,16 @@ def _run(args: list[str], started: float) -> int:
         from hopcat.server.cli import main as serve_main
 
         return serve_main(args[1:])
+    _catch_ending_signals()
     from hopcat.cli._args import help_text, parse_args
 
     options = parse_args(args)
     if options.help:
-        sys.stdout.write(help_text())
-        return 0
+        return _print(help_text())
     if options.version:
         from hopcat import __version__
 
-        sys.stdout.write(f"hopcat {__version__}\n")
-        return 0
+        return _print(f"hopcat {__version__}\n")
     from hopcat.errors import UsageError
 
     if len(options.operands) != 2:

@@ -131,8 +131,10 @@ def _prompt_on_tty(prompt: str) -> str | None:
         new = list(old)
         new[3] &= ~termios.ECHO
         os.write(fd, prompt.encode())
-        termios.tcsetattr(fd, termios.TCSAFLUSH, new)
+        # Echo goes off inside the try: a signal (raised as an exception by the CLI) arriving
+        # right after it must still find the finally that turns it back on.
         try:
+            termios.tcsetattr(fd, termios.TCSAFLUSH, new)
             line = b""
             while not line.endswith(b"\n"):
                 chunk = os.read(fd, 1)

@@ -16,13 +16,32 @@ End-of-stream policy (the reason this tool exists; nc and ncat get parts of it w
   the peer sees our FIN, and keep delivering socket -> stdout, so a request/response exchange
   still gets its answer. ``no_shutdown`` skips the FIN (microsocks and tinyproxy tear the whole
   tunnel down on a client FIN). ``quit_after_eof_s`` (nc's -q) exits that long after stdin EOF.
-* peer FIN: once every byte received has reached stdout, close stdout and exit, even while
-  stdin is still open: ssh never closes our stdin, and waiting for it is the ProxyCommand hang
-  people hit with nc and old ncat. ``keep_sending`` instead keeps relaying stdin until it ends
-  too (for servers that half-close and still read).
+* peer FIN: once every byte received has reached stdout, close stdout, then keep sending stdin
+  for as long as it has data ready, and exit as soon as it is idle or at its EOF. ssh never
+  closes our stdin, and waiting for its EOF is the ProxyCommand hang people hit with nc and old
+  ncat; leaving ready bytes behind is the silent loss of ``hopcat host port < file`` against a
+  server that half-closes first and then reads. "Idle" means: nothing of stdin's is held by us
+  (copy mode: our buffer is empty; splice via pipe: our pipe is empty; splice: nothing is held
+  anyway, but a send that waits for room in the socket is not idle) and a poll with timeout 0
+  finds stdin not readable. A regular file or /dev/null is always readable, so it is sent to its
+  end; a pipe, socket or tty is sent for as long as its writer keeps it non-empty. A writer that
+  pauses after the peer's FIN loses the race (it gets EPIPE): ``keep_sending`` waits for stdin's
+  EOF instead, for servers that half-close and still read.
+* If the peer stops reading too (RST, EPIPE) while stdin still has bytes, that is an error
+  naming how many bytes were sent and how many of stdin's were left: never a quiet exit 0.
 * POLLHUP without POLLIN (a pipe whose writer left) still means "read until EOF": the read, not
   the poll flag, decides that the stream ended.
-* ``idle_timeout_s`` (-w): no byte moved either way for that long -> HopcatTimeoutError.
+* ``idle_timeout_s`` (-w): no byte moved either way for that long -> HopcatTimeoutError. Any
+  timeout up to the largest float works: poll() waits at most ``MAX_POLL_MS`` at a time.
+
+Idle waits are always in poll(): a flow never asks poll for an event it cannot act on (a full
+pipe of our own stops asking for its socket's POLLIN; a splice that could not move asks whether
+the destination is full), so "ready but nothing moved" cannot repeat.
+
+State of the process is restored on every way out, exceptions included (the CLI turns signals
+into exceptions for this): O_NONBLOCK on stdin and stdout, which share their open file
+description with the shell and whoever else holds the pipe, is put back as found, stdout's
+before it is closed at the peer's EOF. Pipes grown with F_SETPIPE_SZ stay grown.
 
 Errors: EAGAIN waits for the next poll; EINTR is retried by Python (PEP 475); partial writes keep
 the rest buffered; EPIPE/ECONNRESET become RelayError naming the side and how many bytes were not
@@ -49,6 +68,7 @@ if TYPE_CHECKING:
 COPY_BUFFER_BYTES = 256 * 1024
 MAX_SPLICE_BYTES = 1 << 20
 PIPE_SIZE_BYTES = 1 << 20  # the default /proc/sys/fs/pipe-max-size: fewer wakeups per MiB
+MAX_POLL_MS = 2**31 - 1  # poll() takes a C int: longer waits are done in several polls
 F_SETPIPE_SZ = 1031  # fcntl.h; not exported by Python's fcntl before 3.10 on every platform
 
 _HAVE_SPLICE = hasattr(os, "splice")
@@ -154,6 +174,9 @@ class Flow:
         self.moved = 0  # bytes written to dst
         self.buffered = 0
         self.waiting_for_dst = False  # splice mode: last EAGAIN was dst being full
+        # Splice via pipe: our pipe refused more. Its capacity is counted in pages, not bytes
+        # (a socket's small segments take a page each), so only the refusal tells.
+        self.pipe_full = False
         self._buffer: bytearray | None = None
         self._view: memoryview | None = None
         self._start = 0
@@ -192,10 +215,14 @@ class Flow:
         wanted: list[tuple[int, int]] = []
         if self.buffered:
             wanted.append((self.dst, select.POLLOUT))
-        has_room = not self.buffered if self.mode == "copy" else self.buffered < PIPE_SIZE_BYTES
+        has_room = not self.buffered if self.mode == "copy" else not self.pipe_full
         if not self.src_eof and has_room:
             wanted.append((self.src, select.POLLIN))
         return wanted
+
+    def holds_bytes(self) -> bool:
+        """True while bytes of src's wait for room in dst (so src is not idle)."""
+        return bool(self.buffered) or self.waiting_for_dst
 
     def on_ready(self, fd: int) -> None:
         """Move what can be moved without blocking. Raises OSError from the side that failed."""
@@ -241,6 +268,9 @@ class Flow:
         try:
             count = os.splice(self.src, self._pipe_w, MAX_SPLICE_BYTES, flags=_SPLICE_FLAGS)
         except BlockingIOError:
+            # src was reported readable, so with bytes in our pipe this is the pipe being full:
+            # stop asking for src until _splice_out makes room, or poll would return at once.
+            self.pipe_full = self.buffered > 0
             return
         if count == 0:
             self.src_eof = True
@@ -254,6 +284,7 @@ class Flow:
                 return
             self.buffered -= count
             self.moved += count
+            self.pipe_full = False
 
     # -- copy: through a userspace buffer -------------------------------------------------------
     def _copy_read(self) -> None:
@@ -355,6 +386,7 @@ def relay(
     they reach out_fd before anything else. Returns byte counts; raises RelayError or
     HopcatTimeoutError. Does not close ``sock`` or in_fd; closes out_fd once the peer's EOF has
     been delivered when ``options.close_output`` is set (so the reader sees EOF right then).
+    Whatever ends it, in_fd and out_fd get back the O_NONBLOCK state they came with.
     """
     opts = options or RelayOptions()
     stats = RelayStats()
@@ -375,19 +407,25 @@ def relay(
     tls: Any = sock if hasattr(sock, "cipher") else None
     net_kind = "tls" if tls is not None else "socket"
     up = Flow("up", in_fd, sock_fd, choose_mode(in_kind, net_kind, opts.splice), tls)
-    down = Flow("down", sock_fd, out_fd, choose_mode(net_kind, out_kind, opts.splice), tls)
+    try:
+        down = Flow("down", sock_fd, out_fd, choose_mode(net_kind, out_kind, opts.splice), tls)
+    except BaseException:
+        up.close()  # its pipe, when out of descriptors for the second one
+        raise
     down.moved = len(initial_down)
     if in_kind == "closed":
         up.src_eof = up.finished = True
 
-    restore: list[tuple[int, bool]] = []
-    sock.setblocking(False)
-    for fd, kind in ((in_fd, in_kind), (out_fd, out_kind)):
-        if kind in ("pipe", "socket"):
-            # Not a tty: its open file description is shared with the shell, which would then
-            # see EAGAIN after we exit. Regular files never block anyway.
-            restore.append((fd, os.get_blocking(fd)))
-            os.set_blocking(fd, False)
+    # Pipes and sockets share their open file description (and so O_NONBLOCK) with the shell and
+    # whoever else holds them, who would see EAGAIN after we exit: remember the flags as found,
+    # all of them before changing any, since stdin and stdout can be one description (inetd,
+    # socat EXEC). ttys are left blocking (poll says when they are ready); files never block.
+    found_blocking: dict[int, bool] = {}
+    # stdout that is stdin's very socket must keep O_NONBLOCK until stdin is done with it.
+    out_is_in = (
+        out_kind == in_kind == "socket"
+        and os.fstat(out_fd).st_ino == os.fstat(in_fd).st_ino
+    )
 
     stdin_eof_handled = peer_eof_handled = False
     quit_at: float | None = None
@@ -395,17 +433,19 @@ def relay(
 
     def handle_transitions(now: float) -> None:
         """Act once on each end of stream, right after the pump that revealed it."""
-        nonlocal stdin_eof_handled, peer_eof_handled, quit_at, restore
+        nonlocal stdin_eof_handled, peer_eof_handled, quit_at
         if down.finished and not peer_eof_handled:
             peer_eof_handled = True
             if trace:
                 trace(f"peer closed; {down.moved} bytes delivered to stdout")
             if opts.close_output and out_fd != in_fd:
-                restore = [(fd, blocking) for fd, blocking in restore if fd != out_fd]
+                was_blocking = found_blocking.pop(out_fd, None)
+                if was_blocking is not None and not out_is_in:
+                    os.set_blocking(out_fd, was_blocking)
                 os.close(out_fd)
         if up.finished and not stdin_eof_handled:
             stdin_eof_handled = True
-            if opts.read_stdin and not (down.finished and not opts.keep_sending):
+            if opts.read_stdin:
                 _after_stdin_eof(sock, opts, trace, up)
                 if opts.quit_after_eof_s is not None:
                     quit_at = now + opts.quit_after_eof_s
@@ -416,12 +456,19 @@ def relay(
     last_down_wants: Sequence[tuple[int, int]] | None = None
     last_up_wants: Sequence[tuple[int, int]] | None = None
     try:
+        for fd, kind in ((in_fd, in_kind), (out_fd, out_kind)):
+            if kind in ("pipe", "socket") and fd not in found_blocking:
+                found_blocking[fd] = os.get_blocking(fd)
+        sock.setblocking(False)
+        for fd in found_blocking:
+            os.set_blocking(fd, False)
         handle_transitions(started)
         # Invariant at the top of each round: every unfinished flow states what it waits for, each
         # end of stream seen so far has been acted on, and the loop condition is the policy's
-        # exit rule from the module header. The round is kept lean: with a proxy that delivers in
-        # small bursts, its fixed cost is most of hopcat's CPU per GiB.
-        while not (down.finished and (not opts.keep_sending or up.finished)):
+        # exit rule from the module header (with the idle exit below). The round is kept lean:
+        # with a proxy that delivers in small bursts, its fixed cost is most of hopcat's CPU per
+        # GiB; what the peer's FIN adds (a zero-timeout poll) is paid only after it.
+        while not (down.finished and up.finished):
             down_wants = down.interest()
             up_wants = up.interest()
             if down_wants is not last_down_wants or up_wants is not last_up_wants:
@@ -436,19 +483,29 @@ def relay(
                         poller.register(fd, events)  # registers or modifies
                 registered = wanted
             timeout_ms = None
-            if timers:
+            # After the peer's FIN, stdin is sent only while it has bytes ready: ask with a zero
+            # timeout, and nothing ready is the end (unless bytes of ours wait for the socket).
+            idle_probe = down.finished and not opts.keep_sending and not up.holds_bytes()
+            if idle_probe:
+                timeout_ms = 0
+            elif timers:
                 now = clock()
                 deadlines = [] if quit_at is None else [quit_at]
                 if opts.idle_timeout_s is not None:
                     deadlines.append(last_activity + opts.idle_timeout_s)
                 if deadlines:
-                    timeout_ms = max(0, int((min(deadlines) - now) * 1000 + 0.999))
-            if tls is not None and not down.buffered and tls.pending():
+                    wait_ms = (min(deadlines) - now) * 1000
+                    timeout_ms = 0 if wait_ms <= 0 else int(min(wait_ms, MAX_POLL_MS) + 0.999)
+            if tls is not None and not down.finished and not down.buffered and tls.pending():
                 timeout_ms = 0  # decrypted bytes already inside the TLS object: poll can't see them
             ready = poller.poll(timeout_ms)
             if tls is not None and not down.finished and not down.buffered and tls.pending():
                 ready.append((sock_fd, select.POLLIN))
             if not ready:
+                if idle_probe:
+                    if trace:
+                        trace(f"stdin idle after the peer's EOF; {up.moved} bytes sent")
+                    break
                 now = clock()
                 if quit_at is not None and now >= quit_at:
                     if trace:
@@ -460,8 +517,8 @@ def relay(
             if timers:
                 last_activity = clock()
             ready_fds = {fd for fd, _events in ready}
-            # Down first: when the peer has closed, its EOF decides the outcome, not a send to
-            # the peer that fails in the same round.
+            # Down first: the peer's EOF is acted on (stdout closed) before stdin is pumped in
+            # the same round, and a send that fails after it is then reported with its counts.
             for flow, wants in ((down, down_wants), (up, up_wants)):
                 for fd, _events in wants:
                     if fd in ready_fds:
@@ -478,20 +535,36 @@ def relay(
                         break
                 if flow.finished:
                     handle_transitions(last_activity if timers else 0.0)
-                if down.finished and not opts.keep_sending:
-                    break
     finally:
         stats.bytes_up, stats.bytes_down = up.moved, down.moved
         stats.path_up, stats.path_down = up.mode, down.mode  # a splice may have fallen back
         stats.seconds = clock() - started
         up.close()
         down.close()
-        for fd, was_blocking in restore:
+        for fd, was_blocking in found_blocking.items():
             try:
                 os.set_blocking(fd, was_blocking)
             except OSError:
                 pass
     return stats
+
+
+def _bytes_ready(fd: int) -> int:
+    """Bytes ``fd`` could still be read for (to report what a failed send left behind); 0 if
+    unknown. Only on the error path: it costs imports and syscalls."""
+    import sys
+
+    try:
+        status = os.fstat(fd)
+        if stat.S_ISREG(status.st_mode):
+            return max(0, status.st_size - os.lseek(fd, 0, os.SEEK_CUR))
+        import fcntl
+        import termios
+
+        answer = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+        return int.from_bytes(answer, sys.byteorder)
+    except (OSError, ImportError):
+        return 0
 
 
 def _relay_error(flow: Flow, exc: OSError) -> RelayError:
@@ -501,7 +574,9 @@ def _relay_error(flow: Flow, exc: OSError) -> RelayError:
     lost = f"; {flow.buffered} bytes not delivered" if flow.buffered else ""
     if flow.name == "up":
         side = "sending to the peer" if exc.errno in _GONE else "reading stdin or sending"
-        return RelayError(f"{side}: {reason} (after {flow.moved} bytes sent{lost})")
+        left = flow.buffered + _bytes_ready(flow.src)
+        unsent = f"; {left} bytes of stdin not sent" if left else ""
+        return RelayError(f"{side}: {reason} (after {flow.moved} bytes sent{unsent})")
     if exc.errno == errno.EPIPE:
         return RelayError(
             f"writing to stdout: {reason}, the reader went away (after {flow.moved} bytes{lost})"
