@@ -15,7 +15,23 @@ from hopcat.errors import UsageError
 MAX_HOSTNAME_BYTES = 255  # the SOCKS5 domain length field is one byte (RFC 1928 section 5)
 
 
+def split_scope(host: str) -> tuple[str, str]:
+    """``fe80::1%eth0`` -> (``fe80::1``, ``eth0``); ("", "") unless a scoped IPv6 literal.
+
+    ssh passes a scoped link-local target as ``%h`` this way; the zone names an interface of this
+    host, so it means something to our own connect() and nothing to a proxy.
+    """
+    address, percent, zone = host.partition("%")
+    if not percent or not zone or not zone.isascii() or not is_ipv6_literal(address):
+        return "", ""
+    if not all(ch.isalnum() or ch in "-_." for ch in zone):
+        return "", ""
+    return address, zone
+
+
 def is_ip_literal(host: str) -> bool:
+    if "%" in host:
+        return bool(split_scope(host)[0])
     for family in (socket.AF_INET, socket.AF_INET6):
         try:
             socket.inet_pton(family, host)
@@ -36,8 +52,8 @@ def is_ipv6_literal(host: str) -> bool:
 def validate_host(host: str, *, what: str = "host") -> str:
     """Return ``host`` without IPv6 brackets, or raise UsageError saying what is wrong with it."""
     if host.startswith("[") and host.endswith("]"):
-        inner = host[1:-1]
-        if not is_ipv6_literal(inner):
+        inner = host[1:-1].replace("%25", "%", 1)  # RFC 6874 writes a zone as %25 in a URL
+        if not (is_ipv6_literal(inner) or split_scope(inner)[0]):
             raise UsageError(f"{what} {host!r}: brackets are only for IPv6 addresses")
         return inner
     if not host:
@@ -46,6 +62,8 @@ def validate_host(host: str, *, what: str = "host") -> str:
         raise UsageError(f"{what} {host!r} contains a space or control character")
     if len(host.encode("utf-8", "surrogateescape")) > MAX_HOSTNAME_BYTES:
         raise UsageError(f"{what} is longer than {MAX_HOSTNAME_BYTES} bytes")
+    if "%" in host and split_scope(host)[0]:
+        return host
     if ":" in host and not is_ipv6_literal(host):
         raise UsageError(f"{what} {host!r} is neither a hostname nor an IP address")
     return host

@@ -277,8 +277,8 @@ def test_eof_during_the_handshake(received: bytes) -> None:
 @pytest.mark.parametrize(
     ("response", "message"),
     [
-        (b"\x05\x00", "not an HTTP response (first byte 0x05: is this a SOCKS5 proxy?)"),
-        (b"\x00\x5a", "not an HTTP response (first byte 0x00: is this a SOCKS4 proxy?)"),
+        (b"\x05\x00", "not an HTTP response (first byte 0x05: this looks like a SOCKS5 proxy: use socks5h://)"),
+        (b"\x00\x5a", "not an HTTP response (first byte 0x00: this looks like a SOCKS4 proxy: use socks4a://)"),
         (BANNER, "not an HTTP response: 'SSH-2.0-OpenSSH_9.2'"),
         (b"HTTX", "not an HTTP response: 'HTTX'"),
         (b"HTTP/2 200\r\n\r\n", "malformed HTTP status line 'HTTP/2 200'"),
