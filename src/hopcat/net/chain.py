@@ -60,6 +60,9 @@ SILENT_PROXY_PROBE_S = 1.5
 # (RFC 9110 section 9.3.7), and a SOCKS5 greeting offering "no authentication".
 _HTTP_PROBE = b"OPTIONS * HTTP/1.0\r\n\r\n"
 _SOCKS5_PROBE = b"\x05\x01\x00"
+# What we sent first, per expected protocol, for the message.
+_FIRST_MESSAGE = {"socks5": "SOCKS5 greeting", "socks4": "SOCKS4 request", "tls": "TLS handshake",
+                  "http": "CONNECT request"}
 
 
 class Tunnel:
@@ -132,24 +135,37 @@ class _Diagnosis:
 
     def __call__(self, what: str) -> None:
         """``what`` is "silent" or "closed"; raise a better error, or return to go on as before."""
-        if what == "silent" and self.expected not in ("socks5", "tls"):
-            return  # their first answer waits for the target's connect: silence proves nothing
-        if self.expected == "http":
-            if _probe(self.address, self.family, _SOCKS5_PROBE, self.deadline, self.clock)[:1] == b"\x05":
-                raise RemoteProtocolError(
-                    "the proxy closed the connection without answering, and it answers SOCKS5 on "
-                    "a new connection: this looks like a SOCKS5 proxy: use socks5h://"
-                )
-            return
-        if _probe(self.address, self.family, _HTTP_PROBE, self.deadline, self.clock)[:5] == b"HTTP/":
-            plain = "plain " if self.expected == "tls" else ""
-            first = "TLS handshake" if self.expected == "tls" else f"{self.expected.upper()} request"
-            answer = (f"no answer to the {first} after {SILENT_PROXY_PROBE_S:g} s" if what == "silent"
-                      else f"the proxy closed the connection during the {first}")
-            raise RemoteProtocolError(
-                f"{answer}, and it answers {plain}HTTP on a new connection: this looks like a "
-                f"{plain}HTTP proxy: use http://"
-            )
+        if what == "silent" and self.expected == "http":
+            return  # its answer waits for the proxy's connect to the target: silence proves nothing
+        # A SOCKS4 answer also waits for the target; a proxy that answers a SOCKS5 greeting as
+        # well speaks SOCKS and is merely slow.
+        if (
+            self.expected != "http" and self._answers(_HTTP_PROBE, b"HTTP/")
+            and not (what == "silent" and self.expected == "socks4"
+                     and self._answers(_SOCKS5_PROBE, b"\x05"))
+        ):  # fmt: skip
+            kind = "plain HTTP" if self.expected == "tls" else "HTTP"
+            raise self._wrong_scheme(what, kind, "http://")
+        if what == "closed" and self.expected in ("http", "tls") and self._answers(
+            _SOCKS5_PROBE, b"\x05"
+        ):
+            raise self._wrong_scheme(what, "SOCKS5", "socks5h://")
+
+    def _answers(self, probe: bytes, prefix: bytes) -> bool:
+        answer = _probe(self.address, self.family, probe, self.deadline, self.clock)
+        return answer[: len(prefix)] == prefix
+
+    def _wrong_scheme(self, what: str, kind: str, scheme: str) -> RemoteProtocolError:
+        first = _FIRST_MESSAGE[self.expected]
+        if what == "silent":
+            answer = f"no answer to the {first} after {SILENT_PROXY_PROBE_S:g} s"
+        else:
+            answer = f"the proxy closed the connection without answering the {first}"
+        article = "an" if kind == "HTTP" else "a"
+        return RemoteProtocolError(
+            f"{answer}, and a new connection gets {article} {kind} answer: this looks like "
+            f"{article} {kind} proxy: use {scheme}"
+        )
 
 
 def _wrap_tls(
