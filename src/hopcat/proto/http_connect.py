@@ -259,7 +259,7 @@ class HttpConnectClient(Machine):
         if _is_interim(head):
             return None
         if 200 <= status <= 299:
-            detail = sanitize(status_line)
+            detail = sanitize(status_line.replace("\t", " "))
             return self._finish(State.DONE, Established(None, None, detail))
         self._refuse(status, reason, headers)
 
