@@ -6,6 +6,7 @@ Not argparse: it costs several ms of imports on every ssh connection, and nc's h
 
 from __future__ import annotations
 
+from hopcat._endpoint import is_ip_literal
 from hopcat._url import PROXY_DNS_POLICIES
 from hopcat.cli._scan import scan_options
 from hopcat.errors import UsageError
@@ -197,6 +198,8 @@ def parse_args(argv: Sequence[str]) -> Options:
         value = getattr(options, attr)
         if value is not None and value < 0:
             raise UsageError(f"{flag} must not be negative")
+    if options.source is not None and not is_ip_literal(options.source):
+        raise UsageError(f"-s takes a local IP address, not {options.source!r}")
     if options.proxy_dns is not None and options.proxy_dns not in PROXY_DNS_POLICIES:
         raise UsageError(f"--proxy-dns takes {', '.join(PROXY_DNS_POLICIES)}")
     if options.quit_after_eof_s is not None and options.quit_after_eof_s < 0:
