@@ -150,6 +150,10 @@ class _Diagnosis:
             _SOCKS5_PROBE, b"\x05"
         ):
             raise self._wrong_scheme(what, "SOCKS5", "socks5h://")
+        if what == "closed" and self.expected == "http":
+            answer = _probe(self.address, self.family, _client_hello(), self.deadline, self.clock)
+            if answer[:1] in (b"\x15", b"\x16"):  # TLS alert or handshake record
+                raise self._wrong_scheme(what, "TLS", "https://")
 
     def _answers(self, probe: bytes, prefix: bytes) -> bool:
         answer = _probe(self.address, self.family, probe, self.deadline, self.clock)
@@ -166,6 +170,22 @@ class _Diagnosis:
             f"{answer}, and a new connection gets {article} {kind} answer: this looks like "
             f"{article} {kind} proxy: use {scheme}"
         )
+
+
+def _client_hello() -> bytes:
+    """A TLS ClientHello as the ssl module writes it, for a probe (only failures pay the import)."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    outgoing = ssl.MemoryBIO()
+    tls = context.wrap_bio(ssl.MemoryBIO(), outgoing)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass  # the hello is written; the answer would be read next
+    return outgoing.read()
 
 
 def _wrap_tls(
