@@ -215,3 +215,33 @@ def test_cli_refusals(tmp_path: Path, argv: list[str], code: int, words: str) ->
         proxy.close()
     err = assert_documented(result)
     assert result.returncode == code and words in err, err
+
+
+def test_verbose_says_what_got_through_when_a_reset_ends_the_transfer() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(10)
+            received = 0
+            while received < 1000:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                received += len(chunk)
+            conn.sendall(b"x" * 300)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        result = run_hopcat("-v", "--no-shutdown", "127.0.0.1", str(listener.getsockname()[1]),
+                            input=b"y" * 1000, timeout=30)
+    finally:
+        thread.join(10)
+        listener.close()
+    err = assert_documented(result)
+    assert result.returncode == 74, err
+    assert "ended by an error: the peer had acknowledged " in err, err
+    assert "MethodSelected" not in err and "Established(" not in err
