@@ -158,9 +158,7 @@ def _seconds(value: str, flag: str) -> float:
             raise ValueError
         seconds = float(number) * scale
     except ValueError:
-        raise UsageError(
-            f"{flag} takes a number of seconds (or with ms, s, m, h), not {value!r}"
-        ) from None
+        raise UsageError(f"{flag} takes a number of seconds, not {value!r}") from None
     if seconds != seconds or seconds in (float("inf"), float("-inf")):
         raise UsageError(f"{flag} takes a finite number of seconds")
     return seconds
