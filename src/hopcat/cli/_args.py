@@ -21,8 +21,8 @@ DEFAULT_CONNECT_TIMEOUT_S = 30.0
 OPTION_TABLE: tuple[tuple[str, str, str, str, str], ...] = (
     ("4", "", "", "ipv4_only", "use IPv4 addresses only"),
     ("6", "", "", "ipv6_only", "use IPv6 addresses only"),
-    ("s", "source", "ADDR", "source", "connect from this local address"),
-    ("n", "", "", "numeric", "numeric addresses only: never resolve names"),
+    ("s", "source", "ADDR", "source", "connect from this local IP address"),
+    ("n", "", "", "numeric", "numeric addresses only: never resolve names, proxies' included"),
     (
         "",
         "connect-timeout",

@@ -194,10 +194,14 @@ def _wrap_tls(
 ) -> socket.socket:
     import socket as socket_module  # ssl wants the full socket class; only TLS chains pay for it
 
-    wrapped = context.wrap_socket(
-        socket_module.socket(fileno=sock.detach()), server_hostname=hop.host,
-        do_handshake_on_connect=False,
-    )
+    # A certificate names the address, never this host's zone of it.
+    name = split_scope(hop.host)[0] or hop.host
+    plain = socket_module.socket(fileno=sock.detach())
+    try:
+        wrapped = context.wrap_socket(plain, server_hostname=name, do_handshake_on_connect=False)
+    except ValueError as exc:  # a name the ssl module will not put into SNI
+        plain.close()
+        raise UsageError(f"{hop.host}: cannot be used as a TLS server name ({exc})") from None
     try:
         _tls_handshake(wrapped, deadline, clock, diagnose)
     except BaseException:
