@@ -49,6 +49,15 @@ def is_ipv6_literal(host: str) -> bool:
     return True
 
 
+def check_unicode(text: str, what: str) -> None:
+    """Refuse text holding bytes that were not UTF-8 on the command line or in the environment
+    (Python keeps them as lone surrogates, which no codec downstream can encode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} is not valid UTF-8") from None
+
+
 def validate_host(host: str, *, what: str = "host") -> str:
     """Return ``host`` without IPv6 brackets, or raise UsageError saying what is wrong with it."""
     if host.startswith("[") and host.endswith("]"):
@@ -58,6 +67,12 @@ def validate_host(host: str, *, what: str = "host") -> str:
         return inner
     if not host:
         raise UsageError(f"{what} is empty")
+    check_unicode(host, what)
+    if not host.isascii():
+        try:
+            host.encode("idna")  # what getaddrinfo and the proxy machines will do with it
+        except UnicodeError:
+            raise UsageError(f"{what} {host!r} cannot be IDNA-encoded") from None
     if any(ch <= " " or ch == "\x7f" for ch in host):
         raise UsageError(f"{what} {host!r} contains a space or control character")
     if len(host.encode("utf-8", "surrogateescape")) > MAX_HOSTNAME_BYTES:
@@ -78,7 +93,7 @@ def parse_port(text: str, *, what: str = "port", allow_zero: bool = False) -> in
         return port
     try:
         return socket.getservbyname(text, "tcp")
-    except OSError:
+    except (OSError, ValueError):  # ValueError: not encodable (bytes that were not UTF-8)
         raise UsageError(f"{what} {text!r} is neither a number nor a known service name") from None
 
 

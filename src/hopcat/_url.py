@@ -20,7 +20,13 @@ Parsed by hand rather than with urllib.parse, which costs several ms of imports 
 
 from __future__ import annotations
 
-from hopcat._endpoint import format_hostport, parse_port, split_hostport, validate_host
+from hopcat._endpoint import (
+    check_unicode,
+    format_hostport,
+    parse_port,
+    split_hostport,
+    validate_host,
+)
 from hopcat.errors import UsageError
 
 DEFAULT_PORTS = {"socks4": 1080, "socks4a": 1080, "socks5": 1080, "socks5h": 1080, "http": 3128,
@@ -151,8 +157,10 @@ def parse_proxy_url(
         if not user_text:
             raise UsageError(f"{what}: empty user name before '@' (drop the '@' for no user)")
         username = _percent_decode(user_text, what)
+        check_unicode(username, f"{what}: the user name")
         if colon:
             password = _percent_decode(pass_text, what)
+            check_unicode(password, f"{what}: the password")
     host_text, port_text = split_hostport(hostport, what=what)
     if ":" in host_text and not host_text.startswith("["):
         # "::1:1080" is a valid address by itself: is 1080 the port or its last group?

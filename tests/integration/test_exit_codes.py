@@ -7,6 +7,7 @@ The option list is read from the option table itself, so a new option without a 
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import threading
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from hopcat.cli._args import OPTION_TABLE
-from support import closed_port, run_hopcat
+from support import clean_env, closed_port, run_hopcat
 
 DOCUMENTED = {0, 64, 68, 69, 74, 75, 76, 77, 80, 81}
 RELAY_TIMERS = pytest.mark.xfail(
@@ -245,3 +246,33 @@ def test_verbose_says_what_got_through_when_a_reset_ends_the_transfer() -> None:
     assert result.returncode == 74, err
     assert "ended by an error: the peer had acknowledged " in err, err
     assert "MethodSelected" not in err and "Established(" not in err
+
+
+BAD_UTF8 = os.fsdecode(b"\xff")  # a byte that is not UTF-8, as a shell passes it
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["127.0.0.1", BAD_UTF8],
+        [f"h{BAD_UTF8}", "22"],
+        ["xn--\u00e9.com", "22"],
+        ["-x", f"socks5h://{BAD_UTF8}:1", "h", "22"],
+        ["-x", "socks5h://u%ff:p@h:1", "h", "22"],
+        ["-P", BAD_UTF8, "-x", "127.0.0.1:1", "h", "22"],
+        ["--proxy-auth", f"u:{BAD_UTF8}", "--proxy", "127.0.0.1:1", "h", "22"],
+        ["-s", BAD_UTF8, "h", "22"],
+        ["--proxy-cacert", BAD_UTF8, "-x", "https://127.0.0.1:1", "h", "22"],
+    ],
+)
+def test_bytes_that_are_not_utf8_are_a_usage_error(argv: list[str]) -> None:
+    err = assert_documented(run_hopcat(*argv, timeout=30))
+    assert err.count("\n") == 1 and err.startswith("hopcat: "), err
+
+
+def test_password_from_the_environment_that_is_not_utf8() -> None:
+    with closed_port() as port:
+        result = run_hopcat("-x", f"socks5h://u@127.0.0.1:{port}", "h", "22",
+                            env=clean_env(HOPCAT_PROXY_PASSWORD=BAD_UTF8))
+    err = assert_documented(result)
+    assert result.returncode == 64 and "HOPCAT_PROXY_PASSWORD is not valid UTF-8" in err, err

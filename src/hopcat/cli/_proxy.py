@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 
+from hopcat._endpoint import check_unicode
 from hopcat._url import ProxyURL, parse_proxy_url
 from hopcat.errors import UsageError
 
@@ -90,6 +91,9 @@ def proxies_from_command_line(options: Options) -> list[ProxyURL]:
     if options.nc_proxy_user is not None:
         user = options.nc_proxy_user
     if user is not None:
+        check_unicode(user, "-P / --proxy-auth: the user name")
+        if password is not None:
+            check_unicode(password, "--proxy-auth: the password")
         if len(hops) != 1:
             raise UsageError("-P / --proxy-auth need exactly one proxy; in a chain put user@ in each URL")
         if hops[0].username is None:
@@ -173,6 +177,7 @@ def fill_users(hops: list[ProxyURL], environ: Mapping[str, str]) -> list[str]:
             continue
         for variable in CONNECT_PROXY_USER_VARIABLES[hop.protocol]:
             if environ.get(variable):
+                check_unicode(environ[variable], variable)
                 hop.username = environ[variable]
                 notes.append(f"{hop.label()}: user from {variable} (connect-proxy's environment)")
                 break
@@ -188,6 +193,7 @@ def fill_passwords(
             continue  # SOCKS4 carries a user id and no password
         for variable in PASSWORD_VARIABLES[hop.protocol]:
             if environ.get(variable):
+                check_unicode(environ[variable], variable)
                 hop.password = environ[variable]
                 break
         else:
