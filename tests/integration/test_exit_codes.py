@@ -75,7 +75,7 @@ OPTION_CASES: dict[str, tuple[list[str | None], list[str]]] = {
     "-P": ([], ["user"]),
     "--proxy": ([], ["[::1", "h:port"]),
     "--proxy-type": ([], ["gopher"]),
-    "--proxy-auth": ([], ["u:p"]),
+    "--proxy-auth": ([], ["u:p", ":pw"]),
     "-S": ([], ["@h", "h:0"]),
     "-H": ([], ["h:x"]),
     "--proxy-dns": (["local", "remote", "both", "none"], ["sometimes"]),

@@ -110,6 +110,8 @@ def test_nc_ncat_and_connect_proxy_flags() -> None:
         ["-X", "5"],
         ["--proxy-type", "gopher", "--proxy", "p"],
         ["-x", "a:1", "-x", "b:2", "-P", "u"],
+        ["--proxy", "p", "--proxy-auth", ":pw"],
+        ["-x", "p", "-P", ""],
     ],
 )
 def test_bad_proxy_flags(argv: list[str]) -> None:

@@ -91,6 +91,8 @@ def proxies_from_command_line(options: Options) -> list[ProxyURL]:
     if options.nc_proxy_user is not None:
         user = options.nc_proxy_user
     if user is not None:
+        if not user:
+            raise UsageError("-P / --proxy-auth: empty user name")
         check_unicode(user, "-P / --proxy-auth: the user name")
         if password is not None:
             check_unicode(password, "--proxy-auth: the password")
