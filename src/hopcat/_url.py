@@ -14,7 +14,10 @@ http       3128       sent to the proxy in the CONNECT line (ncat's default port
 https      443        as http, over TLS to the proxy
 =========  =========  ============================================================
 
-``--proxy-dns local|remote|both`` overrides the name policy for every type that can carry one.
+``--proxy-dns local|remote|both|none`` overrides the name policy for every type that can carry one
+(``none``: addresses only). Ambiguous input is refused rather than guessed: a bare IPv6 address
+(``::1:1080``: is 1080 the port?), ``/ ? #`` unencoded in a user or password (they end the host
+part of a URL), an empty user before ``@``.
 Parsed by hand rather than with urllib.parse, which costs several ms of imports at start-up.
 """
 
