@@ -66,7 +66,7 @@ OPTION_TABLE: tuple[tuple[str, str, str, str, str], ...] = (
     ("", "proxy-type", "TYPE", "ncat_proxy_type", "ncat: socks4, socks4a, socks5 or http for --proxy"),
     ("", "proxy-auth", "USER[:PASS]", "proxy_auth", "ncat: proxy credentials (prefer the password in the environment)"),
     ("S", "", "[USER@]HOST[:PORT]", "proxies",
-     "connect-proxy: SOCKS5 proxy (default port 1080; user from SOCKS5_USER, SOCKS_USER, CONNECT_USER)"),
+     "connect-proxy: SOCKS5 proxy (port 1080; -4: SOCKS4; user from SOCKS5_USER, SOCKS_USER, CONNECT_USER)"),
     ("H", "", "[USER@]HOST[:PORT]", "proxies",
      "connect-proxy: HTTP proxy (default port 80; user from HTTP_PROXY_USER, CONNECT_USER)"),
     ("", "proxy-dns", "local|remote|both|none", "proxy_dns",
