@@ -15,7 +15,23 @@ from hopcat.errors import UsageError
 MAX_HOSTNAME_BYTES = 255  # the SOCKS5 domain length field is one byte (RFC 1928 section 5)
 
 
+def split_scope(host: str) -> tuple[str, str]:
+    """``fe80::1%eth0`` -> (``fe80::1``, ``eth0``); ("", "") unless a scoped IPv6 literal.
+
+    ssh passes a scoped link-local target as ``%h`` this way; the zone names an interface of this
+    host, so it means something to our own connect() and nothing to a proxy.
+    """
+    address, percent, zone = host.partition("%")
+    if not percent or not zone or not zone.isascii() or not is_ipv6_literal(address):
+        return "", ""
+    if not all(ch.isalnum() or ch in "-_." for ch in zone):
+        return "", ""
+    return address, zone
+
+
 def is_ip_literal(host: str) -> bool:
+    if "%" in host:
+        return bool(split_scope(host)[0])
     for family in (socket.AF_INET, socket.AF_INET6):
         try:
             socket.inet_pton(family, host)
@@ -33,19 +49,36 @@ def is_ipv6_literal(host: str) -> bool:
     return True
 
 
+def check_unicode(text: str, what: str) -> None:
+    """Refuse text holding bytes that were not UTF-8 on the command line or in the environment
+    (Python keeps them as lone surrogates, which no codec downstream can encode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} is not valid UTF-8") from None
+
+
 def validate_host(host: str, *, what: str = "host") -> str:
     """Return ``host`` without IPv6 brackets, or raise UsageError saying what is wrong with it."""
     if host.startswith("[") and host.endswith("]"):
-        inner = host[1:-1]
-        if not is_ipv6_literal(inner):
+        inner = host[1:-1].replace("%25", "%", 1)  # RFC 6874 writes a zone as %25 in a URL
+        if not (is_ipv6_literal(inner) or split_scope(inner)[0]):
             raise UsageError(f"{what} {host!r}: brackets are only for IPv6 addresses")
         return inner
     if not host:
         raise UsageError(f"{what} is empty")
+    check_unicode(host, what)
+    if not host.isascii():
+        try:
+            host.encode("idna")  # what getaddrinfo and the proxy machines will do with it
+        except UnicodeError:
+            raise UsageError(f"{what} {host!r} cannot be IDNA-encoded") from None
     if any(ch <= " " or ch == "\x7f" for ch in host):
         raise UsageError(f"{what} {host!r} contains a space or control character")
     if len(host.encode("utf-8", "surrogateescape")) > MAX_HOSTNAME_BYTES:
         raise UsageError(f"{what} is longer than {MAX_HOSTNAME_BYTES} bytes")
+    if "%" in host and split_scope(host)[0]:
+        return host
     if ":" in host and not is_ipv6_literal(host):
         raise UsageError(f"{what} {host!r} is neither a hostname nor an IP address")
     return host
@@ -60,7 +93,7 @@ def parse_port(text: str, *, what: str = "port", allow_zero: bool = False) -> in
         return port
     try:
         return socket.getservbyname(text, "tcp")
-    except OSError:
+    except (OSError, ValueError):  # ValueError: not encodable (bytes that were not UTF-8)
         raise UsageError(f"{what} {text!r} is neither a number nor a known service name") from None
 
 

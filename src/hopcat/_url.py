@@ -14,18 +14,28 @@ http       3128       sent to the proxy in the CONNECT line (ncat's default port
 https      443        as http, over TLS to the proxy
 =========  =========  ============================================================
 
-``--proxy-dns local|remote|both`` overrides the name policy for every type that can carry one.
+``--proxy-dns local|remote|both|none`` overrides the name policy for every type that can carry one
+(``none``: addresses only). Ambiguous input is refused rather than guessed: a bare IPv6 address
+(``::1:1080``: is 1080 the port?), ``/ ? #`` unencoded in a user or password (they end the host
+part of a URL), an empty user before ``@``.
 Parsed by hand rather than with urllib.parse, which costs several ms of imports at start-up.
 """
 
 from __future__ import annotations
 
-from hopcat._endpoint import format_hostport, parse_port, split_hostport, validate_host
+from hopcat._endpoint import (
+    check_unicode,
+    format_hostport,
+    parse_port,
+    split_hostport,
+    validate_host,
+)
 from hopcat.errors import UsageError
 
 DEFAULT_PORTS = {"socks4": 1080, "socks4a": 1080, "socks5": 1080, "socks5h": 1080, "http": 3128,
                  "https": 443}
-PROXY_DNS_POLICIES = ("remote", "local", "both")  # --proxy-dns; the first is the default
+# --proxy-dns; the first is the default. "none" (ncat's): resolve nowhere, targets must be addresses.
+PROXY_DNS_POLICIES = ("remote", "local", "both", "none")
 PROTOCOL_OF_SCHEME = {"socks4": "socks4", "socks4a": "socks4", "socks5": "socks5",
                       "socks5h": "socks5", "http": "http", "https": "http"}
 
@@ -73,6 +83,11 @@ class ProxyURL:
 
     def __repr__(self) -> str:
         return f"ProxyURL({self.label()!r})"
+
+
+# Characters that end a URL's authority (RFC 3986 section 3.2) and so must be percent-encoded in a
+# user name or password.
+_URL_DELIMITERS = (("/", "%2F"), ("?", "%3F"), ("#", "%23"))
 
 
 def _percent_decode(text: str, what: str) -> str:
@@ -129,17 +144,32 @@ def parse_proxy_url(
         raise UsageError(
             f"{what}: unknown scheme {scheme!r} (use socks4, socks4a, socks5, socks5h, http or https)"
         )
-    rest = rest.rstrip("/")
-    if "/" in rest or "?" in rest or "#" in rest:
-        raise UsageError(f"{what}: a proxy URL has no path, query or fragment")
     userinfo, at, hostport = rest.rpartition("@")
+    for char, escape in _URL_DELIMITERS:
+        if char in userinfo:
+            # In a URL these end the host part, so "u:p/w@h" has no single reading.
+            raise UsageError(
+                f"{what}: the user or password contains {char!r}: percent-encode it as {escape}"
+            )
+    hostport = hostport.removesuffix("/")
+    if any(char in hostport for char, _escape in _URL_DELIMITERS):
+        raise UsageError(f"{what}: a proxy URL has no path, query or fragment")
     username = password = None
     if at:
         user_text, colon, pass_text = userinfo.partition(":")
+        if not user_text:
+            raise UsageError(f"{what}: empty user name before '@' (drop the '@' for no user)")
         username = _percent_decode(user_text, what)
+        check_unicode(username, f"{what}: the user name")
         if colon:
             password = _percent_decode(pass_text, what)
+            check_unicode(password, f"{what}: the password")
     host_text, port_text = split_hostport(hostport, what=what)
+    if ":" in host_text and not host_text.startswith("["):
+        # "::1:1080" is a valid address by itself: is 1080 the port or its last group?
+        raise UsageError(
+            f"{what}: an IPv6 address needs brackets, e.g. [{host_text}] or [{host_text}]:PORT"
+        )
     host = validate_host(host_text, what=f"{what} host")
     if port_text is not None:
         port = parse_port(port_text, what=f"{what} port")

@@ -84,3 +84,28 @@ def test_https_proxy_insecure(https_proxy: tuple[int, Path], framed_echo: peers.
     port, _ca = https_proxy
     framed_upload(["-q", "0", "--proxy-insecure", "-x", f"https://127.0.0.1:{port}"], framed_echo,
                   size=1 << 20)
+
+
+def test_http_scheme_to_a_tls_proxy_gets_a_hint(https_proxy: tuple[int, Path],
+                                                framed_echo: peers.FramedEcho) -> None:
+    port, _ca = https_proxy
+    result = run_hopcat("--connect-timeout", "10", "-x", f"http://127.0.0.1:{port}",
+                        framed_echo.host, str(framed_echo.port), timeout=30)
+    err = result.stderr.decode()
+    assert result.returncode == 76, err
+    assert err.count("\n") == 1 and "internal error" not in err
+    assert err.endswith("this looks like a TLS proxy: use https://\n"), err
+
+
+@pytest.mark.parametrize("content", [None, "not a PEM file\n"])
+def test_bad_cacert_is_a_usage_error(https_proxy: tuple[int, Path], framed_echo: peers.FramedEcho,
+                                     tmp_path: Path, content: str | None) -> None:
+    port, _ca = https_proxy
+    cafile = tmp_path / "bad.pem"
+    if content is not None:
+        cafile.write_text(content)
+    result = run_hopcat("--proxy-cacert", str(cafile), "-x", f"https://127.0.0.1:{port}",
+                        framed_echo.host, str(framed_echo.port))
+    err = result.stderr.decode()
+    assert result.returncode == 64, err
+    assert err.startswith(f"hopcat: --proxy-cacert {cafile}: ") and err.count("\n") == 1

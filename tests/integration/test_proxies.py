@@ -346,3 +346,55 @@ def test_bad_target_names_refused_before_any_byte(host: str) -> None:
         proxy.close()
     assert result.returncode == 64, result.stderr
     assert proxy.first_bytes == b""
+
+
+# -- wrong scheme, wrong credentials, copied command lines (issue 8 rules 5 and 7) ----------------
+
+@pytest.mark.parametrize(
+    ("fixture", "scheme", "hint"),
+    [
+        ("tinyproxy", "socks5h", "this looks like an HTTP proxy: use http://"),
+        ("tinyproxy", "https", "this looks like a plain HTTP proxy: use http://"),
+        ("ncat_http", "socks4a", "this looks like an HTTP proxy: use http://"),
+        ("danted", "http", "this looks like a SOCKS5 proxy: use socks5h://"),
+        ("danted", "https", "this looks like a SOCKS5 proxy: use socks5h://"),
+        ("microsocks", "socks4", "this looks like a SOCKS5 proxy: use socks5h://"),
+        ("microsocks", "http", "this looks like a SOCKS5 proxy: use socks5h://"),
+    ],
+)
+def test_wrong_scheme_fails_fast_with_a_hint(fixture: str, scheme: str, hint: str,
+                                             request: pytest.FixtureRequest) -> None:
+    proxy: peers.Daemon = request.getfixturevalue(fixture)
+    started = time.monotonic()
+    result = run_hopcat("-x", f"{scheme}://{proxy.hostport}", "127.0.0.1", "22", timeout=30)
+    elapsed = time.monotonic() - started
+    err = result.stderr.decode()
+    assert result.returncode == 76, err
+    assert hint in err and err.count("\n") == 1, err
+    assert elapsed < 10, "must not wait for the 30 s connect timeout"
+
+
+def test_tinyproxy_401_for_wrong_credentials_is_77(tinyproxy_auth: peers.Daemon,
+                                                   framed_echo: peers.FramedEcho) -> None:
+    result = run_hopcat("-x", f"http://{peers.PEER_USER}:wrong@{tinyproxy_auth.hostport}",
+                        framed_echo.host, str(framed_echo.port))
+    err = result.stderr.decode()
+    assert result.returncode == 77, err
+    assert "HTTP 401" in err and "credentials rejected" in err and "wrong" not in err
+
+
+def test_connect_proxy_environment_users(tinyproxy_auth: peers.Daemon, microsocks_auth: peers.Daemon,
+                                         framed_echo: peers.FramedEcho) -> None:
+    env = clean_env(HTTP_PROXY_USER=peers.PEER_USER, HTTP_PROXY_PASSWORD=peers.PEER_PASSWORD)
+    framed_upload(["-H", tinyproxy_auth.hostport], framed_echo, size=1 << 16, env=env)
+    env = clean_env(SOCKS5_USER=peers.PEER_USER, SOCKS5_PASSWORD=peers.PEER_PASSWORD)
+    framed_upload(["-S", microsocks_auth.hostport], framed_echo, size=1 << 16, env=env)
+    env = clean_env(CONNECT_USER=peers.PEER_USER, CONNECT_PASSWORD=peers.PEER_PASSWORD)
+    framed_upload(["-S", microsocks_auth.hostport], framed_echo, size=1 << 16, env=env)
+
+
+def test_connect_proxy_debug_flag_keeps_stdin(microsocks: peers.Daemon,
+                                              framed_echo: peers.FramedEcho) -> None:
+    # "connect-proxy -d -S proxy %h %p" copied into a ProxyCommand: -d is its debug output, so
+    # stdin must still be read (nc's -d would starve ssh).
+    framed_upload(["-d", "-S", microsocks.hostport], framed_echo, size=1 << 16)

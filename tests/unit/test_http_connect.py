@@ -151,6 +151,12 @@ def test_validation_happens_before_any_byte(kwargs: dict[str, object], message: 
         (b"HTTP/1.1 299 Whatever\r\nContent-Length: 10\r\n\r\n", "HTTP/1.1 299 Whatever"),
         (b"HTTP/1.1 200 OK\r\nX-Folded: a\r\n  b\r\n\r\n", "HTTP/1.1 200 OK"),
         (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n\r\n", "HTTP/1.1 200 OK"),
+        # Lenient where real proxies are sloppy (socat fixed exactly the first for a user).
+        (b"HTTP/1.0  200 OK\r\n\r\n", "HTTP/1.0  200 OK"),
+        (b"HTTP/1.0\t200\tOK\r\n\r\n", "HTTP/1.0 200 OK"),
+        (b"\r\nHTTP/1.0 200 OK\r\n\r\n", "HTTP/1.0 200 OK"),
+        (b"\n\r\nHTTP/1.0 200 OK\n\n", "HTTP/1.0 200 OK"),
+        (b"HTTP/1.1   100 Continue\r\n\r\n\r\nHTTP/1.1 200 OK\r\n\r\n", "HTTP/1.1 200 OK"),
         (
             b"HTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: x\r\n\r\n" + NCAT,
             "HTTP/1.0 200 OK",
@@ -277,13 +283,17 @@ def test_eof_during_the_handshake(received: bytes) -> None:
 @pytest.mark.parametrize(
     ("response", "message"),
     [
-        (b"\x05\x00", "not an HTTP response (first byte 0x05: is this a SOCKS5 proxy?)"),
-        (b"\x00\x5a", "not an HTTP response (first byte 0x00: is this a SOCKS4 proxy?)"),
+        (b"\x05\x00", "not an HTTP response (first byte 0x05: this looks like a SOCKS5 proxy: use socks5h://)"),
+        (b"\x00\x5a", "not an HTTP response (first byte 0x00: this looks like a SOCKS4 proxy: use socks4a://)"),
         (BANNER, "not an HTTP response: 'SSH-2.0-OpenSSH_9.2'"),
         (b"HTTX", "not an HTTP response: 'HTTX'"),
         (b"HTTP/2 200\r\n\r\n", "malformed HTTP status line 'HTTP/2 200'"),
         (b"HTTP/1.1 20 OK\r\n\r\n", "malformed HTTP status line"),
         (b"HTTP/1.1 2x0 OK\r\n\r\n", "malformed HTTP status line"),
+        (b"HTTP/1.1 2000 OK\r\n\r\n", "malformed HTTP status line"),
+        (b"HTTP/1.1200 OK\r\n\r\n", "malformed HTTP status line"),
+        (b"\x16\x03\x01\x00", "this looks like a TLS server: use https://"),
+        (b"\x15\x03\x03\x00\x02", "this looks like a TLS server: use https://"),
         (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "malformed header line 'no colon here'"),
         (b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n", "malformed header line"),
         (b"HTTP/1.1 200 OK\r\n: x\r\n\r\n", "malformed header line"),
@@ -342,7 +352,9 @@ def test_header_line_cap() -> None:
 # Framing: the terminator may straddle reads; handshake_prefix_len finds it exactly.
 
 
-@pytest.mark.parametrize("head", [TINYPROXY, NCAT, b"HTTP/1.1 200 OK\nA: b\n\n"])
+@pytest.mark.parametrize(
+    "head", [TINYPROXY, NCAT, b"HTTP/1.1 200 OK\nA: b\n\n", b"\r\nHTTP/1.0  200 OK\r\n\r\n"]
+)
 def test_handshake_prefix_len_at_every_split_point(head: bytes) -> None:
     for split in range(len(head) + 1):
         client = HttpConnectClient("example.com", 22)
@@ -616,3 +628,15 @@ def test_server_eof() -> None:
 )
 def test_detect(byte: int, protocol: str | None) -> None:
     assert detect(byte) == protocol
+
+
+def test_401_from_a_proxy_is_an_auth_failure() -> None:
+    # tinyproxy answers wrong Basic credentials with 401 and WWW-Authenticate, not 407.
+    client = HttpConnectClient("example.com", 22, username="u", password="wrong")
+    client.receive_data(
+        b'HTTP/1.0 401 Unauthorized\r\nWWW-Authenticate: Basic realm="Tinyproxy"\r\n\r\n'
+    )
+    with pytest.raises(ProxyAuthError) as info:
+        client.next_event()
+    assert info.value.code == 401 and info.value.exit_code == 77
+    assert str(info.value) == "HTTP 401 Unauthorized (proxy wants Basic; credentials rejected)"

@@ -140,7 +140,7 @@ def test_refusal_is_reported_after_two_bytes() -> None:
 
 @pytest.mark.parametrize(
     ("first", "hint"),
-    [(b"H", "is this an HTTP proxy"), (b"\x05", "is this a SOCKS5 proxy"), (b"\x01", "")],
+    [(b"H", "looks like an HTTP proxy: use http://"), (b"\x05", "looks like a SOCKS5 proxy"), (b"\x01", "")],
 )
 def test_wrong_version_byte(first: bytes, hint: str) -> None:
     client = Socks4Client("10.0.0.1", 22)

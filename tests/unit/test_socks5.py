@@ -210,11 +210,11 @@ def test_no_acceptable_methods() -> None:
     with pytest.raises(ProxyAuthError) as info:
         client.next_event()
     assert str(info.value) == (
-        "proxy accepted none of our authentication methods (offered: no auth, username/password)"
+        "proxy accepted none of our authentication methods (offered: no authentication, username/password)"
     )
     plain = Socks5Client("example.com", 22)
     plain.receive_data(b"\x05\xff")
-    with pytest.raises(ProxyAuthError, match=r"\(offered: no auth\)$"):
+    with pytest.raises(ProxyAuthError, match=r"\(offered: no authentication\)$"):
         plain.next_event()
 
 
@@ -263,13 +263,13 @@ def test_http_proxy_answering_a_greeting_gets_a_hint() -> None:
     client.receive_data(b"HTTP/1.1 400 Bad Request\r\n\r\n")
     with pytest.raises(RemoteProtocolError) as info:
         client.next_event()
-    assert str(info.value) == "not a SOCKS5 reply (version byte 0x48: is this an HTTP proxy?)"
+    assert str(info.value) == "not a SOCKS5 reply (version byte 0x48: this looks like an HTTP proxy: use http://)"
 
 
 def test_wrong_version_is_detected_from_the_first_byte() -> None:
     client = Socks5Client("example.com", 22)
     client.receive_data(b"\x00")
-    with pytest.raises(RemoteProtocolError, match=r"0x00: is this a SOCKS4 proxy\?"):
+    with pytest.raises(RemoteProtocolError, match=r"0x00: this looks like a SOCKS4 proxy"):
         client.next_event()
 
 

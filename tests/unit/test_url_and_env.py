@@ -29,6 +29,8 @@ from hopcat.errors import UsageError
         ("socks5h://user:@h:1", "socks5h", "h", 1, "user", ""),
         ("socks5h://%C3%A9:x@h:1", "socks5h", "h", 1, "\u00e9", "x"),
         ("socks5h://a:b@c@h:1", "socks5h", "h", 1, "a", "b@c"),
+        ("socks5h://[fe80::1%25eth0]:1080", "socks5h", "fe80::1%eth0", 1080, None, None),
+        ("socks5h://u:p%2Fq%3F%23@h:1", "socks5h", "h", 1, "u", "p/q?#"),
     ],
 )
 def test_parse_proxy_url(
@@ -108,6 +110,8 @@ def test_nc_ncat_and_connect_proxy_flags() -> None:
         ["-X", "5"],
         ["--proxy-type", "gopher", "--proxy", "p"],
         ["-x", "a:1", "-x", "b:2", "-P", "u"],
+        ["--proxy", "p", "--proxy-auth", ":pw"],
+        ["-x", "p", "-P", ""],
     ],
 )
 def test_bad_proxy_flags(argv: list[str]) -> None:
@@ -164,3 +168,117 @@ def test_password_sources_in_order() -> None:
     (hop,) = _hops("-x", "socks4://u@p:1")
     fill_passwords([hop], {}, prompt=no_tty)  # SOCKS4 has a user id and no password
     assert hop.password is None
+
+
+# -- rule 6: ambiguous input is refused, saying what to write instead ----------------------------
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("socks5h://::1:1080", "needs brackets, e.g. [::1:1080]"),
+        ("socks5h://::1", "needs brackets"),
+        ("http://u:pa/ss@h:1", "contains '/': percent-encode it as %2F"),
+        ("http://u:pa?ss@h:1", "contains '?': percent-encode it as %3F"),
+        ("http://u#x:pass@h:1", "contains '#': percent-encode it as %23"),
+        ("socks5h://@h:1", "empty user name"),
+        ("socks5h://:pw@h:1", "empty user name"),
+        ("socks5h://h:1080x", "neither a number nor a known service"),
+        ("socks5h://h:1080/x", "no path, query or fragment"),
+    ],
+)
+def test_ambiguous_proxy_urls_refused(text: str, words: str) -> None:
+    with pytest.raises(UsageError) as info:
+        parse_proxy_url(text, origin="-x")
+    assert words in str(info.value)
+    for secret in ("pa/ss", "pa?ss", "pw"):
+        assert secret not in str(info.value)
+
+
+def test_bare_ipv6_proxy_for_nc_flags_needs_brackets_too() -> None:
+    with pytest.raises(UsageError, match="brackets"):
+        _hops("-x", "::1:1080")
+    assert [h.label() for h in _hops("-x", "[::1]:1080")] == ["socks5://[::1]:1080"]
+
+
+def test_scoped_target_host() -> None:
+    from hopcat._endpoint import is_ip_literal, split_scope, validate_host
+
+    assert validate_host("fe80::1%eth0") == "fe80::1%eth0"
+    assert split_scope("fe80::1%eth0") == ("fe80::1", "eth0")
+    assert is_ip_literal("fe80::1%eth0") and not is_ip_literal("host%eth0")
+    with pytest.raises(UsageError):
+        validate_host("fe80::1%")
+
+
+# -- rule 7: lines copied from connect-proxy and ncat keep their meaning -------------------------
+
+def test_connect_proxy_letters() -> None:
+    options = parse_args(["-d", "-S", "p", "host", "22"])
+    assert options.verbose == 1 and not options.no_stdin and options.notes
+    options = parse_args(["-d", "--no-stdin", "-S", "p", "host", "22"])
+    assert options.no_stdin
+    assert parse_args(["-d", "-x", "p", "host", "22"]).no_stdin  # nc's meaning without -S/-H
+    options = parse_args(["-4", "-S", "p", "host", "22"])
+    assert not options.ipv4_only
+    assert [h.label() for h in proxies_from_command_line(options)] == ["socks4://p:1080"]
+    assert parse_args(["-4", "-x", "p", "host", "22"]).ipv4_only
+
+
+@pytest.mark.parametrize(
+    ("argv", "connect", "idle"),
+    [
+        (["-w", "5", "-x", "p"], None, 5.0),
+        (["-w", "5", "--proxy", "p"], 5.0, None),
+        (["-w", "5", "-H", "p"], 5.0, None),
+        (["-w", "5", "--connect-timeout", "9", "--proxy", "p"], 9.0, None),
+        (["--idle-timeout", "5", "--proxy", "p"], None, 5.0),
+        (["-w", "500ms", "--proxy", "p"], 0.5, None),
+        (["-w", "2m"], None, 120.0),
+    ],
+)
+def test_w_follows_the_flag_family(argv: list[str], connect: float | None, idle: float | None) -> None:
+    options = parse_args([*argv, "host", "22"])
+    assert (options.connect_timeout_s, options.idle_timeout_s) == (connect, idle)
+
+
+@pytest.mark.parametrize("value", ["x", "1e400", "nan", "5 s", "", "ms", "1_0"])
+def test_bad_seconds(value: str) -> None:
+    with pytest.raises(UsageError):
+        parse_args(["--connect-timeout", value, "host", "22"])
+
+
+def test_connect_proxy_user_variables() -> None:
+    from hopcat.cli._proxy import fill_users
+
+    env = {"SOCKS5_USER": "s5", "SOCKS_USER": "s", "HTTP_PROXY_USER": "h", "CONNECT_USER": "c"}
+    hops = _hops("-S", "p", "-H", "q", "-x", "socks5h://r:1")
+    notes = fill_users(hops, env)
+    assert [h.username for h in hops] == ["s5", "h", None]  # -x is not connect-proxy's
+    assert len(notes) == 2 and "SOCKS5_USER" in notes[0]
+    (hop,) = _hops("-S", "p")
+    fill_users([hop], {"CONNECT_USER": "c"})
+    assert hop.username == "c"
+    (hop,) = _hops("-S", "given@p")
+    fill_users([hop], env)
+    assert hop.username == "given"
+    hops, _why = proxies_from_environment({"SOCKS4_SERVER": "p"}, "t")
+    fill_users(hops, {"SOCKS4_USER": "four", "SOCKS5_USER": "five"})
+    assert hops[0].username == "four"
+
+
+@pytest.mark.parametrize(
+    ("url", "environ", "expected"),
+    [
+        ("socks5h://u@p:1", {"SOCKS5_PASSWORD": "old", "CONNECT_PASSWORD": "c"}, "old"),
+        ("socks5h://u@p:1", {"CONNECT_PASSWORD": "c"}, "c"),
+        ("http://u@p:1", {"CONNECT_PASSWORD": "c", "SOCKS5_PASSWD": "s"}, "c"),
+    ],
+)
+def test_connect_proxy_password_variables(url: str, environ: dict[str, str], expected: str) -> None:
+    (hop,) = _hops("-x", url)
+    fill_passwords([hop], environ, prompt=lambda _prompt: None)
+    assert hop.password == expected
+
+
+def test_proxy_dns_none_is_accepted() -> None:
+    assert parse_args(["--proxy-dns", "none", "host", "22"]).proxy_dns == "none"

@@ -192,18 +192,23 @@ def _connect_and_relay(options: Options, trace: Timeline) -> int:
     from hopcat.cli._args import DEFAULT_CONNECT_TIMEOUT_S
     from hopcat.cli._proxy import (
         fill_passwords,
+        fill_users,
         proxies_from_command_line,
         proxies_from_environment,
     )
-    from hopcat.errors import UsageError
+    from hopcat.errors import HopcatError, UsageError
     from hopcat.relay.pump import RelayOptions, relay
 
+    for note in options.notes:
+        trace(note)
     host = validate_host(options.operands[0], what="host")
     port = parse_port(options.operands[1])
     timeout_s = options.connect_timeout_s
     if timeout_s is None:
         timeout_s = options.idle_timeout_s or DEFAULT_CONNECT_TIMEOUT_S
-    deadline = time.monotonic() + (timeout_s if timeout_s > 0 else 365 * 86400.0)
+    # 0 means no timeout; every wait below is capped on its own (dial.MAX_WAIT_S), so an infinite
+    # or very distant deadline is safe.
+    deadline = time.monotonic() + timeout_s if timeout_s > 0 else float("inf")
     family = socket.AF_UNSPEC
     if options.ipv4_only:
         family = socket.AF_INET
@@ -214,6 +219,8 @@ def _connect_and_relay(options: Options, trace: Timeline) -> int:
     why_direct = "direct: proxies in the environment ignored (--no-proxy)"
     if not hops and not options.no_proxy:
         hops, why_direct = proxies_from_environment(os.environ, host)
+    for note in fill_users(hops, os.environ):
+        trace(note)
     fill_passwords(hops, os.environ)
     if options.fdpass:
         from hopcat.net.fdpass import check_channel
@@ -233,7 +240,8 @@ def _connect_and_relay(options: Options, trace: Timeline) -> int:
         tunnel = open_tunnel(
             hops, host, port, deadline=deadline, family=family, source=options.source,
             nodelay=not options.nagle, keepalive=options.keepalive,
-            proxy_dns=options.proxy_dns or "remote", cafile=options.proxy_cacert,
+            proxy_dns=options.proxy_dns or "remote", numeric_only=options.numeric,
+            cafile=options.proxy_cacert,
             insecure=options.proxy_insecure, trace=trace, timeout_label=timeout_label,
             exact=options.fdpass,
         )
@@ -265,24 +273,66 @@ def _connect_and_relay(options: Options, trace: Timeline) -> int:
             no_shutdown=options.no_shutdown or options.no_stdin,
             keep_sending=options.keep_sending,
             quit_after_eof_s=options.quit_after_eof_s,
-            idle_timeout_s=options.idle_timeout_s,
+            idle_timeout_s=options.idle_timeout_s or None,  # -w 0: no idle timeout
             read_stdin=not options.no_stdin,
         )
-        stats = None
+        counters = _tcp_counters(sock) if trace.enabled else None
         try:
             stats = relay(
                 sock, 0, 1, options=relay_options, initial_down=initial_down,
                 trace=trace if options.verbose else None,
             )
-        finally:
-            if trace.enabled and stats is not None:
-                seconds = max(stats.seconds, 1e-9)
-                trace(
-                    f"done in {stats.seconds:.3f} s: up {stats.bytes_up} bytes "
-                    f"({stats.bytes_up / seconds / 1e6:.1f} MB/s, {stats.path_up}), "
-                    f"down {stats.bytes_down} bytes ({stats.bytes_down / seconds / 1e6:.1f} MB/s, "
-                    f"{stats.path_down})"
-                )
+        except HopcatError:
+            if counters is not None:
+                _trace_counters_at_error(trace, sock, counters, len(initial_down))
+            raise
+        if trace.enabled:
+            seconds = max(stats.seconds, 1e-9)
+            trace(
+                f"done in {stats.seconds:.3f} s: up {stats.bytes_up} bytes sent "
+                f"({stats.bytes_up / seconds / 1e6:.1f} MB/s, {stats.path_up}), "
+                f"down {stats.bytes_down} bytes received "
+                f"({stats.bytes_down / seconds / 1e6:.1f} MB/s, {stats.path_down})"
+            )
     finally:
         sock.close()
     return 0
+
+
+# struct tcp_info (linux/tcp.h, Linux >= 4.2): u64 tcpi_bytes_acked at 120, tcpi_bytes_received
+# at 128. Read directly so the relay needs no bookkeeping for a line only -v prints.
+_TCPI_BYTES_ACKED_AT = 120
+_TCPI_BYTES_RECEIVED_AT = 128
+_TCPI_NEEDED_BYTES = 136
+
+
+def _tcp_counters(sock: object) -> tuple[int, int] | None:
+    """(bytes the peer acknowledged, bytes received) by the kernel's count, or None if unknown."""
+    import _socket
+
+    option = getattr(_socket, "TCP_INFO", None)
+    if option is None:
+        return None
+    try:
+        info = sock.getsockopt(_socket.IPPROTO_TCP, option, _TCPI_NEEDED_BYTES)  # type: ignore[attr-defined]
+    except OSError:
+        return None
+    if len(info) < _TCPI_NEEDED_BYTES:
+        return None
+    acked = int.from_bytes(info[_TCPI_BYTES_ACKED_AT:_TCPI_BYTES_RECEIVED_AT], sys.byteorder)
+    received = int.from_bytes(info[_TCPI_BYTES_RECEIVED_AT:_TCPI_NEEDED_BYTES], sys.byteorder)
+    return acked, received
+
+
+def _trace_counters_at_error(
+    trace: Timeline, sock: object, at_start: tuple[int, int], trailing: int
+) -> None:
+    """After a reset or another relay error: what got through each way, for the -v timeline."""
+    now = _tcp_counters(sock)
+    if now is None:
+        return
+    acked, received = now[0] - at_start[0], now[1] - at_start[1] + trailing
+    trace(
+        f"ended by an error: the peer had acknowledged {acked} bytes sent by us, and we had "
+        f"received {received} bytes from it (kernel TCP counters, proxy handshakes excluded)"
+    )

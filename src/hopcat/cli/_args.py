@@ -6,6 +6,7 @@ Not argparse: it costs several ms of imports on every ssh connection, and nc's h
 
 from __future__ import annotations
 
+from hopcat._endpoint import is_ip_literal
 from hopcat._url import PROXY_DNS_POLICIES
 from hopcat.cli._scan import scan_options
 from hopcat.errors import UsageError
@@ -20,8 +21,8 @@ DEFAULT_CONNECT_TIMEOUT_S = 30.0
 OPTION_TABLE: tuple[tuple[str, str, str, str, str], ...] = (
     ("4", "", "", "ipv4_only", "use IPv4 addresses only"),
     ("6", "", "", "ipv6_only", "use IPv6 addresses only"),
-    ("s", "source", "ADDR", "source", "connect from this local address"),
-    ("n", "", "", "numeric", "numeric addresses only: never resolve names"),
+    ("s", "source", "ADDR", "source", "connect from this local IP address"),
+    ("n", "", "", "numeric", "numeric addresses only: never resolve names, proxies' included"),
     (
         "",
         "connect-timeout",
@@ -34,7 +35,8 @@ OPTION_TABLE: tuple[tuple[str, str, str, str, str], ...] = (
         "idle-timeout",
         "SECS",
         "idle_timeout_s",
-        "exit after SECS with no data either way; also the connect timeout, as in nc",
+        "exit after SECS with no data either way; also the connect timeout, as in nc "
+        "(with ncat's or connect-proxy's flags -w is their connect timeout only)",
     ),
     ("q", "quit-after-eof", "SECS", "quit_after_eof_s", "exit SECS after stdin EOF (nc's -q)"),
     ("N", "", "", "shutdown_flag", "half-close after stdin EOF (the default; accepted for nc)"),
@@ -52,7 +54,8 @@ OPTION_TABLE: tuple[tuple[str, str, str, str, str], ...] = (
         "keep_sending",
         "after the peer's EOF keep sending stdin until it ends (servers that half-close)",
     ),
-    ("d", "no-stdin", "", "no_stdin", "do not read stdin"),
+    ("d", "no-stdin", "", "no_stdin",
+     "do not read stdin (nc); with -S/-H, -d is connect-proxy's debug and means -v"),
     ("", "keepalive", "", "keepalive", "enable TCP keepalive (idle 60 s, interval 15 s, 4 probes)"),
     ("", "nagle", "", "nagle", "leave Nagle's algorithm on (TCP_NODELAY is set by default)"),
     ("x", "", "URL", "proxies",
@@ -62,10 +65,12 @@ OPTION_TABLE: tuple[tuple[str, str, str, str, str], ...] = (
     ("", "proxy", "HOST[:PORT]", "proxies", "ncat: proxy (a URL works too); bare = HTTP unless --proxy-type"),
     ("", "proxy-type", "TYPE", "ncat_proxy_type", "ncat: socks4, socks4a, socks5 or http for --proxy"),
     ("", "proxy-auth", "USER[:PASS]", "proxy_auth", "ncat: proxy credentials (prefer the password in the environment)"),
-    ("S", "", "[USER@]HOST[:PORT]", "proxies", "connect-proxy: SOCKS5 proxy (default port 1080)"),
-    ("H", "", "[USER@]HOST[:PORT]", "proxies", "connect-proxy: HTTP proxy (default port 80)"),
-    ("", "proxy-dns", "local|remote|both", "proxy_dns",
-     "where target names are resolved (default remote: sent to the proxy)"),
+    ("S", "", "[USER@]HOST[:PORT]", "proxies",
+     "connect-proxy: SOCKS5 proxy (port 1080; -4: SOCKS4; user from SOCKS5_USER, SOCKS_USER, CONNECT_USER)"),
+    ("H", "", "[USER@]HOST[:PORT]", "proxies",
+     "connect-proxy: HTTP proxy (default port 80; user from HTTP_PROXY_USER, CONNECT_USER)"),
+    ("", "proxy-dns", "local|remote|both|none", "proxy_dns",
+     "where target names are resolved (default remote: sent to the proxy; none: addresses only)"),
     ("", "no-proxy", "", "no_proxy", "ignore proxies in the environment (ALL_PROXY, SOCKS5_SERVER, ...)"),
     ("F", "fdpass", "", "fdpass",
      "pass the connected socket to ssh over stdout and exit (ProxyUseFdpass yes)"),
@@ -115,6 +120,9 @@ class Options:
     help: bool
     version: bool
     operands: list[str]
+    spelled: set[str]  # every flag as typed ("-d", "--no-stdin"): some letters depend on company
+    notes: list[str]  # how a flag from another tool's family was read, for -v
+    connect_proxy_socks4: bool  # -4 with -S: connect-proxy's SOCKS4
 
     def __init__(self) -> None:
         for _short, _long, metavar, attr, _help in OPTION_TABLE:
@@ -125,6 +133,9 @@ class Options:
             else:
                 setattr(self, attr, None if metavar else False)
         self.operands = []
+        self.spelled = set()
+        self.notes = []
+        self.connect_proxy_socks4 = False
 
 
 def _metavar_of(flag: str) -> str | None:
@@ -132,9 +143,20 @@ def _metavar_of(flag: str) -> str | None:
     return None if row is None else row[2]
 
 
+# ncat's time suffixes ("500ms", "2m"), so its command lines keep their meaning.
+_TIME_UNITS_S = (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0))
+
+
 def _seconds(value: str, flag: str) -> float:
+    number, scale = value, 1.0
+    for suffix, unit_s in _TIME_UNITS_S:
+        if value.endswith(suffix):
+            number, scale = value[: -len(suffix)], unit_s
+            break
     try:
-        seconds = float(value)
+        if not number.strip() or number != number.strip() or "_" in number:
+            raise ValueError
+        seconds = float(number) * scale
     except ValueError:
         raise UsageError(f"{flag} takes a number of seconds, not {value!r}") from None
     if seconds != seconds or seconds in (float("inf"), float("-inf")):
@@ -146,6 +168,7 @@ def _store(
     options: Options, row: tuple[str, str, str, str, str], flag: str, value: str | None
 ) -> None:
     attr = row[3]
+    options.spelled.add(flag)
     if value is None:
         if attr in _COUNTED:
             setattr(options, attr, getattr(options, attr) + 1)
@@ -166,17 +189,53 @@ def parse_args(argv: Sequence[str]) -> Options:
             _store(options, _ROWS[flag], flag, value)
         else:
             options.operands.append(value or "")
+    _borrowed_letters(options)
     if options.ipv4_only and options.ipv6_only:
         raise UsageError("-4 and -6 exclude each other")
     for attr, flag in (("connect_timeout_s", "--connect-timeout"), ("idle_timeout_s", "-w")):
         value = getattr(options, attr)
         if value is not None and value < 0:
             raise UsageError(f"{flag} must not be negative")
+    if options.source is not None and not is_ip_literal(options.source):
+        raise UsageError(f"-s takes a local IP address, not {options.source!r}")
     if options.proxy_dns is not None and options.proxy_dns not in PROXY_DNS_POLICIES:
         raise UsageError(f"--proxy-dns takes {', '.join(PROXY_DNS_POLICIES)}")
     if options.quit_after_eof_s is not None and options.quit_after_eof_s < 0:
         options.quit_after_eof_s = None  # nc: a negative -q means wait forever
     return options
+
+
+def _borrowed_letters(options: Options) -> None:
+    """Read the letters the tools disagree on the way the tool the line was copied from does.
+
+    A ProxyCommand copied from connect-proxy (-S/-H) or ncat (--proxy...) must not change meaning
+    silently: connect-proxy's -d is debug output (nc's: do not read stdin, which would starve
+    ssh) and its -4 picks SOCKS4 for -S (nc's: IPv4 only); for ncat and connect-proxy -w is the
+    connect timeout only (nc's: also idle).
+    The long spellings (--no-stdin, --idle-timeout, --connect-timeout) always mean hopcat's.
+    """
+    flags = {flag for flag, _value in options.proxies}
+    connect_proxy = bool(flags & {"-S", "-H"})
+    ncat = "--proxy" in flags or bool(options.spelled & {"--proxy-type", "--proxy-auth"})
+    if "-d" in options.spelled and connect_proxy:
+        if "--no-stdin" not in options.spelled:
+            options.no_stdin = False
+        options.verbose += 1
+        options.notes.append("-d with -S/-H is connect-proxy's debug output: read as -v "
+                             "(--no-stdin is hopcat's 'do not read stdin')")
+    if "-4" in options.spelled and "-S" in flags:
+        options.ipv4_only = False
+        options.connect_proxy_socks4 = True
+        options.notes.append("-4 with -S is connect-proxy's SOCKS4: -S speaks socks4:// "
+                             "(not IPv4-only; write -x socks5h://... -4 for that)")
+    if "-w" in options.spelled and (connect_proxy or ncat):
+        family = "connect-proxy" if connect_proxy else "ncat"
+        if options.connect_timeout_s is None:
+            options.connect_timeout_s = options.idle_timeout_s
+        if "--idle-timeout" not in options.spelled:
+            options.idle_timeout_s = None
+        options.notes.append(f"-w with {family}'s flags is its connect timeout only, not an idle "
+                             "timeout (--idle-timeout SECS for that)")
 
 
 def help_text(prog: str = "hopcat") -> str:
@@ -206,7 +265,8 @@ def help_text(prog: str = "hopcat") -> str:
         "      ProxyCommand hopcat -x socks5h://127.0.0.1:1080 %h %p",
         "",
         "Environment: ALL_PROXY, SOCKS5_SERVER, SOCKS_SERVER, SOCKS4_SERVER, NO_PROXY;",
-        "passwords: HOPCAT_PROXY_PASSWORD, SOCKS5_PASSWD, HTTP_PROXY_PASSWORD, else a /dev/tty prompt.",
+        "passwords: HOPCAT_PROXY_PASSWORD, then SOCKS5_PASSWD, SOCKS5_PASSWORD (SOCKS5) or",
+        "HTTP_PROXY_PASSWORD (HTTP), then CONNECT_PASSWORD, else a /dev/tty prompt.",
         "",
         "Exit codes: 0 ok, 64 usage, 68 name not resolved, 69 refused/unreachable,",
         "70 internal error, 74 I/O error while relaying, 75 timeout, 76 proxy protocol error,",

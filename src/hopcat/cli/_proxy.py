@@ -7,15 +7,22 @@ a URL; bare ``host:port`` means http as in curl), then connect-proxy's ``SOCKS5_
 ``SOCKS_SERVER`` (SOCKS5) and ``SOCKS4_SERVER``. ``no_proxy``/``NO_PROXY`` (comma-separated names,
 domain suffixes, ``*``, IP addresses or CIDR blocks) exempts targets from an environment proxy.
 
+Users: connect-proxy's proxies (``-S``, ``-H`` and its ``SOCKS*_SERVER`` variables) without a
+``user@`` take the user from its environment as connect-proxy does: ``SOCKS5_USER`` or
+``SOCKS4_USER``, then ``SOCKS_USER`` (SOCKS), or ``HTTP_PROXY_USER`` (HTTP), then ``CONNECT_USER``.
+(connect-proxy would then fall back to the login name; hopcat sends no user it was not given.)
+
 Passwords never have to be on argv: a hop with a user and no password takes it from
-``HOPCAT_PROXY_PASSWORD``, then connect-proxy's ``SOCKS5_PASSWD`` (SOCKS5) or
-``HTTP_PROXY_PASSWORD`` (HTTP), then a prompt on /dev/tty. Never from stdin: that is ssh's data.
+``HOPCAT_PROXY_PASSWORD``, then connect-proxy's ``SOCKS5_PASSWD`` or ``SOCKS5_PASSWORD`` (SOCKS5)
+or ``HTTP_PROXY_PASSWORD`` (HTTP), then ``CONNECT_PASSWORD``, then a prompt on /dev/tty. Never
+from stdin: that is ssh's data.
 """
 
 from __future__ import annotations
 
 import os
 
+from hopcat._endpoint import check_unicode
 from hopcat._url import ProxyURL, parse_proxy_url
 from hopcat.errors import UsageError
 
@@ -27,6 +34,17 @@ if TYPE_CHECKING:
 
 NC_TYPES = {"4": "socks4", "5": "socks5", "connect": "http"}
 NCAT_TYPES = {"socks4": "socks4", "socks4a": "socks4a", "socks5": "socks5", "http": "http"}
+# connect-proxy's user variables per protocol, first found wins (its determine_relay_user()).
+CONNECT_PROXY_USER_VARIABLES = {
+    "socks5": ("SOCKS5_USER", "SOCKS_USER", "CONNECT_USER"),
+    "socks4": ("SOCKS4_USER", "SOCKS_USER", "CONNECT_USER"),
+    "http": ("HTTP_PROXY_USER", "CONNECT_USER"),
+}
+CONNECT_PROXY_ORIGINS = frozenset({"-S", "-H", "SOCKS5_SERVER", "SOCKS_SERVER", "SOCKS4_SERVER"})
+PASSWORD_VARIABLES = {
+    "socks5": ("HOPCAT_PROXY_PASSWORD", "SOCKS5_PASSWD", "SOCKS5_PASSWORD", "CONNECT_PASSWORD"),
+    "http": ("HOPCAT_PROXY_PASSWORD", "HTTP_PROXY_PASSWORD", "CONNECT_PASSWORD"),
+}
 ENV_PROXY_VARIABLES = (
     ("all_proxy", "http"), ("ALL_PROXY", "http"), ("SOCKS5_SERVER", "socks5"),
     ("SOCKS_SERVER", "socks5"), ("SOCKS4_SERVER", "socks4"),
@@ -50,7 +68,9 @@ def _bare_scheme(flag: str, options: Options) -> str:
                 f"--proxy-type takes socks4, socks4a, socks5 or http, not {options.ncat_proxy_type!r}"
             )
         return scheme
-    return "socks5" if flag == "-S" else "http"
+    if flag == "-S":
+        return "socks4" if options.connect_proxy_socks4 else "socks5"
+    return "http"
 
 
 def proxies_from_command_line(options: Options) -> list[ProxyURL]:
@@ -71,6 +91,11 @@ def proxies_from_command_line(options: Options) -> list[ProxyURL]:
     if options.nc_proxy_user is not None:
         user = options.nc_proxy_user
     if user is not None:
+        if not user:
+            raise UsageError("-P / --proxy-auth: empty user name")
+        check_unicode(user, "-P / --proxy-auth: the user name")
+        if password is not None:
+            check_unicode(password, "--proxy-auth: the password")
         if len(hops) != 1:
             raise UsageError("-P / --proxy-auth need exactly one proxy; in a chain put user@ in each URL")
         if hops[0].username is None:
@@ -111,10 +136,7 @@ def proxies_from_environment(environ: Mapping[str, str], host: str) -> tuple[lis
             patterns = environ.get(no_variable, "")
             if patterns and _no_proxy_matches(host, patterns):
                 return [], f"direct: {no_variable} exempts {host} from {variable}"
-        hop = parse_proxy_url(value, origin=variable, default_scheme=default_scheme)
-        if variable.startswith("SOCKS") and hop.username is None and environ.get("SOCKS5_USER"):
-            hop.username = environ["SOCKS5_USER"]
-        return [hop], ""
+        return [parse_proxy_url(value, origin=variable, default_scheme=default_scheme)], ""
     return [], "direct: no proxy on the command line or in the environment"
 
 
@@ -151,6 +173,21 @@ def _prompt_on_tty(prompt: str) -> str | None:
         os.close(fd)
 
 
+def fill_users(hops: list[ProxyURL], environ: Mapping[str, str]) -> list[str]:
+    """Users from connect-proxy's environment for its own proxies; sentences for -v."""
+    notes = []
+    for hop in hops:
+        if hop.username is not None or hop.origin not in CONNECT_PROXY_ORIGINS:
+            continue
+        for variable in CONNECT_PROXY_USER_VARIABLES[hop.protocol]:
+            if environ.get(variable):
+                check_unicode(environ[variable], variable)
+                hop.username = environ[variable]
+                notes.append(f"{hop.label()}: user from {variable} (connect-proxy's environment)")
+                break
+    return notes
+
+
 def fill_passwords(
     hops: list[ProxyURL], environ: Mapping[str, str],
     prompt: Callable[[str], str | None] = _prompt_on_tty,
@@ -158,10 +195,9 @@ def fill_passwords(
     for hop in hops:
         if hop.username is None or hop.password is not None or hop.protocol == "socks4":
             continue  # SOCKS4 carries a user id and no password
-        candidates = ["HOPCAT_PROXY_PASSWORD"]
-        candidates.append("SOCKS5_PASSWD" if hop.protocol == "socks5" else "HTTP_PROXY_PASSWORD")
-        for variable in candidates:
+        for variable in PASSWORD_VARIABLES[hop.protocol]:
             if environ.get(variable):
+                check_unicode(environ[variable], variable)
                 hop.password = environ[variable]
                 break
         else:

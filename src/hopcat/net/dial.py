@@ -38,6 +38,10 @@ if TYPE_CHECKING:
     Trace = Callable[[str], None]
 
 CONNECT_ATTEMPT_DELAY_S = 0.25  # RFC 8305 section 8 recommends 250 ms
+# The longest single wait handed to the kernel or a lock. poll() takes an int of ms (at most
+# ~24.8 days) and socket timeouts and Thread.join() have limits of their own; a deadline further
+# away (--connect-timeout 0 means none) is reached by waiting again.
+MAX_WAIT_S = 86400.0
 KEEPALIVE_IDLE_S = 60
 KEEPALIVE_INTERVAL_S = 15
 KEEPALIVE_PROBES = 4
@@ -92,7 +96,8 @@ def resolve(
 
     worker = threading.Thread(target=run, name="hopcat-resolve", daemon=True)
     worker.start()
-    worker.join(max(0.0, deadline - clock()))
+    while not outcome and clock() < deadline:
+        worker.join(wait_s(deadline, clock))
     if not outcome:
         raise HopcatTimeoutError(f"resolve {host}: timed out")
     result = outcome[0]
@@ -103,6 +108,11 @@ def resolve(
     if not result:
         raise ResolveError(f"resolve {host}: no addresses")
     return result  # type: ignore[return-value]
+
+
+def wait_s(deadline: float, clock: Callable[[], float]) -> float:
+    """Seconds until ``deadline``, at least 0 and at most MAX_WAIT_S: safe for any timeout call."""
+    return min(MAX_WAIT_S, max(0.0, deadline - clock()))
 
 
 def interleave_families(infos: Sequence[AddrInfo]) -> list[AddrInfo]:
@@ -240,7 +250,7 @@ def dial_tcp(
             if not pending:
                 break
             wake_at = deadline if next_index >= len(candidates) else min(deadline, next_start)
-            timeout_ms = max(0, int((wake_at - now) * 1000 + 0.999))
+            timeout_ms = int(min(MAX_WAIT_S, max(0.0, wake_at - now)) * 1000 + 0.999)
             for fd, _events in poller.poll(timeout_ms):
                 sock, info = pending.pop(fd)
                 poller.unregister(fd)

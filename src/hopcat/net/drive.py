@@ -17,6 +17,7 @@ from __future__ import annotations
 import _socket as socket
 
 from hopcat.errors import HopcatTimeoutError, RemoteProtocolError
+from hopcat.net.dial import MAX_WAIT_S, describe_oserror
 from hopcat.proto._events import NEED_DATA, Established
 
 TYPE_CHECKING = False
@@ -32,7 +33,7 @@ def _remaining(deadline: float, clock: Callable[[], float]) -> float:
     left = deadline - clock()
     if left <= 0:
         raise TimeoutError
-    return left
+    return min(left, MAX_WAIT_S)
 
 
 def run_handshake(
@@ -43,13 +44,19 @@ def run_handshake(
     clock: Callable[[], float],
     exact: bool = False,
     on_event: Callable[[Event], None] | None = None,
+    diagnose: Callable[[str], None] | None = None,
+    silence_s: float = 0.0,
 ) -> Established:
     """Run ``machine`` to Established; its refusals and protocol errors propagate unchanged.
 
     A stall past ``deadline`` raises HopcatTimeoutError; a reset or close mid-handshake raises
     RemoteProtocolError. The socket's timeout is restored to blocking before returning.
+    ``diagnose("silent")`` is called once if the peer's first answer has not begun after
+    ``silence_s``, and ``diagnose("closed")`` if the peer closes or resets before its first byte;
+    it may raise a better error (a proxy of another protocol) or return to go on as before.
     """
     m = machine  # duck-typed: socks4/socks5/http_connect clients share one interface
+    answered = False
     try:
         try:
             _send(sock, m.data_to_send(), deadline, clock)  # type: ignore[attr-defined]
@@ -57,7 +64,13 @@ def run_handshake(
                 event = m.next_event()  # type: ignore[attr-defined]
                 _send(sock, m.data_to_send(), deadline, clock)  # type: ignore[attr-defined]
                 if event is NEED_DATA:
-                    m.receive_data(_read(sock, m, deadline, clock, exact))  # type: ignore[attr-defined]
+                    if diagnose is not None and not answered:
+                        _wait_or_call(sock, silence_s, deadline, clock, lambda: diagnose("silent"))
+                    data = _read(sock, m, deadline, clock, exact)
+                    if not data and not answered and diagnose is not None:
+                        diagnose("closed")
+                    answered = True
+                    m.receive_data(data)  # type: ignore[attr-defined]
                     continue
                 if isinstance(event, Established):
                     _quickack(sock)
@@ -67,8 +80,16 @@ def run_handshake(
         except TimeoutError:
             raise HopcatTimeoutError("no answer from the proxy before the connect timeout") from None
         except (ConnectionResetError, BrokenPipeError) as exc:
+            if diagnose is not None and not answered:
+                diagnose("closed")
             raise RemoteProtocolError(
-                f"the proxy reset the connection during the handshake ({exc.strerror or exc})"
+                f"the proxy reset the connection during the handshake ({describe_oserror(exc)})"
+            ) from None
+        except OSError as exc:  # EHOSTUNREACH or ETIMEDOUT mid-handshake; ssl.SSLError on a TLS hop
+            # An SSLError's errno is the TLS library's code, not an errno: show its reason.
+            why = getattr(exc, "reason", None) or describe_oserror(exc)
+            raise RemoteProtocolError(
+                f"the connection to the proxy failed during the handshake ({why})"
             ) from None
     finally:
         try:
@@ -92,6 +113,20 @@ def _quickack(sock: socket.socket) -> None:
             pass  # not TCP (a socketpair in tests) or an SSL wrapper refusing: only an optimisation
 
 
+def _wait_or_call(
+    sock: socket.socket, quiet_s: float, deadline: float, clock: Callable[[], float],
+    call: Callable[[], None],
+) -> None:
+    """Wait until ``sock`` is readable; if it is still quiet after ``quiet_s``, call ``call``."""
+    import select
+
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    quiet_ms = int(min(quiet_s, max(0.0, deadline - clock())) * 1000)
+    if not poller.poll(quiet_ms) and clock() < deadline:
+        call()
+
+
 def _send(sock: socket.socket, data: bytes, deadline: float, clock: Callable[[], float]) -> None:
     if data:
         sock.settimeout(_remaining(deadline, clock))
@@ -102,7 +137,17 @@ def _send(sock: socket.socket, data: bytes, deadline: float, clock: Callable[[],
 def _read(
     sock: socket.socket, machine: object, deadline: float, clock: Callable[[], float], exact: bool
 ) -> bytes:
-    sock.settimeout(_remaining(deadline, clock))
+    while True:
+        sock.settimeout(_remaining(deadline, clock))
+        try:
+            return _read_once(sock, machine, exact)
+        except TimeoutError:
+            if clock() >= deadline:
+                raise
+            # A wait is capped at MAX_WAIT_S; a later deadline (or none) means waiting again.
+
+
+def _read_once(sock: socket.socket, machine: object, exact: bool) -> bytes:
     _quickack(sock)
     if not exact:
         return sock.recv(READ_BYTES)

@@ -45,6 +45,10 @@ class Event:
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
         return f"{type(self).__name__}({fields})"
 
+    def describe(self) -> str:
+        """A phrase for a person (``-v``, logs), never a Python repr."""
+        return type(self).__name__
+
 
 class Established(Event):
     """The handshake succeeded; bytes from now on are payload (see ``trailing_data``).
@@ -61,6 +65,9 @@ class Established(Event):
         self.bound_host = bound_host
         self.bound_port = bound_port
         self.detail = detail
+
+    def describe(self) -> str:
+        return self.detail
 
 
 class Request(Event):

@@ -353,11 +353,13 @@ def decode_name(raw: bytes) -> str:
 
 
 def version_hint(byte: int) -> str:
-    """Name the protocol a wrong first byte suggests, for 'version byte 0x48: ...' messages."""
+    """Name the protocol a wrong first byte suggests, and the scheme that speaks it."""
     if byte == 0x48:  # 'H' of "HTTP/1.1 400 Bad Request"
-        return ": is this an HTTP proxy?"
+        return ": this looks like an HTTP proxy: use http://"
     if byte == 0x05:
-        return ": is this a SOCKS5 proxy?"
+        return ": this looks like a SOCKS5 proxy: use socks5h://"
     if byte in (0x00, 0x04):
-        return ": is this a SOCKS4 proxy?"
+        return ": this looks like a SOCKS4 proxy: use socks4a://"
+    if byte in (0x15, 0x16):  # TLS record types: alert, handshake (RFC 8446 section 5.1)
+        return ": this looks like a TLS server: use https://"
     return ""

@@ -3,8 +3,10 @@
 The client sends one request head and waits for the response head::
 
     REPLY --(2xx)--> DONE          1xx (not 101): skipped, stay in REPLY (RFC 9110 section 15.2)
-          --(407)--> ProxyAuthError      --(other)--> ProxyError(code=status)
+          --(407, 401)--> ProxyAuthError      --(other)--> ProxyError(code=status)
 
+Empty lines before a status line are skipped, and the status line's parts may be separated by
+several spaces or tabs (lenient as RFC 9112 section 2.2 allows; real proxies send both).
 A head ends at the first empty line. RFC 9112 section 2.2 allows a bare LF as line terminator,
 so both ``\\r\\n\\r\\n`` and ``\\n\\n`` end one. Heads are capped at ``MAX_HEAD_BYTES`` (all heads of a
 handshake together) and ``MAX_HEADER_LINES``. A head has no length field, so ``bytes_needed()`` is
@@ -130,11 +132,31 @@ def _header_values(headers: list[tuple[str, str]], name: str) -> list[str]:
 
 
 def _parse_status_line(line: str) -> tuple[int, str]:
-    version, _, rest = line.partition(" ")
-    code, _, reason = rest.partition(" ")
-    if not _is_http1(version) or len(code) != 3 or not (code.isascii() and code.isdigit()):
+    """``HTTP/1.x SP code SP reason``, tolerating runs of spaces or tabs between the parts: several
+    proxies pad them (socat once failed a user's proxy over exactly ``HTTP/1.0  200 OK``)."""
+    version, rest = line[:8], line[8:]
+    code = rest.lstrip(" \t")[:3]
+    after = rest.lstrip(" \t")[3:]
+    if (
+        not _is_http1(version) or rest[:1] not in (" ", "\t") or len(code) != 3
+        or not (code.isascii() and code.isdigit()) or after[:1] not in ("", " ", "\t")
+    ):  # fmt: skip
         raise RemoteProtocolError(f"malformed HTTP status line {sanitize(line)!r}")
-    return int(code), reason.strip(" \t")
+    return int(code), after.strip(" \t")
+
+
+def _leading_blank_len(data: bytes | bytearray) -> int:
+    """Length of the empty lines (CRLF or LF) before a status line: some proxies send one after
+    the previous message, and RFC 9112 section 2.2 asks recipients to ignore them. A lone CR at
+    the end is left: its LF may still be on the way."""
+    index = 0
+    while True:
+        if data[index : index + 1] == b"\n":
+            index += 1
+        elif data[index : index + 2] == b"\r\n":
+            index += 2
+        else:
+            return index
 
 
 def _as_utf8(text: str) -> str:
@@ -146,17 +168,18 @@ def _as_utf8(text: str) -> str:
 def _is_interim(head: bytes | bytearray) -> bool:
     # "HTTP/1.1 1xx": informational responses precede the real one (101 is final: it would
     # switch protocols, which a CONNECT never asks for).
-    return head[8:10] == b" 1" and head[9:12] != b"101"
+    code = bytes(head[8:]).lstrip(b" \t")[:3]
+    return code[:1] == b"1" and code != b"101"
 
 
-def _auth_schemes(headers: list[tuple[str, str]]) -> list[str]:
-    """Scheme names offered in Proxy-Authenticate headers, e.g. ["Basic", "Digest"].
+def _auth_schemes(headers: list[tuple[str, str]], name: str) -> list[str]:
+    """Scheme names offered in ``name`` (Proxy-Authenticate) headers, e.g. ["Basic", "Digest"].
 
     A header may list several challenges separated by commas, and challenges have comma-separated
     parameters (which contain '='); a part whose first word is a token without '=' is a scheme.
     """
     schemes: list[str] = []
-    for value in _header_values(headers, "proxy-authenticate"):
+    for value in _header_values(headers, name):
         for part in value.split(","):
             words = part.split()
             if words and _is_token(words[0]) and "=" not in words[0]:
@@ -208,7 +231,15 @@ class HttpConnectClient(Machine):
         self._outbox += ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
 
     def _on_reply(self) -> Step:
+        blank = _leading_blank_len(self._inbox.data)
+        if blank:
+            self._inbox.take(blank)
+            self._head_budget -= blank
+            if self._head_budget < 0:
+                raise RemoteProtocolError(f"response head is larger than {MAX_HEAD_BYTES} bytes")
         buf = self._inbox.data
+        if not buf or buf == b"\r":
+            return self._wait()
         _check_response_start(buf)
         end = find_head_end(buf, self._scanned)
         if end == -1:
@@ -228,15 +259,17 @@ class HttpConnectClient(Machine):
         if _is_interim(head):
             return None
         if 200 <= status <= 299:
-            detail = sanitize(status_line)
+            detail = sanitize(status_line.replace("\t", " "))
             return self._finish(State.DONE, Established(None, None, detail))
         self._refuse(status, reason, headers)
 
     def _refuse(self, status: int, reason: str, headers: list[tuple[str, str]]) -> NoReturn:
         message = f"HTTP {status} {sanitize(_as_utf8(reason))}".rstrip()
-        if status != 407:
+        if status not in (401, 407):
             raise ProxyError(message, code=status)
-        schemes = _auth_schemes(headers)
+        # 407 is the proxy's own challenge; some proxies (tinyproxy) answer wrong credentials
+        # with 401 and WWW-Authenticate instead, which from a proxy can only mean the same.
+        schemes = _auth_schemes(headers, "proxy-authenticate" if status == 407 else "www-authenticate")
         notes = [f"proxy wants {', '.join(schemes)}"] if schemes else []
         if schemes and "basic" not in (s.lower() for s in schemes):
             notes.append("only Basic is supported")
@@ -266,6 +299,7 @@ class HttpConnectClient(Machine):
         end = 0
         while True:
             # Each head is searched on its own, as _on_reply will after taking the previous one.
+            end += _leading_blank_len(pending[end:])
             found = find_head_end(pending[end:])
             if found == -1:
                 return len(data)

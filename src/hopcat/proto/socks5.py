@@ -143,7 +143,7 @@ REPLY_TEXT: dict[int, str] = {
 }
 
 METHOD_TEXT: dict[int, str] = {
-    Method.NO_AUTHENTICATION_REQUIRED: "no auth",
+    Method.NO_AUTHENTICATION_REQUIRED: "no authentication",
     Method.GSSAPI: "GSSAPI",
     Method.USERNAME_PASSWORD: "username/password",
 }
@@ -423,11 +423,17 @@ class MethodSelected(Event):
     def __init__(self, method: int) -> None:
         self.method = method
 
+    def describe(self) -> str:
+        return f"SOCKS5 method: {METHOD_TEXT.get(self.method, f'0x{self.method:02x}')}"
+
 
 class AuthSucceeded(Event):
     """Client side: the proxy accepted our username and password."""
 
     __slots__ = ()
+
+    def describe(self) -> str:
+        return "SOCKS5 username/password accepted (RFC 1929 status 0)"
 
 
 class Socks5Client(Machine):
