@@ -8,6 +8,7 @@ until the answer is in, as ssh does.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -301,6 +302,9 @@ class HostileProxy:
                 pass
 
     def close(self) -> None:
+        # close() alone does not wake a thread blocked in accept(); shutdown() does (Linux).
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
         self.thread.join(15)
 
