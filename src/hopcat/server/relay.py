@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import struct
 
@@ -59,6 +60,8 @@ if TYPE_CHECKING:
 
         def crashed(self, exc: Exception) -> None: ...
 
+        def socket_failed(self, fd: int) -> None: ...
+
 
 PIPE_SIZE_BYTES = 1 << 20  # default /proc/sys/fs/pipe-max-size; best effort
 MAX_SPLICE_BYTES = PIPE_SIZE_BYTES
@@ -70,7 +73,9 @@ BIG_CHUNK_BYTES = 64 * 1024
 ROUNDS_PER_WAKEUP = 8
 F_SETPIPE_SZ = 1031  # fcntl.h
 
+ERROR_EVENTS_PER_WAKEUP = 64
 _HAVE_SPLICE = hasattr(os, "splice")
+_HAVE_EPOLL = hasattr(select, "epoll")
 _SPLICE_FLAGS = (
     getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2) if _HAVE_SPLICE else 0
 )
@@ -135,9 +140,18 @@ class PipePool:
 
 
 class Engine:
-    """What every tunnel on one event loop shares: the loop, the pipe pool, the copy buffer."""
+    """What every tunnel on one event loop shares: the loop, the pipe pool, the copy buffer, and
+    the error watch.
 
-    __slots__ = ("_view", "buffer", "loop", "pool", "splice")
+    The error watch is an epoll set holding every relayed socket with no events asked for, so it
+    reports only POLLERR and POLLHUP (always reported). The relay registers a reader on a Half's
+    src only while it may read, so a direction stalled on a full dst does not watch its src, and
+    the other direction may be waiting on the other socket: a reset on a stalled tunnel would go
+    unnoticed until the stalled peer read, with the tunnel and its kernel buffers kept meanwhile.
+    The set's own descriptor sits on the event loop as one reader for all tunnels.
+    """
+
+    __slots__ = ("_errors", "_view", "_watched", "buffer", "loop", "pool", "splice")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, *, splice: bool = True) -> None:
         self.loop = loop
@@ -145,9 +159,46 @@ class Engine:
         self.splice = splice and _HAVE_SPLICE
         self.buffer = bytearray(COPY_BUFFER_BYTES)
         self._view = memoryview(self.buffer)
+        self._errors: select.epoll | None = None
+        self._watched: dict[int, Owner] = {}
+
+    def watch(self, fd: int, owner: Owner) -> None:
+        """Report POLLERR/POLLHUP on ``fd`` to ``owner.socket_failed`` until ``unwatch``."""
+        if not _HAVE_EPOLL:
+            return  # elsewhere a reset is seen at the next read or write, as before
+        if self._errors is None:
+            self._errors = select.epoll()
+            self.loop.add_reader(self._errors.fileno(), self._on_errors)
+        self._errors.register(fd, 0)
+        self._watched[fd] = owner
+
+    def unwatch(self, fd: int) -> None:
+        """Before ``fd`` is closed: its number may come back as another tunnel's socket."""
+        if self._watched.pop(fd, None) is not None:
+            assert self._errors is not None
+            try:
+                self._errors.unregister(fd)
+            except OSError:
+                pass  # closed already: the kernel dropped it from the set
+
+    def _on_errors(self) -> None:
+        assert self._errors is not None
+        for fd, _events in self._errors.poll(0, ERROR_EVENTS_PER_WAKEUP):
+            owner = self._watched.get(fd)
+            if owner is None:
+                continue
+            try:
+                owner.socket_failed(fd)
+            except Exception as exc:  # a bug: end that tunnel rather than spin on its events
+                owner.crashed(exc)
 
     def close(self) -> None:
         self.pool.close()
+        if self._errors is not None:
+            self.loop.remove_reader(self._errors.fileno())
+            self._errors.close()
+            self._errors = None
+        self._watched.clear()
 
 
 class Half:

@@ -45,6 +45,7 @@ from hopcat.server.policy import (
     parse_rules_file,
 )
 from hopcat.server.relay import Engine
+from hopcat.server.throttle import LoginThrottle
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -174,6 +175,7 @@ class Server:
         self.logger = logger
         self.credentials = credentials
         self.policy = policy
+        self.logins = LoginThrottle()
         self.engine = Engine(loop, splice=not options.no_splice)
         self.auth_required = options.auth_required
         self.via: list[ProxyURL] = options.via
