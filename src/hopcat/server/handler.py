@@ -56,7 +56,7 @@ from hopcat.errors import (
 )
 from hopcat.proto._events import NEED_DATA, Credentials, Rejected, Request
 from hopcat.proto.detect import detect
-from hopcat.server.relay import DONE, Half, reset_on_close
+from hopcat.server.relay import DONE, Half, bound_buffers, reset_on_close
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -190,6 +190,7 @@ class Dialer:
             try:
                 sock = socket.socket(family, socket.SOCK_STREAM)
                 sock.setblocking(False)
+                bound_buffers(sock)  # before connecting: a target that speaks first fills it
                 code = sock.connect_ex(sockaddr)
             except OSError as exc:
                 if sock is not None:
@@ -634,6 +635,8 @@ class Conn:
         self.up = Half(engine, self, "up", self.sock, target, early)
         engine.watch(self.fd, self)
         engine.watch(target.fileno(), self)
+        bound_buffers(self.sock)
+        bound_buffers(target)
         self.down.start()
         if self.phase == RELAY:
             if self.reading and not early:
