@@ -65,7 +65,9 @@ class Harness:
         return total, "fin"
 
 
-def run_server(tmp_path: Path, *args: str) -> Callable[[Callable[[Harness], Awaitable[None]]], None]:
+def run_server(
+    tmp_path: Path, *args: str
+) -> Callable[[Callable[[Harness], Awaitable[None]]], None]:
     """Run ``scenario(harness)`` against a Server on a fresh loop, then stop it."""
 
     def runner(scenario: Callable[[Harness], Awaitable[None]]) -> None:
@@ -94,7 +96,9 @@ def run_server(tmp_path: Path, *args: str) -> Callable[[Callable[[Harness], Awai
 
 
 @asynccontextmanager
-async def target_server(loop: asyncio.AbstractEventLoop) -> AsyncIterator[tuple[int, asyncio.Queue[socket.socket]]]:
+async def target_server(
+    loop: asyncio.AbstractEventLoop,
+) -> AsyncIterator[tuple[int, asyncio.Queue[socket.socket]]]:
     """A loopback listener; accepted sockets (non-blocking) arrive on the queue."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -118,7 +122,9 @@ async def target_server(loop: asyncio.AbstractEventLoop) -> AsyncIterator[tuple[
 
 async def open_tunnel(h: Harness, port: int, source: str = "127.0.0.1") -> socket.socket:
     sock = await h.client(source)
-    request = b"\x05\x01\x00\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack("!H", port)
+    request = (
+        b"\x05\x01\x00\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack("!H", port)
+    )
     await h.loop.sock_sendall(sock, request)
     reply = await h.recv_exact(sock, 2 + 10)
     assert reply[:4] == b"\x05\x00\x05\x00", reply
