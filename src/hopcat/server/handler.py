@@ -190,7 +190,6 @@ class Dialer:
             try:
                 sock = socket.socket(family, socket.SOCK_STREAM)
                 sock.setblocking(False)
-                bound_buffers(sock)  # before connecting: a target that speaks first fills it
                 code = sock.connect_ex(sockaddr)
             except OSError as exc:
                 if sock is not None:
