@@ -31,7 +31,8 @@ carries the target socket's local address (SOCKS) or is a 200 (HTTP).
 Failures get the protocol's own answer: SOCKS5 reply 2 (rules), 3/4 (unreachable, name not
 resolved, timeout), 5 (refused), 7 (BIND, UDP ASSOCIATE), 1 (anything else); SOCKS4 91; HTTP 403,
 405 (methods other than CONNECT), 407 (credentials), 502, 503 (out of descriptors), 504
-(timeout), 400 (malformed request). Then LINGER: our side is shut down for writing and the
+(timeout), 400 (malformed request). A handshake given up for any other reason (bad bytes, its
+timeout, the server stopping) is answered too, with the machine's ``abort_reply``. Then LINGER: our side is shut down for writing and the
 client's leftovers are read and dropped until it closes, so that closing with unread bytes does
 not turn the answer into a reset before the client has read it.
 

@@ -30,8 +30,11 @@ READING has a reader on src and no writer; WRITING has a writer on dst and no re
 is the backpressure: a full dst stops reading src). End of stream follows the relay policy of
 ``hopcat.relay.pump``: a FIN from one side becomes ``shutdown(SHUT_WR)`` towards the other once
 every byte before it is delivered, and the other direction keeps going; the tunnel ends when both
-Halves are DONE. An error on either side (reset, EPIPE) aborts the tunnel: both sockets close,
-the side that did not fail with SO_LINGER 0, so its peer sees a reset rather than a clean end.
+Halves are DONE. Every other end is an abort, decided by the owner: an error on either side
+(reset, EPIPE, or POLLERR/POLLHUP seen by the engine's error watch while that direction waits
+on the other socket), the idle timeout, the grace period over. Both sockets then close with
+SO_LINGER 0, so neither peer takes a cut stream for a whole one, and what the kernel still
+queues for them is freed at once.
 
 Nothing here blocks, allocates per idle tunnel, or starts a thread.
 """
