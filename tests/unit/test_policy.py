@@ -443,7 +443,7 @@ def test_auth_option() -> None:
 
 def test_auth_file() -> None:
     text = "# users\nalice:one:two\r\n\n  # indented comment\nbob: spaced \n"
-    assert parse_auth_file(text, "users") == [("alice", "one:two"), ("bob", " spaced ")]
+    assert parse_auth_file(text, "users") == [("alice", "one:two"), ("bob", " spaced")]  # trailing blanks: an editor's
 
 
 @pytest.mark.parametrize("line", ["nocolon", ":pw", "user:", "alice:again"])

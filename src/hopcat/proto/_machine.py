@@ -107,6 +107,9 @@ def _guard(
             try:
                 return method(*args, **kwargs)
             except BaseException:
+                # Where it broke is kept apart from ERROR: a server role still answers the peer
+                # with the refusal that fits the message it was waiting for (abort_reply()).
+                machine._failed_in = machine._state
                 machine._state = State.ERROR
                 raise
 
@@ -125,7 +128,7 @@ _outbound = _guard(LocalProtocolError)
 class Machine:
     """Base of every client and server machine; see the module docstring for the contract."""
 
-    __slots__ = ("_final", "_inbox", "_outbox", "_state")
+    __slots__ = ("_failed_in", "_final", "_inbox", "_outbox", "_state")
 
     # Who is on the other end, for "<peer> closed the connection during the handshake".
     _PEER: ClassVar[str] = "proxy"
@@ -136,6 +139,7 @@ class Machine:
 
     def __init__(self, state: State) -> None:
         self._state = state
+        self._failed_in = state
         self._inbox = ReceiveBuffer()
         self._outbox = bytearray()
         self._final: Event | None = None
@@ -240,6 +244,18 @@ class Machine:
         if self._state is State.AUTH_DECISION:
             raise LocalProtocolError("call accept_credentials() before next_event()")
         raise LocalProtocolError("call reply_success() or reply_failure() before next_event()")
+
+    def _abort_state(self) -> State:
+        """The state a server role answers from when the handshake is given up: the current
+        one, or the one it was in when an error poisoned it."""
+        return self._failed_in if self._state is State.ERROR else self._state
+
+    def _take_unsent(self) -> bytes:
+        """What was queued before the handshake was given up (e.g. a method selection), unguarded
+        so that a poisoned machine still yields it."""
+        out = bytes(self._outbox)
+        self._outbox.clear()
+        return out
 
     def _expect(self, state: State, call: str) -> None:
         if self._state is not state:

@@ -82,6 +82,7 @@ STATUS_TEXT: dict[int, str] = {
     404: "Not Found",
     405: "Method Not Allowed",
     407: "Proxy Authentication Required",
+    408: "Request Timeout",
     500: "Internal Server Error",
     501: "Not Implemented",
     502: "Bad Gateway",
@@ -375,14 +376,22 @@ class HttpConnectServer(Machine):
             return self._wait()
         if end > MAX_HEAD_BYTES:
             raise RemoteProtocolError(f"request head is larger than {MAX_HEAD_BYTES} bytes")
-        request_line, headers = _split_head(self._inbox.take(end))
+        head = self._inbox.take(end)
+        _check_request_head(head)
+        request_line, headers = _split_head(head)
         method, target = _parse_request_line(request_line)
         host, port = _parse_authority(target) if method == "CONNECT" else ("", 0)
         request = Request(method, host, port)
         if not self._require_auth:
             self._state = State.REPLY_DECISION
             return request
-        credentials = _basic_credentials(_header_values(headers, "proxy-authorization"))
+        authorizations = _header_values(headers, "proxy-authorization")
+        if len(authorizations) > 1:
+            # Which one counts would be a guess (an intermediary may have added one): refuse.
+            raise RemoteProtocolError(
+                f"{len(authorizations)} Proxy-Authorization headers (one at most)"
+            )
+        credentials = _basic_credentials(authorizations)
         if credentials is None:
             return self._challenge("no usable Basic Proxy-Authorization header")
         self._pending = request
@@ -436,6 +445,15 @@ class HttpConnectServer(Machine):
         text = reason if reason is not None else STATUS_TEXT.get(code, "")
         self._finish(State.CLOSED, Rejected(f"HTTP {code} {text}".rstrip()))
 
+    def abort_reply(self, http_status: int = 400) -> bytes:
+        """The response that ends the handshake with a refusal, whatever state it stopped in:
+        ``http_status`` (400 for bad bytes, 408 for a timeout, 503 when the server stops) while
+        the request is awaited or undecided, so the client gets an answer instead of a bare EOF."""
+        out = self._take_unsent()
+        if self._abort_state() in (State.REQUEST, State.AUTH_DECISION, State.REPLY_DECISION):
+            out += _failure_response(http_status, None, [])
+        return out
+
     _HANDLERS: ClassVar[HandlerTable] = {
         State.REQUEST: _on_request,
         State.AUTH_DECISION: Machine._on_decision,
@@ -451,10 +469,45 @@ def _failure_response(code: int, reason: str | None, extra: list[str]) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
 
 
+def _redacted(text: str) -> str:
+    """Client text for a message, without secrets: a ``user:password@`` in any word (a CONNECT
+    target or an absolute URL) becomes ``***@``, and the result is sanitized."""
+    if "@" in text:
+        text = " ".join(
+            "***@" + word.rpartition("@")[2] if "@" in word else word for word in text.split(" ")
+        )
+    return sanitize(text)
+
+
+def _check_request_head(head: bytes) -> None:
+    """What a server refuses in a request head before parsing it, with messages that never quote
+    a header value (it may be a credential, however mangled): control characters (CR, NUL, ...)
+    anywhere but as the line end, obs-fold (RFC 9112 section 5.2 lets a server reject it, and a
+    folded Proxy-Authorization is the kind of ambiguity a proxy must not resolve by guessing),
+    and header lines that are not ``token: value``."""
+    lines = head.decode("latin-1").split("\n")[:-2]
+    for number, line in enumerate(lines):
+        if line.endswith("\r"):
+            line = line[:-1]
+        if number == 0:
+            if not line.replace("\t", " ").isprintable():
+                raise RemoteProtocolError("control character in the request line")
+            continue
+        if line[:1] in (" ", "\t"):
+            raise RemoteProtocolError(f"header line {number} is folded (obs-fold is refused)")
+        name, colon, value = line.partition(":")
+        if not colon or not _is_token(name):
+            raise RemoteProtocolError(f"malformed header line {number} (expected 'name: value')")
+        if any((ch < " " and ch != "\t") or ch == "\x7f" for ch in value):
+            raise RemoteProtocolError(
+                f"header {sanitize(name, 40)} has a control character in its value"
+            )
+
+
 def _parse_request_line(line: str) -> tuple[str, str]:
     parts = line.split(" ")
     if len(parts) != 3 or not _is_token(parts[0]) or not parts[1]:
-        raise RemoteProtocolError(f"malformed request line {sanitize(line)!r}")
+        raise RemoteProtocolError(f"malformed request line {_redacted(line)!r}")
     method, target, version = parts
     if not _is_http1(version):
         raise RemoteProtocolError(f"unsupported HTTP version {sanitize(version)!r}")
@@ -463,7 +516,7 @@ def _parse_request_line(line: str) -> tuple[str, str]:
 
 def _parse_authority(target: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` (RFC 9110 section 9.3.6) -> (host without brackets, port)."""
-    malformed = RemoteProtocolError(f"malformed CONNECT target {sanitize(target)!r}")
+    malformed = RemoteProtocolError(f"malformed CONNECT target {_redacted(target)!r}")
     if target.startswith("["):
         close = target.find("]")
         host, port_text = target[1:close], target[close + 1 :]

@@ -322,6 +322,15 @@ class Socks4Server(Machine):
         self._outbox += CommandReply(code, 0, bytes(4)).to_bytes()
         self._finish(State.CLOSED, Rejected(describe_reply(code)))
 
+    def abort_reply(self, http_status: int = 400) -> bytes:
+        """The bytes that end the handshake with a refusal (bad bytes, a timeout, the server
+        stopping): reply 91 while a request is awaited or undecided, so the client gets an answer
+        instead of a bare EOF. ``http_status`` is for HttpConnectServer's same method."""
+        out = self._take_unsent()
+        if self._abort_state() in (State.REQUEST, State.REPLY_DECISION):
+            out += CommandReply(Reply.REQUEST_REJECTED_OR_FAILED, 0, bytes(4)).to_bytes()
+        return out
+
     _HANDLERS: ClassVar[HandlerTable] = {
         State.REQUEST: _on_request,
         State.REPLY_DECISION: Machine._on_decision,

@@ -642,6 +642,22 @@ class Socks5Server(Machine):
         self._outbox += _failure_reply(code)
         self._finish(State.CLOSED, Rejected(describe_reply(code)))
 
+    def abort_reply(self, http_status: int = 400) -> bytes:
+        """The bytes that end the handshake with a refusal, whatever state it stopped in (bad
+        bytes, a timeout, the server stopping): "no acceptable methods" to a greeting, RFC 1929
+        status 1 to credentials, reply 1 (general failure) to a request, so the client gets an
+        answer instead of a bare EOF. Anything queued before (a method selection) goes first.
+        ``http_status`` is for HttpConnectServer's same method; SOCKS has one failure here."""
+        state = self._abort_state()
+        out = self._take_unsent()
+        if state is State.GREETING:
+            out += MethodSelection(Method.NO_ACCEPTABLE_METHODS).to_bytes()
+        elif state in (State.AUTH_REQUEST, State.AUTH_DECISION):
+            out += UserPassStatus(1).to_bytes()
+        elif state in (State.REQUEST, State.REPLY_DECISION):
+            out += _failure_reply(Reply.GENERAL_SOCKS_SERVER_FAILURE)
+        return out
+
     _HANDLERS: ClassVar[HandlerTable] = {
         State.GREETING: _on_greeting,
         State.AUTH_REQUEST: _on_auth_request,

@@ -91,7 +91,16 @@ OPTION_TABLE: tuple[tuple[str, str, str, object, str], ...] = (
         "via",
         None,
         "reach destinations through this proxy (repeatable: a chain, first hop first); "
-        "URL is socks4, socks4a, socks5, socks5h or http://[USER[:PASS]@]HOST[:PORT]",
+        "URL is socks4, socks4a, socks5, socks5h or http://[USER[:PASS]@]HOST[:PORT]; give "
+        "USER without :PASS and the password comes from --via-password-file or "
+        "HOPCAT_PROXY_PASSWORD, not the command line",
+    ),
+    (
+        "via-password-file",
+        "FILE",
+        "via_password_file",
+        None,
+        "the password for --via hops with a user and no password: the first line of FILE",
     ),
     (
         "max-conns",
@@ -174,6 +183,7 @@ class ServeOptions:
     auth_file: str | None
     allow_open: bool
     rules_file: str | None
+    via_password_file: str | None
     max_conns: int
     max_conns_per_client: int
     handshake_timeout_s: float
@@ -311,6 +321,7 @@ def finish(options: ServeOptions) -> ServeOptions:
         if hop.tls:
             raise UsageError("--via: https:// upstreams are not supported by hopcat serve")
         options.via.append(hop)
+    _fill_via_passwords(options)
     if options.log_format not in ("text", "json"):
         raise UsageError("--log-format takes text or json")
     if options.event_loop not in ("auto", "asyncio", "uvloop"):
@@ -344,6 +355,38 @@ def finish(options: ServeOptions) -> ServeOptions:
             "with --allow-client/--deny-client or a firewall)"
         )
     return options
+
+
+def _fill_via_passwords(options: ServeOptions) -> None:
+    """Passwords for --via hops that name a user and no password: --via-password-file, else
+    HOPCAT_PROXY_PASSWORD (argv is readable by every local user; a daemon has no terminal to
+    prompt on). SOCKS4 carries a user id and no password."""
+    hops = [
+        hop for hop in options.via
+        if hop.username is not None and hop.password is None and hop.protocol != "socks4"
+    ]  # fmt: skip
+    if not hops:
+        return
+    if options.via_password_file is not None:
+        path = options.via_password_file
+        try:
+            with open(path, encoding="utf-8", errors="surrogateescape") as f:
+                password = f.readline().removeprefix("\ufeff").rstrip("\r\n")
+        except OSError as exc:
+            raise UsageError(
+                f"--via-password-file {path}: {os.strerror(exc.errno or 0).lower()}"
+            ) from None
+        if not password:
+            raise UsageError(f"--via-password-file {path}: the first line is empty")
+    else:
+        password = os.environ.get("HOPCAT_PROXY_PASSWORD", "")
+        if not password:
+            raise UsageError(
+                f"--via {hops[0].label()}: a user is given but no password; put it in "
+                "--via-password-file FILE or HOPCAT_PROXY_PASSWORD"
+            )
+    for hop in hops:
+        hop.password = password
 
 
 def help_text() -> str:

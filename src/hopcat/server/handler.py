@@ -36,7 +36,8 @@ SOCKS5 client. The reply carries the target socket's local address (SOCKS) or is
 Failures get the protocol's own answer: SOCKS5 reply 2 (rules), 3/4 (unreachable, name not
 resolved, timeout), 5 (refused), 7 (BIND, UDP ASSOCIATE), 1 (anything else); SOCKS4 91; HTTP 403,
 405 (methods other than CONNECT), 407 (credentials), 502, 503 (out of descriptors), 504
-(timeout), 400 (malformed request). Then LINGER: our side is shut down for writing and the
+(timeout), 400 (malformed request). A handshake given up for any other reason (bad bytes, its
+timeout, the server stopping) is answered too, with the machine's ``abort_reply``. Then LINGER: our side is shut down for writing and the
 client's leftovers are read and dropped until it closes, so that closing with unread bytes does
 not turn the answer into a reset before the client has read it.
 
@@ -62,7 +63,7 @@ from hopcat.errors import (
 from hopcat.proto._events import NEED_DATA, Credentials, Rejected, Request
 from hopcat.proto.detect import detect
 from hopcat.server.policy import resolver_form
-from hopcat.server.relay import DONE, Half, reset_on_close
+from hopcat.server.relay import DONE, Half, bound_buffers, reset_on_close
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -103,6 +104,8 @@ FAILURE_REPLIES: dict[str, tuple[int, int]] = {
     "error": (1, 502),
 }
 SOCKS4_FAILURE = 91
+# The HTTP status for a handshake given up by close(): why it ended -> what the client is told.
+_ABORT_STATUS = {"protocol-error": 400, "handshake-timeout": 408, "shutdown": 503}
 
 _CONNECT_ERRORS = {
     errno.ECONNREFUSED: "refused",
@@ -434,10 +437,7 @@ class Conn:
             kind = type(event)
             if kind is Credentials:
                 self.user = event.username
-                ok = self.server.credentials.check(event.username, event.password)
-                if not ok:
-                    self.result, self.reason = "auth-failed", "wrong user name or password"
-                machine.accept_credentials(ok)  # type: ignore[attr-defined]
+                machine.accept_credentials(self._check_login(event))  # type: ignore[attr-defined]
             elif kind is Request:
                 self._on_request(event)
                 return
@@ -447,6 +447,29 @@ class Conn:
                     self.result, self.reason = _rejection_result(reason), reason
                 self.linger(self.result, self.reason or reason)
                 return
+
+    def _check_login(self, credentials: Credentials) -> bool:
+        """The password check, unless this client failed too often lately: then it is refused
+        without looking (see ``throttle``), so guessing goes no faster than the penalties."""
+        server = self.server
+        now = server.loop.time()
+        logins = server.logins
+        wait_s = logins.penalty_left(self.client_ip, now)
+        if wait_s > 0:
+            self.result = "auth-throttled"
+            self.reason = f"too many failed logins from this client; refused unchecked for {wait_s:.0f} s"
+            return False
+        if server.credentials.check(credentials.username, credentials.password):
+            logins.succeeded(self.client_ip)
+            return True
+        self.result, self.reason = "auth-failed", "wrong user name or password"
+        penalty_s = logins.failed(self.client_ip, now)
+        if penalty_s:
+            server.logger.log(
+                "limit", client=self.client_ip, failures=logins.failures(self.client_ip),
+                reason=f"failed logins: further logins from this client refused for {penalty_s:g} s",
+            )  # fmt: skip
+        return False
 
     def _send_handshake(self, data: bytes) -> bool:
         try:
@@ -464,19 +487,27 @@ class Conn:
         return True
 
     def _protocol_error(self, exc: ProtocolError) -> None:
-        machine_eof = "closed the connection" in exc.message
-        if machine_eof:
+        # The protocol's refusal first (SOCKS5 general failure or its auth equivalents, SOCKS4
+        # 91, HTTP 400): a client that half-closed early still reads why.
+        self._send_abort_reply(400)
+        if "closed the connection" in exc.message:
             self.close("client-closed", "closed during the handshake")
             return
-        if self.protocol == "http":
-            # Malformed or oversized head: a 400 tells a human what went wrong.
+        self.linger("protocol-error", exc.message)
+
+    def _send_abort_reply(self, http_status: int) -> None:
+        """Answer a handshake we give up on (bad bytes, timeout, shutdown, a bug) the way its
+        protocol can, instead of a bare EOF; best effort, once."""
+        machine = self.machine
+        if machine is None:
+            return
+        self.machine = None
+        answer = machine.abort_reply(http_status)  # type: ignore[attr-defined]
+        if answer:
             try:
-                self.sock.send(
-                    b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                )
+                self.sock.send(answer)
             except OSError:
                 pass
-        self.linger("protocol-error", exc.message)
 
     def _on_request(self, request: Request) -> None:
         server = self.server
@@ -648,6 +679,10 @@ class Conn:
         self.down = Half(engine, self, "down", target, self.sock, reply + trailing_down)
         self.down.moved = -len(reply)
         self.up = Half(engine, self, "up", self.sock, target, early)
+        engine.watch(self.fd, self)
+        engine.watch(target.fileno(), self)
+        bound_buffers(self.sock)
+        bound_buffers(target)
         self.down.start()
         if self.phase == RELAY:
             if self.reading and not early:
@@ -713,7 +748,8 @@ class Conn:
         """Called by the server's sweep once ``deadline`` has passed."""
         if self.phase == HANDSHAKE:
             timeout = self.server.handshake_timeout
-            self.close("handshake-timeout", f"no complete request within {timeout:g} s")
+            self._send_abort_reply(408)
+            self.linger("handshake-timeout", f"no complete request within {timeout:g} s")
         elif self.phase == CONNECTING:
             if self.dialer is not None:
                 self.dialer.cancel()
@@ -735,10 +771,22 @@ class Conn:
     def half_failed(self, half: Half, exc: OSError, side: str) -> None:
         failed = half.src if side == "src" else half.dst
         who = "client" if failed is self.sock else "target"
-        other = self.target if failed is self.sock else self.sock
-        if other is not None:
-            reset_on_close(other)
         self.close("reset", f"{who}: {strerror(exc)}")
+
+    def socket_failed(self, fd: int) -> None:
+        """The engine's error watch saw POLLERR/POLLHUP on one of our sockets, whatever the
+        relay was waiting for (a stalled direction does not watch its source)."""
+        sock = self.sock if fd == self.fd else self.target
+        if sock is None or self.phase != RELAY:
+            return
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if not code:
+            # Both directions shut down cleanly: nothing to abort, the relay sees the rest.
+            self.server.engine.unwatch(fd)
+            return
+        self.active = True
+        who = "client" if sock is self.sock else "target"
+        self.close("reset", f"{who}: {os.strerror(code).lower()}")
 
     def crashed(self, exc: Exception) -> None:
         import traceback
@@ -760,15 +808,33 @@ class Conn:
             self.dialer.cancel()
             self.dialer = None
         self._future = None
-        for half in (self.up, self.down):
-            if half is not None:
-                half.unregister()
+        if self.machine is not None and result != "client-closed":
+            self._send_abort_reply(_ABORT_STATUS.get(result, 500))
+        if self.phase == RELAY:
+            self._end_relay(result == "ok")
         self.sock.close()
         if self.target is not None:
             self.target.close()
         self.phase = CLOSED
         self.machine = None
         self.server.release(self)
+
+    def _end_relay(self, complete: bool) -> None:
+        """Unhook the relay. Only a tunnel whose two directions both ended with a FIN that was
+        passed on closes cleanly; any other end (a reset on one side, the idle timeout, the
+        grace period over, a bug) resets both peers, so neither takes a cut stream for a whole
+        one, and the bytes still queued in the kernel for them are freed at once."""
+        engine = self.server.engine
+        for half in (self.up, self.down):
+            if half is not None:
+                half.unregister()
+        engine.unwatch(self.fd)
+        if self.target is not None:
+            engine.unwatch(self.target.fileno())
+        if not complete:
+            reset_on_close(self.sock)
+            if self.target is not None:
+                reset_on_close(self.target)
 
     @property
     def bytes_up(self) -> int:

@@ -3,7 +3,10 @@
 Every line has a timestamp (UTC, ms) and an ``event``: ``tunnel`` (one per client connection, at
 its end), ``listen``, ``reload``, ``limit``, ``accept-error``, ``shutdown``, ``error``. Values
 that came from a client (user names, host names, reasons quoting them) are escaped, so a line is
-always one line; passwords are never handed to the logger at all.
+always one line; passwords are never handed to the logger at all, and as a last line of defence
+every text value is redacted on its way out: a ``user:password@`` (in a CONNECT target, a URL, a
+SOCKS host name) becomes ``***@`` and the credentials after an auth scheme name (``Basic ...``)
+become ``***``, whichever code path quoted the client's bytes.
 
 Lines are buffered and written once per event-loop iteration: a busy server does one write(2)
 for many tunnels, not one each. The write is blocking, as for any daemon's stderr: send it to a
@@ -25,6 +28,17 @@ if TYPE_CHECKING:
 # What a text value may hold unquoted; anything else is written as a JSON string.
 _PLAIN = re.compile(r"[A-Za-z0-9\-._:/\[\]@+,*%~]+").fullmatch
 MAX_VALUE_CHARS = 300
+_USERINFO = re.compile(r"[^\s/@\"'\[\]]*:[^\s/@\"']*@")
+_AUTH_TOKEN = re.compile(r"(?i)\b(basic|bearer|digest|negotiate|ntlm)(\s+)\S+")
+
+
+def redact(text: str) -> str:
+    """``text`` without credentials a client may have put in it (see the module docstring)."""
+    if "@" in text:
+        text = _USERINFO.sub("***@", text)
+    if " " in text:
+        text = _AUTH_TOKEN.sub(r"\1\2***", text)
+    return text
 
 
 def _text_value(value: object) -> str:
@@ -32,7 +46,7 @@ def _text_value(value: object) -> str:
         return str(value)
     if isinstance(value, float):
         return f"{value:.3f}"
-    text = str(value)
+    text = redact(str(value))
     if len(text) > MAX_VALUE_CHARS:
         text = text[:MAX_VALUE_CHARS] + "..."
     if _PLAIN(text):
@@ -88,7 +102,7 @@ class Logger:
                     if isinstance(value, float):
                         value = round(value, 3)
                     elif not isinstance(value, int | bool):
-                        value = str(value)[:MAX_VALUE_CHARS]
+                        value = redact(str(value))[:MAX_VALUE_CHARS]
                     record[key] = value
             line = json.dumps(record, separators=(",", ":"))
         else:

@@ -56,8 +56,9 @@ Credentials (``--auth USER:PASS``, ``--auth-file FILE``)
     The file holds one ``user:password`` a line, in plain text (hashing would need a dependency
     such as bcrypt, and a proxy password is a shared secret the server must be able to check
     quickly thousands of times a second; protect the file with mode 600 instead). The user is up
-    to the first ``:``, the password is the rest of the line (it may contain ``:``); blank lines
-    and lines starting with ``#`` are skipped. Only SHA-256 digests are kept in memory, and a
+    to the first ``:``, the password is the rest of the line (it may contain ``:``) without
+    trailing spaces or tabs, which editors add unseen; blank lines and lines starting with ``#``
+    are skipped. Only SHA-256 digests are kept in memory, and a
     check always compares two digests with ``hmac.compare_digest``, for unknown users too, so the
     time taken says nothing about the password or whether the user exists.
 """
@@ -553,7 +554,8 @@ def parse_auth_file(text: str, source: str) -> list[tuple[str, str]]:
     users: list[tuple[str, str]] = []
     seen: set[str] = set()
     for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.rstrip("\r")
+        # Trailing blanks are what editors leave, not a password's end (documented).
+        line = raw.rstrip(" \t\r")
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         user, colon, password = line.partition(":")

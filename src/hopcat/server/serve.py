@@ -65,6 +65,7 @@ from hopcat.server.policy import (
     parse_rules_file,
 )
 from hopcat.server.relay import Engine
+from hopcat.server.throttle import LoginThrottle
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -104,19 +105,36 @@ class ServeError(HopcatError):
 
 
 def _read_text(path: str, what: str) -> str:
+    """A configuration file as editors write it: a UTF-8 BOM (Notepad) is dropped; CRLF and
+    trailing blanks are the parsers' business."""
     try:
         with open(path, encoding="utf-8", errors="surrogateescape") as f:
-            return f.read()
+            return f.read().removeprefix("\ufeff")
     except OSError as exc:
         raise UsageError(f"{what} {path}: {os.strerror(exc.errno or 0).lower()}") from None
 
 
-def load_config(options: ServeOptions) -> tuple[CredentialStore, Policy, list[str]]:
-    """Credentials and policy from the options and the files they name; warnings to log."""
+def load_config(
+    options: ServeOptions, *, previous_rules_empty: bool = True
+) -> tuple[CredentialStore, Policy, list[str]]:
+    """Credentials and policy from the options and the files they name; warnings to log.
+    ``previous_rules_empty``: on a reload, whether the --rules file held no rule before."""
     warnings: list[str] = []
     users = list(options.auth)
     if options.auth_file is not None:
-        users += parse_auth_file(_read_text(options.auth_file, "--auth-file"), options.auth_file)
+        text = _read_text(options.auth_file, "--auth-file")
+        from_file = parse_auth_file(text, options.auth_file)
+        if not from_file:
+            # An empty file is usually one being written (or truncated by mistake): nobody could
+            # log in, so it is refused, and on SIGHUP the users loaded before stay.
+            raise UsageError(f"--auth-file {options.auth_file} holds no user:password line")
+        if not text.endswith("\n"):
+            warnings.append(
+                f"--auth-file {options.auth_file} does not end with a newline: if it was being "
+                "written, SIGHUP again once it is complete (write such files atomically: "
+                "a temporary file, then mv)"
+            )
+        users += from_file
         try:
             mode = os.stat(options.auth_file).st_mode
         except OSError:
@@ -128,9 +146,12 @@ def load_config(options: ServeOptions) -> tuple[CredentialStore, Policy, list[st
             )
     rules = options.rules
     if options.rules_file is not None:
-        rules = rules + parse_rules_file(
-            _read_text(options.rules_file, "--rules"), options.rules_file
-        )
+        text = _read_text(options.rules_file, "--rules")
+        file_rules = parse_rules_file(text, options.rules_file)
+        if not file_rules.clients and not file_rules.destinations and not previous_rules_empty:
+            # A rules file that lost its rules (truncated, being written) would open everything.
+            raise UsageError(f"--rules {options.rules_file} holds no rule any more")
+        rules = rules + file_rules
     policy = Policy(rules, restrict_local=not options.loopback_only)
     return CredentialStore(users), policy, warnings
 
@@ -384,6 +405,8 @@ class Server:
         self.host_addresses = host_addresses()
         self._host_checked_at = loop.time()
         self.policy = self._placed(policy)
+        self.logins = LoginThrottle()
+        self.rules_file_empty = _rules_file_empty(options, policy)
         self.engine = Engine(loop, splice=not options.no_splice)
         self.auth_required = options.auth_required
         self.via: list[ProxyURL] = options.via
@@ -632,12 +655,15 @@ class Server:
 
     def reload(self) -> None:
         try:
-            credentials, policy, warnings = load_config(self.options)
+            credentials, policy, warnings = load_config(
+                self.options, previous_rules_empty=self.rules_file_empty
+            )
         except HopcatError as exc:
             self.logger.log("reload", result="error", reason=str(exc))
             return
         self._refresh_host(self.loop.time())
         self.credentials, self.policy = credentials, self._placed(policy)
+        self.rules_file_empty = _rules_file_empty(self.options, policy)
         for warning in warnings:
             self.logger.log("warning", reason=warning)
         self.logger.log(
@@ -674,6 +700,14 @@ class Server:
             self.logger.flush()
 
 
+def _rules_file_empty(options: ServeOptions, policy: Policy) -> bool:
+    """Whether the --rules file contributed no rule (all rules came from the command line)."""
+    rules = policy.rules
+    return len(rules.clients) + len(rules.destinations) == len(options.rules.clients) + len(
+        options.rules.destinations
+    )
+
+
 def new_event_loop(choice: str) -> tuple[asyncio.AbstractEventLoop, str]:
     """``auto``: uvloop when importable, else asyncio's default loop."""
     if choice in ("auto", "uvloop"):
@@ -700,10 +734,35 @@ def report_ready(options: ServeOptions, addresses: list[str]) -> None:
         finally:
             os.close(options.ready_fd)
     if options.ready_file is not None:
-        temporary = f"{options.ready_file}.tmp{os.getpid()}"
-        with open(temporary, "wb") as f:
-            f.write(text)
-        os.replace(temporary, options.ready_file)
+        write_ready_file(options.ready_file, text)
+
+
+def write_ready_file(path: str, text: bytes) -> None:
+    """Write ``path`` so that a waiter never reads it half-written and a local attacker cannot
+    aim it elsewhere: a fresh temporary name in the same directory, created with O_EXCL and
+    O_NOFOLLOW (a symlink planted there is refused, never followed), then renamed over ``path``
+    (rename replaces a symlink at ``path`` itself; it does not follow it)."""
+    import secrets
+
+    directory, name = os.path.split(path)
+    temporary = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(temporary, flags, 0o644)
+    except OSError as exc:
+        raise ServeError(f"--ready-file {path}: {os.strerror(exc.errno or 0).lower()}") from None
+    try:
+        view = memoryview(text)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.close(fd)
+        fd = -1
+        os.replace(temporary, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        os.unlink(temporary)
+        raise
 
 
 def run(options: ServeOptions, *, resolver: Resolver = getaddrinfo) -> int:
