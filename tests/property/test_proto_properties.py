@@ -461,7 +461,7 @@ def test_refusals_round_trip(
             assert exc.code == (407 if protocol == "http" else 1)
         else:
             assert exc.code == code
-            auth_codes = {"socks4": (92, 93), "socks5": (), "http": (407,)}[protocol]
+            auth_codes = {"socks4": (92, 93), "socks5": (), "http": (401, 407)}[protocol]
             assert isinstance(exc, ProxyAuthError) == (code in auth_codes)
     else:
         raise AssertionError("the client did not see the refusal")
