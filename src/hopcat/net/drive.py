@@ -74,6 +74,7 @@ def run_handshake(
                     continue
                 if isinstance(event, Established):
                     _quickack(sock)
+                    _delayed_acks(sock)
                     return event
                 if on_event is not None:
                     on_event(event)
@@ -125,6 +126,24 @@ def _wait_or_call(
     quiet_ms = int(min(quiet_s, max(0.0, deadline - clock())) * 1000)
     if not poller.poll(quiet_ms) and clock() < deadline:
         call()
+
+
+def _delayed_acks(sock: socket.socket) -> None:
+    """Back to delayed ACKs once the reply is acknowledged, for the bulk data that follows.
+
+    Left in quick-ACK mode, we ACK every small segment at once, so a proxy without TCP_NODELAY
+    (microsocks, tinyproxy) never has unacknowledged data and Nagle never coalesces its small
+    writes: the download then arrives as many small segments, one wakeup each. Measured through
+    microsocks: 2.5x fewer splice calls per GiB and about half hopcat's CPU (bench/proxies.py).
+    Value 0 is the kernel's own mode for a request/response peer (nc sits in it after its
+    handshake); it costs the first target byte nothing, since the reply is already acknowledged.
+    """
+    option = getattr(socket, "TCP_QUICKACK", None)
+    if option is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, option, 0)
+        except OSError:
+            pass  # not TCP or an SSL wrapper refusing: only an optimisation
 
 
 def _send(sock: socket.socket, data: bytes, deadline: float, clock: Callable[[], float]) -> None:
