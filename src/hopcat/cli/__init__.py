@@ -77,16 +77,9 @@ def _reserve_standard_fds() -> None:
 def _write_fd(fd: int, text: str) -> None:
     """Write all of ``text``, waiting in poll if fd is non-blocking (stdout and stderr can be one
     pipe the relay made non-blocking); raises OSError."""
-    view = memoryview(text.encode("utf-8", "backslashreplace"))
-    while view:
-        try:
-            view = view[os.write(fd, view) :]
-        except BlockingIOError:
-            import select
+    from hopcat.relay.pump import write_all
 
-            poller = select.poll()
-            poller.register(fd, select.POLLOUT)
-            poller.poll()
+    write_all(fd, text.encode("utf-8", "backslashreplace"))
 
 
 class Timeline:
