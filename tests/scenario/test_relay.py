@@ -278,14 +278,18 @@ def test_peer_that_stops_reading_is_reported_with_what_was_left(tmp_path: Path) 
     up = pattern(8 << 20, 48)
     (tmp_path / "up").write_bytes(up)
     ours, theirs = socket.socketpair()
+    out_r, out_w = os.pipe()
 
     def peer() -> None:
         theirs.shutdown(socket.SHUT_WR)
         theirs.recv(1)  # the relay has started sending
+        # Close only once the relay has taken our EOF (it closes stdout then): an AF_UNIX close
+        # with our FIN still unread would reach it as a reset instead.
+        while os.read(out_r, 1 << 16):
+            pass
         theirs.close()
 
     threading.Thread(target=peer, daemon=True).start()
-    out_r, out_w = os.pipe()
     with ours, open(tmp_path / "up", "rb") as stdin, pytest.raises(RelayError) as caught:
         relay(ours, stdin.fileno(), out_w)
     os.close(out_r)

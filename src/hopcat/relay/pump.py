@@ -67,6 +67,13 @@ if TYPE_CHECKING:
 
 COPY_BUFFER_BYTES = 256 * 1024
 MAX_SPLICE_BYTES = 1 << 20
+# Coalescing a bulk download (see Flow.coalesce_from): once one wakeup finds
+# COALESCE_TRIGGER_BYTES, poll wakes us only at COALESCE_BYTES queued (SO_RCVLOWAT), at the
+# peer's FIN or error, or COALESCE_WAIT_S after the last splice, whichever is first; a wait that
+# ends with less than the trigger queued ends the coalescing.
+COALESCE_TRIGGER_BYTES = 32 * 1024
+COALESCE_BYTES = 256 * 1024
+COALESCE_WAIT_S = 0.002
 PIPE_SIZE_BYTES = 1 << 20  # the default /proc/sys/fs/pipe-max-size: fewer wakeups per MiB
 MAX_POLL_MS = 2**31 - 1  # poll() takes a C int: longer waits are done in several polls
 F_SETPIPE_SZ = 1031  # fcntl.h; not exported by Python's fcntl before 3.10 on every platform
@@ -177,6 +184,9 @@ class Flow:
         # Splice via pipe: our pipe refused more. Its capacity is counted in pages, not bytes
         # (a socket's small segments take a page each), so only the refusal tells.
         self.pipe_full = False
+        self._src_socket: socket.socket | None = None  # set by coalesce_from()
+        self.coalescing = False
+        self.flush_at = 0.0
         self._buffer: bytearray | None = None
         self._view: memoryview | None = None
         self._start = 0
@@ -262,6 +272,36 @@ class Flow:
         if count == 0:
             self.src_eof = True
         self.moved += count
+        if self._src_socket is not None and (count >= COALESCE_TRIGGER_BYTES) != self.coalescing:
+            self._set_coalescing(not self.coalescing)
+
+    def coalesce_from(self, sock: socket.socket) -> None:
+        """Let a bulk download from ``sock`` wake us per COALESCE_BYTES instead of per segment.
+
+        A proxy that writes small chunks (microsocks: 1 KiB at a time) otherwise wakes us for
+        every segment, and a wakeup's fixed cost in Python is most of our CPU per GiB. Only a
+        flow that already moved a large chunk in one wakeup coalesces, so interactive traffic
+        (ssh keystrokes) never waits; a burst's tail waits at most COALESCE_WAIT_S.
+        """
+        self._src_socket = sock
+
+    def _set_coalescing(self, on: bool) -> None:
+        assert self._src_socket is not None
+        try:
+            self._src_socket.setsockopt(
+                socket.SOL_SOCKET, socket.SO_RCVLOWAT, COALESCE_BYTES if on else 1
+            )
+        except OSError:
+            self._src_socket = None  # not a socket that takes it: wake per segment
+            on = False
+        self.coalescing = on
+
+    def flush_coalesced(self) -> None:
+        """The bounded wait is over: move what is queued below the low-water mark."""
+        before = self.moved
+        self.on_ready(self.src)
+        if self.coalescing and self.moved - before < COALESCE_TRIGGER_BYTES:
+            self._set_coalescing(False)  # the burst is over, or the flow is slow
 
     # -- splice via our own pipe: socket -> pipe -> socket --------------------------------------
     def _splice_in(self) -> None:
@@ -413,6 +453,8 @@ def relay(
         up.close()  # its pipe, when out of descriptors for the second one
         raise
     down.moved = len(initial_down)
+    if down.mode == "splice" and net_kind == "socket":
+        down.coalesce_from(sock)
     if in_kind == "closed":
         up.src_eof = up.finished = True
 
@@ -455,6 +497,7 @@ def relay(
     registered: dict[int, int] = {}
     last_down_wants: Sequence[tuple[int, int]] | None = None
     last_up_wants: Sequence[tuple[int, int]] | None = None
+    last_down_moved = -1
     try:
         for fd, kind in ((in_fd, in_kind), (out_fd, out_kind)):
             if kind in ("pipe", "socket") and fd not in found_blocking:
@@ -498,7 +541,25 @@ def relay(
                     timeout_ms = 0 if wait_ms <= 0 else int(min(wait_ms, MAX_POLL_MS) + 0.999)
             if tls is not None and not down.finished and not down.buffered and tls.pending():
                 timeout_ms = 0  # decrypted bytes already inside the TLS object: poll can't see them
+            if down.coalescing:
+                if last_down_moved != down.moved:
+                    last_down_moved = down.moved
+                    down.flush_at = clock() + COALESCE_WAIT_S
+                wait_ms = max(0, int((down.flush_at - clock()) * 1000 + 0.999))
+                if timeout_ms is None or wait_ms < timeout_ms:
+                    timeout_ms = wait_ms
             ready = poller.poll(timeout_ms)
+            if down.coalescing and clock() >= down.flush_at and not down.finished:
+                # The bounded wait is over (even if stdin kept waking us): flush the tail.
+                try:
+                    down.flush_coalesced()
+                except OSError as exc:
+                    raise _relay_error(down, exc) from None
+                if timers:
+                    last_activity = clock()
+                if down.finished:
+                    handle_transitions(clock())
+                    continue
             if tls is not None and not down.finished and not down.buffered and tls.pending():
                 ready.append((sock_fd, select.POLLIN))
             if not ready:
