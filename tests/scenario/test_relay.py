@@ -9,6 +9,7 @@ import select
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -359,3 +360,69 @@ def test_timeouts_beyond_what_poll_takes_work() -> None:
     assert os.read(out_r, 2000) == b"x" * 1000
     os.close(out_r)
     assert (stats.bytes_up, bytes(peer.received)) == (5, b"hello")
+
+
+# -- coalescing a bulk download: fewer wakeups, and a tail never waits for more ------------------
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    return client, server
+
+
+def _read_exactly(fd: int, count: int, timeout_s: float) -> bytes:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    data = b""
+    while len(data) < count:
+        if not poller.poll(int(timeout_s * 1000)):
+            break
+        data += os.read(fd, count - len(data))
+    return data
+
+
+@pytest.mark.parametrize("stdin_busy", [False, True], ids=["stdin-quiet", "stdin-busy"])
+def test_tail_after_a_bulk_burst_arrives_at_once(stdin_busy: bool) -> None:
+    """After a burst big enough to coalesce, a small tail (an ssh prompt after `cat bigfile`)
+    reaches stdout within the bounded wait, whether or not stdin keeps the loop busy."""
+    ours, theirs = _tcp_pair()
+    out_r, out_w = os.pipe()
+    in_r, in_w = os.pipe()
+    grow_pipe(out_w)
+    burst, tail = pattern(4 << 20, 60), b"prompt$ "
+    result: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            relay(ours, in_r, out_w)
+            result.append(None)
+        except BaseException as exc:  # reported by the test below
+            result.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    feeder_stop = threading.Event()
+    if stdin_busy:
+        def feed() -> None:
+            while not feeder_stop.is_set():
+                os.write(in_w, b"k")
+                feeder_stop.wait(0.0005)
+
+        threading.Thread(target=feed, daemon=True).start()
+    try:
+        theirs.sendall(burst)
+        assert sha256(_read_exactly(out_r, len(burst), 10)) == sha256(burst)
+        theirs.sendall(tail)
+        started = time.monotonic()
+        assert _read_exactly(out_r, len(tail), 5) == tail
+        assert time.monotonic() - started < 0.5, "the tail waited for more data"
+    finally:
+        feeder_stop.set()
+        theirs.close()
+        worker.join(10)
+        for fd in (out_r, in_r, in_w):
+            os.close(fd)
+        ours.close()
+    assert result and (result[0] is None or isinstance(result[0], RelayError)), result
