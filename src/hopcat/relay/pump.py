@@ -10,6 +10,13 @@ Each direction is a Flow that moves bytes one of three ways, chosen per directio
 * ``copy``: anything else (a tty, a regular file, a platform without splice, or a kernel that
   answers EINVAL on the first splice): read into a 256 KiB buffer, write it out.
 
+A download spliced from a socket coalesces its wakeups once it is a bulk transfer: after one
+wakeup moved ``COALESCE_TRIGGER_BYTES``, the socket's SO_RCVLOWAT makes poll wait for
+``COALESCE_BYTES`` (or the peer's FIN or an error), and a tail below that is flushed
+``COALESCE_WAIT_S`` after the last splice even while stdin keeps the loop busy; a flush that
+finds less than the trigger goes back to one wakeup per segment. Interactive traffic never
+coalesces, and a burst's tail waits at most 2 ms.
+
 End-of-stream policy (the reason this tool exists; nc and ncat get parts of it wrong):
 
 * stdin EOF: once every byte read from stdin has been sent, ``shutdown(SHUT_WR)`` the socket so
