@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 
+from hopcat.net.fdpass import pass_fd
 from support import HOPCAT, clean_env, exchange, run_hopcat
 
 
@@ -42,3 +44,16 @@ def test_https_hop_cannot_be_handed_over() -> None:
                               stdout=theirs, stderr=subprocess.PIPE, timeout=30, env=clean_env())
     assert proc.returncode == 64
     assert b"an https:// proxy keeps the TLS session inside hopcat" in proc.stderr
+
+
+def test_pass_fd_leaves_the_channel_non_blocking_as_found() -> None:
+    """O_NONBLOCK is shared with ssh's end of the channel: hopcat must not change it."""
+    ours, ssh_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    passed, _other = socket.socketpair()
+    with ours, ssh_end, passed, _other:
+        ours.setblocking(False)
+        pass_fd(ours.fileno(), passed.fileno())
+        assert not os.get_blocking(ours.fileno())
+        _msg, fds, _flags, _addr = socket.recv_fds(ssh_end, 1, 1)
+        for fd in fds:
+            os.close(fd)

@@ -36,6 +36,8 @@ def pass_fd(channel_fd: int, fd: int) -> None:
     """Send ``fd`` over the Unix socket ``channel_fd`` with a one-byte message."""
     # socket.send_fds does this too, but importing the socket module costs ~10 ms per start.
     channel = _socket.socket(fileno=os.dup(channel_fd))
+    # O_NONBLOCK lives in the open file description we share with ssh: put back what we found.
+    was_blocking = os.get_blocking(channel_fd)
     try:
         channel.setblocking(True)
         rights = fd.to_bytes(4, sys.byteorder)  # one C int, as SCM_RIGHTS expects
@@ -46,5 +48,10 @@ def pass_fd(channel_fd: int, fd: int) -> None:
         ) from None
     finally:
         channel.close()
+        if not was_blocking:
+            try:
+                os.set_blocking(channel_fd, False)
+            except OSError:
+                pass  # ssh already closed its end: nobody is left to see the flag
     if sent != 1:
         raise RelayError("-F: passing the connection to ssh failed: short write")
