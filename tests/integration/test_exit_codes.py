@@ -7,6 +7,7 @@ The option list is read from the option table itself, so a new option without a 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -22,8 +23,8 @@ from support import clean_env, closed_port, run_hopcat
 DOCUMENTED = {0, 64, 68, 69, 74, 75, 76, 77, 80, 81}
 
 
-class HelloTarget:
-    """Accepts any number of connections; says hello and closes each."""
+class ScriptedServer:
+    """Accepts any number of connections on loopback and hands each to ``_one`` on a thread."""
 
     def __init__(self) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -36,18 +37,31 @@ class HelloTarget:
                 conn, _ = self.listener.accept()
             except OSError:
                 return
-            with conn:
-                try:
-                    conn.sendall(b"hello\n")
-                except OSError:
-                    pass
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        # close() alone does not wake the thread blocked in accept(); shutdown() does (Linux).
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+
+
+class HelloTarget(ScriptedServer):
+    """Says hello and closes each connection."""
+
+    def _one(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.sendall(b"hello\n")
 
 
 @pytest.fixture(scope="module")
 def target() -> Iterator[HelloTarget]:
     hello = HelloTarget()
     yield hello
-    hello.listener.close()
+    hello.close()
 
 
 # (flag, good values, bad values). "{port}" is replaced by the target's port; a flag without a
@@ -127,22 +141,12 @@ def test_option_values(target: HelloTarget, flag: str, value: str | None, good: 
 
 # -- every proxy error path, against a hostile scripted proxy -------------------------------------
 
-class Hostile:
+class Hostile(ScriptedServer):
     """Misbehaves the same way on every connection (the first, and any diagnosis probe)."""
 
     def __init__(self, behaviour: str) -> None:
         self.behaviour = behaviour
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+        super().__init__()
 
     def _one(self, conn: socket.socket) -> None:
         conn.settimeout(5)
@@ -166,9 +170,6 @@ class Hostile:
                 conn.sendall(reply)
         except OSError:
             pass
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 BEHAVIOURS = ["close", "reset", "garbage", "http-400", "http-401", "socks5-noauth-then-close",
