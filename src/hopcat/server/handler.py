@@ -291,6 +291,7 @@ class Conn:
     __slots__ = (
         "_future",
         "_lingered",
+        "_name",
         "active",
         "client_ip",
         "deadline",
@@ -337,6 +338,7 @@ class Conn:
         self.target: socket.socket | None = None
         self.dialer: Dialer | None = None
         self._future: asyncio.Future[Any] | None = None
+        self._name: str | None = None  # the destination name as rules compare it, once known
         self.up: Half | None = None
         self.down: Half | None = None
         self.reading = False
@@ -530,7 +532,7 @@ class Conn:
         literal = _numeric(wire, port)
         decision = None
         if literal is None:
-            name = _compared(wire)
+            self._name = name = _compared(wire)
             decision = server.policy.check_name(name, port, resolvable=server.resolves_names)
             if decision is False:
                 self.refuse("denied", "destination not allowed by the rules")
@@ -570,7 +572,7 @@ class Conn:
             for info in interleave_families(list(infos))
             if info[0] in (socket.AF_INET, socket.AF_INET6)
         ]
-        self._decide(_compared(resolver_form(self.host) or ""), candidates)
+        self._decide(self._name, candidates)
 
     def _decide(self, name: str | None, candidates: list[tuple[int, tuple[Any, ...]]]) -> None:
         """Check each address to be dialled (a literal, or what ``name`` resolved to) and dial
@@ -748,7 +750,7 @@ class Conn:
         """Called by the server's sweep once ``deadline`` has passed."""
         if self.phase == HANDSHAKE:
             timeout = self.server.handshake_timeout
-            self._send_abort_reply(408)
+            self._send_abort_reply(_ABORT_STATUS["handshake-timeout"])
             self.linger("handshake-timeout", f"no complete request within {timeout:g} s")
         elif self.phase == CONNECTING:
             if self.dialer is not None:

@@ -79,8 +79,7 @@ F_SETPIPE_SZ = 1031  # fcntl.h
 ERROR_EVENTS_PER_WAKEUP = 64
 # Unsent bytes a socket's send queue may hold toward a reader that stopped (see bound_buffers).
 NOTSENT_LOWAT_BYTES = 512 * 1024
-# linux/tcp.h; the socket module does not name it.
-_TCP_NOTSENT_LOWAT = 25 if hasattr(socket, "TCP_WINDOW_CLAMP") else 0
+_TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 0)
 _HAVE_SPLICE = hasattr(os, "splice")
 _HAVE_EPOLL = hasattr(select, "epoll")
 _SPLICE_FLAGS = (

@@ -744,6 +744,8 @@ def write_ready_file(path: str, text: bytes) -> None:
     (rename replaces a symlink at ``path`` itself; it does not follow it)."""
     import secrets
 
+    from hopcat.relay.pump import write_all
+
     directory, name = os.path.split(path)
     temporary = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -752,9 +754,7 @@ def write_ready_file(path: str, text: bytes) -> None:
     except OSError as exc:
         raise ServeError(f"--ready-file {path}: {os.strerror(exc.errno or 0).lower()}") from None
     try:
-        view = memoryview(text)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, text)
         os.close(fd)
         fd = -1
         os.replace(temporary, path)

@@ -45,11 +45,12 @@ class LoginThrottle:
 
     def penalty_left(self, ip: str, now: float) -> float:
         """Seconds this client's logins are still refused unchecked (0: check them)."""
-        entry = self._clients.get(client_key(ip))
+        key = client_key(ip)
+        entry = self._clients.get(key)
         if entry is None:
             return 0.0
         if now - entry[2] > FORGET_AFTER_S:
-            del self._clients[client_key(ip)]
+            del self._clients[key]
             return 0.0
         return max(0.0, entry[1] - now)
 
