@@ -90,7 +90,8 @@ class ProxyURL:
 _URL_DELIMITERS = (("/", "%2F"), ("?", "%3F"), ("#", "%23"))
 
 
-def _percent_decode(text: str, what: str) -> str:
+def _percent_decode(text: str, what: str, field: str) -> str:
+    check_unicode(text, f"{what}: {field}")  # before encoding it below, and percent-free text too
     if "%" not in text:
         return text
     raw = bytearray()
@@ -159,11 +160,9 @@ def parse_proxy_url(
         user_text, colon, pass_text = userinfo.partition(":")
         if not user_text:
             raise UsageError(f"{what}: empty user name before '@' (drop the '@' for no user)")
-        username = _percent_decode(user_text, what)
-        check_unicode(username, f"{what}: the user name")
+        username = _percent_decode(user_text, what, "the user name")
         if colon:
-            password = _percent_decode(pass_text, what)
-            check_unicode(password, f"{what}: the password")
+            password = _percent_decode(pass_text, what, "the password")
     host_text, port_text = split_hostport(hostport, what=what)
     if ":" in host_text and not host_text.startswith("["):
         # "::1:1080" is a valid address by itself: is 1080 the port or its last group?

@@ -282,3 +282,12 @@ def test_connect_proxy_password_variables(url: str, environ: dict[str, str], exp
 
 def test_proxy_dns_none_is_accepted() -> None:
     assert parse_args(["--proxy-dns", "none", "host", "22"]).proxy_dns == "none"
+
+
+def test_non_utf8_userinfo_with_percent_escapes_is_a_usage_error() -> None:
+    """Bytes that were not UTF-8 on the command line, beside a %-escape, must not reach the
+    decoder's encode (that was an internal error)."""
+    with pytest.raises(UsageError, match="the user name is not valid UTF-8"):
+        parse_proxy_url("socks5://u\udcff%41:p@h:1")
+    with pytest.raises(UsageError, match="the password is not valid UTF-8"):
+        parse_proxy_url("socks5://u:p\udcff%41@h:1")

@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         line = ENDING_SIGNALS[exc.signum]
         return _fail(line, 128 + exc.signum) if line else 128 + exc.signum
     except KeyboardInterrupt:  # SIGINT before our handler was in place
-        return _fail("interrupted (SIGINT)", 128 + _signal.SIGINT)
+        return _fail(ENDING_SIGNALS[_signal.SIGINT], 128 + _signal.SIGINT)
     except Exception as exc:
         from hopcat.errors import ExitCode, HopcatError
 
@@ -179,7 +179,6 @@ def _run(args: list[str], started: float) -> int:
 
 def _connect_and_relay(options: Options, trace: Timeline) -> int:
     import _socket as socket  # not the socket module: ~10 ms of imports per start
-    import os
 
     from hopcat._endpoint import format_hostport, parse_port, validate_host
     from hopcat.cli._args import DEFAULT_CONNECT_TIMEOUT_S

@@ -28,7 +28,7 @@ from hopcat.errors import UsageError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable, Mapping, Sequence
 
     from hopcat.cli._args import Options
 
@@ -179,13 +179,22 @@ def fill_users(hops: list[ProxyURL], environ: Mapping[str, str]) -> list[str]:
     for hop in hops:
         if hop.username is not None or hop.origin not in CONNECT_PROXY_ORIGINS:
             continue
-        for variable in CONNECT_PROXY_USER_VARIABLES[hop.protocol]:
-            if environ.get(variable):
-                check_unicode(environ[variable], variable)
-                hop.username = environ[variable]
-                notes.append(f"{hop.label()}: user from {variable} (connect-proxy's environment)")
-                break
+        found = _first_set(environ, CONNECT_PROXY_USER_VARIABLES[hop.protocol])
+        if found is not None:
+            variable, hop.username = found
+            notes.append(f"{hop.label()}: user from {variable} (connect-proxy's environment)")
     return notes
+
+
+def _first_set(environ: Mapping[str, str], variables: Sequence[str]) -> tuple[str, str] | None:
+    """The first of ``variables`` set to a non-empty value, as (name, value); refused when the
+    value is not UTF-8."""
+    for variable in variables:
+        value = environ.get(variable)
+        if value:
+            check_unicode(value, variable)
+            return variable, value
+    return None
 
 
 def fill_passwords(
@@ -195,11 +204,9 @@ def fill_passwords(
     for hop in hops:
         if hop.username is None or hop.password is not None or hop.protocol == "socks4":
             continue  # SOCKS4 carries a user id and no password
-        for variable in PASSWORD_VARIABLES[hop.protocol]:
-            if environ.get(variable):
-                check_unicode(environ[variable], variable)
-                hop.password = environ[variable]
-                break
+        found = _first_set(environ, PASSWORD_VARIABLES[hop.protocol])
+        if found is not None:
+            hop.password = found[1]
         else:
             hop.password = prompt(f"hopcat: password for {hop.label()}: ")
             if hop.password is None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import _socket as socket
 
 from hopcat.errors import HopcatTimeoutError, RemoteProtocolError
-from hopcat.net.dial import MAX_WAIT_S, describe_oserror
+from hopcat.net.dial import MAX_WAIT_S, describe_oserror, wait_s
 from hopcat.proto._events import NEED_DATA, Established
 
 TYPE_CHECKING = False
@@ -123,7 +123,7 @@ def _wait_or_call(
 
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
-    quiet_ms = int(min(quiet_s, max(0.0, deadline - clock())) * 1000)
+    quiet_ms = int(min(quiet_s, wait_s(deadline, clock)) * 1000)
     if not poller.poll(quiet_ms) and clock() < deadline:
         call()
 

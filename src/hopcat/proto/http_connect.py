@@ -257,7 +257,7 @@ class HttpConnectClient(Machine):
         self._head_budget -= end
         status_line, headers = _split_head(head)
         status, reason = _parse_status_line(status_line)
-        if _is_interim(head):
+        if 100 <= status <= 199 and status != 101:  # interim; 101 would switch protocols
             return None
         if 200 <= status <= 299:
             detail = sanitize(status_line.replace("\t", " "))

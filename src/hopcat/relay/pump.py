@@ -193,7 +193,6 @@ class Flow:
         self.pipe_full = False
         self._src_socket: socket.socket | None = None  # set by coalesce_from()
         self.coalescing = False
-        self.flush_at = 0.0
         self._buffer: bytearray | None = None
         self._view: memoryview | None = None
         self._start = 0
@@ -505,6 +504,7 @@ def relay(
     last_down_wants: Sequence[tuple[int, int]] | None = None
     last_up_wants: Sequence[tuple[int, int]] | None = None
     last_down_moved = -1
+    flush_at = 0.0  # while down.coalescing: when the tail below the low-water mark is flushed
     try:
         for fd, kind in ((in_fd, in_kind), (out_fd, out_kind)):
             if kind in ("pipe", "socket") and fd not in found_blocking:
@@ -546,28 +546,31 @@ def relay(
                 if deadlines:
                     wait_ms = (min(deadlines) - now) * 1000
                     timeout_ms = 0 if wait_ms <= 0 else int(min(wait_ms, MAX_POLL_MS) + 0.999)
-            if tls is not None and not down.finished and not down.buffered and tls.pending():
-                timeout_ms = 0  # decrypted bytes already inside the TLS object: poll can't see them
+            # Decrypted bytes already inside the TLS object: poll cannot see them.
+            tls_pending = tls is not None and not down.finished and not down.buffered and tls.pending()
+            if tls_pending:
+                timeout_ms = 0
             if down.coalescing:
                 if last_down_moved != down.moved:
                     last_down_moved = down.moved
-                    down.flush_at = clock() + COALESCE_WAIT_S
-                wait_ms = max(0, int((down.flush_at - clock()) * 1000 + 0.999))
+                    flush_at = clock() + COALESCE_WAIT_S
+                wait_ms = max(0, int((flush_at - clock()) * 1000 + 0.999))
                 if timeout_ms is None or wait_ms < timeout_ms:
                     timeout_ms = wait_ms
             ready = poller.poll(timeout_ms)
-            if down.coalescing and clock() >= down.flush_at and not down.finished:
-                # The bounded wait is over (even if stdin kept waking us): flush the tail.
-                try:
-                    down.flush_coalesced()
-                except OSError as exc:
-                    raise _relay_error(down, exc) from None
-                if timers:
-                    last_activity = clock()
-                if down.finished:
-                    handle_transitions(clock())
-                    continue
-            if tls is not None and not down.finished and not down.buffered and tls.pending():
+            if down.coalescing:
+                now = clock()
+                if now >= flush_at:
+                    # The bounded wait is over (even if stdin kept waking us): flush the tail.
+                    try:
+                        down.flush_coalesced()
+                    except OSError as exc:
+                        raise _relay_error(down, exc) from None
+                    last_activity = now
+                    if down.finished:
+                        handle_transitions(now)
+                        continue
+            if tls_pending:
                 ready.append((sock_fd, select.POLLIN))
             if not ready:
                 if idle_probe:
