@@ -25,6 +25,11 @@ idle      memory per idle established tunnel: on a second fresh instance, open `
           (/proc/PID/smaps_rollup, summed over its process tree) divided by the count, in KiB.
           The descriptor limit is raised to the hard limit for the run (inherited by the
           servers). Kernel socket buffers are not in PSS; pipes are kernel memory too.
+stall     kernel memory one stalled download pins (issue 8, rule 17): on a fresh instance, a
+          target sends without end, the client reads ``--stall-warm`` at full speed (autotuning
+          grows the buffers), then stops reading. After ``STALL_SETTLE_S`` the report sums, over
+          the proxy's process group, every TCP socket's receive and send queue (``ss -tmp``
+          skmem r + w) and the bytes held in its pipes, in MiB.
 
 pproxy comes from PyPI into ``bench/.venv-pproxy`` (created on first use with pip). The
 ``hopcat-uvloop`` server (not in the default list) runs hopcat from ``bench/.venv-uvloop``
@@ -35,6 +40,8 @@ Usage:
     python3 bench/serve.py --size 64M --reps 1 --stream-size 4M --tps-seconds 2 --idle 300
     python3 bench/serve.py --servers hopcat,dante --only single,tps --json out.json
     python3 bench/serve.py --servers hopcat,hopcat-uvloop --hopcat-args="-q" --only tps
+    python3 bench/serve.py --only stall --reps 3
+    python3 bench/serve.py --servers hopcat --only stall --hopcat-args="--max-receive-buffer 0"
 
 Progress goes to stderr, a Markdown report to stdout. Numbers on a shared 2-core machine are
 noisy: compare within one run only.
@@ -45,13 +52,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import fcntl
 import os
+import re
 import resource
 import selectors
 import socket
 import subprocess
 import sys
 import tempfile
+import termios
 import threading
 import time
 from pathlib import Path
@@ -65,6 +75,9 @@ CLIENT_ADDRESSES = 32  # and 127.0.0.1..127.0.0.32 as its source addresses
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 TRUNC_BUFFER = bytearray(4 * MiB)  # MSG_TRUNC never writes into it; recv_into needs one
 DEFAULT_SERVERS = "hopcat,dante,microsocks,tinyproxy,pproxy"
+STALL_SETTLE_S = 3.0
+STALL_SIZE = 1 << 50  # "without end": the target is stopped by the proxy going away
+_SKMEM = re.compile(r"users:\(\(.*?pid=(\d+),.*?skmem:\(r(\d+),rb\d+,t\d+,tb\d+,f\d+,w(\d+)")
 
 
 # --------------------------------------------------------------------------- client side
@@ -453,6 +466,50 @@ def measure_idle(
     return {"idle_kib": (after - before) / count, "pss_before_kib": float(before)}
 
 
+def pinned_bytes(pids: set[int]) -> tuple[int, int]:
+    """(bytes queued in the TCP sockets of ``pids``, bytes sitting in their pipes)."""
+    out = subprocess.run(
+        ["ss", "-tmnpH"], capture_output=True, text=True, check=True
+    ).stdout.replace("\n\t", " ")
+    sockets = sum(
+        int(m[2]) + int(m[3]) for m in _SKMEM.finditer(out) if int(m[1]) in pids
+    )
+    pipes = 0
+    seen: set[str] = set()
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(fd_dir):
+                with contextlib.suppress(OSError):
+                    link = os.readlink(f"{fd_dir}/{fd}")
+                    if not link.startswith("pipe:") or link in seen:
+                        continue
+                    seen.add(link)
+                    peek = os.open(f"{fd_dir}/{fd}", os.O_RDONLY | os.O_NONBLOCK)
+                    try:
+                        queued = fcntl.ioctl(peek, termios.FIONREAD, b"\0\0\0\0")
+                        pipes += int.from_bytes(queued, sys.byteorder)
+                    finally:
+                        os.close(peek)
+    return sockets, pipes
+
+
+def measure_stall(
+    daemon: daemons.Daemon, protocol: str, target: StreamTarget, warm: int
+) -> dict[str, float]:
+    """Kernel memory pinned by one download whose reader stopped after ``warm`` bytes."""
+    sock = open_tunnel(daemon.port, protocol, target.port)
+    with sock:
+        sock.settimeout(30)
+        header = next(_stream_ids).to_bytes(4, "big") + b"\x01" + STALL_SIZE.to_bytes(7, "big")
+        sock.sendall(header + b"g")
+        discard(sock, warm)
+        time.sleep(STALL_SETTLE_S)
+        pids = {int(f[0]) for f in daemons.group_stats(daemon.pid)}
+        sockets, pipes = pinned_bytes(pids)
+    return {"stall_mib": (sockets + pipes) / MiB, "stall_pipe_mib": pipes / MiB}
+
+
 # --------------------------------------------------------------------------- driver
 
 
@@ -466,6 +523,7 @@ COLUMNS = [
     ("tps", "tunnels/s"),
     ("tps_cpu_ms", "CPU ms/tunnel"),
     ("idle_kib", "KiB/idle tunnel"),
+    ("stall_mib", "MiB/stalled tunnel"),
 ]
 
 
@@ -474,7 +532,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--servers", default=DEFAULT_SERVERS)
-    parser.add_argument("--only", default="single,aggregate,tps,idle")
+    parser.add_argument("--only", default="single,aggregate,tps,idle,stall")
     parser.add_argument("--size", default="1G", help="single-stream size (default 1G)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--streams", type=int, default=64)
@@ -482,6 +540,7 @@ def main() -> int:
     parser.add_argument("--inflight", type=int, default=16)
     parser.add_argument("--tps-seconds", type=float, default=10.0)
     parser.add_argument("--idle", type=int, default=2000)
+    parser.add_argument("--stall-warm", default="256M", help="read before stalling (256M)")
     parser.add_argument("--json", help="write raw results here")
     parser.add_argument("--hopcat-args", default="", help="extra options for hopcat serve")
     parser.add_argument("--banner-target", help=argparse.SUPPRESS)
@@ -540,6 +599,15 @@ def main() -> int:
                             daemon = daemons.start(name, work / f"{name}-{rep}-idle", hopcat_extra)
                             try:
                                 row |= measure_idle(daemon, protocol, banner.port, args.idle)
+                            finally:
+                                daemon.stop()
+                        if "stall" in only:
+                            log(f"rep {rep + 1} {name}: a stalled download")
+                            daemon = daemons.start(name, work / f"{name}-{rep}-stall", hopcat_extra)
+                            try:
+                                row |= measure_stall(
+                                    daemon, protocol, target, parse_size(args.stall_warm)
+                                )
                             finally:
                                 daemon.stop()
                     except Exception as exc:

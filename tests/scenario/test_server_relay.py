@@ -5,9 +5,11 @@ noticed on stalled tunnels, refusals answered, failed logins throttled."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import socket
 import struct
+import termios
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -189,6 +191,36 @@ def test_reset_noticed_while_the_other_direction_is_stalled(tmp_path: Path, spli
         assert "target: connection reset by peer" in h.log()
 
     run_server(tmp_path, *([] if splice else ["--no-splice"]))(scenario)
+
+
+@pytest.mark.parametrize("splice", [True, False], ids=["splice", "copy"])
+def test_a_stalled_reader_pins_no_more_than_the_receive_cap(tmp_path: Path, splice: bool) -> None:
+    """Rule 17: the client reads fast (autotuning grows the server's target-side buffer), then
+    stops; the target keeps sending. What the server holds for it stays within the cap."""
+    cap = 1 << 20
+
+    async def scenario(h: Harness) -> None:
+        assert h.server.engine.receive_cap is not None, "no way to cap here (rmem_max, no root)"
+        async with target_server(h.loop) as (port, accepted):
+            client = await open_tunnel(h, port)
+            target = await accepted.get()
+            sending = asyncio.ensure_future(fill(h.loop, target))
+            got = 0
+            while got < 64 << 20:
+                got += len(await asyncio.wait_for(h.loop.sock_recv(client, 1 << 20), WAIT_S))
+            await sending  # the client stopped reading: the target is blocked
+            (conn,) = h.server.tunnels
+            assert conn.target is not None
+            rcvbuf = conn.target.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            queued = struct.unpack("i", fcntl.ioctl(conn.target, termios.FIONREAD, b"\0" * 4))[0]
+            assert rcvbuf == cap, f"target-side receive buffer {rcvbuf}, not locked at {cap}"
+            assert queued <= cap, f"{queued} bytes queued on the target side"
+            client.close()
+            target.close()
+
+    run_server(tmp_path, "--max-receive-buffer", "1M", *([] if splice else ["--no-splice"]))(
+        scenario
+    )
 
 
 def test_idle_timeout_resets_both_sides(tmp_path: Path) -> None:

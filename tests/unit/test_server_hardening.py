@@ -224,3 +224,16 @@ def test_via_password_not_on_argv(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert options.via[0].password == "s3cr3t"
     monkeypatch.setenv("HOPCAT_PROXY_PASSWORD", "from-env")
     assert finish(parse_args(["--via", "socks5://alice@127.0.0.1:1"])).via[0].password == "from-env"
+
+
+@pytest.mark.parametrize(
+    ("text", "size"), [("0", 0), ("65536", 65536), ("512k", 512 << 10), ("8M", 8 << 20)]
+)
+def test_max_receive_buffer_sizes(text: str, size: int) -> None:
+    assert parse_args(["--max-receive-buffer", text]).max_receive_buffer == size
+
+
+@pytest.mark.parametrize("text", ["", "M", "-1M", "1.5M", "8MB", "\uff11M", "8T"])
+def test_max_receive_buffer_refuses_what_is_not_a_size(text: str) -> None:
+    with pytest.raises(UsageError, match="--max-receive-buffer takes a size"):
+        parse_args(["--max-receive-buffer", text])

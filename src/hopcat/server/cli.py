@@ -168,12 +168,23 @@ OPTION_TABLE: tuple[tuple[str, str, str, object, str], ...] = (
         "event loop (default auto: uvloop when installed)",
     ),
     ("no-splice", "", "no_splice", False, "relay by copying instead of splice(2)"),
+    (
+        "max-receive-buffer",
+        "SIZE",
+        "max_receive_buffer",
+        8 << 20,
+        "the most one relayed socket's receive buffer may grow to, as the kernel counts it "
+        "(twice the payload); SIZE in bytes or with K, M: what a tunnel whose reader stopped "
+        "can pin per direction; 0 = the kernel's limit, net.ipv4.tcp_rmem (default 8M)",
+    ),
     ("help", "", "help", False, "show this help and exit"),
 )
 _BY_LONG = {row[0]: row for row in OPTION_TABLE}
 _SHORT = {"q": "quiet", "h": "help"}
 _SECONDS = frozenset({"handshake_timeout_s", "connect_timeout_s", "idle_timeout_s", "grace_s"})
 _COUNTS = frozenset({"max_conns", "max_conns_per_client", "ready_fd"})
+_SIZES = frozenset({"max_receive_buffer"})
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 _LISTS = frozenset({"auth", "rules", "via"})
 
 
@@ -196,6 +207,7 @@ class ServeOptions:
     ready_file: str | None
     event_loop: str
     no_splice: bool
+    max_receive_buffer: int
     help: bool
 
     def __init__(self) -> None:
@@ -229,6 +241,14 @@ def _number(text: str, flag: str, *, seconds: bool) -> float:
     return value
 
 
+def _size(text: str, flag: str) -> int:
+    digits = text.rstrip("kKmMgG")
+    unit = _SIZE_UNITS.get(text[len(digits) :].upper())
+    if not digits.isdigit() or not digits.isascii() or unit is None:
+        raise UsageError(f"{flag} takes a size in bytes, or with K or M, not {text!r}")
+    return int(digits) * unit
+
+
 def _store(options: ServeOptions, name: str, value: str | None) -> None:
     flag = f"--{name}"
     attr = _BY_LONG[name][2]
@@ -244,6 +264,8 @@ def _store(options: ServeOptions, name: str, value: str | None) -> None:
         setattr(options, attr, _number(value, flag, seconds=True))
     elif attr in _COUNTS:
         setattr(options, attr, int(_number(value, flag, seconds=False)))
+    elif attr in _SIZES:
+        setattr(options, attr, _size(value, flag))
     else:
         setattr(options, attr, value)
 

@@ -80,6 +80,7 @@ ERROR_EVENTS_PER_WAKEUP = 64
 # Unsent bytes a socket's send queue may hold toward a reader that stopped (see bound_buffers).
 NOTSENT_LOWAT_BYTES = 512 * 1024
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 0)
+_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 0)
 _HAVE_SPLICE = hasattr(os, "splice")
 _HAVE_EPOLL = hasattr(select, "epoll")
 _SPLICE_FLAGS = (
@@ -157,12 +158,21 @@ class Engine:
     The set's own descriptor sits on the event loop as one reader for all tunnels.
     """
 
-    __slots__ = ("_errors", "_view", "_watched", "buffer", "loop", "pool", "splice")
+    __slots__ = (
+        "_errors", "_view", "_watched", "buffer", "loop", "pool", "receive_cap", "splice",
+    )  # fmt: skip
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, *, splice: bool = True) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        splice: bool = True,
+        receive_cap: ReceiveCap | None = None,
+    ) -> None:
         self.loop = loop
         self.pool = PipePool()
         self.splice = splice and _HAVE_SPLICE
+        self.receive_cap = receive_cap
         self.buffer = bytearray(COPY_BUFFER_BYTES)
         self._view = memoryview(self.buffer)
         self._errors: select.epoll | None = None
@@ -223,6 +233,7 @@ class Half:
         "src",
         "src_fd",
         "state",
+        "uncapped",
     )
 
     def __init__(
@@ -246,6 +257,7 @@ class Half:
         self.inflight = 0  # bytes in self.pipe
         self.moved = 0  # bytes written to dst
         self.state = IDLE
+        self.uncapped = engine.receive_cap is not None
 
     def start(self) -> None:
         """Deliver ``pending`` (if any), then relay. May report to the owner before returning."""
@@ -336,6 +348,8 @@ class Half:
                 pool.give(pipe)
                 self._finish()
                 return
+            if self.uncapped:
+                self._cap_receive_buffer()
             sent = 0
             try:
                 while sent < count:
@@ -369,6 +383,8 @@ class Half:
         if count == 0:
             self._finish()
             return
+        if self.uncapped:
+            self._cap_receive_buffer()
         try:
             sent = self.dst.send(view[:count])
         except BlockingIOError:
@@ -380,6 +396,14 @@ class Half:
         if sent < count:
             self.pending = bytes(view[sent:count])
             self._enter_writing()
+
+    def _cap_receive_buffer(self) -> None:
+        # After every read until capped: autotuning grows the buffer during a read, at most
+        # once per round trip, and a small read may be the one that grows it past the cap.
+        cap = self.engine.receive_cap
+        assert cap is not None
+        if cap.apply(self.src):
+            self.uncapped = False
 
     def _on_writable(self) -> None:
         # Invariant: WRITING; the bytes in flight are in pending (first) or in the pipe.
@@ -428,6 +452,57 @@ def bound_buffers(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, NOTSENT_LOWAT_BYTES)
         except OSError:
             pass
+
+
+class ReceiveCap:
+    """The most a relayed socket's receive buffer may hold, enforced once autotuning reaches it.
+
+    A tunnel whose reader stopped pins its source socket's whole receive buffer, and autotuning
+    grows that buffer with the rate the relay reads, up to net.ipv4.tcp_rmem's maximum (6 to 32
+    MiB): splice reads so fast that a stalled tunnel pinned 11-20 MiB on loopback, copying 1-3
+    MiB. A fixed SO_RCVBUF from the start would end autotuning for every tunnel, so slow ones
+    would advertise the whole cap at once; instead the buffer is left to grow and, the first
+    time a read finds it at the cap, fixed there (SO_RCVBUF locks it: autotuning stops for
+    that socket). The kernel counts the buffer doubled (payload plus bookkeeping), as getsockopt
+    reports it, and so is ``limit``.
+
+    SO_RCVBUF is bounded by net.core.rmem_max (208 KiB on many systems): where half the cap is
+    above it, SO_RCVBUFFORCE is used, which needs CAP_NET_ADMIN. ``for_limit`` returns None when
+    neither can set it, rather than shrink a fast tunnel's buffer far below the cap."""
+
+    __slots__ = ("limit", "option")
+
+    def __init__(self, limit: int, option: int) -> None:
+        self.limit = limit
+        self.option = option
+
+    @classmethod
+    def for_limit(cls, limit: int) -> ReceiveCap | None:
+        half = limit // 2
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            for option in (socket.SO_RCVBUF, _SO_RCVBUFFORCE):
+                if not option:
+                    continue
+                try:
+                    probe.setsockopt(socket.SOL_SOCKET, option, half)
+                except OSError:
+                    continue  # EPERM: SO_RCVBUFFORCE without CAP_NET_ADMIN
+                if probe.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= half * 2:
+                    return cls(half * 2, option)
+            return None
+        finally:
+            probe.close()
+
+    def apply(self, sock: socket.socket) -> bool:
+        """Fix ``sock``'s buffer at the limit if it reached it; True when nothing is left to do."""
+        try:
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < self.limit:
+                return False
+            sock.setsockopt(socket.SOL_SOCKET, self.option, self.limit // 2)
+        except OSError:
+            pass  # the socket is failing: the relay hears of it at its next read or write
+        return True
 
 
 def reset_on_close(sock: socket.socket) -> None:

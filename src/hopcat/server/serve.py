@@ -64,7 +64,7 @@ from hopcat.server.policy import (
     parse_auth_file,
     parse_rules_file,
 )
-from hopcat.server.relay import Engine
+from hopcat.server.relay import Engine, ReceiveCap
 from hopcat.server.throttle import LoginThrottle
 
 TYPE_CHECKING = False
@@ -407,7 +407,12 @@ class Server:
         self.policy = self._placed(policy)
         self.logins = LoginThrottle()
         self.rules_file_empty = _rules_file_empty(options, policy)
-        self.engine = Engine(loop, splice=not options.no_splice)
+        limit = options.max_receive_buffer
+        self.engine = Engine(
+            loop,
+            splice=not options.no_splice,
+            receive_cap=ReceiveCap.for_limit(limit) if limit else None,
+        )
         self.auth_required = options.auth_required
         self.via: list[ProxyURL] = options.via
         # Whether names must be resolved here: always when dialling, through --via only when
@@ -793,6 +798,13 @@ def run(options: ServeOptions, *, resolver: Resolver = getaddrinfo) -> int:
             )  # fmt: skip
         for warning in warnings:
             logger.log("warning", reason=warning)
+        if options.max_receive_buffer and server.engine.receive_cap is None:
+            logger.log(
+                "warning",
+                reason=f"receive buffers are left to the kernel's autotuning: --max-receive-buffer "
+                f"{options.max_receive_buffer} is over twice net.core.rmem_max and this process "
+                "lacks CAP_NET_ADMIN (raise net.core.rmem_max, or lower the option)",
+            )
         needed = 2 * options.max_conns + 64
         if 0 < fd_limit < needed:
             logger.log(
