@@ -27,7 +27,7 @@ from hopcat.errors import (
     ResolveError,
     UsageError,
 )
-from hopcat.net import chain
+from hopcat.net import chain, engine
 from hopcat.net.chain import open_tunnel
 
 BANNER = b"SSH-2.0-Scripted\r\n"
@@ -280,7 +280,7 @@ def socks5_only(conn: socket.socket) -> None:
 
 @pytest.fixture
 def quick_probe(monkeypatch: pytest.MonkeyPatch) -> float:
-    monkeypatch.setattr(chain, "SILENT_PROXY_PROBE_S", 0.3)
+    monkeypatch.setattr(engine, "SILENT_PROXY_PROBE_S", 0.3)
     return 0.3
 
 

@@ -1,0 +1,500 @@
+"""The hop-by-hop plan of a tunnel, without I/O: one engine under the CLI, the library and the
+server.
+
+``tunnel_plan`` is a generator. It decides everything protocol-specific (which hop is asked for
+what, where a name is resolved, when TLS starts, how many bytes a read may take so that nothing
+past the handshake is consumed, how an error is labelled with its hop, how a proxy of the wrong
+kind is recognised) and yields *steps* for a driver to carry out on its own I/O model::
+
+    Dial(host, port)            TCP to the first hop (the driver's Happy Eyeballs); -> None
+    Resolve(host, port, family) a local lookup; -> list of getaddrinfo tuples
+    Send(data)                  -> None
+    Receive(size, peek, quiet_s)
+                                at most ``size`` bytes (b"" at EOF); with ``peek`` leave them
+                                queued (MSG_PEEK). With ``quiet_s``, None when nothing arrived
+                                in that time (the plan then looks closer and asks again).
+    StartTLS(server_name, quiet_s)
+                                wrap the connection in TLS; -> the TLS version, or None if quiet
+    Probe(data)                 a second connection to the first hop: the first bytes it
+                                answers to ``data`` (b"" when none; never an error)
+
+A driver answers with ``generator.send(result)`` and reports a failure by throwing the exception
+into the generator (``TimeoutError`` when its deadline passed, the OSError it got): the plan
+turns it into the right HopcatError for the phase and hop. The generator's return value is an
+``Opened``. Drivers: ``hopcat.net.chain`` (blocking sockets and poll, for the CLI and the sync
+API) and ``hopcat.aio`` (asyncio). One deadline spans the whole plan; drivers enforce it on
+every step, so no step can stretch it.
+
+Names: a target name goes to the proxy (remote DNS) whenever that hop's protocol can carry one
+(SOCKS4a, SOCKS5, HTTP) unless ``proxy_dns`` says "local" (resolve here, send the address),
+"both" (resolve here, fall back to sending the name) or "none" (ncat's: addresses only, names are
+refused). SOCKS4 cannot carry names, so its targets are resolved here. ``numeric_only`` (-n)
+forbids every lookup here. A scoped IPv6 target (``fe80::1%eth0``) is refused: the zone names
+one of our interfaces, not the proxy's.
+
+Exact reads (``exact``): when the connection is handed to someone else afterwards (ssh with
+ProxyUseFdpass, a library caller), no byte after the handshake may be consumed. SOCKS replies
+have known sizes; an HTTP head is peeked and only its own bytes taken. Through TLS nothing can be
+peeked, so the head is read in pieces too short to pass its end: one byte after a line feed (the
+next could end the head), two otherwise.
+
+Wrong scheme: a proxy of another protocol either answers at once (its first byte names it),
+closes, or waits silently for the rest of a request it cannot parse (an HTTP proxy given a SOCKS5
+greeting or a TLS ClientHello waits for a line feed). When the first proxy closes without a byte,
+or stays silent for ``SILENT_PROXY_PROBE_S`` where any proxy of the expected kind answers at once,
+``Probe`` steps ask it in the protocol it probably speaks, and the error names the scheme to use.
+The first connection is left alone, so a merely slow proxy is never disturbed.
+
+Errors name the hop: ``proxy socks5://127.0.0.1:1080 (hop 1/2): host unreachable (reply 4) for
+git.example:22``.
+"""
+
+from __future__ import annotations
+
+from hopcat._endpoint import format_hostport, is_ip_literal, split_scope
+from hopcat._url import PROXY_DNS_POLICIES
+from hopcat.errors import (
+    ConnectError,
+    HopcatError,
+    HopcatTimeoutError,
+    ProtocolError,
+    ProxyError,
+    ProxyUnreachableError,
+    RemoteProtocolError,
+    ResolveError,
+    UsageError,
+)
+from hopcat.proto._events import NEED_DATA, Established
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Generator, Sequence
+    from typing import Any
+
+    from hopcat._url import ProxyURL
+
+    Plan = Generator["Step", Any, "Opened"]
+    SubPlan = Generator["Step", Any, Any]
+
+AF_UNSPEC = 0
+AF_INET = 2
+READ_BYTES = 65536
+# Any SOCKS5 proxy answers a greeting, and any TLS server a ClientHello, without asking anyone
+# else: silence this long is worth a look on a second connection (which costs the proxy nothing).
+SILENT_PROXY_PROBE_S = 1.5
+# What the look sends: a request every HTTP proxy answers at once without connecting anywhere
+# (RFC 9110 section 9.3.7), and a SOCKS5 greeting offering "no authentication".
+HTTP_PROBE = b"OPTIONS * HTTP/1.0\r\n\r\n"
+SOCKS5_PROBE = b"\x05\x01\x00"
+# What we sent first, per expected protocol, for the message.
+_FIRST_MESSAGE = {"socks5": "SOCKS5 greeting", "socks4": "SOCKS4 request", "tls": "TLS handshake",
+                  "http": "CONNECT request"}  # fmt: skip
+
+
+# -- steps ------------------------------------------------------------------------------------
+class Step:
+    __slots__ = ()
+
+
+class Dial(Step):
+    __slots__ = ("host", "port")
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+
+
+class Resolve(Step):
+    __slots__ = ("family", "host", "port")
+
+    def __init__(self, host: str, port: int, family: int) -> None:
+        self.host = host
+        self.port = port
+        self.family = family
+
+
+class Send(Step):
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+class Receive(Step):
+    __slots__ = ("peek", "quiet_s", "size")
+
+    def __init__(self, size: int, *, peek: bool = False, quiet_s: float = 0.0) -> None:
+        self.size = size
+        self.peek = peek
+        self.quiet_s = quiet_s
+
+
+class StartTLS(Step):
+    __slots__ = ("quiet_s", "server_name")
+
+    def __init__(self, server_name: str, *, quiet_s: float = 0.0) -> None:
+        self.server_name = server_name
+        self.quiet_s = quiet_s
+
+
+class Probe(Step):
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+# -- outcome ----------------------------------------------------------------------------------
+class HopInfo:
+    """What one hop did: its redacted label, the address it reported binding, ms per phase."""
+
+    __slots__ = ("bound", "connect_ms", "handshake_ms", "label", "tls_ms", "tls_version")
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.bound: tuple[str, int] | None = None
+        self.connect_ms: float | None = None  # TCP to this hop (first hop only)
+        self.tls_ms: float | None = None
+        self.tls_version: str | None = None
+        self.handshake_ms = 0.0
+
+    def __repr__(self) -> str:
+        return f"HopInfo({self.label!r}, bound={self.bound}, handshake_ms={self.handshake_ms:.1f})"
+
+
+class Opened:
+    """The plan's result: target bytes that came with the last reply, whether the connection
+    now runs inside TLS (an https:// hop), and per-hop information."""
+
+    __slots__ = ("hops", "tls", "trailing")
+
+    def __init__(self, trailing: bytes, tls: bool, hops: tuple[HopInfo, ...]) -> None:
+        self.trailing = trailing
+        self.tls = tls
+        self.hops = hops
+
+
+# -- the plan ---------------------------------------------------------------------------------
+def check_chain(hops: Sequence[ProxyURL], proxy_dns: str) -> None:
+    """Refuse what no driver could carry out, before anything is sent."""
+    if not hops:
+        raise UsageError("a tunnel needs at least one proxy")
+    if proxy_dns not in PROXY_DNS_POLICIES:
+        raise UsageError(f"--proxy-dns must be one of {', '.join(PROXY_DNS_POLICIES)}")
+    if sum(hop.tls for hop in hops) > 1:
+        raise UsageError("at most one https:// proxy per chain (TLS inside TLS is not supported)")
+
+
+def tunnel_plan(
+    hops: Sequence[ProxyURL],
+    host: str,
+    port: int,
+    *,
+    proxy_dns: str = "remote",
+    family: int = AF_UNSPEC,
+    numeric_only: bool = False,
+    exact: bool = False,
+    trace: Callable[[str], None] = lambda _message: None,
+    clock: Callable[[], float],
+    timeout_label: str = "",
+) -> Plan:
+    """Steps that open host:port through ``hops``; see the module docstring."""
+    check_chain(hops, proxy_dns)
+    count = len(hops)
+    infos = tuple(HopInfo(hop.label()) for hop in hops)
+    first = hops[0]
+    trace(f"hop 1/{count}: {first.label()}" + (f" (from {first.origin})" if first.origin else ""))
+    started = clock()
+    try:
+        yield Dial(first.host, first.port)
+    except ConnectError as exc:
+        raise ProxyUnreachableError(f"unreachable: {exc.message}", where=_where(hops, 0)) from None
+    except HopcatError as exc:
+        exc.where = _where(hops, 0)
+        raise
+    infos[0].connect_ms = (clock() - started) * 1000
+    trace(f"hop 1/{count}: TCP connected in {infos[0].connect_ms:.1f} ms")
+    carry = b""
+    tls = False
+    for index, hop in enumerate(hops):
+        tls = tls or hop.tls
+        try:
+            carry = yield from _cross_hop(
+                hops, infos[index], index, host, port, carry, proxy_dns=proxy_dns,
+                family=family, numeric_only=numeric_only, exact=exact, tls=tls, trace=trace,
+                clock=clock,
+            )  # fmt: skip
+        except HopcatError as exc:
+            if isinstance(exc, HopcatTimeoutError) and timeout_label:
+                exc.message = f"{exc.message} ({timeout_label})"
+            exc.where = _where(hops, index)
+            raise
+    return Opened(carry, tls, infos)
+
+
+def _where(hops: Sequence[ProxyURL], index: int) -> str:
+    return f"proxy {hops[index].label()} (hop {index + 1}/{len(hops)})"
+
+
+def _cross_hop(
+    hops: Sequence[ProxyURL], info: HopInfo, index: int, host: str, port: int, carry: bytes, *,
+    proxy_dns: str, family: int, numeric_only: bool, exact: bool, tls: bool,
+    trace: Callable[[str], None], clock: Callable[[], float],
+) -> SubPlan:  # fmt: skip
+    """Ask hop ``index`` for the next hop (or the target); return the bytes that came after."""
+    count = len(hops)
+    hop = hops[index]
+    prefix = f"hop {index + 1}/{count}"
+    if index:
+        trace(f"{prefix}: {hop.label()}" + (f" (from {hop.origin})" if hop.origin else ""))
+    last = index + 1 == count
+    next_host, next_port = (host, port) if last else (hops[index + 1].host, hops[index + 1].port)
+    # Only the first hop can be looked at on a second connection: later ones sit behind others.
+    expected = ("tls" if hop.tls else hop.protocol) if index == 0 else None
+    step_started = clock()
+    if hop.tls:
+        info.tls_version = yield from _start_tls(hop, expected)
+        info.tls_ms = (clock() - step_started) * 1000
+        trace(f"{prefix}: TLS {info.tls_version} in {info.tls_ms:.1f} ms")
+        step_started = clock()
+        expected = None  # the TLS handshake showed the scheme is right
+    wire_host = yield from _target_for_hop(
+        hop, next_host, next_port, proxy_dns, family, numeric_only, trace
+    )
+    machine = _client_machine(hop, wire_host, next_port)
+    if carry:
+        machine.receive_data(carry)  # type: ignore[attr-defined]
+
+    def on_event(description: str) -> None:
+        trace(f"{prefix}: {description} after {(clock() - step_started) * 1000:.1f} ms")
+
+    try:
+        established = yield from _handshake(machine, exact=exact, tls=tls, expected=expected,
+                                            on_event=on_event)  # fmt: skip
+    except ProxyError as exc:
+        exc.message = f"{exc.message} for {format_hostport(next_host, next_port)}"
+        raise
+    info.handshake_ms = (clock() - step_started) * 1000
+    bound = ""
+    if established.bound_host is not None:
+        info.bound = (established.bound_host, established.bound_port or 0)
+        bound = f", bound {format_hostport(*info.bound)}"
+    trace(
+        f"{prefix}: CONNECT {format_hostport(wire_host, next_port)}: "
+        f"{established.detail}{bound} in {info.handshake_ms:.1f} ms"
+    )
+    trailing: bytes = machine.trailing_data  # type: ignore[attr-defined]
+    return trailing
+
+
+def _client_machine(hop: ProxyURL, host: str, port: int) -> object:
+    if hop.protocol == "socks5":
+        from hopcat.proto.socks5 import Socks5Client
+
+        return Socks5Client(host, port, username=hop.username, password=hop.password)
+    if hop.protocol == "socks4":
+        from hopcat.proto.socks4 import Socks4Client
+
+        return Socks4Client(host, port, user_id=hop.username or "", socks4a=hop.scheme == "socks4a")
+    from hopcat.proto.http_connect import HttpConnectClient
+
+    return HttpConnectClient(host, port, username=hop.username, password=hop.password)
+
+
+def _start_tls(hop: ProxyURL, expected: str | None) -> SubPlan:
+    # A certificate names the address, never this host's zone of it.
+    name = split_scope(hop.host)[0] or hop.host
+    quiet_s = SILENT_PROXY_PROBE_S if expected else 0.0
+    while True:
+        try:
+            version = yield StartTLS(name, quiet_s=quiet_s)
+        except TimeoutError:
+            raise HopcatTimeoutError("no TLS handshake before the connect timeout") from None
+        except OSError as exc:
+            verify_message = getattr(exc, "verify_message", None)
+            if verify_message is not None:
+                raise RemoteProtocolError(
+                    f"TLS certificate not trusted: {verify_message} "
+                    "(--proxy-cacert FILE to trust its CA, --proxy-insecure to skip the check)"
+                ) from None
+            # A reset, an EOF or garbage where a ServerHello belongs: perhaps not a TLS server.
+            if expected:
+                yield from _diagnose(expected, "closed")
+            why = getattr(exc, "reason", None) or _describe(exc)
+            raise ProtocolError(f"TLS handshake failed: {why}") from None
+        if version is not None:
+            return version
+        assert expected is not None
+        yield from _diagnose(expected, "silent")
+        quiet_s = 0.0
+
+
+def _handshake(
+    machine: Any, *, exact: bool, tls: bool, expected: str | None,
+    on_event: Callable[[str], None],
+) -> SubPlan:  # fmt: skip
+    """Run ``machine`` to Established over the driver's connection; return that event."""
+    answered = False
+    tail = b""  # the last bytes fed to the machine, for reads that cannot pass an HTTP head
+    try:
+        if data := machine.data_to_send():
+            yield Send(data)
+        while True:
+            event = machine.next_event()
+            if data := machine.data_to_send():
+                yield Send(data)
+            if event is NEED_DATA:
+                quiet_s = SILENT_PROXY_PROBE_S if expected and not answered else 0.0
+                chunk = yield from _read(machine, exact=exact, tls=tls, tail=tail, quiet_s=quiet_s)
+                if chunk is None:  # silent for quiet_s
+                    assert expected is not None
+                    yield from _diagnose(expected, "silent")
+                    chunk = yield from _read(machine, exact=exact, tls=tls, tail=tail)
+                assert chunk is not None  # only a quiet read answers None
+                if not chunk and not answered and expected:
+                    yield from _diagnose(expected, "closed")
+                answered = True
+                tail = (tail + chunk)[-2:]
+                machine.receive_data(chunk)
+                continue
+            if isinstance(event, Established):
+                return event
+            on_event(event.describe())
+    except HopcatError:
+        raise
+    except TimeoutError:
+        raise HopcatTimeoutError("no answer from the proxy before the connect timeout") from None
+    except (ConnectionResetError, BrokenPipeError) as exc:
+        if expected and not answered:
+            yield from _diagnose(expected, "closed")
+        raise RemoteProtocolError(
+            f"the proxy reset the connection during the handshake ({_describe(exc)})"
+        ) from None
+    except OSError as exc:  # EHOSTUNREACH or ETIMEDOUT mid-handshake; ssl.SSLError on a TLS hop
+        # An SSLError's errno is the TLS library's code, not an errno: show its reason.
+        why = getattr(exc, "reason", None) or _describe(exc)
+        raise RemoteProtocolError(
+            f"the connection to the proxy failed during the handshake ({why})"
+        ) from None
+
+
+def _read(
+    machine: Any, *, exact: bool, tls: bool, tail: bytes, quiet_s: float = 0.0
+) -> Generator[Step, Any, bytes | None]:
+    """The next bytes for ``machine``: whatever came (relay), or exactly the handshake's own."""
+    if not exact:
+        chunk: bytes | None = yield Receive(READ_BYTES, quiet_s=quiet_s)
+        return chunk
+    needed = machine.bytes_needed()
+    if needed is not None:  # framed (SOCKS): exactly the rest of the awaited message
+        chunk = yield Receive(needed, quiet_s=quiet_s)
+        return chunk
+    if tls:
+        # No peeking through TLS: read less than could complete the head's end (LF LF at least).
+        chunk = yield Receive(1 if tail.endswith((b"\n", b"\n\r")) else 2, quiet_s=quiet_s)
+        return chunk
+    peeked: bytes | None = yield Receive(READ_BYTES, peek=True, quiet_s=quiet_s)
+    if not peeked:
+        return peeked
+    size: int = machine.handshake_prefix_len(peeked)
+    chunk = yield Receive(size)
+    return chunk
+
+
+def _target_for_hop(
+    hop: ProxyURL, host: str, port: int, proxy_dns: str, family: int, numeric_only: bool,
+    trace: Callable[[str], None],
+) -> SubPlan:  # fmt: skip
+    """The address or name this hop is asked to connect to."""
+    if split_scope(host)[0]:
+        raise UsageError(
+            f"{host}: a scoped address names an interface of this host, which means nothing to a "
+            "proxy; give the address without its %zone if the proxy shares that link"
+        )
+    if is_ip_literal(host):
+        return host
+    if proxy_dns == "none":
+        raise UsageError(f"{host}: --proxy-dns none sends only addresses, and this is a name")
+    local = proxy_dns in ("local", "both") or not hop.carries_names
+    if not local:
+        return host
+    if numeric_only:
+        why = (f"--proxy-dns {proxy_dns} resolves them here" if hop.carries_names
+               else "SOCKS4 carries only addresses (socks4a:// sends the name)")  # fmt: skip
+        raise UsageError(f"{host}: -n forbids looking up names here, and {why}")
+    try:
+        infos = yield Resolve(host, port, family)
+    except ResolveError:
+        if proxy_dns == "both" and hop.carries_names:
+            trace(f"resolve {host} locally failed; sending the name to the proxy (--proxy-dns both)")
+            return host
+        raise
+    if not hop.carries_names:
+        infos = [info for info in infos if info[0] == AF_INET]
+        if not infos:
+            raise ResolveError(
+                f"resolve {host}: no IPv4 address, and SOCKS4 carries only IPv4 (use socks4a://)"
+            )
+    address = str(infos[0][4][0])
+    trace(f"resolved {host} locally: {address}")
+    return address
+
+
+# -- telling a proxy of the wrong kind --------------------------------------------------------
+def _diagnose(expected: str, what: str) -> SubPlan:
+    """``what`` is "silent" or "closed"; raise a better error, or return to go on as before."""
+    if what == "silent" and expected == "http":
+        return  # its answer waits for the proxy's connect to the target: silence proves nothing
+    # A SOCKS4 answer also waits for the target; a proxy that answers a SOCKS5 greeting as well
+    # speaks SOCKS and is merely slow.
+    if expected != "http" and (yield Probe(HTTP_PROBE))[:5] == b"HTTP/":
+        merely_slow = (
+            what == "silent" and expected == "socks4"
+            and (yield Probe(SOCKS5_PROBE))[:1] == b"\x05"
+        )  # fmt: skip
+        if not merely_slow:
+            kind = "plain HTTP" if expected == "tls" else "HTTP"
+            raise _wrong_scheme(expected, what, kind, "http://")
+    if what == "closed" and expected in ("http", "tls") and (
+        (yield Probe(SOCKS5_PROBE))[:1] == b"\x05"
+    ):
+        raise _wrong_scheme(expected, what, "SOCKS5", "socks5h://")
+    if what == "closed" and expected == "http":
+        answer = yield Probe(_client_hello())
+        if answer[:1] in (b"\x15", b"\x16"):  # TLS alert or handshake record
+            raise _wrong_scheme(expected, what, "TLS", "https://")
+
+
+def _wrong_scheme(expected: str, what: str, kind: str, scheme: str) -> RemoteProtocolError:
+    first = _FIRST_MESSAGE[expected]
+    if what == "silent":
+        answer = f"no answer to the {first} after {SILENT_PROXY_PROBE_S:g} s"
+    else:
+        answer = f"the proxy closed the connection without answering the {first}"
+    article = "an" if kind == "HTTP" else "a"
+    return RemoteProtocolError(
+        f"{answer}, and a new connection gets {article} {kind} answer: this looks like "
+        f"{article} {kind} proxy: use {scheme}"
+    )
+
+
+def _client_hello() -> bytes:
+    """A TLS ClientHello as the ssl module writes it, for a probe (only failures pay the import)."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    outgoing = ssl.MemoryBIO()
+    tls = context.wrap_bio(ssl.MemoryBIO(), outgoing)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass  # the hello is written; the answer would be read next
+    return outgoing.read()
+
+
+def _describe(exc: BaseException) -> str:
+    from hopcat.net.dial import describe_oserror
+
+    return describe_oserror(exc)
