@@ -92,20 +92,22 @@ def open_tunnel(
     cafile: str | None = None,
     insecure: bool = False,
     context: ssl.SSLContext | None = None,
+    headers: list[tuple[str, str]] | None = None,
     trace: Callable[[str], None] = lambda _message: None,
     clock: Callable[[], float] = time.monotonic,
     timeout_label: str = "",
 ) -> Tunnel:
     """Connect to host:port through ``hops`` (at least one). Raises HopcatError subclasses.
 
-    ``context`` is the TLS context for an https:// hop (default: from ``cafile``/``insecure``).
+    ``context`` is the TLS context for an https:// hop (default: from ``cafile``/``insecure``);
+    ``headers`` go into every HTTP CONNECT request.
     """
     check_chain(hops, proxy_dns)
     if context is None and any(hop.tls for hop in hops):
         context = tls_context(cafile, insecure)
     plan = tunnel_plan(
         hops, host, port, proxy_dns=proxy_dns, family=family, numeric_only=numeric_only,
-        exact=exact, trace=trace, clock=clock, timeout_label=timeout_label,
+        exact=exact, headers=headers, trace=trace, clock=clock, timeout_label=timeout_label,
     )  # fmt: skip
     driver = _Driver(deadline, clock, context, trace, timeout_label)
     driver.dial_options = (family, source, nodelay, keepalive, numeric_only)

@@ -194,6 +194,7 @@ def tunnel_plan(
     family: int = AF_UNSPEC,
     numeric_only: bool = False,
     exact: bool = False,
+    headers: list[tuple[str, str]] | None = None,
     trace: Callable[[str], None] = lambda _message: None,
     clock: Callable[[], float],
     timeout_label: str = "",
@@ -221,8 +222,8 @@ def tunnel_plan(
         try:
             carry = yield from _cross_hop(
                 hops, infos[index], index, host, port, carry, proxy_dns=proxy_dns,
-                family=family, numeric_only=numeric_only, exact=exact, tls=tls, trace=trace,
-                clock=clock,
+                family=family, numeric_only=numeric_only, exact=exact, tls=tls, headers=headers,
+                trace=trace, clock=clock,
             )  # fmt: skip
         except HopcatError as exc:
             if isinstance(exc, HopcatTimeoutError) and timeout_label:
@@ -239,7 +240,8 @@ def _where(hops: Sequence[ProxyURL], index: int) -> str:
 def _cross_hop(
     hops: Sequence[ProxyURL], info: HopInfo, index: int, host: str, port: int, carry: bytes, *,
     proxy_dns: str, family: int, numeric_only: bool, exact: bool, tls: bool,
-    trace: Callable[[str], None], clock: Callable[[], float],
+    headers: list[tuple[str, str]] | None, trace: Callable[[str], None],
+    clock: Callable[[], float],
 ) -> SubPlan:  # fmt: skip
     """Ask hop ``index`` for the next hop (or the target); return the bytes that came after."""
     count = len(hops)
@@ -261,7 +263,7 @@ def _cross_hop(
     wire_host = yield from _target_for_hop(
         hop, next_host, next_port, proxy_dns, family, numeric_only, trace
     )
-    machine = _client_machine(hop, wire_host, next_port)
+    machine = _client_machine(hop, wire_host, next_port, headers)
     if carry:
         machine.receive_data(carry)  # type: ignore[attr-defined]
 
@@ -287,7 +289,9 @@ def _cross_hop(
     return trailing
 
 
-def _client_machine(hop: ProxyURL, host: str, port: int) -> object:
+def _client_machine(
+    hop: ProxyURL, host: str, port: int, headers: list[tuple[str, str]] | None
+) -> object:
     if hop.protocol == "socks5":
         from hopcat.proto.socks5 import Socks5Client
 
@@ -298,7 +302,9 @@ def _client_machine(hop: ProxyURL, host: str, port: int) -> object:
         return Socks4Client(host, port, user_id=hop.username or "", socks4a=hop.scheme == "socks4a")
     from hopcat.proto.http_connect import HttpConnectClient
 
-    return HttpConnectClient(host, port, username=hop.username, password=hop.password)
+    return HttpConnectClient(
+        host, port, username=hop.username, password=hop.password, headers=headers
+    )
 
 
 def _start_tls(hop: ProxyURL, expected: str | None) -> SubPlan:

@@ -1,0 +1,178 @@
+"""hopcat for asyncio: proxied connections on the running event loop (uvloop too).
+
+The same engine as the command line and ``hopcat.create_connection``, awaited:
+
+* ``open_connection(host, port, *, via=...)`` -> ``(StreamReader, StreamWriter)``
+* ``create_connection(protocol_factory, host, port, *, via=...)`` -> ``(transport, protocol)``
+* ``connect_socket(host, port, *, via=...)`` -> a connected non-blocking socket
+
+Target bytes that arrived glued to the last proxy reply reach the reader, or the protocol's
+``data_received``, first; the socket from ``connect_socket`` still holds them (exact reads). An
+https:// proxy keeps its TLS session on the transport, so ``connect_socket`` refuses one, and
+``ssl=`` (TLS to the target) layers TLS inside it. ``via``, ``timeout``, errors and the default
+deadline are as in ``hopcat.client``; a cancellation at any await closes what was opened and stays
+a cancellation (never a TimeoutError). ``hopcat.Chain`` is also an asyncssh tunnel
+(``asyncssh.connect(host, tunnel=chain)``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import TYPE_CHECKING, Any
+
+from hopcat.client import _DEFAULT, DEFAULT_TIMEOUT_S, as_chain
+from hopcat.errors import UsageError
+from hopcat.net.dial import interleave_families
+
+if TYPE_CHECKING:
+    import ssl
+    from collections.abc import Callable, Iterable
+
+    from hopcat.client import Via
+
+__all__ = ["connect_socket", "create_connection", "open_connection"]
+
+STREAM_LIMIT_BYTES = 2**16  # asyncio's own default for StreamReader
+
+
+async def connect_socket(
+    host: str,
+    port: int,
+    *,
+    via: Via,
+    timeout: float | None = _DEFAULT,
+    proxy_dns: str = "remote",
+    family: int = 0,
+    proxy_headers: Iterable[tuple[str, str]] = (),
+) -> socket.socket:
+    """A connected non-blocking socket to host:port through ``via``; its next byte is the
+    target's first. An https:// hop cannot be handed out this way (ValueError)."""
+    from hopcat.aio._driver import SocketIO, run_plan
+    from hopcat.net.engine import tunnel_plan
+
+    chain = as_chain(via)
+    loop = asyncio.get_running_loop()
+    deadline = _deadline(loop, timeout)
+    if any(proxy.scheme == "https" for proxy in chain):
+        raise UsageError(
+            "an https:// proxy keeps its TLS session inside hopcat, so a bare socket cannot be "
+            "handed out through it: use hopcat.aio.open_connection or create_connection"
+        )
+    if len(chain) == 0:
+        return await _dial_direct(host, port, family, deadline)
+    io = SocketIO(loop, family)
+    plan = tunnel_plan(
+        chain.fresh_hops(), host, port, proxy_dns=proxy_dns, family=family, exact=True,
+        headers=list(proxy_headers), clock=loop.time,
+    )  # fmt: skip
+    try:
+        await run_plan(plan, io, deadline)
+    except BaseException:
+        io.close()
+        raise
+    sock = io.sock
+    assert sock is not None
+    return sock
+
+
+async def create_connection(
+    protocol_factory: Callable[[], asyncio.BaseProtocol],
+    host: str,
+    port: int,
+    *,
+    via: Via,
+    timeout: float | None = _DEFAULT,
+    proxy_dns: str = "remote",
+    family: int = 0,
+    ssl: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+    proxy_ssl: ssl.SSLContext | None = None,
+    proxy_headers: Iterable[tuple[str, str]] = (),
+    **_asyncssh: Any,
+) -> tuple[asyncio.Transport, Any]:
+    """Connect to host:port through ``via``; the protocol ``protocol_factory`` makes gets the
+    transport, then any target bytes that came with the last proxy reply.
+
+    ``ssl`` (an SSLContext) starts TLS to the target (``server_hostname`` defaults to ``host``);
+    ``proxy_ssl`` is the context for an https:// proxy (default: the system's CAs). Other
+    keyword arguments, which asyncssh passes to a tunnel, are ignored.
+    """
+    from hopcat.aio._driver import TransportIO, run_plan
+    from hopcat.net.engine import tunnel_plan
+
+    chain = as_chain(via)
+    loop = asyncio.get_running_loop()
+    deadline = _deadline(loop, timeout)
+    if proxy_ssl is None and any(proxy.scheme == "https" for proxy in chain):
+        import ssl as ssl_module
+
+        proxy_ssl = ssl_module.create_default_context()
+    io = TransportIO(loop, family, context=proxy_ssl)
+    try:
+        if len(chain) == 0:
+            sock = await _dial_direct(host, port, family, deadline)
+            io.transport, _ = await loop.create_connection(lambda: io.protocol, sock=sock)
+        else:
+            plan = tunnel_plan(
+                chain.fresh_hops(), host, port, proxy_dns=proxy_dns, family=family, exact=True,
+                headers=list(proxy_headers), clock=loop.time,
+            )  # fmt: skip
+            await run_plan(plan, io, deadline)
+        if ssl is not None:
+            async with asyncio.timeout_at(None if deadline == float("inf") else deadline):
+                await io.upgrade(server_hostname or host, ssl)
+    except BaseException:
+        io.close()
+        raise
+    return _hand_over(io, protocol_factory())
+
+
+async def open_connection(
+    host: str,
+    port: int,
+    *,
+    via: Via,
+    limit: int = STREAM_LIMIT_BYTES,
+    **options: Any,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """``asyncio.open_connection`` through ``via``; options as ``create_connection``'s."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=limit, loop=loop)
+    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    transport, _ = await create_connection(lambda: protocol, host, port, via=via, **options)
+    writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+    return reader, writer
+
+
+def _deadline(loop: asyncio.AbstractEventLoop, timeout: float | None) -> float:
+    limit = DEFAULT_TIMEOUT_S if timeout is _DEFAULT else timeout
+    return float("inf") if limit is None else loop.time() + limit
+
+
+async def _dial_direct(host: str, port: int, family: int, deadline: float) -> socket.socket:
+    from hopcat.aio._dial import dial
+    from hopcat.aio._driver import resolve
+
+    limit = None if deadline == float("inf") else deadline
+    async with asyncio.timeout_at(limit):
+        infos = await resolve(asyncio.get_running_loop(), host, port, family)
+    candidates = [(info[0], info[4]) for info in interleave_families(infos)]
+    return await dial(candidates, deadline=limit, where=f"{host}:{port}")
+
+
+def _hand_over(io: Any, protocol: Any) -> tuple[asyncio.Transport, Any]:
+    """Give the transport to the caller's protocol, buffered bytes and end of stream first."""
+    transport: asyncio.Transport = io.transport
+    buffering = io.protocol
+    transport.set_protocol(protocol)
+    protocol.connection_made(transport)
+    if buffering.buffer:
+        protocol.data_received(bytes(buffering.buffer))
+        buffering.buffer.clear()
+    if buffering.lost is not None or (buffering.eof and transport.is_closing()):
+        protocol.connection_lost(buffering.lost)
+    elif buffering.eof and not protocol.eof_received():
+        transport.close()
+    return transport, protocol
+

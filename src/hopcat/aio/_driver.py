@@ -1,0 +1,297 @@
+"""The asyncio driver of the tunnel engine (``hopcat.net.engine``): the same plan the CLI runs,
+its steps awaited on an event loop instead of blocking.
+
+Two ways to carry the steps out:
+
+* ``SocketIO``: on the bare non-blocking socket with the loop's ``sock_*`` calls; reads are
+  exact (peeking for an HTTP head), so the socket can be handed over with the target's first byte
+  still in it (``connect_socket``, and ``hopcat serve --via``, which splices it afterwards). It
+  cannot carry TLS: a socket leaves hopcat without its TLS session.
+* ``TransportIO``: on an asyncio transport whose protocol buffers what arrives; ``start_tls``
+  upgrades it in place for an https:// hop (and for TLS to the target after it: TLS inside TLS).
+  At the end the caller's protocol takes the transport over and gets the buffered bytes first
+  (``open_connection``, ``create_connection``).
+
+One deadline spans the whole open: every step runs under ``asyncio.timeout_at`` of it, so the
+plan learns which phase timed out, and a cancellation from outside stays a cancellation (asyncio's
+own timeout tells the two apart). Whoever created the IO object closes it when the plan fails or
+is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from hopcat.errors import HopcatError, ResolveError, UsageError
+from hopcat.net import engine
+from hopcat.net.dial import describe_oserror, interleave_families
+from hopcat.net.engine import Dial, Probe, Receive, Resolve, Send, StartTLS
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import ssl
+    from typing import Any
+
+    from hopcat.net.engine import Opened, Plan, Step
+
+PROBE_ANSWER_BYTES = 16
+
+
+async def run_plan(plan: Plan, io: SocketIO | TransportIO, deadline: float) -> Opened:
+    """Drive ``plan`` to its end with ``io``; ``deadline`` is a ``loop.time()`` value (inf: none)."""
+    outcome: object = None
+    failure: BaseException | None = None
+    limit = None if deadline == float("inf") else deadline
+    while True:
+        try:
+            step = plan.throw(failure) if failure is not None else plan.send(outcome)
+        except StopIteration as done:
+            opened: Opened = done.value
+            return opened
+        failure = None
+        try:
+            async with asyncio.timeout_at(limit):
+                outcome = await io.carry_out(step)
+        except HopcatError as exc:
+            failure = exc
+        except OSError as exc:  # TimeoutError included: the plan names the phase
+            failure = exc
+
+
+async def resolve(
+    loop: asyncio.AbstractEventLoop, host: str, port: int, family: int
+) -> list[tuple[Any, ...]]:
+    """getaddrinfo on the loop's executor, failing as the blocking resolver does."""
+    where = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+    try:
+        infos = await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_STREAM,
+                                       proto=socket.IPPROTO_TCP)  # fmt: skip
+    except socket.gaierror as exc:
+        raise ResolveError(f"resolve {where}: {describe_oserror(exc)}") from None
+    if not infos:
+        raise ResolveError(f"resolve {host}: no addresses")
+    return list(infos)
+
+
+class _IO:
+    """What both ways share: dialing the first hop, resolving, probing the first hop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, family: int) -> None:
+        self.loop = loop
+        self.family = family
+        self.peer: tuple[int, tuple[Any, ...]] | None = None
+
+    async def dial(self, step: Dial) -> socket.socket:
+        from hopcat.aio._dial import dial
+
+        infos = await resolve(self.loop, step.host, step.port, self.family)
+        candidates = [(info[0], info[4]) for info in interleave_families(infos)]
+        sock = await dial(candidates, where=f"{step.host}:{step.port}")
+        self.peer = (sock.family, sock.getpeername())
+        return sock
+
+    async def probe(self, data: bytes) -> bytes:
+        """The first bytes a second connection to the first hop gets back for ``data``."""
+        assert self.peer is not None
+        family, address = self.peer
+        probe = socket.socket(family, socket.SOCK_STREAM)
+        probe.setblocking(False)
+        try:
+            async with asyncio.timeout(engine.SILENT_PROXY_PROBE_S):
+                await self.loop.sock_connect(probe, address)
+                await self.loop.sock_sendall(probe, data)
+                return await self.loop.sock_recv(probe, PROBE_ANSWER_BYTES)
+        except (OSError, TimeoutError):
+            return b""
+        finally:
+            probe.close()
+
+
+class SocketIO(_IO):
+    """Steps on a bare non-blocking socket; exact reads; no TLS."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, family: int = 0) -> None:
+        super().__init__(loop, family)
+        self.sock: socket.socket | None = None
+
+    async def carry_out(self, step: Step) -> object:
+        if isinstance(step, Receive):
+            return await self.receive(step)
+        if isinstance(step, Send):
+            assert self.sock is not None
+            await self.loop.sock_sendall(self.sock, step.data)
+            return None
+        if isinstance(step, Resolve):
+            return await resolve(self.loop, step.host, step.port, step.family)
+        if isinstance(step, Probe):
+            return await self.probe(step.data)
+        if isinstance(step, StartTLS):
+            raise UsageError(
+                "an https:// proxy keeps its TLS session inside hopcat, so a bare socket cannot be "
+                "handed out through it: use hopcat.aio.open_connection or create_connection"
+            )
+        assert isinstance(step, Dial)
+        self.sock = await self.dial(step)
+        return None
+
+    async def receive(self, step: Receive) -> bytes | None:
+        sock = self.sock
+        assert sock is not None
+        if step.quiet_s or step.peek:
+            try:
+                async with asyncio.timeout(step.quiet_s or None):
+                    await _readable(self.loop, sock)
+            except TimeoutError:
+                return None
+        if step.peek:
+            return sock.recv(step.size, socket.MSG_PEEK)
+        return await self.loop.sock_recv(sock, step.size)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    ready = loop.create_future()
+    fd = sock.fileno()
+    loop.add_reader(fd, _settle, ready)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+
+
+def _settle(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
+
+
+class _Buffering(asyncio.Protocol):
+    """Holds what arrives until the plan (or, later, the caller's protocol) takes it."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.eof = False
+        self.lost: Exception | None = None
+        self.transport: asyncio.Transport | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake()
+        return True  # keep the transport open: the caller decides (half-close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = exc
+        self.eof = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def wait_data(self) -> None:
+        """Until bytes are buffered or the peer is done; a connection lost to an error raises."""
+        while not self.buffer and not self.eof:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        if not self.buffer and self.lost is not None:
+            raise self.lost
+
+
+class TransportIO(_IO):
+    """Steps on an asyncio transport; reads take from the protocol's buffer, so they are exact
+    for free, and TLS is ``loop.start_tls``."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, family: int = 0,
+        context: ssl.SSLContext | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(loop, family)
+        self.context = context
+        self.transport: asyncio.Transport | None = None
+        self.protocol = _Buffering()
+        self._tls: asyncio.Task[asyncio.Transport | None] | None = None
+
+    async def carry_out(self, step: Step) -> object:
+        if isinstance(step, Receive):
+            return await self.receive(step)
+        if isinstance(step, Send):
+            assert self.transport is not None
+            if self.protocol.lost is not None:
+                raise self.protocol.lost
+            self.transport.write(step.data)
+            return None
+        if isinstance(step, Resolve):
+            return await resolve(self.loop, step.host, step.port, step.family)
+        if isinstance(step, Probe):
+            return await self.probe(step.data)
+        if isinstance(step, StartTLS):
+            return await self.start_tls(step)
+        assert isinstance(step, Dial)
+        sock = await self.dial(step)
+        try:
+            self.transport, _ = await self.loop.create_connection(lambda: self.protocol, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        return None
+
+    async def receive(self, step: Receive) -> bytes | None:
+        protocol = self.protocol
+        if step.quiet_s:
+            try:
+                async with asyncio.timeout(step.quiet_s):
+                    await protocol.wait_data()
+            except TimeoutError:
+                return None
+        await protocol.wait_data()
+        data = bytes(protocol.buffer[: step.size])
+        if not step.peek:
+            del protocol.buffer[: step.size]
+        return data
+
+    async def start_tls(self, step: StartTLS) -> str | None:
+        return await self.upgrade(step.server_name, self.context, step.quiet_s)
+
+    async def upgrade(
+        self, server_name: str, context: ssl.SSLContext | None, quiet_s: float = 0.0
+    ) -> str | None:
+        """TLS over the current transport (itself perhaps TLS); the version, None when quiet."""
+        assert self.transport is not None and context is not None
+        if self._tls is None:
+            self._tls = asyncio.ensure_future(self.loop.start_tls(
+                self.transport, self.protocol, context, server_hostname=server_name
+            ))  # fmt: skip
+        task = self._tls
+        if quiet_s:  # the handshake goes on meanwhile; the next call awaits the same task
+            done, _ = await asyncio.wait({task}, timeout=quiet_s)
+            if not done:
+                return None
+        try:
+            upgraded = await task
+        finally:
+            self._tls = None
+        if upgraded is None:
+            raise ConnectionResetError("the connection closed during the TLS handshake")
+        self.transport = upgraded
+        ssl_object = upgraded.get_extra_info("ssl_object")
+        version: str = ssl_object.version() if ssl_object is not None else "TLS"
+        return version
+
+    def close(self) -> None:
+        if self._tls is not None:
+            self._tls.cancel()
+        if self.transport is not None:
+            self.transport.abort()
+            self.transport = None

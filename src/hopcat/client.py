@@ -1,0 +1,365 @@
+"""hopcat as a library: proxied connections shaped like ``socket.create_connection``.
+
+The same engine as the command line (``hopcat.net.engine``) under a blocking driver: every hop
+kind (socks4, socks4a, socks5, socks5h, http, https), chains of any length, names sent to the
+proxy by default, and exact reads, so the returned socket's next byte is the target's first
+byte even when it came in the same segment as the last proxy reply.
+
+Errors are the CLI's, and all network-side ones are ``OSError`` (see ``hopcat.errors``): a
+refusal or a malformed reply is a ``ConnectionError`` with ``.hop``, ``.proxy`` (password
+redacted), ``.code`` and, where one fits, ``.errno``; a timeout is a ``TimeoutError``; bad
+arguments are ``ValueError``.
+
+Timeouts: ``timeout`` is one deadline over the whole open (local name lookups, every hop, TLS),
+never per read, so a proxy that trickles bytes cannot stretch it. Left out, the open is bounded
+by ``DEFAULT_TIMEOUT_S`` and the socket returned is blocking; given, the socket keeps it as its
+timeout, as ``socket.create_connection`` does. ``None`` means no deadline at all.
+
+Nothing here reads the environment: ``Chain.from_env`` applies ALL_PROXY / NO_PROXY as the CLI
+does, when asked.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, overload
+
+from hopcat._url import ProxyURL, parse_proxy_url
+
+if TYPE_CHECKING:
+    import ssl
+
+    from hopcat.net.engine import HopInfo
+
+__all__ = ["DEFAULT_TIMEOUT_S", "Chain", "Proxy", "Tunnel", "create_connection", "open_tunnel"]
+
+# Long enough for a chain of slow proxies, short enough that a dead one is reported.
+DEFAULT_TIMEOUT_S = 30.0
+
+
+class _Default:
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+_DEFAULT: Any = _Default()
+
+
+class Proxy:
+    """One proxy, from a URL such as ``socks5h://user:pw@proxy:1080``. Immutable."""
+
+    __slots__ = ("_url",)
+
+    def __init__(self, url: ProxyURL) -> None:
+        self._url = url
+
+    @classmethod
+    def from_url(cls, url: str) -> Proxy:
+        """Parse ``scheme://[user[:password]@]host[:port]``; ValueError when it is not one."""
+        parsed = parse_proxy_url(url, origin="")
+        parsed.origin = ""
+        return cls(parsed)
+
+    @property
+    def scheme(self) -> str:
+        return self._url.scheme
+
+    @property
+    def host(self) -> str:
+        return self._url.host
+
+    @property
+    def port(self) -> int:
+        return self._url.port
+
+    @property
+    def username(self) -> str | None:
+        return self._url.username
+
+    @property
+    def url(self) -> str:
+        """The URL with the password replaced by ``***``."""
+        return self._url.label()
+
+    def connect(
+        self, host: str, port: int, timeout: float | None = _DEFAULT, **options: Any
+    ) -> socket.socket:
+        """``create_connection((host, port), timeout, via=self, **options)``: python-socks'
+        ``Proxy.from_url(url).connect(host, port)`` shape."""
+        return create_connection((host, port), timeout, via=self, **options)
+
+    def _copy(self) -> ProxyURL:
+        url = self._url
+        return ProxyURL(url.scheme, url.host, url.port, url.username, url.password, url.origin)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Proxy):
+            return NotImplemented
+        mine, theirs = self._url, other._url
+        return (mine.scheme, mine.host, mine.port, mine.username, mine.password) == (
+            theirs.scheme, theirs.host, theirs.port, theirs.username, theirs.password
+        )  # fmt: skip
+
+    def __hash__(self) -> int:
+        return hash((self._url.scheme, self._url.host, self._url.port, self._url.username))
+
+    def __repr__(self) -> str:
+        return f"Proxy({self.url!r})"
+
+
+class Chain(Sequence[Proxy]):
+    """Proxies in order, first hop first. Immutable and reusable; an empty chain means direct.
+
+    A chain is always true, even empty: asyncssh (``tunnel=chain``) tests its tunnel's truth,
+    and an empty chain must be dialled by hopcat (directly, as asked), not skipped silently.
+    """
+
+    __slots__ = ("_proxies",)
+
+    def __init__(self, proxies: Iterable[Proxy | str] = ()) -> None:
+        items = []
+        for proxy in proxies:
+            if isinstance(proxy, str):
+                proxy = Proxy.from_url(proxy)
+            elif not isinstance(proxy, Proxy):
+                raise TypeError(f"a chain holds Proxy objects or URL strings, not {proxy!r}")
+            items.append(proxy)
+        self._proxies = tuple(items)
+
+    @classmethod
+    def from_urls(cls, urls: Iterable[str]) -> Chain:
+        return cls(Proxy.from_url(url) for url in urls)
+
+    @classmethod
+    def from_env(cls, host: str, env: Mapping[str, str] | None = None) -> Chain:
+        """The proxy the CLI would use for ``host`` from ALL_PROXY (all_proxy), SOCKS5_SERVER,
+        SOCKS_SERVER or SOCKS4_SERVER, unless NO_PROXY (no_proxy) exempts it; ``env`` defaults
+        to ``os.environ``. Empty when none applies."""
+        import os
+
+        from hopcat.cli._proxy import proxies_from_environment
+
+        hops, _why = proxies_from_environment(os.environ if env is None else env, host)
+        for hop in hops:
+            hop.origin = ""
+        return cls(Proxy(hop) for hop in hops)
+
+    @overload
+    def __getitem__(self, index: int) -> Proxy: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Chain: ...
+
+    def __getitem__(self, index: int | slice) -> Proxy | Chain:
+        if isinstance(index, slice):
+            return Chain(self._proxies[index])
+        return self._proxies[index]
+
+    def __len__(self) -> int:
+        return len(self._proxies)
+
+    def __iter__(self) -> Iterator[Proxy]:
+        return iter(self._proxies)
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Chain) and self._proxies == other._proxies
+
+    def __hash__(self) -> int:
+        return hash(self._proxies)
+
+    def __repr__(self) -> str:
+        return f"Chain([{', '.join(repr(proxy.url) for proxy in self._proxies)}])"
+
+    def fresh_hops(self) -> list[ProxyURL]:
+        """Fresh copies of the hops for one open: the engine never shares the caller's objects."""
+        return [proxy._copy() for proxy in self._proxies]
+
+    async def create_connection(
+        self, protocol_factory: Any, host: str, port: int, **options: Any
+    ) -> tuple[Any, Any]:
+        """asyncssh's tunnel protocol: ``asyncssh.connect(host, tunnel=chain)`` opens the SSH
+        connection through this chain (``hopcat.aio.create_connection``)."""
+        from hopcat.aio import create_connection as aio_create_connection
+
+        return await aio_create_connection(protocol_factory, host, port, via=self, **options)
+
+
+Via = str | Proxy | Chain | Sequence[str | Proxy]
+
+
+def as_chain(via: Via) -> Chain:
+    """``via`` as a Chain: a URL, a Proxy, a Chain, or a sequence of URLs and Proxies."""
+    if isinstance(via, Chain):
+        return via
+    if isinstance(via, (str, Proxy)):
+        return Chain([via])
+    if isinstance(via, Sequence):
+        return Chain(via)
+    raise TypeError(f"via must be a proxy URL, a Proxy, a Chain or a sequence of them, not {via!r}")
+
+
+class Tunnel:
+    """An open tunnel: ``sock`` (its next byte is the target's first), and what each hop did.
+
+    A context manager that closes the socket, unless ``detach()`` took it.
+    """
+
+    __slots__ = ("hops", "sock")
+
+    def __init__(self, sock: socket.socket, hops: tuple[HopInfo, ...]) -> None:
+        self.sock: socket.socket | None = sock
+        self.hops = hops
+
+    def start_tls(
+        self, context: ssl.SSLContext | None = None, server_hostname: str | None = None
+    ) -> socket.socket:
+        """TLS to the target over the tunnel; the TLS socket replaces ``sock`` and is returned."""
+        sock = self._socket()
+        self.sock = _wrap_target(sock, context, server_hostname)
+        return self.sock
+
+    def detach(self) -> socket.socket:
+        """The socket, now the caller's to close."""
+        sock = self._socket()
+        self.sock = None
+        return sock
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def _socket(self) -> socket.socket:
+        if self.sock is None:
+            raise ValueError("the tunnel is closed or detached")
+        return self.sock
+
+    def __enter__(self) -> Tunnel:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Tunnel({self.sock!r}, hops={list(self.hops)!r})"
+
+
+def open_tunnel(
+    host: str,
+    port: int,
+    *,
+    via: Via,
+    timeout: float | None = _DEFAULT,
+    source_address: tuple[str, int] | None = None,
+    proxy_dns: str = "remote",
+    family: int = 0,
+    ssl: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+    proxy_ssl: ssl.SSLContext | None = None,
+    proxy_headers: Iterable[tuple[str, str]] = (),
+    socket_options: Iterable[tuple[int, int, int | bytes]] = (),
+) -> Tunnel:
+    """Open a tunnel to host:port through ``via`` (see ``create_connection``)."""
+    from hopcat.net.chain import open_tunnel as open_chain
+    from hopcat.net.dial import dial_tcp
+
+    chain = as_chain(via)
+    limit = DEFAULT_TIMEOUT_S if timeout is _DEFAULT else timeout
+    deadline = float("inf") if limit is None else time.monotonic() + limit
+    source = None
+    if source_address is not None:
+        source, source_port = source_address
+        if source_port:
+            raise ValueError("source_address: binding a source port is not supported (give 0)")
+    info: tuple[HopInfo, ...] = ()
+    if len(chain) == 0:
+        raw: Any = dial_tcp(host, port, deadline=deadline, family=family, source=source)
+    else:
+        opened = open_chain(
+            chain.fresh_hops(), host, port, deadline=deadline, family=family, source=source,
+            proxy_dns=proxy_dns, exact=True, context=proxy_ssl, headers=list(proxy_headers),
+        )  # fmt: skip
+        raw, info = opened.sock, opened.hops
+    tunnel = Tunnel(_full_socket(raw), info)
+    try:
+        sock = tunnel._socket()
+        for level, option, value in socket_options:
+            sock.setsockopt(level, option, value)
+        if ssl is not None:
+            sock.settimeout(_left(deadline))
+            tunnel.start_tls(ssl, server_hostname or host)
+        tunnel._socket().settimeout(None if timeout is _DEFAULT else timeout)
+    except BaseException:
+        tunnel.close()
+        raise
+    return tunnel
+
+
+def create_connection(
+    address: tuple[str, int],
+    timeout: float | None = _DEFAULT,
+    source_address: tuple[str, int] | None = None,
+    *,
+    via: Via,
+    proxy_dns: str = "remote",
+    family: int = 0,
+    ssl: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+    proxy_ssl: ssl.SSLContext | None = None,
+    proxy_headers: Iterable[tuple[str, str]] = (),
+    socket_options: Iterable[tuple[int, int, int | bytes]] = (),
+) -> socket.socket:
+    """Connect to ``address`` (host, port) through ``via``: a proxy URL, a ``Proxy``, a
+    ``Chain`` or a sequence of them (an empty ``Chain`` connects directly).
+
+    Returns a connected socket whose next byte is the target's first; with ``ssl`` (an
+    SSLContext), a TLS socket to the target (``server_hostname`` defaults to the target's host),
+    its handshake within the same deadline. ``proxy_ssl`` is the context for an https:// proxy
+    (default: the system's CAs), ``proxy_headers`` go into every HTTP CONNECT, and
+    ``socket_options`` (level, option, value) are set on the socket once it is connected.
+    """
+    host, port = address
+    tunnel = open_tunnel(
+        host, port, via=via, timeout=timeout, source_address=source_address,
+        proxy_dns=proxy_dns, family=family, ssl=ssl, server_hostname=server_hostname,
+        proxy_ssl=proxy_ssl, proxy_headers=proxy_headers, socket_options=socket_options,
+    )  # fmt: skip
+    return tunnel.detach()
+
+
+def _left(deadline: float) -> float | None:
+    if deadline == float("inf"):
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        from hopcat.errors import HopcatTimeoutError
+
+        raise HopcatTimeoutError("no time left for the TLS handshake with the target")
+    return left
+
+
+def _full_socket(raw: Any) -> socket.socket:
+    """The engine works on ``_socket.socket`` (cheaper to import); callers expect the module's
+    class (makefile, sendfile, context manager). A TLS hop's socket already is one."""
+    if isinstance(raw, socket.socket):
+        return raw
+    return socket.socket(raw.family, raw.type, raw.proto, fileno=raw.detach())
+
+
+def _wrap_target(
+    sock: socket.socket, context: ssl.SSLContext | None, server_hostname: str | None
+) -> socket.socket:
+    import ssl as ssl_module
+
+    if isinstance(sock, ssl_module.SSLSocket):
+        raise ValueError(
+            "TLS to the target through an https:// proxy needs TLS inside TLS, which the "
+            "blocking API does not do: use hopcat.aio (open_connection with ssl=)"
+        )
+    context = context or ssl_module.create_default_context()
+    return context.wrap_socket(sock, server_hostname=server_hostname)
