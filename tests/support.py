@@ -140,13 +140,14 @@ def exchange(*args: object, **kwargs: object) -> Iterator[Exchange]:
 
 def silent_listener(host: str = "127.0.0.1") -> tuple[socket.socket, list[socket.socket], int]:
     """A listener whose accept queue is full, so further SYNs go unanswered (a "silent" host)."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
     listener.bind((host, 0))
     listener.listen(0)
     port = listener.getsockname()[1]
     fillers: list[socket.socket] = []
     for _ in range(4):
-        filler = socket.socket()
+        filler = socket.socket(family)
         filler.setblocking(False)
         filler.connect_ex((host, port))
         fillers.append(filler)
@@ -156,6 +157,6 @@ def silent_listener(host: str = "127.0.0.1") -> tuple[socket.socket, list[socket
 @contextlib.contextmanager
 def closed_port(host: str = "127.0.0.1") -> Iterator[int]:
     """A port that is bound but not listening: connecting to it is refused while this is open."""
-    with socket.socket() as sock:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         sock.bind((host, 0))
         yield sock.getsockname()[1]

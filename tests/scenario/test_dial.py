@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 import time
 
@@ -73,7 +74,7 @@ def test_every_address_failing_names_each() -> None:
     message = str(info.value)
     assert f"127.0.0.1:{a}: connection refused" in message
     assert f"127.0.0.1:{b}: connection refused" in message
-    assert isinstance(info.value, OSError)
+    assert isinstance(info.value, OSError) and info.value.errno == errno.ECONNREFUSED
 
 
 def test_deadline_over_all_attempts() -> None:

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from hopcat.errors import RelayError
-from hopcat.relay.pump import RelayOptions, grow_pipe, relay
+from hopcat.relay.pump import RelayOptions, relay
+from hopcat.relay.splice import grow_pipe
 from support import pattern, sha256
 
 

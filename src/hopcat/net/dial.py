@@ -10,8 +10,9 @@ Theory of operation:
 3. Race (section 5): start the first connect; every ``stagger_s`` (250 ms, the RFC's recommended
    "Connection Attempt Delay") without a winner, or at once when an attempt fails, start the next.
    The first connect to complete wins; the others are closed before returning.
-4. Errors: all attempts failed -> ConnectError naming each address and why; deadline reached ->
-   HopcatTimeoutError. Neither leaves a socket open.
+4. Errors: all attempts failed -> ConnectError naming each address and why, with the errno that
+   explains the failure best (``main_errno``); deadline reached -> HopcatTimeoutError. Neither
+   leaves a socket open. The asyncio dialer (``hopcat.aio``) raises the same.
 
 The resolver, socket factory and clock are parameters so tests can script a network; the
 defaults are the stdlib's.
@@ -203,7 +204,7 @@ def dial_tcp(
     if not is_ip_literal(host):
         trace(f"resolved {host}: " + ", ".join(info[4][0] for info in candidates))
 
-    failures: list[tuple[str, str]] = []  # (address, why it failed)
+    failures: list[tuple[str, int]] = []  # (address, the errno it failed with)
     pending: dict[int, tuple[socket.socket, AddrInfo]] = {}
     poller = select.poll()
     next_index = 0
@@ -227,9 +228,8 @@ def dial_tcp(
             poller.register(sock.fileno(), select.POLLOUT)
         else:
             sock.close()
-            reason = os.strerror(code).lower()
-            trace(f"connect {label}: {reason}")
-            failures.append((label, reason))
+            trace(f"connect {label}: {os.strerror(code).lower()}")
+            failures.append((label, code))
 
     try:
         while True:
@@ -261,16 +261,31 @@ def dial_tcp(
                     tune_socket(sock, nodelay=nodelay, keepalive=keepalive)
                     return sock
                 sock.close()
-                reason = os.strerror(code).lower()
-                trace(f"connect {label}: {reason}")
-                failures.append((label, reason))
+                trace(f"connect {label}: {os.strerror(code).lower()}")
+                failures.append((label, code))
                 next_start = clock()  # RFC 8305: a failure starts the next attempt at once
     finally:
         for sock, _info in pending.values():
             sock.close()
 
+    raise connect_failed(where, failures)
+
+
+def main_errno(codes: Sequence[int]) -> int | None:
+    """The errno that best explains a race every address lost: a refusal (something answered
+    there), then an unreachable network or host, then the first failure."""
+    for wanted in (errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH):
+        if wanted in codes:
+            return wanted
+    return codes[0] if codes else None
+
+
+def connect_failed(where: str, failures: Sequence[tuple[str, int]]) -> ConnectError:
+    """The error for a lost race: each (address, errno) named, unless there was only one."""
+    codes = [code for _address, code in failures]
     if len(failures) == 1:
-        reason = failures[0][1]
-        raise ConnectError(f"connect to {where}: {reason}")
-    tried = "; ".join(f"{address}: {why}" for address, why in failures)
-    raise ConnectError(f"connect to {where}: every address failed ({tried})")
+        message = f"connect to {where}: {os.strerror(codes[0]).lower()}"
+    else:
+        tried = "; ".join(f"{address}: {os.strerror(code).lower()}" for address, code in failures)
+        message = f"connect to {where}: every address failed ({tried})"
+    return ConnectError(message, errno=main_errno(codes))

@@ -8,7 +8,8 @@ Each direction is a Flow that moves bytes one of three ways, chosen per directio
 * ``splice via pipe``: both ends are sockets (library and server use). An intermediate pipe of
   our own sits in the middle: socket -> pipe, pipe -> socket.
 * ``copy``: anything else (a tty, a regular file, a platform without splice, or a kernel that
-  answers EINVAL on the first splice): read into a 256 KiB buffer, write it out.
+  refuses the first splice: see ``hopcat.relay.splice``): read into a 256 KiB buffer, write it
+  out.
 
 A download spliced from a socket coalesces its wakeups once it is a bulk transfer: after one
 wakeup moved ``COALESCE_TRIGGER_BYTES``, the socket's SO_RCVLOWAT makes poll wait for
@@ -66,6 +67,14 @@ import stat
 import time
 
 from hopcat.errors import HopcatTimeoutError, RelayError
+from hopcat.relay.splice import (
+    HAVE_SPLICE,
+    MAX_SPLICE_BYTES,
+    SPLICE_FLAGS,
+    Splicer,
+    grow_pipe,
+    open_pipe,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -73,7 +82,6 @@ if TYPE_CHECKING:
     from typing import Any
 
 COPY_BUFFER_BYTES = 256 * 1024
-MAX_SPLICE_BYTES = 1 << 20
 # Coalescing a bulk download (see Flow.coalesce_from): once one wakeup finds
 # COALESCE_TRIGGER_BYTES, poll wakes us only at COALESCE_BYTES queued (SO_RCVLOWAT), at the
 # peer's FIN or error, or COALESCE_WAIT_S after the last splice, whichever is first; a wait that
@@ -81,14 +89,8 @@ MAX_SPLICE_BYTES = 1 << 20
 COALESCE_TRIGGER_BYTES = 32 * 1024
 COALESCE_BYTES = 256 * 1024
 COALESCE_WAIT_S = 0.002
-PIPE_SIZE_BYTES = 1 << 20  # the default /proc/sys/fs/pipe-max-size: fewer wakeups per MiB
 MAX_POLL_MS = 2**31 - 1  # poll() takes a C int: longer waits are done in several polls
-F_SETPIPE_SZ = 1031  # fcntl.h; not exported by Python's fcntl before 3.10 on every platform
 
-_HAVE_SPLICE = hasattr(os, "splice")
-_SPLICE_FLAGS = (
-    getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2) if _HAVE_SPLICE else 0
-)
 _GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN)
 
 
@@ -151,16 +153,6 @@ def fd_kind(fd: int) -> str:
     return "other"
 
 
-def grow_pipe(fd: int) -> None:
-    """Best effort: a bigger pipe means fewer splice calls per MiB. Not fatal if refused."""
-    try:
-        import fcntl
-
-        fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE_BYTES)
-    except (OSError, ImportError):
-        pass
-
-
 def _is_writable_now(fd: int) -> bool:
     poller = select.poll()
     poller.register(fd, select.POLLOUT)
@@ -183,6 +175,7 @@ class Flow:
         self.src = src
         self.dst = dst
         self.mode = mode  # "splice", "splice via pipe" or "copy"
+        self._splicer = Splicer(mode != "copy")
         self.src_eof = False
         self.finished = False
         self.moved = 0  # bytes written to dst
@@ -205,19 +198,23 @@ class Flow:
         if mode == "copy":
             self._use_copy()
         elif mode == "splice via pipe":
-            self._pipe_r, self._pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            grow_pipe(self._pipe_w)
+            self._pipe_r, self._pipe_w = open_pipe()
 
     def _use_copy(self) -> None:
+        """Copy from now on: asked for, or the first splice was refused (so nothing is held)."""
+        self._close_pipe()
         self.mode = "copy"
         self._buffer = bytearray(COPY_BUFFER_BYTES)
         self._view = memoryview(self._buffer)
 
-    def close(self) -> None:
+    def _close_pipe(self) -> None:
         for fd in (self._pipe_r, self._pipe_w):
             if fd >= 0:
                 os.close(fd)
         self._pipe_r = self._pipe_w = -1
+
+    def close(self) -> None:
+        self._close_pipe()
         if self._view is not None:
             self._view.release()
             self._view = None
@@ -265,16 +262,14 @@ class Flow:
         # here saves the EAGAIN probe (a splice plus a poll) that would otherwise end every turn.
         self.waiting_for_dst = False
         try:
-            count = os.splice(self.src, self.dst, MAX_SPLICE_BYTES, flags=_SPLICE_FLAGS)
+            count = self._splicer.splice_once(self.src, self.dst, MAX_SPLICE_BYTES)
         except BlockingIOError:
             # Ambiguous: src empty or dst full. Ask dst, so we never spin on a writable dst.
             self.waiting_for_dst = not _is_writable_now(self.dst)
             return
-        except OSError as exc:
-            if exc.errno in (errno.EINVAL, errno.ENOSYS) and self.moved == 0:
-                self._use_copy()  # this kernel/fd pair cannot splice: copy instead
-                return
-            raise
+        if count is None:
+            self._use_copy()  # this kernel/fd pair cannot splice: copy instead
+            return
         if count == 0:
             self.src_eof = True
         self.moved += count
@@ -312,11 +307,14 @@ class Flow:
     # -- splice via our own pipe: socket -> pipe -> socket --------------------------------------
     def _splice_in(self) -> None:
         try:
-            count = os.splice(self.src, self._pipe_w, MAX_SPLICE_BYTES, flags=_SPLICE_FLAGS)
+            count = self._splicer.splice_once(self.src, self._pipe_w, MAX_SPLICE_BYTES)
         except BlockingIOError:
             # src was reported readable, so with bytes in our pipe this is the pipe being full:
             # stop asking for src until _splice_out makes room, or poll would return at once.
             self.pipe_full = self.buffered > 0
+            return
+        if count is None:
+            self._use_copy()  # refused before any byte went into the pipe: copy instead
             return
         if count == 0:
             self.src_eof = True
@@ -325,7 +323,7 @@ class Flow:
     def _splice_out(self) -> None:
         while self.buffered:
             try:
-                count = os.splice(self._pipe_r, self.dst, self.buffered, flags=_SPLICE_FLAGS)
+                count = os.splice(self._pipe_r, self.dst, self.buffered, flags=SPLICE_FLAGS)
             except BlockingIOError:
                 return
             self.buffered -= count
@@ -396,7 +394,7 @@ def _tls_send(tls: object, view: memoryview) -> int:
 
 
 def choose_mode(src_kind: str, dst_kind: str, allow_splice: bool = True) -> str:
-    if not (_HAVE_SPLICE and allow_splice):
+    if not (HAVE_SPLICE and allow_splice):
         return "copy"
     spliceable = ("pipe", "socket")
     if src_kind in spliceable and dst_kind in spliceable:

@@ -25,13 +25,13 @@ an IP literal in any spelling getaddrinfo accepts is parsed by getaddrinfo itsel
 lookup), then resolved by ``getaddrinfo`` on a small thread pool (the only portable non-blocking
 resolver; ``Server.lookup`` keeps each client to its share). Every address is checked against
 the rules (``_decide``), and exactly the allowed sockaddrs are raced Happy-Eyeballs style
-(``Dialer``, RFC 8305: first address first, the next after 250 ms or at once on a failure):
-no second lookup, so DNS rebinding cannot slip another address in. With ``--via`` the whole
-chain is opened by ``hopcat.net.chain.open_tunnel`` (the client's code, blocking) on a small
-thread pool, for the checked address when the last hop dials from this host and the rules needed
-the addresses, else for the name: the only threads the server uses besides the resolver's,
-bounded by the connect timeout; a SOCKS5 upstream's refusal (replies 2-6) is passed on to a
-SOCKS5 client. The reply carries the target socket's local address (SOCKS) or is a 200 (HTTP).
+(``hopcat.aio._dial.Dialer``, RFC 8305: first address first, the next after 250 ms or at once
+on a failure): no second lookup, so DNS rebinding cannot slip another address in. With
+``--via`` the whole chain is opened by ``hopcat.net.chain.open_tunnel`` (the client's code,
+blocking) on a small thread pool, for the checked address when the last hop dials from this
+host and the rules needed the addresses, else for the name: the only threads the server uses
+besides the resolver's, bounded by the connect timeout; a SOCKS5 upstream's refusal (replies
+2-6) is passed on to a SOCKS5 client. The reply carries the target socket's local address (SOCKS) or is a 200 (HTTP).
 
 Failures get the protocol's own answer: SOCKS5 reply 2 (rules), 3/4 (unreachable, name not
 resolved, timeout), 5 (refused), 7 (BIND, UDP ASSOCIATE), 1 (anything else); SOCKS4 91; HTTP 403,
@@ -52,6 +52,7 @@ import os
 import socket
 
 from hopcat._endpoint import format_hostport
+from hopcat.aio._dial import Dialer
 from hopcat.errors import (
     HopcatError,
     HopcatTimeoutError,
@@ -60,6 +61,7 @@ from hopcat.errors import (
     ProxyUnreachableError,
     ResolveError,
 )
+from hopcat.net.dial import interleave_families, main_errno
 from hopcat.proto._events import NEED_DATA, Credentials, Rejected, Request
 from hopcat.proto.detect import detect
 from hopcat.server.policy import resolver_form
@@ -77,7 +79,6 @@ if TYPE_CHECKING:
 HANDSHAKE_RECV_BYTES = 16384
 LINGER_S = 2.0  # how long a refused client may take to read our answer and close
 LINGER_MAX_BYTES = 1 << 20  # and how much it may send meanwhile
-CONNECT_ATTEMPT_DELAY_S = 0.25  # RFC 8305 section 8
 VIA_GRACE_S = 1.0  # open_tunnel reports its own timeout; this is the backstop
 
 # Phases.
@@ -178,110 +179,11 @@ def _guarded(method: Callable[..., None]) -> Callable[..., None]:
     return callback
 
 
-class Dialer:
-    """Connect to the first of ``candidates`` (family, sockaddr) that answers, RFC 8305 style.
-
-    ``on_done(sock, None)`` with a connected non-blocking socket, or ``on_done(None, errnos)``.
-    Exactly one call, unless ``cancel()`` came first.
-    """
-
-    __slots__ = ("_attempts", "_candidates", "_done", "_errors", "_index", "_loop", "_on_done",
-                 "_timer")  # fmt: skip
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        candidates: list[tuple[int, tuple[object, ...]]],
-        on_done: object,
-    ) -> None:
-        self._loop = loop
-        self._candidates = candidates
-        self._on_done = on_done
-        self._index = 0
-        self._attempts: dict[int, socket.socket] = {}
-        self._errors: list[int] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._done = False
-
-    def start(self) -> None:
-        self._next()
-
-    def _next(self) -> None:
-        self._timer = None
-        while self._index < len(self._candidates) and not self._done:
-            family, sockaddr = self._candidates[self._index]
-            self._index += 1
-            sock = None
-            try:
-                sock = socket.socket(family, socket.SOCK_STREAM)
-                sock.setblocking(False)
-                code = sock.connect_ex(sockaddr)
-            except OSError as exc:
-                if sock is not None:
-                    sock.close()
-                self._errors.append(exc.errno or 0)
-                continue
-            if code == 0:
-                self._win(sock)
-                return
-            if code != errno.EINPROGRESS:
-                sock.close()
-                self._errors.append(code)
-                continue
-            fd = sock.fileno()
-            self._attempts[fd] = sock
-            self._loop.add_writer(fd, self._on_writable, fd)
-            if self._index < len(self._candidates):
-                self._timer = self._loop.call_later(CONNECT_ATTEMPT_DELAY_S, self._next)
-            return
-        if not self._attempts and not self._done:
-            self._finish(None)
-
-    def _on_writable(self, fd: int) -> None:
-        self._loop.remove_writer(fd)
-        sock = self._attempts.pop(fd)
-        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if code == 0:
-            self._win(sock)
-            return
-        sock.close()
-        self._errors.append(code)
-        # RFC 8305: a failure starts the next attempt at once instead of after the delay.
-        if self._timer is not None:
-            self._timer.cancel()
-        self._next()
-
-    def _win(self, sock: socket.socket) -> None:
-        self._finish(sock)
-
-    def _finish(self, sock: socket.socket | None) -> None:
-        self.cancel()
-        if sock is not None:
-            self._on_done(sock, None)  # type: ignore[operator]
-        else:
-            self._on_done(None, self._errors)  # type: ignore[operator]
-
-    def cancel(self) -> None:
-        self._done = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        for fd, sock in self._attempts.items():
-            self._loop.remove_writer(fd)
-            sock.close()
-        self._attempts.clear()
-
-
-def _errors_result(errors: list[int]) -> tuple[str, str]:
-    """The result for a failed dial and its reason: refused wins, then unreachable, then first."""
-    if not errors:
+def _errors_result(failures: list[tuple[Any, int]]) -> tuple[str, str]:
+    """The result for a failed dial and its reason, from the errno that explains it best."""
+    code = main_errno([code for _sockaddr, code in failures])
+    if code is None:
         return "unreachable", "no address to connect to"
-    for wanted in (errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH):
-        if wanted in errors:
-            code = wanted
-            break
-    else:
-        code = errors[0]
     return _CONNECT_ERRORS.get(code, "error"), os.strerror(code).lower()
 
 
@@ -565,8 +467,6 @@ class Conn:
                 why = strerror(exc)
             self.refuse("dns-error", f"resolve {self.host}: {why}")
             return
-        from hopcat.net.dial import interleave_families
-
         candidates = [
             (info[0], info[4])
             for info in interleave_families(list(infos))
@@ -611,10 +511,10 @@ class Conn:
         self.dialer.start()
 
     @_guarded
-    def _on_dialed(self, sock: socket.socket | None, errors: list[int] | None) -> None:
+    def _on_dialed(self, sock: socket.socket | None, failures: list[tuple[Any, int]]) -> None:
         self.dialer = None
         if sock is None:
-            result, why = _errors_result(errors or [])
+            result, why = _errors_result(failures)
             self.refuse(result, f"connect to {self.dest}: {why}")
             return
         try:

@@ -11,7 +11,8 @@ one of two ways:
   across tunnels instead of created per chunk.
 * copy: ``recv_into`` one buffer shared by every tunnel of the engine, ``send`` at once; what dst
   did not take is kept in ``pending`` (a bytes object, only while dst is full). Used when splice
-  is missing or refused (the first EINVAL/ENOSYS switches the engine over for good), and for a
+  is missing or refused (the engine's ``Splicer`` probes once: a first splice answered
+  EINVAL/ENOSYS switches every tunnel over for good, see ``hopcat.relay.splice``), and for a
   chunk when no pipe can be opened (EMFILE: the tunnel keeps going, just copying).
 
 ``pending`` also carries the bytes that must go first: the handshake reply and the target's bytes
@@ -47,6 +48,8 @@ import select
 import socket
 import struct
 
+from hopcat.relay.splice import MAX_SPLICE_BYTES, SPLICE_FLAGS, Splicer, open_pipe
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import asyncio
@@ -66,26 +69,19 @@ if TYPE_CHECKING:
         def socket_failed(self, fd: int) -> None: ...
 
 
-PIPE_SIZE_BYTES = 1 << 20  # default /proc/sys/fs/pipe-max-size; best effort
-MAX_SPLICE_BYTES = PIPE_SIZE_BYTES
 IDLE_PIPES_KEPT = 64  # pipes kept open for reuse; more are closed when given back
 COPY_BUFFER_BYTES = 256 * 1024
 # After a splice that filled this much, more is probably waiting: go round again before
 # returning to the event loop (saves a wakeup per chunk on bulk transfers).
 BIG_CHUNK_BYTES = 64 * 1024
 ROUNDS_PER_WAKEUP = 8
-F_SETPIPE_SZ = 1031  # fcntl.h
 
 ERROR_EVENTS_PER_WAKEUP = 64
 # Unsent bytes a socket's send queue may hold toward a reader that stopped (see bound_buffers).
 NOTSENT_LOWAT_BYTES = 512 * 1024
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 0)
 _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 0)
-_HAVE_SPLICE = hasattr(os, "splice")
 _HAVE_EPOLL = hasattr(select, "epoll")
-_SPLICE_FLAGS = (
-    getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2) if _HAVE_SPLICE else 0
-)
 _LINGER_RESET = struct.pack("ii", 1, 0)
 # Out of descriptors or kernel memory: not this tunnel's fault, fall back to copying.
 _NO_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS)
@@ -111,17 +107,11 @@ class PipePool:
         if self._idle:
             return self._idle.pop()
         try:
-            pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            pipe = open_pipe()
         except OSError as exc:
             if exc.errno in _NO_RESOURCES:
                 return None
             raise
-        try:
-            import fcntl
-
-            fcntl.fcntl(pipe[1], F_SETPIPE_SZ, PIPE_SIZE_BYTES)
-        except OSError:
-            pass  # over pipe-user-pages-soft or pipe-max-size: the default 64 KiB works too
         self.created += 1
         return pipe
 
@@ -147,8 +137,9 @@ class PipePool:
 
 
 class Engine:
-    """What every tunnel on one event loop shares: the loop, the pipe pool, the copy buffer, and
-    the error watch.
+    """What every tunnel on one event loop shares: the loop, the splicer (its probe's answer
+    holds for every tunnel: they are all TCP sockets and our pipes), the pipe pool, the copy
+    buffer, and the error watch.
 
     The error watch is an epoll set holding every relayed socket with no events asked for, so it
     reports only POLLERR and POLLHUP (always reported). The relay registers a reader on a Half's
@@ -159,7 +150,7 @@ class Engine:
     """
 
     __slots__ = (
-        "_errors", "_view", "_watched", "buffer", "loop", "pool", "receive_cap", "splice",
+        "_errors", "_view", "_watched", "buffer", "loop", "pool", "receive_cap", "splicer",
     )  # fmt: skip
 
     def __init__(
@@ -171,7 +162,7 @@ class Engine:
     ) -> None:
         self.loop = loop
         self.pool = PipePool()
-        self.splice = splice and _HAVE_SPLICE
+        self.splicer = Splicer(splice)
         self.receive_cap = receive_cap
         self.buffer = bytearray(COPY_BUFFER_BYTES)
         self._view = memoryview(self.buffer)
@@ -318,7 +309,7 @@ class Half:
         self.owner.active = True
         try:
             engine = self.engine
-            if engine.splice:
+            if engine.splicer.usable:
                 pipe = engine.pool.take()
                 if pipe is not None:
                     self._splice_rounds(pipe)
@@ -329,20 +320,21 @@ class Half:
 
     def _splice_rounds(self, pipe: tuple[int, int]) -> None:
         src_fd, dst_fd, pool = self.src_fd, self.dst_fd, self.engine.pool
+        splice_once = self.engine.splicer.splice_once
         for _ in range(ROUNDS_PER_WAKEUP):
             try:
-                count = os.splice(src_fd, pipe[1], MAX_SPLICE_BYTES, flags=_SPLICE_FLAGS)
+                count = splice_once(src_fd, pipe[1], MAX_SPLICE_BYTES)
             except BlockingIOError:
                 pool.give(pipe)
                 return
             except OSError as exc:
                 pool.give(pipe)
-                if exc.errno in (errno.EINVAL, errno.ENOSYS):
-                    # This kernel or socket type cannot splice: copy from now on, everywhere.
-                    self.engine.splice = False
-                    self._copy_round()
-                    return
                 self.owner.half_failed(self, exc, "src")
+                return
+            if count is None:
+                # This kernel or socket type cannot splice: copy from now on, everywhere.
+                pool.give(pipe)
+                self._copy_round()
                 return
             if count == 0:
                 pool.give(pipe)
@@ -353,7 +345,7 @@ class Half:
             sent = 0
             try:
                 while sent < count:
-                    sent += os.splice(pipe[0], dst_fd, count - sent, flags=_SPLICE_FLAGS)
+                    sent += os.splice(pipe[0], dst_fd, count - sent, flags=SPLICE_FLAGS)
             except BlockingIOError:
                 pass
             except OSError as exc:
@@ -424,7 +416,7 @@ class Half:
                 self.pending = self.pending[sent:]
             while self.inflight:
                 assert self.pipe is not None
-                sent = os.splice(self.pipe[0], self.dst_fd, self.inflight, flags=_SPLICE_FLAGS)
+                sent = os.splice(self.pipe[0], self.dst_fd, self.inflight, flags=SPLICE_FLAGS)
                 self.moved += sent
                 self.inflight -= sent
         except BlockingIOError:
