@@ -34,12 +34,12 @@ class Event:
     __slots__ = ()
     _fields: ClassVar[tuple[str, ...]] = ()
 
+    # Defining __eq__ leaves __hash__ None, so events are unhashable: mutable-looking value
+    # objects, never dict keys.
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
             return NotImplemented
         return all(getattr(self, name) == getattr(other, name) for name in self._fields)
-
-    __hash__ = None  # type: ignore[assignment]  # mutable-looking value objects; never dict keys
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)

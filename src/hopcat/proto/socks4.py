@@ -299,6 +299,12 @@ class Socks4Server(Machine):
         return Request(COMMAND_NAMES[request.command], host, request.port, user_id)
 
     @_outbound
+    def accept_credentials(self, ok: bool) -> None:
+        """Part of the server role; SOCKS4 has no authentication, so there is never a
+        ``Credentials`` event to answer and a call is out of turn, as in any other state."""
+        self._expect(State.AUTH_DECISION, "accept_credentials()")
+
+    @_outbound
     def reply_success(self, bound_host: str | None = None, bound_port: int | None = None) -> None:
         """Grant the request. Only an IPv4 ``bound_host`` fits in the reply; others send 0.0.0.0
         (the client ignores the address for CONNECT anyway)."""
