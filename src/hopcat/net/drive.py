@@ -16,7 +16,7 @@ from __future__ import annotations
 # _socket, not socket: the socket module costs ~10 ms of imports (enum, selectors) per start.
 import _socket as socket
 
-from hopcat.errors import HopcatTimeoutError, RemoteProtocolError
+from hopcat.errors import HopcatError, HopcatTimeoutError, RemoteProtocolError
 from hopcat.net.dial import MAX_WAIT_S, describe_oserror, wait_s
 from hopcat.proto._events import NEED_DATA, Established
 
@@ -78,6 +78,8 @@ def run_handshake(
                     return event
                 if on_event is not None:
                     on_event(event)
+        except HopcatError:
+            raise  # the machine's refusals and protocol errors are OSErrors too: not the socket's
         except TimeoutError:
             raise HopcatTimeoutError("no answer from the proxy before the connect timeout") from None
         except (ConnectionResetError, BrokenPipeError) as exc:
