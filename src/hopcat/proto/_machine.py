@@ -260,7 +260,9 @@ class Machine:
     def _wait(self) -> NeedData:
         """NEED_DATA, unless the peer already closed: then the handshake can never finish."""
         if self._inbox.eof:
-            raise RemoteProtocolError(f"{self._PEER} closed the connection during the handshake")
+            raise RemoteProtocolError(
+                f"{self._PEER} closed the connection during the handshake", peer_closed=True
+            )
         return NEED_DATA
 
     def _take_message(self) -> bytes | None:
