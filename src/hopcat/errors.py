@@ -34,7 +34,7 @@ socks5     2 connection not allowed by ruleset  EACCES          a policy said no
 socks5     3 network unreachable                ENETUNREACH     the proxy's connect got it
 socks5     4 host unreachable                   EHOSTUNREACH    (also: name did not resolve)
 socks5     5 connection refused                 ECONNREFUSED
-socks5     6 TTL expired                        ETIMEDOUT       what proxies send on timeout
+socks5     6 TTL expired                        ETIMEDOUT       also sent for a connect timeout
 socks5     7 command not supported              EOPNOTSUPP
 socks5     8 address type not supported         EAFNOSUPPORT    e.g. IPv6 to an IPv4-only proxy
 socks4     91 request rejected or failed        ECONNREFUSED    refused, or the rules said no

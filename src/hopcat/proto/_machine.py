@@ -17,6 +17,11 @@ Driver contract (identical for every machine):
   event (``Established`` or ``Rejected``);
 - ``trailing_data`` holds the bytes received after the handshake once the state is DONE.
 
+A client adds the read sizes (``bytes_needed()``, ``handshake_prefix_len()``), a server the
+answers to its events (``accept_credentials()``, ``reply_success()``, ``reply_failure()``,
+``abort_reply()``): the two roles are typed as ``ClientMachine`` and ``ServerMachine`` below, and
+``hopcat.proto.client_machine()`` / ``server_machine()`` make one for a protocol.
+
 Nothing here touches a socket, a clock or the environment.
 """
 
