@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test peers bench lint clean
+.PHONY: demo test peers bench lint typecheck clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ bench: peers $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench scripts
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy --strict src
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -456,7 +456,7 @@ def test_server_other_methods_are_answered_405() -> None:
         b"HTTP/1.1 405 Method Not Allowed\r\nAllow: CONNECT\r\n"
         b"Content-Length: 0\r\nConnection: close\r\n\r\n"
     )
-    assert server.next_event() == Rejected("HTTP 405 Method Not Allowed")
+    assert server.next_event() == Rejected("HTTP 405 Method Not Allowed", Rejected.REFUSED)
     assert server.state is State.CLOSED
 
 
@@ -515,7 +515,7 @@ def test_server_basic_auth_rejected() -> None:
     assert server.next_event() == Credentials("u", "p")
     server.accept_credentials(False)
     assert server.data_to_send() == CHALLENGE
-    assert server.next_event() == Rejected("HTTP 407: credentials rejected")
+    assert server.next_event() == Rejected("HTTP 407: credentials rejected", Rejected.AUTHENTICATION)
 
 
 @pytest.mark.parametrize(

@@ -260,7 +260,7 @@ def test_server_reply_failure(code: int) -> None:
     server.next_event()
     server.reply_failure(code)
     assert server.data_to_send() == bytes([0, code]) + bytes(6)
-    assert server.next_event() == Rejected(socks4.describe_reply(code))
+    assert server.next_event() == Rejected(socks4.describe_reply(code), Rejected.REFUSED)
     assert server.state is State.CLOSED
 
 

@@ -522,7 +522,7 @@ def test_server_rejects_credentials() -> None:
     assert server.next_event() == Credentials("u", "p")
     server.accept_credentials(False)
     assert server.data_to_send() == b"\x05\x02\x01\x01"
-    assert server.next_event() == Rejected("authentication failed (RFC 1929 status 1)")
+    assert server.next_event() == Rejected("authentication failed (RFC 1929 status 1)", Rejected.AUTHENTICATION)
     assert server.state is State.CLOSED
 
 
@@ -565,7 +565,7 @@ def test_server_refuses_unsupported_command_on_request() -> None:
     assert server.next_event() == Request("BIND", "0.0.0.0", 0)
     server.reply_failure(socks5.Reply.COMMAND_NOT_SUPPORTED)
     assert server.data_to_send() == b"\x05\x00" + bytes.fromhex("05 07 00 01 00000000 0000")
-    assert server.next_event() == Rejected("command not supported (reply 7)")
+    assert server.next_event() == Rejected("command not supported (reply 7)", Rejected.REFUSED)
 
 
 def test_server_answers_unknown_command_with_reply_7() -> None:

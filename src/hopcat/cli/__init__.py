@@ -24,6 +24,7 @@ import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import _socket
     import signal as _signal  # the same functions, with stubs
     from collections.abc import Sequence
 
@@ -298,7 +299,7 @@ _TCPI_BYTES_RECEIVED_AT = 128
 _TCPI_NEEDED_BYTES = 136
 
 
-def _tcp_counters(sock: object) -> tuple[int, int] | None:
+def _tcp_counters(sock: _socket.socket) -> tuple[int, int] | None:
     """(bytes the peer acknowledged, bytes received) by the kernel's count, or None if unknown."""
     import _socket
 
@@ -306,7 +307,7 @@ def _tcp_counters(sock: object) -> tuple[int, int] | None:
     if option is None:
         return None
     try:
-        info = sock.getsockopt(_socket.IPPROTO_TCP, option, _TCPI_NEEDED_BYTES)  # type: ignore[attr-defined]
+        info = sock.getsockopt(_socket.IPPROTO_TCP, option, _TCPI_NEEDED_BYTES)
     except OSError:
         return None
     if len(info) < _TCPI_NEEDED_BYTES:
@@ -317,7 +318,7 @@ def _tcp_counters(sock: object) -> tuple[int, int] | None:
 
 
 def _trace_counters_at_error(
-    trace: Timeline, sock: object, at_start: tuple[int, int], trailing: int
+    trace: Timeline, sock: _socket.socket, at_start: tuple[int, int], trailing: int
 ) -> None:
     """After a reset or another relay error: what got through each way, for the -v timeline."""
     now = _tcp_counters(sock)

@@ -33,8 +33,11 @@ from hopcat.errors import ConnectError, HopcatTimeoutError, ResolveError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
+    from typing import Any
 
-    AddrInfo = tuple[int, int, int, str, tuple]  # type: ignore[type-arg]
+    # (host, port), and (host, port, flowinfo, scope_id) for IPv6: as getaddrinfo gives them.
+    SockAddr = tuple[Any, ...]
+    AddrInfo = tuple[int, int, int, str, SockAddr]
     Resolver = Callable[[str, int, int, int], Sequence[AddrInfo]]
     Trace = Callable[[str], None]
 
@@ -87,7 +90,7 @@ def resolve(
     # A resolver thread: the only portable way to bound a getaddrinfo that hangs on a dead DNS server.
     import threading
 
-    outcome: list[object] = []
+    outcome: list[list[AddrInfo] | BaseException] = []
 
     def run() -> None:
         try:
@@ -108,7 +111,7 @@ def resolve(
         raise result
     if not result:
         raise ResolveError(f"resolve {host}: no addresses")
-    return result  # type: ignore[return-value]
+    return result
 
 
 def wait_s(deadline: float, clock: Callable[[], float]) -> float:
@@ -132,7 +135,7 @@ def interleave_families(infos: Sequence[AddrInfo]) -> list[AddrInfo]:
     return ordered
 
 
-def sockaddr_text(sockaddr: tuple) -> str:  # type: ignore[type-arg]
+def sockaddr_text(sockaddr: SockAddr) -> str:
     return format_hostport(sockaddr[0], sockaddr[1])
 
 

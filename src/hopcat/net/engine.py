@@ -57,14 +57,14 @@ from hopcat.errors import (
     ConnectError,
     HopcatError,
     HopcatTimeoutError,
-    ProtocolError,
     ProxyError,
     ProxyUnreachableError,
     RemoteProtocolError,
     ResolveError,
     UsageError,
 )
-from hopcat.proto._events import NEED_DATA, Established
+from hopcat.proto import client_machine
+from hopcat.proto._events import Established, NeedData
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -72,6 +72,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from hopcat._url import ProxyURL
+    from hopcat.proto._machine import ClientMachine
 
     Plan = Generator["Step", Any, "Opened"]
     SubPlan = Generator["Step", Any, Any]
@@ -209,9 +210,11 @@ def tunnel_plan(
     try:
         yield Dial(first.host, first.port)
     except ConnectError as exc:
-        raise ProxyUnreachableError(f"unreachable: {exc.message}", where=_where(hops, 0)) from None
+        unreachable = ProxyUnreachableError(f"unreachable: {exc.message}", errno=exc.errno)
+        _locate(unreachable, hops, 0)
+        raise unreachable from None
     except HopcatError as exc:
-        exc.where = _where(hops, 0)
+        _locate(exc, hops, 0)
         raise
     infos[0].connect_ms = (clock() - started) * 1000
     trace(f"hop 1/{count}: TCP connected in {infos[0].connect_ms:.1f} ms")
@@ -228,13 +231,17 @@ def tunnel_plan(
         except HopcatError as exc:
             if isinstance(exc, HopcatTimeoutError) and timeout_label:
                 exc.message = f"{exc.message} ({timeout_label})"
-            exc.where = _where(hops, index)
+            _locate(exc, hops, index)
             raise
     return Opened(carry, tls, infos)
 
 
-def _where(hops: Sequence[ProxyURL], index: int) -> str:
-    return f"proxy {hops[index].label()} (hop {index + 1}/{len(hops)})"
+def _locate(exc: HopcatError, hops: Sequence[ProxyURL], index: int) -> None:
+    """Label ``exc`` with the hop it happened at: for its message and as fields."""
+    hop = hops[index]
+    exc.where = f"proxy {hop.label()} (hop {index + 1}/{len(hops)})"
+    exc.hop = index + 1
+    exc.proxy = hop.label()
 
 
 def _cross_hop(
@@ -263,9 +270,13 @@ def _cross_hop(
     wire_host = yield from _target_for_hop(
         hop, next_host, next_port, proxy_dns, family, numeric_only, trace
     )
-    machine = _client_machine(hop, wire_host, next_port, headers)
+    machine = client_machine(
+        "socks4a" if hop.scheme == "socks4a" else hop.protocol, wire_host, next_port,
+        username=hop.username, password=hop.password,
+        headers=headers if hop.protocol == "http" else None,
+    )  # fmt: skip
     if carry:
-        machine.receive_data(carry)  # type: ignore[attr-defined]
+        machine.receive_data(carry)
 
     def on_event(description: str) -> None:
         trace(f"{prefix}: {description} after {(clock() - step_started) * 1000:.1f} ms")
@@ -285,26 +296,7 @@ def _cross_hop(
         f"{prefix}: CONNECT {format_hostport(wire_host, next_port)}: "
         f"{established.detail}{bound} in {info.handshake_ms:.1f} ms"
     )
-    trailing: bytes = machine.trailing_data  # type: ignore[attr-defined]
-    return trailing
-
-
-def _client_machine(
-    hop: ProxyURL, host: str, port: int, headers: list[tuple[str, str]] | None
-) -> object:
-    if hop.protocol == "socks5":
-        from hopcat.proto.socks5 import Socks5Client
-
-        return Socks5Client(host, port, username=hop.username, password=hop.password)
-    if hop.protocol == "socks4":
-        from hopcat.proto.socks4 import Socks4Client
-
-        return Socks4Client(host, port, user_id=hop.username or "", socks4a=hop.scheme == "socks4a")
-    from hopcat.proto.http_connect import HttpConnectClient
-
-    return HttpConnectClient(
-        host, port, username=hop.username, password=hop.password, headers=headers
-    )
+    return machine.trailing_data
 
 
 def _start_tls(hop: ProxyURL, expected: str | None) -> SubPlan:
@@ -327,7 +319,7 @@ def _start_tls(hop: ProxyURL, expected: str | None) -> SubPlan:
             if expected:
                 yield from _diagnose(expected, "closed")
             why = getattr(exc, "reason", None) or _describe(exc)
-            raise ProtocolError(f"TLS handshake failed: {why}") from None
+            raise RemoteProtocolError(f"TLS handshake failed: {why}") from None
         if version is not None:
             return version
         assert expected is not None
@@ -336,7 +328,7 @@ def _start_tls(hop: ProxyURL, expected: str | None) -> SubPlan:
 
 
 def _handshake(
-    machine: Any, *, exact: bool, tls: bool, expected: str | None,
+    machine: ClientMachine, *, exact: bool, tls: bool, expected: str | None,
     on_event: Callable[[str], None],
 ) -> SubPlan:  # fmt: skip
     """Run ``machine`` to Established over the driver's connection; return that event."""
@@ -349,7 +341,7 @@ def _handshake(
             event = machine.next_event()
             if data := machine.data_to_send():
                 yield Send(data)
-            if event is NEED_DATA:
+            if isinstance(event, NeedData):
                 quiet_s = SILENT_PROXY_PROBE_S if expected and not answered else 0.0
                 chunk = yield from _read(machine, exact=exact, tls=tls, tail=tail, quiet_s=quiet_s)
                 if chunk is None:  # silent for quiet_s
@@ -385,7 +377,7 @@ def _handshake(
 
 
 def _read(
-    machine: Any, *, exact: bool, tls: bool, tail: bytes, quiet_s: float = 0.0
+    machine: ClientMachine, *, exact: bool, tls: bool, tail: bytes, quiet_s: float = 0.0
 ) -> Generator[Step, Any, bytes | None]:
     """The next bytes for ``machine``: whatever came (relay), or exactly the handshake's own."""
     if not exact:

@@ -34,12 +34,12 @@ class Event:
     __slots__ = ()
     _fields: ClassVar[tuple[str, ...]] = ()
 
+    # Defining __eq__ leaves __hash__ None, so events are unhashable: mutable-looking value
+    # objects, never dict keys.
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
             return NotImplemented
         return all(getattr(self, name) == getattr(other, name) for name in self._fields)
-
-    __hash__ = None  # type: ignore[assignment]  # mutable-looking value objects; never dict keys
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
@@ -115,10 +115,20 @@ class Rejected(Event):
     Either the machine refused on its own (no acceptable method, unsupported command or address
     type, missing credentials) or the server code called ``accept_credentials(False)`` or
     ``reply_failure()``. Flush ``data_to_send()`` and close the connection.
+
+    ``kind`` says which, for code that must act on it (``reason`` is for people):
+    ``UNSUPPORTED`` a command or address type the machine cannot serve, ``AUTHENTICATION`` no
+    acceptable method or no usable or accepted credentials, ``REFUSED`` the server code's
+    ``reply_failure()``.
     """
 
-    __slots__ = ("reason",)
+    __slots__ = ("kind", "reason")
     _fields = __slots__
 
-    def __init__(self, reason: str) -> None:
+    UNSUPPORTED: ClassVar[str] = "unsupported"
+    AUTHENTICATION: ClassVar[str] = "authentication"
+    REFUSED: ClassVar[str] = "refused"
+
+    def __init__(self, reason: str, kind: str) -> None:
         self.reason = reason
+        self.kind = kind

@@ -17,6 +17,11 @@ Driver contract (identical for every machine):
   event (``Established`` or ``Rejected``);
 - ``trailing_data`` holds the bytes received after the handshake once the state is DONE.
 
+A client adds the read sizes (``bytes_needed()``, ``handshake_prefix_len()``), a server the
+answers to its events (``accept_credentials()``, ``reply_success()``, ``reply_failure()``,
+``abort_reply()``): the two roles are typed as ``ClientMachine`` and ``ServerMachine`` below, and
+``hopcat.proto.client_machine()`` / ``server_machine()`` make one for a protocol.
+
 Nothing here touches a socket, a clock or the environment.
 """
 
@@ -32,8 +37,9 @@ from ._events import NEED_DATA, Event, NeedData
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from typing import Any, ClassVar, ParamSpec, TypeVar
+    from typing import Any, ClassVar, Concatenate, ParamSpec, Protocol, TypeVar
 
+    _M = TypeVar("_M", bound="Machine")
     _P = ParamSpec("_P")
     _R = TypeVar("_R")
 
@@ -41,6 +47,45 @@ if TYPE_CHECKING:
     Step = Event | NeedData | None
     HandlerTable = dict["State", Callable[[Any], Step]]
     SizeTable = dict["State", Callable[[bytes | bytearray], int]]
+
+    # The two roles as types. Protocols, not base classes: a role is a contract over what the
+    # machines already share (Machine) plus what each server adds, and a Protocol states it
+    # without a second class hierarchy or abstract methods that only raise. They exist for the
+    # type checker alone: typing costs milliseconds of imports that ssh's ProxyCommand would pay
+    # on every connection (tests/integration/test_startup.py), so nothing here is defined at run
+    # time, and code names these types only in annotations (``from __future__ import
+    # annotations``) or under TYPE_CHECKING.
+
+    class Role(Protocol):
+        """What every machine offers its driver: the contract in the module docstring."""
+
+        @property
+        def state(self) -> State: ...
+        @property
+        def trailing_data(self) -> bytes: ...
+        def data_to_send(self) -> bytes: ...
+        def receive_data(self, data: bytes) -> None: ...
+        def next_event(self) -> Event | NeedData: ...
+
+    class ClientMachine(Role, Protocol):
+        """A client handshake (Socks4Client, Socks5Client, HttpConnectClient); it ends in
+        ``Established`` or raises. The read sizes let a driver stop exactly at its end."""
+
+        def bytes_needed(self) -> int | None: ...
+        def handshake_prefix_len(self, data: bytes) -> int: ...
+
+    class ServerMachine(Role, Protocol):
+        """A server handshake (Socks4Server, Socks5Server, HttpConnectServer): the server code
+        answers ``Credentials`` with ``accept_credentials()`` and ``Request`` with
+        ``reply_success()`` or ``reply_failure(code)``, whose code is the protocol's own (SOCKS4
+        CD, SOCKS5 REP, HTTP status); ``abort_reply()`` ends a handshake given up midway."""
+
+        def accept_credentials(self, ok: bool) -> None: ...
+        def reply_success(
+            self, bound_host: str | None = None, bound_port: int | None = None
+        ) -> None: ...
+        def reply_failure(self, code: int) -> None: ...
+        def abort_reply(self, http_status: int = 400) -> bytes: ...
 
 
 # Messages shown to a user quote peer text; this keeps a hostile peer from filling the terminal.
@@ -92,20 +137,19 @@ for _name in (
 
 def _guard(
     refusal: type[ProtocolError],
-) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+) -> Callable[[Callable[Concatenate[_M, _P], _R]], Callable[Concatenate[_M, _P], _R]]:
     """Make a method refuse to run on a poisoned machine, and poison it when it raises.
 
     ``refusal`` is what a call on a poisoned machine raises: RemoteProtocolError for the calls
     that consume peer input (the peer broke it), LocalProtocolError for the rest.
     """
 
-    def decorate(method: Callable[_P, _R]) -> Callable[_P, _R]:
-        def guarded(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-            machine: Machine = args[0]  # type: ignore[assignment]
+    def decorate(method: Callable[Concatenate[_M, _P], _R]) -> Callable[Concatenate[_M, _P], _R]:
+        def guarded(machine: _M, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
             if machine._state is State.ERROR:
                 raise refusal("machine is in error state")
             try:
-                return method(*args, **kwargs)
+                return method(machine, *args, **kwargs)
             except BaseException:
                 # Where it broke is kept apart from ERROR: a server role still answers the peer
                 # with the refusal that fits the message it was waiting for (abort_reply()).
@@ -221,7 +265,9 @@ class Machine:
     def _wait(self) -> NeedData:
         """NEED_DATA, unless the peer already closed: then the handshake can never finish."""
         if self._inbox.eof:
-            raise RemoteProtocolError(f"{self._PEER} closed the connection during the handshake")
+            raise RemoteProtocolError(
+                f"{self._PEER} closed the connection during the handshake", peer_closed=True
+            )
         return NEED_DATA
 
     def _take_message(self) -> bytes | None:

@@ -267,7 +267,7 @@ class HttpConnectClient(Machine):
     def _refuse(self, status: int, reason: str, headers: list[tuple[str, str]]) -> NoReturn:
         message = f"HTTP {status} {sanitize(_as_utf8(reason))}".rstrip()
         if status not in (401, 407):
-            raise ProxyError(message, code=status)
+            raise ProxyError(message, protocol="http", code=status)
         # 407 is the proxy's own challenge; some proxies (tinyproxy) answer wrong credentials
         # with 401 and WWW-Authenticate instead, which from a proxy can only mean the same.
         schemes = _auth_schemes(headers, "proxy-authenticate" if status == 407 else "www-authenticate")
@@ -278,7 +278,7 @@ class HttpConnectClient(Machine):
             notes.append("credentials rejected")
         else:
             notes.append("no credentials were given")
-        raise ProxyAuthError(f"{message} ({'; '.join(notes)})", code=status)
+        raise ProxyAuthError(f"{message} ({'; '.join(notes)})", protocol="http", code=status)
 
     def _refuse_on_partial_head(self, buf: bytearray) -> None:
         # Some proxies close after a failure status line without finishing the head; the status
@@ -401,7 +401,7 @@ class HttpConnectServer(Machine):
     def _challenge(self, reason: str) -> Event:
         challenge = [f"Proxy-Authenticate: {AUTH_CHALLENGE}"]
         self._outbox += _failure_response(407, None, challenge)
-        return self._finish(State.CLOSED, Rejected(f"HTTP 407: {reason}"))
+        return self._finish(State.CLOSED, Rejected(f"HTTP 407: {reason}", Rejected.AUTHENTICATION))
 
     def _on_reply_decision(self) -> Step:
         # After accept_credentials(True) the request parsed with the credentials is still due.
@@ -443,7 +443,7 @@ class HttpConnectServer(Machine):
             extra.append(f"Proxy-Authenticate: {AUTH_CHALLENGE}")
         self._outbox += _failure_response(code, reason, extra)
         text = reason if reason is not None else STATUS_TEXT.get(code, "")
-        self._finish(State.CLOSED, Rejected(f"HTTP {code} {text}".rstrip()))
+        self._finish(State.CLOSED, Rejected(f"HTTP {code} {text}".rstrip(), Rejected.REFUSED))
 
     def abort_reply(self, http_status: int = 400) -> bytes:
         """The response that ends the handshake with a refusal, whatever state it stopped in:

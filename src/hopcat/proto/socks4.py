@@ -252,8 +252,8 @@ class Socks4Client(Machine):
         if len(buf) >= 2 and buf[1] != Reply.REQUEST_GRANTED:
             code = buf[1]
             if code in (Reply.IDENTD_UNREACHABLE, Reply.IDENTD_USER_MISMATCH):
-                raise ProxyAuthError(describe_reply(code), code=code)
-            raise ProxyError(describe_reply(code), code=code)
+                raise ProxyAuthError(describe_reply(code), protocol="socks4", code=code)
+            raise ProxyError(describe_reply(code), protocol="socks4", code=code)
         data = self._take_message()
         if data is None:
             return self._wait()
@@ -285,7 +285,7 @@ class Socks4Server(Machine):
             code = Reply.REQUEST_REJECTED_OR_FAILED
             self._outbox += CommandReply(code, 0, bytes(4)).to_bytes()
             reason = f"unknown command {buf[1]}: {describe_reply(code)}"
-            return self._finish(State.CLOSED, Rejected(reason))
+            return self._finish(State.CLOSED, Rejected(reason, Rejected.UNSUPPORTED))
         data = self._take_message()
         if data is None:
             return self._wait()
@@ -297,6 +297,12 @@ class Socks4Server(Machine):
         user_id = request.user_id.decode("utf-8", "surrogateescape")
         self._state = State.REPLY_DECISION
         return Request(COMMAND_NAMES[request.command], host, request.port, user_id)
+
+    @_outbound
+    def accept_credentials(self, ok: bool) -> None:
+        """Part of the server role; SOCKS4 has no authentication, so there is never a
+        ``Credentials`` event to answer and a call is out of turn, as in any other state."""
+        self._expect(State.AUTH_DECISION, "accept_credentials()")
 
     @_outbound
     def reply_success(self, bound_host: str | None = None, bound_port: int | None = None) -> None:
@@ -320,7 +326,7 @@ class Socks4Server(Machine):
         if code not in (91, 92, 93) or isinstance(code, bool):
             raise LocalProtocolError(f"SOCKS4 failure reply code must be 91..93, not {code!r}")
         self._outbox += CommandReply(code, 0, bytes(4)).to_bytes()
-        self._finish(State.CLOSED, Rejected(describe_reply(code)))
+        self._finish(State.CLOSED, Rejected(describe_reply(code), Rejected.REFUSED))
 
     def abort_reply(self, http_status: int = 400) -> bytes:
         """The bytes that end the handshake with a refusal (bad bytes, a timeout, the server

@@ -480,11 +480,13 @@ class Socks5Client(Machine):
             offered = ", ".join(METHOD_TEXT[m] for m in self._offered)
             raise ProxyAuthError(
                 f"proxy accepted none of our authentication methods (offered: {offered})",
+                protocol="socks5",
                 code=method,
             )
         if method == Method.USERNAME_PASSWORD and not self._auth_request:
             raise ProxyAuthError(
                 "proxy requires username/password authentication; supply a username and password",
+                protocol="socks5",
                 code=method,
             )
         if method not in self._offered:
@@ -506,7 +508,9 @@ class Socks5Client(Machine):
             return self._wait()
         status = UserPassStatus.parse(data).status
         if status != 0:
-            raise ProxyAuthError(f"authentication failed (RFC 1929 status {status})", code=status)
+            raise ProxyAuthError(
+                f"authentication failed (RFC 1929 status {status})", protocol="socks5", code=status
+            )
         self._outbox += self._connect_request
         self._state = State.REPLY
         return AuthSucceeded()
@@ -518,7 +522,7 @@ class Socks5Client(Machine):
         if len(buf) >= 2 and buf[1] != Reply.SUCCEEDED:
             # Report the refusal now: a failure reply's address is irrelevant, some servers send
             # a malformed one, and some close before sending it at all.
-            raise ProxyError(describe_reply(buf[1]), code=buf[1])
+            raise ProxyError(describe_reply(buf[1]), protocol="socks5", code=buf[1])
         data = self._take_message()
         if data is None:
             return self._wait()
@@ -565,7 +569,10 @@ class Socks5Server(Machine):
             names = ", ".join(_describe_method(m) for m in offered) or "nothing"
             return self._finish(
                 State.CLOSED,
-                Rejected(f"client offered no acceptable authentication method (offered: {names})"),
+                Rejected(
+                    f"client offered no acceptable authentication method (offered: {names})",
+                    Rejected.AUTHENTICATION,
+                ),
             )
         self._outbox += MethodSelection(wanted).to_bytes()
         auth = wanted == Method.USERNAME_PASSWORD
@@ -593,7 +600,8 @@ class Socks5Server(Machine):
         if ok:
             self._state = State.REQUEST
         else:
-            self._finish(State.CLOSED, Rejected("authentication failed (RFC 1929 status 1)"))
+            why = "authentication failed (RFC 1929 status 1)"
+            self._finish(State.CLOSED, Rejected(why, Rejected.AUTHENTICATION))
 
     def _on_request(self) -> Step:
         buf = self._inbox.data
@@ -620,7 +628,8 @@ class Socks5Server(Machine):
 
     def _refuse(self, code: int, why: str) -> Event:
         self._outbox += _failure_reply(code)
-        return self._finish(State.CLOSED, Rejected(f"{why}: {describe_reply(code)}"))
+        rejected = Rejected(f"{why}: {describe_reply(code)}", Rejected.UNSUPPORTED)
+        return self._finish(State.CLOSED, rejected)
 
     @_outbound
     def reply_success(self, bound_host: str | None = None, bound_port: int | None = None) -> None:
@@ -640,7 +649,7 @@ class Socks5Server(Machine):
         if not isinstance(code, int) or isinstance(code, bool) or not 1 <= code <= 255:
             raise LocalProtocolError(f"SOCKS5 failure reply code must be 1..255, not {code!r}")
         self._outbox += _failure_reply(code)
-        self._finish(State.CLOSED, Rejected(describe_reply(code)))
+        self._finish(State.CLOSED, Rejected(describe_reply(code), Rejected.REFUSED))
 
     def abort_reply(self, http_status: int = 400) -> bytes:
         """The bytes that end the handshake with a refusal, whatever state it stopped in (bad

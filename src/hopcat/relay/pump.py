@@ -78,6 +78,7 @@ from hopcat.relay.splice import (
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import ssl
     from collections.abc import Callable, Sequence
     from typing import Any
 
@@ -167,7 +168,9 @@ class Flow:
     only once src has reported EOF and ``buffered`` is zero.
     """
 
-    def __init__(self, name: str, src: int, dst: int, mode: str, tls: object = None) -> None:
+    def __init__(
+        self, name: str, src: int, dst: int, mode: str, tls: ssl.SSLSocket | None = None
+    ) -> None:
         self.name = name
         # An ssl.SSLSocket for the network side of an https:// proxy tunnel ("up" writes to it,
         # "down" reads from it): those bytes must go through the TLS object, so both flows copy.
@@ -366,11 +369,11 @@ class Flow:
             self.moved += count
 
 
-def _tls_recv_into(tls: object, view: memoryview) -> int:
+def _tls_recv_into(tls: ssl.SSLSocket, view: memoryview) -> int:
     import ssl
 
     try:
-        return int(tls.recv_into(view))  # type: ignore[attr-defined]
+        return tls.recv_into(view)
     except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
         raise BlockingIOError from None
     except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
@@ -380,11 +383,11 @@ def _tls_recv_into(tls: object, view: memoryview) -> int:
         raise OSError(errno.EPROTO, f"TLS: {exc.reason or exc}") from None
 
 
-def _tls_send(tls: object, view: memoryview) -> int:
+def _tls_send(tls: ssl.SSLSocket, view: memoryview) -> int:
     import ssl
 
     try:
-        return int(tls.send(view))  # type: ignore[attr-defined]
+        return tls.send(view)
     except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
         raise BlockingIOError from None
     except ssl.SSLEOFError:

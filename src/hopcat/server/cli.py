@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from hopcat._url import ProxyURL
+    from hopcat.net.dial import SockAddr
 
 HELP_WIDTH = 100
 HELP_INDENT = 31
@@ -222,7 +223,7 @@ class ServeOptions:
         self.auth: list[tuple[str, str]] = []
         self.rules = RuleSet()
         self.via: list[ProxyURL] = []
-        self.bind_addresses: list[tuple[int, tuple[object, ...]]] = []
+        self.bind_addresses: list[tuple[int, SockAddr]] = []
         self.loopback_only = True
 
     @property
@@ -286,7 +287,7 @@ def parse_args(argv: Sequence[str]) -> ServeOptions:
     return options
 
 
-def _listen_addresses(text: str) -> list[tuple[int, tuple[object, ...]]]:
+def _listen_addresses(text: str) -> list[tuple[int, SockAddr]]:
     """``PORT``, ``HOST``, ``HOST:PORT``, ``[V6]:PORT`` -> (family, sockaddr) to bind."""
     port_text: str | None
     if text.isdigit():
@@ -306,14 +307,14 @@ def _listen_addresses(text: str) -> list[tuple[int, tuple[object, ...]]]:
         )  # fmt: skip
     except socket.gaierror as exc:
         raise UsageError(f"listen address {text!r}: {exc.strerror or exc}") from None
-    seen: list[tuple[int, tuple[object, ...]]] = []
+    seen: list[tuple[int, SockAddr]] = []
     for family, _type, _proto, _canon, sockaddr in infos:
         if family in (socket.AF_INET, socket.AF_INET6) and (family, sockaddr) not in seen:
             seen.append((family, sockaddr))
     return seen
 
 
-def _is_loopback(sockaddr: tuple[object, ...]) -> bool:
+def _is_loopback(sockaddr: SockAddr) -> bool:
     address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
@@ -357,14 +358,14 @@ def finish(options: ServeOptions) -> ServeOptions:
             os.fstat(options.ready_fd)
         except OSError:
             raise UsageError(f"--ready-fd {options.ready_fd}: not an open descriptor") from None
-    addresses: list[tuple[int, tuple[object, ...]]] = []
+    addresses: list[tuple[int, SockAddr]] = []
     for text in options.listen or [DEFAULT_LISTEN]:
         for item in _listen_addresses(text):
             if item not in addresses:
                 addresses.append(item)
     options.bind_addresses = addresses
     exposed = [
-        format_hostport(str(sockaddr[0]), int(sockaddr[1]))  # type: ignore[call-overload]
+        format_hostport(str(sockaddr[0]), int(sockaddr[1]))
         for _family, sockaddr in addresses
         if not _is_loopback(sockaddr)
     ]

@@ -57,11 +57,14 @@ from hopcat.errors import (
     HopcatError,
     HopcatTimeoutError,
     ProtocolError,
+    ProxyAuthError,
     ProxyError,
     ProxyUnreachableError,
+    RemoteProtocolError,
     ResolveError,
 )
 from hopcat.net.dial import interleave_families, main_errno
+from hopcat.proto import server_machine
 from hopcat.proto._events import NEED_DATA, Credentials, Rejected, Request
 from hopcat.proto.detect import detect
 from hopcat.server.policy import resolver_form
@@ -69,12 +72,18 @@ from hopcat.server.relay import DONE, Half, bound_buffers, reset_on_close
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import _socket
     import asyncio
     from collections.abc import Callable, Sequence
     from typing import Any
 
     from hopcat.net.chain import Tunnel
+    from hopcat.net.dial import SockAddr
+    from hopcat.proto._machine import ServerMachine
     from hopcat.server.serve import Server
+
+    # A dial's outcome: a connected socket, or the errno of every failed attempt.
+    OnDialed = Callable[[socket.socket | None, list[int] | None], None]
 
 HANDSHAKE_RECV_BYTES = 16384
 LINGER_S = 2.0  # how long a refused client may take to read our answer and close
@@ -135,7 +144,7 @@ def strerror(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _numeric(host: str, port: int) -> tuple[int, tuple[Any, ...]] | None:
+def _numeric(host: str, port: int) -> tuple[int, SockAddr] | None:
     """(family, sockaddr) when ``host`` is an IP literal in any spelling getaddrinfo accepts
     (``127.1``, ``0x7f000001``, ``fe80::1%eth0``): its own parser, so no spelling escapes the
     address rules. No lookup: AI_NUMERICHOST."""
@@ -229,7 +238,7 @@ class Conn:
         self.started = server.loop.time()
         self.deadline = self.started + server.handshake_timeout
         self.phase = HANDSHAKE
-        self.machine: object = None
+        self.machine: ServerMachine | None = None
         self.protocol: str | None = None
         self.user: str | None = None
         self.dest: str | None = None
@@ -237,7 +246,9 @@ class Conn:
         self.port = 0
         self.result: str | None = None
         self.reason: str | None = None
-        self.target: socket.socket | None = None
+        # A socket.socket from the dialer; through --via, what open_tunnel returns: a bare
+        # _socket.socket, or an ssl.SSLSocket after an https:// hop.
+        self.target: _socket.socket | None = None
         self.dialer: Dialer | None = None
         self._future: asyncio.Future[Any] | None = None
         self._name: str | None = None  # the destination name as rules compare it, once known
@@ -254,9 +265,9 @@ class Conn:
         # Under load the first bytes are usually there by the time we accept: try before waiting.
         self._on_handshake_readable()
 
-    def _read_client(self, callback: object) -> None:
+    def _read_client(self, callback: Callable[[], None]) -> None:
         self.reading = True
-        self.server.loop.add_reader(self.fd, callback)  # type: ignore[arg-type]
+        self.server.loop.add_reader(self.fd, callback)
 
     def _stop_reading(self) -> None:
         if self.reading:
@@ -290,7 +301,7 @@ class Conn:
             if machine is None:
                 return
         try:
-            machine.receive_data(data)  # type: ignore[attr-defined]
+            machine.receive_data(data)
         except ProtocolError as exc:
             self._protocol_error(exc)
             return
@@ -298,28 +309,16 @@ class Conn:
         if self.phase == HANDSHAKE and not self.reading:
             self._read_client(self._on_handshake_readable)
 
-    def _pick_machine(self, first: int) -> object:
+    def _pick_machine(self, first: int) -> ServerMachine | None:
         kind = detect(first)
-        auth = self.server.auth_required
-        if kind == "socks5":
-            from hopcat.proto.socks5 import Socks5Server
-
-            machine: object = Socks5Server(require_auth=auth)
-        elif kind == "socks4":
-            from hopcat.proto.socks4 import Socks4Server
-
-            machine = Socks4Server()
-        elif kind == "http":
-            from hopcat.proto.http_connect import HttpConnectServer
-
-            machine = HttpConnectServer(require_auth=auth)
-        else:
+        if kind is None:
             hint = _FIRST_BYTE_HINTS.get(first, "")
             self.close(
                 "protocol-error",
                 f"first byte 0x{first:02x} starts no SOCKS4, SOCKS5 or HTTP request{hint}",
             )
             return None
+        machine = server_machine(kind, require_auth=self.server.auth_required)
         self.protocol = kind
         self.machine = machine
         return machine
@@ -327,28 +326,28 @@ class Conn:
     def _advance(self) -> None:
         """Run the machine as far as the bytes so far allow, answering its events."""
         machine = self.machine
+        assert machine is not None
         while self.phase == HANDSHAKE:
             try:
-                event = machine.next_event()  # type: ignore[attr-defined]
+                event = machine.next_event()
             except ProtocolError as exc:
                 self._protocol_error(exc)
                 return
-            out = machine.data_to_send()  # type: ignore[attr-defined]
+            out = machine.data_to_send()
             if out and not self._send_handshake(out):
                 return
             if event is NEED_DATA:
                 return
-            kind = type(event)
-            if kind is Credentials:
+            if isinstance(event, Credentials):
                 self.user = event.username
-                machine.accept_credentials(self._check_login(event))  # type: ignore[attr-defined]
-            elif kind is Request:
+                machine.accept_credentials(self._check_login(event))
+            elif isinstance(event, Request):
                 self._on_request(event)
                 return
-            elif kind is Rejected:
+            elif isinstance(event, Rejected):
                 reason = event.reason
                 if self.result is None:
-                    self.result, self.reason = _rejection_result(reason), reason
+                    self.result, self.reason = _REJECTION_RESULTS[event.kind], reason
                 self.linger(self.result, self.reason or reason)
                 return
 
@@ -394,7 +393,7 @@ class Conn:
         # The protocol's refusal first (SOCKS5 general failure or its auth equivalents, SOCKS4
         # 91, HTTP 400): a client that half-closed early still reads why.
         self._send_abort_reply(400)
-        if "closed the connection" in exc.message:
+        if isinstance(exc, RemoteProtocolError) and exc.peer_closed:
             self.close("client-closed", "closed during the handshake")
             return
         self.linger("protocol-error", exc.message)
@@ -406,7 +405,7 @@ class Conn:
         if machine is None:
             return
         self.machine = None
-        answer = machine.abort_reply(http_status)  # type: ignore[attr-defined]
+        answer = machine.abort_reply(http_status)
         if answer:
             try:
                 self.sock.send(answer)
@@ -474,7 +473,7 @@ class Conn:
         ]
         self._decide(self._name, candidates)
 
-    def _decide(self, name: str | None, candidates: list[tuple[int, tuple[Any, ...]]]) -> None:
+    def _decide(self, name: str | None, candidates: list[tuple[int, SockAddr]]) -> None:
         """Check each address to be dialled (a literal, or what ``name`` resolved to) and dial
         the allowed ones: these very sockaddrs, never the name again, since a second lookup may
         answer otherwise (DNS rebinding). Through --via the first allowed address is sent on."""
@@ -482,7 +481,7 @@ class Conn:
 
         policy = self.server.policy
         port = self.port
-        allowed: list[tuple[int, tuple[Any, ...]]] = []
+        allowed: list[tuple[int, SockAddr]] = []
         loops = False
         for family, sockaddr in candidates:
             address = ipaddress.ip_address(sockaddr[0])
@@ -506,7 +505,7 @@ class Conn:
         else:
             self._dial(allowed)
 
-    def _dial(self, candidates: list[tuple[int, tuple[object, ...]]]) -> None:
+    def _dial(self, candidates: list[tuple[int, SockAddr]]) -> None:
         self.dialer = Dialer(self.server.loop, candidates, self._on_dialed)
         self.dialer.start()
 
@@ -561,17 +560,18 @@ class Conn:
             sock.close()
             self.refuse("upstream-error", strerror(error))
             return
-        self._established(sock, None, None, tunnel.trailing)  # type: ignore[arg-type]
+        self._established(sock, None, None, tunnel.trailing)
 
     def _established(
-        self, target: socket.socket, bound_host: str | None, bound_port: int | None,
+        self, target: _socket.socket, bound_host: str | None, bound_port: int | None,
         trailing_down: bytes = b"",
     ) -> None:  # fmt: skip
         self.target = target
         machine = self.machine
-        machine.reply_success(bound_host, bound_port)  # type: ignore[attr-defined]
-        reply = machine.data_to_send()  # type: ignore[attr-defined]
-        early = machine.trailing_data  # type: ignore[attr-defined]
+        assert machine is not None
+        machine.reply_success(bound_host, bound_port)
+        reply = machine.data_to_send()
+        early = machine.trailing_data
         self.machine = None
         self.phase = RELAY
         server = self.server
@@ -600,14 +600,15 @@ class Conn:
         if self.upstream_code is not None:
             socks5_code = self.upstream_code
         machine = self.machine
+        assert machine is not None
         try:
             if self.protocol == "socks5":
-                machine.reply_failure(socks5_code)  # type: ignore[attr-defined]
+                machine.reply_failure(socks5_code)
             elif self.protocol == "http":
-                machine.reply_failure(http_status)  # type: ignore[attr-defined]
+                machine.reply_failure(http_status)
             else:
-                machine.reply_failure(SOCKS4_FAILURE)  # type: ignore[attr-defined]
-            answer = machine.data_to_send()  # type: ignore[attr-defined]
+                machine.reply_failure(SOCKS4_FAILURE)
+            answer = machine.data_to_send()
         except ProtocolError:
             answer = b""
         self.machine = None
@@ -747,29 +748,37 @@ class Conn:
         return max(0, self.down.moved) if self.down is not None else 0
 
 
-def _rejection_result(reason: str) -> str:
-    """The result for a refusal the machine made on its own (its reason says which)."""
-    if "unknown command" in reason or "unknown address type" in reason:
-        return "unsupported"
-    if "407" in reason or "authentication" in reason:
-        return "auth-failed"
-    return "rejected"
+# The result for a refusal the machine made on its own, by its kind. REFUSED comes from our own
+# reply_failure(), whose caller has set the result already.
+_REJECTION_RESULTS = {
+    Rejected.UNSUPPORTED: "unsupported",
+    Rejected.AUTHENTICATION: "auth-failed",
+    Rejected.REFUSED: "rejected",
+}
 
 
 def _via_failure(exc: BaseException, conn: Conn) -> tuple[str, str]:
-    """Map an open_tunnel error to a result and a reason (its message names the hop)."""
+    """Map an open_tunnel error to a result and a reason (its message names the hop).
+
+    An upstream's refusal to reach the target is passed on as what it says (a SOCKS5 code
+    itself, to a SOCKS5 client); one from an earlier hop, or over credentials, says nothing about
+    the target and is "upstream-refused". An error that no layer located (``hop`` None) is
+    taken as the last hop's.
+    """
     text = str(exc)
     if isinstance(exc, HopcatTimeoutError):
         return "timeout", text
     if isinstance(exc, ProxyUnreachableError | ResolveError):
         return "upstream-unreachable", text
     if isinstance(exc, ProxyError):
+        last = len(conn.server.via)
+        if isinstance(exc, ProxyAuthError) or exc.hop not in (None, last):
+            return "upstream-refused", text
         code = exc.code
-        last = conn.server.via[-1]
-        if last.protocol == "socks5" and code in _UPSTREAM_SOCKS5:
+        if exc.protocol == "socks5" and code in _UPSTREAM_SOCKS5:
             conn.upstream_code = code
             return _UPSTREAM_SOCKS5[code], text
-        if last.protocol == "http" and code in _UPSTREAM_HTTP:
+        if exc.protocol == "http" and code in _UPSTREAM_HTTP:
             return _UPSTREAM_HTTP[code], text
         return "upstream-refused", text
     if isinstance(exc, HopcatError | OSError):

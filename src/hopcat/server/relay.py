@@ -52,6 +52,7 @@ from hopcat.relay.splice import MAX_SPLICE_BYTES, SPLICE_FLAGS, Splicer, open_pi
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import _socket
     import asyncio
     from typing import Protocol
 
@@ -232,8 +233,8 @@ class Half:
         engine: Engine,
         owner: Owner,
         name: str,
-        src: socket.socket,
-        dst: socket.socket,
+        src: _socket.socket,
+        dst: _socket.socket,
         pending: bytes = b"",
     ) -> None:
         self.engine = engine
@@ -430,7 +431,7 @@ class Half:
         return True
 
 
-def bound_buffers(sock: socket.socket) -> None:
+def bound_buffers(sock: _socket.socket) -> None:
     """Bound what a stalled reader pins in this socket's send queue, without fixing the buffer
     sizes (SO_SNDBUF would turn autotuning off and cost bulk throughput): with TCP_NOTSENT_LOWAT
     a write stops once this much is queued and unsent, so a peer that stopped reading leaves at
@@ -486,7 +487,7 @@ class ReceiveCap:
         finally:
             probe.close()
 
-    def apply(self, sock: socket.socket) -> bool:
+    def apply(self, sock: _socket.socket) -> bool:
         """Fix ``sock``'s buffer at the limit if it reached it; True when nothing is left to do."""
         try:
             if sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < self.limit:
@@ -497,7 +498,7 @@ class ReceiveCap:
         return True
 
 
-def reset_on_close(sock: socket.socket) -> None:
+def reset_on_close(sock: _socket.socket) -> None:
     """Make close() send RST: the peer must not take an aborted tunnel for a clean end."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)

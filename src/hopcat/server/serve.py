@@ -74,6 +74,7 @@ if TYPE_CHECKING:
     from typing import Any, ParamSpec, TypeVar
 
     from hopcat._url import ProxyURL
+    from hopcat.net.dial import SockAddr
     from hopcat.server.cli import ServeOptions
 
     P = ParamSpec("P")
@@ -159,7 +160,7 @@ def load_config(
 # --------------------------------------------------------------------------- listening
 
 
-def bind_listeners(addresses: list[tuple[int, tuple[object, ...]]]) -> list[socket.socket]:
+def bind_listeners(addresses: list[tuple[int, SockAddr]]) -> list[socket.socket]:
     """Bind and listen on every (family, sockaddr); all or nothing."""
     listeners: list[socket.socket] = []
     try:
@@ -173,7 +174,7 @@ def bind_listeners(addresses: list[tuple[int, tuple[object, ...]]]) -> list[sock
             try:
                 sock.bind(sockaddr)
             except OSError as exc:
-                where = format_hostport(str(sockaddr[0]), int(sockaddr[1]))  # type: ignore[call-overload]
+                where = format_hostport(str(sockaddr[0]), int(sockaddr[1]))
                 raise ServeError(
                     f"listen on {where}: {os.strerror(exc.errno or 0).lower()}"
                 ) from None
@@ -497,9 +498,9 @@ class Server:
         else:
             self.paused_for = "max-conns"  # release() resumes once a connection ends
 
-    def _admit(self, sock: socket.socket, address: tuple[object, ...]) -> None:
+    def _admit(self, sock: socket.socket, address: SockAddr) -> None:
         ip = str(address[0])
-        peer = format_hostport(ip, int(address[1]))  # type: ignore[call-overload]
+        peer = format_hostport(ip, int(address[1]))
         if not self.policy.client_allowed(ip):
             sock.close()
             self._log_refusal(peer, "client-denied", "client address not allowed by the rules")
@@ -717,7 +718,7 @@ def new_event_loop(choice: str) -> tuple[asyncio.AbstractEventLoop, str]:
     """``auto``: uvloop when importable, else asyncio's default loop."""
     if choice in ("auto", "uvloop"):
         try:
-            import uvloop  # type: ignore[import-not-found,unused-ignore]
+            import uvloop
         except ImportError:
             if choice == "uvloop":
                 raise UsageError(
