@@ -138,8 +138,12 @@ def reset(sock: socket.socket) -> None:
     sock.close()
 
 
-async def fill(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> int:
-    """Write until the kernel refuses more for a while: the tunnel is stalled."""
+async def fill(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, reader_gone: asyncio.Event | None = None
+) -> int:
+    """Write until the kernel refuses more for a while: the tunnel is stalled. With
+    ``reader_gone``, a pause counts only once the reader has stopped (a loaded machine can
+    pause a reader that is still reading)."""
     sent = 0
     chunk = b"x" * 65536
     idle = 0
@@ -148,7 +152,8 @@ async def fill(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> int:
             sent += sock.send(chunk)
             idle = 0
         except BlockingIOError:
-            idle += 1
+            if reader_gone is None or reader_gone.is_set():
+                idle += 1
             await asyncio.sleep(0.01)
     return sent
 
@@ -204,10 +209,12 @@ def test_a_stalled_reader_pins_no_more_than_the_receive_cap(tmp_path: Path, spli
         async with target_server(h.loop) as (port, accepted):
             client = await open_tunnel(h, port)
             target = await accepted.get()
-            sending = asyncio.ensure_future(fill(h.loop, target))
+            reader_gone = asyncio.Event()
+            sending = asyncio.ensure_future(fill(h.loop, target, reader_gone))
             got = 0
             while got < 64 << 20:
                 got += len(await asyncio.wait_for(h.loop.sock_recv(client, 1 << 20), WAIT_S))
+            reader_gone.set()
             await sending  # the client stopped reading: the target is blocked
             (conn,) = h.server.tunnels
             assert conn.target is not None
