@@ -135,14 +135,29 @@ class Chain(Sequence[Proxy]):
     @classmethod
     def from_env(cls, host: str, env: Mapping[str, str] | None = None) -> Chain:
         """The proxy the CLI would use for ``host`` from ALL_PROXY (all_proxy), SOCKS5_SERVER,
-        SOCKS_SERVER or SOCKS4_SERVER, unless NO_PROXY (no_proxy) exempts it; ``env`` defaults
-        to ``os.environ``. Empty when none applies."""
+        SOCKS_SERVER or SOCKS4_SERVER, unless NO_PROXY (no_proxy) exempts it, with the user and
+        password the CLI would take from the environment (never a prompt); ``env`` defaults to
+        ``os.environ``. Empty when none applies. ValueError when a user has no password."""
         import os
 
-        from hopcat.cli._proxy import proxies_from_environment
+        from hopcat._environment import (
+            fill_users,
+            password_from_environment,
+            proxies_from_environment,
+        )
+        from hopcat.errors import UsageError
 
-        hops, _why = proxies_from_environment(os.environ if env is None else env, host)
+        environ = os.environ if env is None else env
+        hops, _why = proxies_from_environment(environ, host)
+        fill_users(hops, environ)
         for hop in hops:
+            if hop.username is not None and hop.password is None and hop.protocol != "socks4":
+                hop.password = password_from_environment(hop, environ)
+                if hop.password is None:
+                    raise UsageError(
+                        f"proxy {hop.label()}: a user is given but no password; set "
+                        "HOPCAT_PROXY_PASSWORD"
+                    )
             hop.origin = ""
         return cls(Proxy(hop) for hop in hops)
 

@@ -52,7 +52,7 @@ def test_proxy_path_imports_nothing_heavy() -> None:
                             "-x", "http://127.0.0.1:2", "127.0.0.1", "22"])
     added = loaded - baseline
     assert not (added & HEAVY), sorted(added & HEAVY)
-    assert {"hopcat.net.chain", "hopcat.cli._proxy", "hopcat.proto.socks5"} <= added
+    assert {"hopcat.net.chain", "hopcat.cli._proxy", "hopcat._environment", "hopcat.proto.socks5"} <= added
 
 
 @pytest.mark.skipif(importlib.util.find_spec("hatchling") is None,

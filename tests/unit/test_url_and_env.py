@@ -6,13 +6,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from hopcat._environment import fill_users, proxies_from_environment
 from hopcat._url import parse_proxy_url
 from hopcat.cli._args import parse_args
-from hopcat.cli._proxy import (
-    fill_passwords,
-    proxies_from_command_line,
-    proxies_from_environment,
-)
+from hopcat.cli._proxy import fill_passwords, proxies_from_command_line
 from hopcat.errors import UsageError
 
 
@@ -248,7 +245,6 @@ def test_bad_seconds(value: str) -> None:
 
 
 def test_connect_proxy_user_variables() -> None:
-    from hopcat.cli._proxy import fill_users
 
     env = {"SOCKS5_USER": "s5", "SOCKS_USER": "s", "HTTP_PROXY_USER": "h", "CONNECT_USER": "c"}
     hops = _hops("-S", "p", "-H", "q", "-x", "socks5h://r:1")
@@ -291,3 +287,15 @@ def test_non_utf8_userinfo_with_percent_escapes_is_a_usage_error() -> None:
         parse_proxy_url("socks5://u\udcff%41:p@h:1")
     with pytest.raises(UsageError, match="the password is not valid UTF-8"):
         parse_proxy_url("socks5://u:p\udcff%41@h:1")
+
+
+def test_the_library_reads_the_environment_as_the_cli_does_when_asked() -> None:
+    import hopcat
+
+    env = {"SOCKS5_SERVER": "p:1080", "SOCKS5_USER": "u", "SOCKS5_PASSWD": "pw"}
+    (proxy,) = hopcat.Chain.from_env("example.com", env)
+    assert (proxy.scheme, proxy.username, proxy.url) == ("socks5", "u", "socks5://u:***@p:1080")
+    assert hopcat.Chain.from_env("a.example.com", {"ALL_PROXY": "p", "NO_PROXY": "example.com"}) == hopcat.Chain()
+    assert hopcat.Chain.from_env("example.com", {}) == hopcat.Chain()
+    with pytest.raises(ValueError, match="HOPCAT_PROXY_PASSWORD"):
+        hopcat.Chain.from_env("example.com", {"SOCKS5_SERVER": "p", "SOCKS5_USER": "u"})

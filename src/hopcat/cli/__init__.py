@@ -182,13 +182,9 @@ def _connect_and_relay(options: Options, trace: Timeline) -> int:
     import _socket as socket  # not the socket module: ~10 ms of imports per start
 
     from hopcat._endpoint import format_hostport, parse_port, validate_host
+    from hopcat._environment import fill_users, proxies_from_environment
     from hopcat.cli._args import DEFAULT_CONNECT_TIMEOUT_S
-    from hopcat.cli._proxy import (
-        fill_passwords,
-        fill_users,
-        proxies_from_command_line,
-        proxies_from_environment,
-    )
+    from hopcat.cli._proxy import fill_passwords, proxies_from_command_line
     from hopcat.errors import HopcatError, UsageError
     from hopcat.relay.pump import RelayOptions, relay
 

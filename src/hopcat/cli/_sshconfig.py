@@ -37,8 +37,9 @@ import shutil
 import subprocess
 import sys
 
+from hopcat._environment import proxies_from_environment
 from hopcat.cli._args import OPTION_TABLE, parse_args
-from hopcat.cli._proxy import proxies_from_command_line, proxies_from_environment
+from hopcat.cli._proxy import proxies_from_command_line
 from hopcat.cli._scan import scan_options
 from hopcat.errors import UsageError
 
