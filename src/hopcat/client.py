@@ -32,6 +32,10 @@ if TYPE_CHECKING:
     import ssl
 
     from hopcat.net.engine import HopInfo
+    from hopcat.net.nested_tls import NestedTLSSocket
+
+    # What a tunnel carries: a socket, or TLS to the target inside an https:// proxy's TLS.
+    TunnelSocket = socket.socket | NestedTLSSocket
 
 __all__ = ["DEFAULT_TIMEOUT_S", "Chain", "Proxy", "Tunnel", "create_connection", "open_tunnel"]
 
@@ -83,12 +87,25 @@ class Proxy:
         """The URL with the password replaced by ``***``."""
         return self._url.label()
 
+    @overload
     def connect(
-        self, host: str, port: int, timeout: float | None = _DEFAULT, **options: Any
-    ) -> socket.socket:
+        self, host: str, port: int, timeout: float | None = ..., *, ssl: None = None,
+        **options: Any,
+    ) -> socket.socket: ...
+
+    @overload
+    def connect(
+        self, host: str, port: int, timeout: float | None = ..., *, ssl: ssl.SSLContext,
+        **options: Any,
+    ) -> TunnelSocket: ...
+
+    def connect(
+        self, host: str, port: int, timeout: float | None = _DEFAULT, *,
+        ssl: ssl.SSLContext | None = None, **options: Any,
+    ) -> TunnelSocket:
         """``create_connection((host, port), timeout, via=self, **options)``: python-socks'
         ``Proxy.from_url(url).connect(host, port)`` shape."""
-        return create_connection((host, port), timeout, via=self, **options)
+        return create_connection((host, port), timeout, via=self, ssl=ssl, **options)
 
     def _copy(self) -> ProxyURL:
         url = self._url
@@ -227,18 +244,19 @@ class Tunnel:
     __slots__ = ("hops", "sock")
 
     def __init__(self, sock: socket.socket, hops: tuple[HopInfo, ...]) -> None:
-        self.sock: socket.socket | None = sock
+        self.sock: TunnelSocket | None = sock
         self.hops = hops
 
     def start_tls(
         self, context: ssl.SSLContext | None = None, server_hostname: str | None = None
-    ) -> socket.socket:
-        """TLS to the target over the tunnel; the TLS socket replaces ``sock`` and is returned."""
+    ) -> TunnelSocket:
+        """TLS to the target over the tunnel; the TLS socket replaces ``sock`` and is returned.
+        After an https:// hop it is a ``NestedTLSSocket`` (TLS inside the proxy's TLS)."""
         sock = self._socket()
         self.sock = _wrap_target(sock, context, server_hostname)
         return self.sock
 
-    def detach(self) -> socket.socket:
+    def detach(self) -> TunnelSocket:
         """The socket, now the caller's to close."""
         sock = self._socket()
         self.sock = None
@@ -249,7 +267,7 @@ class Tunnel:
             self.sock.close()
             self.sock = None
 
-    def _socket(self) -> socket.socket:
+    def _socket(self) -> TunnelSocket:
         if self.sock is None:
             raise ValueError("the tunnel is closed or detached")
         return self.sock
@@ -315,6 +333,40 @@ def open_tunnel(
     return tunnel
 
 
+@overload
+def create_connection(
+    address: tuple[str, int],
+    timeout: float | None = _DEFAULT,
+    source_address: tuple[str, int] | None = None,
+    *,
+    via: Via,
+    proxy_dns: str = "remote",
+    family: int = 0,
+    ssl: None = None,
+    server_hostname: str | None = None,
+    proxy_ssl: ssl.SSLContext | None = None,
+    proxy_headers: Iterable[tuple[str, str]] = (),
+    socket_options: Iterable[tuple[int, int, int | bytes]] = (),
+) -> socket.socket: ...
+
+
+@overload
+def create_connection(
+    address: tuple[str, int],
+    timeout: float | None = _DEFAULT,
+    source_address: tuple[str, int] | None = None,
+    *,
+    via: Via,
+    proxy_dns: str = "remote",
+    family: int = 0,
+    ssl: ssl.SSLContext,
+    server_hostname: str | None = None,
+    proxy_ssl: ssl.SSLContext | None = None,
+    proxy_headers: Iterable[tuple[str, str]] = (),
+    socket_options: Iterable[tuple[int, int, int | bytes]] = (),
+) -> TunnelSocket: ...
+
+
 def create_connection(
     address: tuple[str, int],
     timeout: float | None = _DEFAULT,
@@ -328,13 +380,14 @@ def create_connection(
     proxy_ssl: ssl.SSLContext | None = None,
     proxy_headers: Iterable[tuple[str, str]] = (),
     socket_options: Iterable[tuple[int, int, int | bytes]] = (),
-) -> socket.socket:
+) -> TunnelSocket:
     """Connect to ``address`` (host, port) through ``via``: a proxy URL, a ``Proxy``, a
     ``Chain`` or a sequence of them (an empty ``Chain`` connects directly).
 
     Returns a connected socket whose next byte is the target's first; with ``ssl`` (an
     SSLContext), a TLS socket to the target (``server_hostname`` defaults to the target's host),
-    its handshake within the same deadline. ``proxy_ssl`` is the context for an https:// proxy
+    its handshake within the same deadline; after an https:// hop that is a ``NestedTLSSocket``
+    (TLS inside the proxy's TLS, with the SSLSocket methods clients use). ``proxy_ssl`` is the context for an https:// proxy
     (default: the system's CAs), ``proxy_headers`` go into every HTTP CONNECT, and
     ``socket_options`` (level, option, value) are set on the socket once it is connected.
     """
@@ -367,14 +420,17 @@ def _full_socket(raw: Any) -> socket.socket:
 
 
 def _wrap_target(
-    sock: socket.socket, context: ssl.SSLContext | None, server_hostname: str | None
-) -> socket.socket:
+    sock: TunnelSocket, context: ssl.SSLContext | None, server_hostname: str | None
+) -> TunnelSocket:
     import ssl as ssl_module
 
-    if isinstance(sock, ssl_module.SSLSocket):
-        raise ValueError(
-            "TLS to the target through an https:// proxy needs TLS inside TLS, which the "
-            "blocking API does not do: use hopcat.aio (open_connection with ssl=)"
-        )
     context = context or ssl_module.create_default_context()
+    if isinstance(sock, ssl_module.SSLSocket):
+        from hopcat.net.nested_tls import NestedTLSSocket
+
+        nested = NestedTLSSocket(sock, context, server_hostname)
+        nested.do_handshake()
+        return nested
+    if not isinstance(sock, socket.socket):
+        raise ValueError("TLS is already running to the target")
     return context.wrap_socket(sock, server_hostname=server_hostname)
