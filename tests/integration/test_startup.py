@@ -44,6 +44,14 @@ def test_direct_connect_path_imports_nothing_heavy() -> None:
     assert {"hopcat.cli", "hopcat.net.dial", "hopcat.relay.pump"} <= added
 
 
+def test_a_target_given_as_a_name_imports_nothing_heavy() -> None:
+    baseline = _imported(["-c", "pass"])
+    with exchange(b"hi") as server:
+        loaded = _imported(["-m", "hopcat", "-4", "localhost", str(server.port)])
+    added = loaded - baseline
+    assert not (added & HEAVY), sorted(added & HEAVY)
+
+
 def test_proxy_path_imports_nothing_heavy() -> None:
     baseline = _imported(["-c", "pass"])
     # The "proxy" hangs up at once: the run gets as far as the SOCKS5 handshake, then fails.
