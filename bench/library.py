@@ -434,7 +434,11 @@ def run_all(args: argparse.Namespace, libs: list[Library]) -> dict[str, Any]:
                             )
                             keep(lib, "tps", tps["tps"])
                             keep(lib, "cpu_ms_per_tunnel", tps["cpu_ms_per_tunnel"])
-                            failures += [f"{lib.title} tps: {f}" for f in tps["failures"][:5]]
+                            if tps["failures"]:
+                                failures.append(
+                                    f"{lib.title} tps: {len(tps['failures'])} of {args.tunnels} "
+                                    f"failed, first: {tps['failures'][0]}"
+                                )
                         if "bulk" in only:
                             for direction in ("down", "up"):
                                 log(f"rep {rep + 1} {lib.title}: {direction} "
