@@ -65,6 +65,7 @@ from hopcat.errors import (
 )
 from hopcat.proto import client_machine
 from hopcat.proto._events import Established, NeedData
+from hopcat.proto._machine import check_host, check_port
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -204,6 +205,16 @@ def tunnel_plan(
     check_chain(hops, proxy_dns)
     count = len(hops)
     infos = tuple(HopInfo(hop.label()) for hop in hops)
+    # Whatever can be refused without the network is refused before hop 1 is dialled: a chain
+    # must not greet and use its first hops for a request its last one could never send.
+    for index, hop in enumerate(hops):
+        last = index + 1 == count
+        next_host, next_port = (host, port) if last else (hops[index + 1].host, hops[index + 1].port)
+        try:
+            _check_next(hop, next_host, next_port, proxy_dns, numeric_only)
+        except HopcatError as exc:
+            _locate(exc, hops, index)
+            raise
     first = hops[0]
     trace(f"hop 1/{count}: {first.label()}" + (f" (from {first.origin})" if first.origin else ""))
     started = clock()
@@ -403,23 +414,9 @@ def _target_for_hop(
     hop: ProxyURL, host: str, port: int, proxy_dns: str, family: int, numeric_only: bool,
     trace: Callable[[str], None],
 ) -> SubPlan:  # fmt: skip
-    """The address or name this hop is asked to connect to."""
-    if split_scope(host)[0]:
-        raise UsageError(
-            f"{host}: a scoped address names an interface of this host, which means nothing to a "
-            "proxy; give the address without its %zone if the proxy shares that link"
-        )
-    if is_ip_literal(host):
+    """The address or name this hop is asked to connect to (``_check_next`` has passed it)."""
+    if is_ip_literal(host) or not _resolved_here(hop, proxy_dns):
         return host
-    if proxy_dns == "none":
-        raise UsageError(f"{host}: --proxy-dns none sends only addresses, and this is a name")
-    local = proxy_dns in ("local", "both") or not hop.carries_names
-    if not local:
-        return host
-    if numeric_only:
-        why = (f"--proxy-dns {proxy_dns} resolves them here" if hop.carries_names
-               else "SOCKS4 carries only addresses (socks4a:// sends the name)")  # fmt: skip
-        raise UsageError(f"{host}: -n forbids looking up names here, and {why}")
     try:
         infos = yield Resolve(host, port, family)
     except ResolveError:
@@ -436,6 +433,32 @@ def _target_for_hop(
     address = str(infos[0][4][0])
     trace(f"resolved {host} locally: {address}")
     return address
+
+
+def _resolved_here(hop: ProxyURL, proxy_dns: str) -> bool:
+    return proxy_dns in ("local", "both") or not hop.carries_names
+
+
+def _check_next(
+    hop: ProxyURL, host: str, port: int, proxy_dns: str, numeric_only: bool
+) -> None:
+    """Refuse what ``hop`` could never be asked for: a bad name or port for its wire format (too
+    long, CR/LF, a space), a scoped address, a name where only addresses may go."""
+    if split_scope(host)[0]:
+        raise UsageError(
+            f"{host}: a scoped address names an interface of this host, which means nothing to a "
+            "proxy; give the address without its %zone if the proxy shares that link"
+        )
+    check_host(host)
+    check_port(port)
+    if is_ip_literal(host):
+        return
+    if proxy_dns == "none":
+        raise UsageError(f"{host}: --proxy-dns none sends only addresses, and this is a name")
+    if numeric_only and _resolved_here(hop, proxy_dns):
+        why = (f"--proxy-dns {proxy_dns} resolves them here" if hop.carries_names
+               else "SOCKS4 carries only addresses (socks4a:// sends the name)")  # fmt: skip
+        raise UsageError(f"{host}: -n forbids looking up names here, and {why}")
 
 
 # -- telling a proxy of the wrong kind --------------------------------------------------------
