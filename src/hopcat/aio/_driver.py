@@ -12,9 +12,9 @@ Two ways to carry the steps out:
   At the end the caller's protocol takes the transport over and gets the buffered bytes first
   (``open_connection``, ``create_connection``).
 
-One deadline spans the whole open: every step runs under ``asyncio.timeout_at`` of it, so the
-plan learns which phase timed out, and a cancellation from outside stays a cancellation (asyncio's
-own timeout tells the two apart). Whoever created the IO object closes it when the plan fails or
+One deadline spans the whole open: the plan runs under one ``asyncio.timeout_at`` of it and
+learns which phase timed out, and a cancellation from outside stays a cancellation (asyncio's own
+timeout tells the two apart). Whoever created the IO object closes it when the plan fails or
 is cancelled.
 """
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
+from hopcat._endpoint import is_ip_literal
 from hopcat.errors import HopcatError, ResolveError, UsageError
 from hopcat.net import engine
 from hopcat.net.dial import describe_oserror, interleave_families
@@ -39,34 +40,50 @@ PROBE_ANSWER_BYTES = 16
 
 
 async def run_plan(plan: Plan, io: SocketIO | TransportIO, deadline: float) -> Opened:
-    """Drive ``plan`` to its end with ``io``; ``deadline`` is a ``loop.time()`` value (inf: none)."""
+    """Drive ``plan`` to its end with ``io``; ``deadline`` is a ``loop.time()`` value (inf: none).
+
+    One timer spans the whole plan (a timer per step costs a heap push and a cancel each). When
+    it fires, the step under way is cancelled, and ``TimeoutError`` is thrown into the plan so
+    that it names the phase; a step it yields after that cannot run either."""
     outcome: object = None
     failure: BaseException | None = None
-    limit = None if deadline == float("inf") else deadline
+    try:
+        async with asyncio.timeout_at(None if deadline == float("inf") else deadline):
+            while True:
+                try:
+                    step = plan.throw(failure) if failure is not None else plan.send(outcome)
+                except StopIteration as done:
+                    opened: Opened = done.value
+                    return opened
+                failure = None
+                try:
+                    outcome = await io.carry_out(step)
+                except HopcatError as exc:
+                    failure = exc
+                except OSError as exc:
+                    failure = exc
+    except TimeoutError:
+        pass
     while True:
         try:
-            step = plan.throw(failure) if failure is not None else plan.send(outcome)
-        except StopIteration as done:
-            opened: Opened = done.value
-            return opened
-        failure = None
-        try:
-            async with asyncio.timeout_at(limit):
-                outcome = await io.carry_out(step)
-        except HopcatError as exc:
-            failure = exc
-        except OSError as exc:  # TimeoutError included: the plan names the phase
-            failure = exc
+            plan.throw(TimeoutError())
+        except StopIteration:  # pragma: no cover - a plan always asks for I/O before it is done
+            raise AssertionError("the tunnel plan finished after its deadline") from None
 
 
 async def resolve(
     loop: asyncio.AbstractEventLoop, host: str, port: int, family: int
 ) -> list[tuple[Any, ...]]:
-    """getaddrinfo on the loop's executor, failing as the blocking resolver does."""
+    """getaddrinfo, failing as the blocking resolver does: an address is parsed here (the loop's
+    getaddrinfo would send even that to a thread), a name goes to the loop's executor."""
     where = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
     try:
-        infos = await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_STREAM,
-                                       proto=socket.IPPROTO_TCP)  # fmt: skip
+        if is_ip_literal(host):
+            infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM,
+                                       socket.IPPROTO_TCP, socket.AI_NUMERICHOST)  # fmt: skip
+        else:
+            infos = await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_STREAM,
+                                           proto=socket.IPPROTO_TCP)  # fmt: skip
     except socket.gaierror as exc:
         raise ResolveError(f"resolve {where}: {describe_oserror(exc)}") from None
     if not infos:
@@ -138,12 +155,8 @@ class SocketIO(_IO):
     async def receive(self, step: Receive) -> bytes | None:
         sock = self.sock
         assert sock is not None
-        if step.quiet_s or step.peek:
-            try:
-                async with asyncio.timeout(step.quiet_s or None):
-                    await _readable(self.loop, sock)
-            except TimeoutError:
-                return None
+        if (step.quiet_s or step.peek) and not await _readable(self.loop, sock, step.quiet_s):
+            return None
         if step.peek:
             return sock.recv(step.size, socket.MSG_PEEK)
         return await self.loop.sock_recv(sock, step.size)
@@ -154,19 +167,23 @@ class SocketIO(_IO):
             self.sock = None
 
 
-async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    ready = loop.create_future()
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket, quiet_s: float) -> bool:
+    """Wait until ``sock`` is readable: True; or, with ``quiet_s``, False after that long."""
+    ready: asyncio.Future[bool] = loop.create_future()
     fd = sock.fileno()
-    loop.add_reader(fd, _settle, ready)
+    loop.add_reader(fd, _settle, ready, True)
+    timer = loop.call_later(quiet_s, _settle, ready, False) if quiet_s else None
     try:
-        await ready
+        return await ready
     finally:
         loop.remove_reader(fd)
+        if timer is not None:
+            timer.cancel()
 
 
-def _settle(ready: asyncio.Future[None]) -> None:
+def _settle(ready: asyncio.Future[bool], readable: bool) -> None:
     if not ready.done():
-        ready.set_result(None)
+        ready.set_result(readable)
 
 
 class _Buffering(asyncio.Protocol):
