@@ -1,8 +1,8 @@
 """The blocking driver of the tunnel engine (``hopcat.net.engine``): the CLI's and the sync
 library's way to open a tunnel.
 
-Each step the plan yields is carried out on one blocking socket, every wait bounded by the one
-deadline (capped per call at ``dial.MAX_WAIT_S`` and waited again, so any deadline is safe). An
+Each step the plan yields is carried out on one socket (blocking once the tunnel is open), every
+wait bounded by the one deadline (capped per call at ``dial.MAX_WAIT_S`` and waited again, so any deadline is safe). An
 ``https://`` hop wraps the socket in TLS; everything after it rides inside that session.
 
 TCP acknowledgements: around every exchange the socket is in quick-ACK mode (a proxy without
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 # _socket, not socket: the socket module costs ~10 ms of imports (enum, selectors) per start.
 import _socket as socket
+import select
 import time
 
 from hopcat.errors import HopcatError, UsageError
@@ -124,10 +125,10 @@ def open_tunnel(
 
 
 class _Driver:
-    """Carries out a plan's steps on one blocking socket."""
+    """Carries out a plan's steps on one socket, waiting in poll."""
 
     __slots__ = ("clock", "context", "deadline", "dial_options", "peer", "sock", "timeout_label",
-                 "trace")  # fmt: skip
+                 "tls", "trace")  # fmt: skip
 
     def __init__(
         self, deadline: float, clock: Callable[[], float], context: ssl.SSLContext | None,
@@ -141,6 +142,7 @@ class _Driver:
         self.dial_options: tuple[int, str | None, bool, bool, bool] = (0, None, True, False, False)
         self.sock: socket.socket | None = None
         self.peer: tuple[int, tuple[object, ...]] | None = None  # the first hop, for probes
+        self.tls = False  # whether sock is an SSLSocket (after an https:// hop)
 
     def run(self, plan: Plan) -> Opened:
         """Drive ``plan`` to its end; return its result."""
@@ -178,7 +180,7 @@ class _Driver:
         self.sock = dial_tcp(
             step.host, step.port, deadline=self.deadline, family=family, source=source,
             nodelay=nodelay, keepalive=keepalive, numeric_only=numeric_only, trace=self.trace,
-            clock=self.clock, timeout_label=self.timeout_label,
+            clock=self.clock, timeout_label=self.timeout_label, blocking=False,
         )  # fmt: skip
         self.peer = (self.sock.family, self.sock.getpeername())
         return None
@@ -189,44 +191,60 @@ class _Driver:
             raise TimeoutError
         return min(left, limit_s, MAX_WAIT_S)
 
+    # A plain socket stays non-blocking during the plan: each call is tried first and waits in
+    # poll only when it would block (a socket timeout costs an ioctl per call and a poll before
+    # every recv, even of bytes already queued). A TLS socket keeps socket timeouts: its reads
+    # and writes can each need the other direction.
     def send(self, data: bytes) -> None:
         sock = self.sock
         assert sock is not None
         view = memoryview(data)
         while view:
-            sock.settimeout(self._timeout())
+            if self.tls:
+                sock.settimeout(self._timeout())
             try:
                 sent = sock.send(view)
+            except BlockingIOError:
+                self._wait(select.POLLOUT)
+                continue
             except TimeoutError:
                 continue  # a wait is capped at MAX_WAIT_S; _timeout() says when time is up
             view = view[sent:]
-        _set_quickack(sock, 1)
 
     def receive(self, step: Receive) -> bytes | None:
         sock = self.sock
         assert sock is not None
         _set_quickack(sock, 1)  # Linux clears it by itself: set again around every exchange
-        if step.quiet_s and not self._readable_within(step.quiet_s):
-            return None
         flags = socket.MSG_PEEK if step.peek else 0
+        if not self.tls:
+            while True:
+                try:
+                    data: bytes = sock.recv(step.size, flags)
+                    return data
+                except BlockingIOError:
+                    pass
+                if not self._wait(select.POLLIN, step.quiet_s):
+                    return None
+        pending: int = sock.pending()  # type: ignore[attr-defined]
+        if step.quiet_s and not pending and not self._wait(select.POLLIN, step.quiet_s):
+            return None
         while True:
             sock.settimeout(self._timeout())
             try:
-                data: bytes = sock.recv(step.size, flags)
+                data = sock.recv(step.size, flags)
                 return data
             except TimeoutError:
                 continue
 
-    def _readable_within(self, quiet_s: float) -> bool:
-        import select
-
-        sock = self.sock
-        assert sock is not None
+    def _wait(self, events: int, quiet_s: float = 0.0) -> bool:
+        """Poll for ``events`` until the deadline (TimeoutError) or, given ``quiet_s``, until
+        then: False if nothing came. True when ready, or on a wait capped at MAX_WAIT_S."""
+        assert self.sock is not None
         poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN)
-        if getattr(sock, "pending", None) is not None and sock.pending():  # type: ignore[attr-defined]
+        poller.register(self.sock.fileno(), events)
+        if poller.poll(int(self._timeout(quiet_s or MAX_WAIT_S) * 1000) + 1):
             return True
-        return bool(poller.poll(int(self._timeout(quiet_s) * 1000)))
+        return not quiet_s
 
     def start_tls(self, step: StartTLS) -> str | None:
         import socket as socket_module  # ssl wants the full socket class; only TLS chains pay
@@ -246,6 +264,7 @@ class _Driver:
                     f"{step.server_name}: cannot be used as a TLS server name ({exc})"
                 ) from None
             self.sock = sock
+            self.tls = True
         while True:
             sock.settimeout(self._timeout(step.quiet_s or MAX_WAIT_S))
             try:

@@ -191,8 +191,10 @@ def dial_tcp(
     clock: Callable[[], float] = time.monotonic,
     stagger_s: float = CONNECT_ATTEMPT_DELAY_S,
     timeout_label: str = "",
+    blocking: bool = True,
 ) -> socket.socket:
-    """Connect to host:port before ``deadline`` (a ``clock()`` value); return a blocking socket.
+    """Connect to host:port before ``deadline`` (a ``clock()`` value); return a blocking socket,
+    or with ``blocking=False`` leave it non-blocking (for a caller that polls anyway).
 
     ``timeout_label`` names the whole budget in a timeout message (e.g. "after 10 s").
     """
@@ -265,7 +267,8 @@ def dial_tcp(
                 code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 label = sockaddr_text(info[4])
                 if code == 0:
-                    sock.setblocking(True)
+                    if blocking:
+                        sock.setblocking(True)
                     tune_socket(sock, nodelay=nodelay, keepalive=keepalive)
                     return sock
                 sock.close()
