@@ -68,18 +68,22 @@ class Proxy:
 
     @property
     def scheme(self) -> str:
+        """socks4, socks4a, socks5, socks5h, http or https."""
         return self._url.scheme
 
     @property
     def host(self) -> str:
+        """The proxy's host: a name or an address (IPv6 without brackets)."""
         return self._url.host
 
     @property
     def port(self) -> int:
+        """The proxy's port (the scheme's default when the URL has none)."""
         return self._url.port
 
     @property
     def username(self) -> str | None:
+        """The user name from the URL, or None; the password is never exposed."""
         return self._url.username
 
     @property
@@ -147,6 +151,7 @@ class Chain(Sequence[Proxy]):
 
     @classmethod
     def from_urls(cls, urls: Iterable[str]) -> Chain:
+        """A chain of ``Proxy.from_url(url)`` for each URL, first hop first."""
         return cls(Proxy.from_url(url) for url in urls)
 
     @classmethod
@@ -263,6 +268,7 @@ class Tunnel:
         return sock
 
     def close(self) -> None:
+        """Close the socket (nothing if it was detached or is already closed)."""
         if self.sock is not None:
             self.sock.close()
             self.sock = None

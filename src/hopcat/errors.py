@@ -126,6 +126,8 @@ class UsageError(HopcatError, ValueError):
 
 
 class ResolveError(HopcatError, OSError):
+    """A name did not resolve here (the target's with local DNS, or a proxy's)."""
+
     exit_code = ExitCode.NO_HOST
 
 
@@ -140,6 +142,8 @@ class ConnectError(HopcatError, ConnectionError):
 
 
 class HopcatTimeoutError(HopcatError, TimeoutError):
+    """The one deadline over the whole open passed; the message names the phase and the hop."""
+
     exit_code = ExitCode.TIMEOUT
 
 
