@@ -13,29 +13,14 @@ import peers
 import pytest
 from test_proxies import download, framed_upload
 
-from support import pattern, run_hopcat
-
-
-def _make_ca_and_cert(directory: Path) -> tuple[Path, Path, Path]:
-    ca_key, ca_crt = directory / "ca.key", directory / "ca.crt"
-    key, csr, crt = directory / "proxy.key", directory / "proxy.csr", directory / "proxy.crt"
-    ext = directory / "ext.cnf"
-    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    run = lambda *args: subprocess.run(["openssl", *args], check=True, capture_output=True)  # noqa: E731
-    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", str(ca_key), "-out", str(ca_crt), "-days", "2", "-subj", "/CN=hopcat test CA")
-    run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1")
-    run("x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key),
-        "-CAcreateserial", "-out", str(crt), "-days", "2", "-extfile", str(ext))
-    return ca_crt, crt, key
+from support import make_certificates, pattern, run_hopcat
 
 
 @pytest.fixture
 def https_proxy(tinyproxy: peers.Daemon, tmp_path: Path) -> Iterator[tuple[int, Path]]:
     if not shutil.which("openssl") or not shutil.which("socat"):
         pytest.skip("openssl and socat needed (apt-get install openssl socat)")
-    ca, crt, key = _make_ca_and_cert(tmp_path)
+    ca, crt, key = make_certificates(tmp_path)
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
