@@ -403,20 +403,29 @@ def test_direct_connect_refused(consumer: str) -> None:
 
 
 def test_requests_refuses_its_own_proxies(danted: peers.Daemon) -> None:
+    """A proxy requests picked (proxies=, or the environment) is refused, password unshown."""
     with requests.Session() as session:
         session.mount("http://", ProxyAdapter(danted.url_as("socks5h")))
-        with pytest.raises(ValueError, match=r"not requests' proxy http://proxy\.invalid:3128"):
+        with pytest.raises(
+            ValueError, match=r"not requests' proxy http://proxy\.invalid:3128"
+        ) as caught:
             session.get("http://localhost:1/", proxies={"http": "http://u:pw@proxy.invalid:3128"})
+    assert "pw" not in str(caught.value)
 
 
 def test_aiohttp_refuses_a_request_proxy(danted: peers.Daemon) -> None:
     async def main() -> None:
         connector = HopcatConnector(danted.url_as("socks5h"))
         async with aiohttp.ClientSession(connector=connector) as session:
-            await session.get("http://localhost:1/", proxy="http://proxy.invalid:3128")
+            await session.get("http://localhost:1/", proxy="http://u:pw@proxy.invalid:3128")
 
-    with pytest.raises(ValueError, match="not the request's proxy"):
+    with pytest.raises(
+        ValueError, match=r"not the request's proxy http://proxy\.invalid:3128"
+    ) as caught:
         asyncio.run(main())
+    assert "pw" not in str(caught.value)
+    with pytest.raises(ValueError, match="local_addr"):
+        HopcatConnector(danted.url_as("socks5h"), local_addr=("127.0.0.1", 0))
 
 
 # --------------------------------------------------------------------------- pinned private hooks

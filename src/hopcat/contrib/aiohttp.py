@@ -47,8 +47,9 @@ class HopcatConnector(aiohttp.TCPConnector):
     """``aiohttp.TCPConnector`` whose connections go through ``via`` (see
     ``hopcat.create_connection``). ``proxy_dns``, ``proxy_ssl`` (the context for an https://
     proxy) and ``proxy_headers`` are hopcat's; every other argument is TCPConnector's, of which
-    ``family`` is honoured and ``resolver``, ``use_dns_cache``, ``ttl_dns_cache``,
-    ``local_addr``, ``happy_eyeballs_delay`` and ``interleave`` have nothing to act on."""
+    ``family`` is honoured, ``local_addr`` refused (ValueError), and ``resolver``,
+    ``use_dns_cache``, ``ttl_dns_cache``, ``happy_eyeballs_delay`` and ``interleave`` have
+    nothing to act on."""
 
     def __init__(
         self,
@@ -59,6 +60,8 @@ class HopcatConnector(aiohttp.TCPConnector):
         proxy_headers: Iterable[tuple[str, str]] = (),
         **connector_options: Any,
     ) -> None:
+        if connector_options.get("local_addr") is not None:
+            raise UsageError("HopcatConnector: hopcat.aio binds no source address (local_addr)")
         super().__init__(**connector_options)
         self._route = Route(
             via, proxy_dns=proxy_dns, proxy_ssl=proxy_ssl, proxy_headers=proxy_headers
@@ -70,7 +73,7 @@ class HopcatConnector(aiohttp.TCPConnector):
         if req.proxy:
             raise UsageError(
                 f"HopcatConnector goes through {self._route.chain!r}, not the request's proxy "
-                f"{req.proxy}: give no proxy= (or set trust_env=False)"
+                f"{req.proxy.with_user(None)}: give no proxy= (or set trust_env=False)"
             )
         host, port = req.url.raw_host, req.port
         assert host is not None and port is not None

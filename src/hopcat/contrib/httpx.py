@@ -27,7 +27,6 @@ import httpx
 
 import hopcat
 from hopcat.contrib._common import Route, cause_to_hopcat, kind_of
-from hopcat.errors import UsageError
 
 if TYPE_CHECKING:
     import asyncio
@@ -87,8 +86,8 @@ class HopcatTransport(httpx.HTTPTransport):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> None:
-        # Not HTTPTransport.__init__: it would build a pool only to be replaced (and an SSL
-        # context, ~20 ms); it sets nothing but _pool, which the tests pin.
+        # Not HTTPTransport.__init__: it would build a pool and an SSL context (~30 ms) only
+        # to have them replaced. It sets nothing but _pool, which the tests pin.
         ssl_context = httpx.create_ssl_context(verify=verify, cert=cert, trust_env=trust_env)
         self._pool = httpcore.ConnectionPool(
             **_pool_options(
@@ -129,8 +128,7 @@ class AsyncHopcatTransport(httpx.AsyncHTTPTransport):
         retries: int = 0,
         socket_options: Iterable[Any] | None = None,
     ) -> None:
-        # Not HTTPTransport.__init__: it would build a pool only to be replaced (and an SSL
-        # context, ~20 ms); it sets nothing but _pool, which the tests pin.
+        # Not AsyncHTTPTransport.__init__, as in HopcatTransport.
         ssl_context = httpx.create_ssl_context(verify=verify, cert=cert, trust_env=trust_env)
         self._pool = httpcore.AsyncConnectionPool(
             **_pool_options(
@@ -174,11 +172,6 @@ class _Backend(httpcore.NetworkBackend):
         except OSError as exc:
             raise _connect_error(exc) from exc
         return _Stream(tunnel)
-
-    def connect_unix_socket(
-        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
-    ) -> httpcore.NetworkStream:
-        raise UsageError("a hopcat transport connects through its proxies, not to a Unix socket")
 
 
 class _Stream(httpcore.NetworkStream):
@@ -280,8 +273,6 @@ class _AsyncBackend(httpcore.AsyncNetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
-        if local_address is not None:
-            raise UsageError("hopcat.aio binds no source address: local_address cannot be given")
         import hopcat.aio
 
         try:
@@ -294,11 +285,6 @@ class _AsyncBackend(httpcore.AsyncNetworkBackend):
         for option in socket_options or ():
             raw.setsockopt(*option)
         return _AsyncStream(reader, writer)
-
-    async def connect_unix_socket(
-        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
-    ) -> httpcore.AsyncNetworkStream:
-        raise UsageError("a hopcat transport connects through its proxies, not to a Unix socket")
 
     async def sleep(self, seconds: float) -> None:
         import asyncio
