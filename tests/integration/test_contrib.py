@@ -372,6 +372,23 @@ def test_stalled_proxy_is_the_consumers_connect_timeout(
     assert STALL_TIMEOUT_S <= elapsed < STALL_TIMEOUT_S + STALL_MARGIN_S, elapsed
 
 
+def test_requests_without_a_timeout_still_bounds_the_open(
+    stalled_proxy: str, origins: dict[str, Origin], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """requests waits for ever by default; the adapter bounds the open by hopcat's default
+    deadline (shortened here)."""
+    import hopcat.contrib.requests
+
+    monkeypatch.setattr(hopcat.contrib.requests, "DEFAULT_TIMEOUT_S", STALL_TIMEOUT_S)
+    with requests.Session() as session:
+        session.trust_env = False
+        session.mount("http://", ProxyAdapter(stalled_proxy))
+        started = time.monotonic()
+        with pytest.raises(requests.ConnectTimeout):
+            session.get(origins["http"].url())
+    assert time.monotonic() - started < STALL_TIMEOUT_S + STALL_MARGIN_S
+
+
 @pytest.mark.parametrize("consumer", CONSUMERS)
 def test_target_refused_by_the_proxy(consumer: str, danted: peers.Daemon) -> None:
     with closed_port() as port:

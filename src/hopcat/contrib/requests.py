@@ -16,8 +16,9 @@ it (``hopcat.net.nested_tls.NestedTLSSocket``) with the settings urllib3 would h
 
 It relies on urllib3's ``HTTPConnection._new_conn`` (private, the one place a connection opens
 its socket) and ``PoolManager.pool_classes_by_scheme``; ``tests/integration/test_contrib.py``
-pins both. requests' connect timeout is hopcat's deadline over the whole open (requests' own
-default is none at all). ``proxies=`` (or proxies requests finds in the environment) are refused
+pins both. requests' connect timeout is hopcat's deadline over the whole open; without one
+(requests' default) the open is bounded by ``hopcat.client.DEFAULT_TIMEOUT_S``, reads are not.
+``proxies=`` (or proxies requests finds in the environment) are refused
 with a ValueError: the adapter's ``via`` is the route, and requests would otherwise send the
 other proxy's ``Proxy-Authorization`` to the origin. Errors: see ``hopcat.contrib._common``.
 """
@@ -35,6 +36,7 @@ import urllib3.exceptions
 from urllib3.util import ssl_ as urllib3_ssl
 
 import hopcat
+from hopcat.client import DEFAULT_TIMEOUT_S
 from hopcat.contrib._common import Route, cause_to_hopcat, kind_of
 from hopcat.errors import UsageError
 
@@ -102,8 +104,9 @@ def _redact(url: str) -> str:
 
 def _open(conn: urllib3.connection.HTTPConnection, route: Route, **tls: Any) -> Any:
     """The socket for ``conn``, opened by hopcat; ``tls``: hopcat runs the origin's TLS too."""
-    # urllib3's _DEFAULT_TIMEOUT (a sentinel) means the socket module's default: none.
-    timeout = conn.timeout if isinstance(conn.timeout, (int, float)) else None
+    # None (requests' default) or urllib3's _DEFAULT_TIMEOUT sentinel would let a proxy that
+    # never answers hold the open for ever: it is bounded as hopcat's own opens are.
+    timeout = conn.timeout if isinstance(conn.timeout, (int, float)) else DEFAULT_TIMEOUT_S
     try:
         return hopcat.create_connection(
             (conn.host, conn.port), timeout, conn.source_address,
