@@ -1,7 +1,8 @@
 """The adapters in hopcat.contrib under their real consumers: httpx (blocking and asyncio),
 aiohttp and requests fetching from local HTTP and HTTPS origins through Dante (socks5h, the
 name resolved by Dante) and through an https:// proxy (socat's TLS in front of tinyproxy, so TLS
-to an https origin runs inside the proxy's TLS).
+to an https origin runs inside the proxy's TLS; the asyncio ones on uvloop too), and 100
+concurrent aiohttp requests through one Dante.
 
 Failures: a proxy that accepts and never answers gives each consumer its own connect timeout,
 on time; a refusal, an unreachable proxy and a refused direct connect give each consumer the
@@ -199,6 +200,7 @@ def stalled_proxy() -> Iterator[str]:
 def fetch(
     consumer: str, via: Any, urls: list[str], *, proxy_ca: Path | None = None,
     origin_ca: Path | None = None, timeout: float = 10.0,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
 ) -> list[tuple[int, bytes]]:  # fmt: skip
     """GET each URL in turn on one client of ``consumer`` through ``via``; an https:// proxy's
     certificate is checked against the CA file ``proxy_ca``, an origin's against ``origin_ca``
@@ -210,9 +212,11 @@ def fetch(
         with httpx.Client(transport=transport, timeout=timeout) as client:
             return [(r.status_code, r.content) for r in map(client.get, urls)]
     if consumer == "httpx-async":
-        return asyncio.run(_httpx_async(via, urls, proxy_ssl, verify, timeout))
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(_httpx_async(via, urls, proxy_ssl, verify, timeout))
     if consumer == "aiohttp":
-        return asyncio.run(_aiohttp(via, urls, proxy_ssl, verify, timeout))
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(_aiohttp(via, urls, proxy_ssl, verify, timeout))
     assert consumer == "requests"
     with requests.Session() as session:
         session.trust_env = False
@@ -268,6 +272,21 @@ def test_fetch_through_a_proxy(
     host = f"localhost:{origin.port}"
     assert answers[0] == (200, f"/one {host}\n".encode())
     assert answers[1] == (200, f"/big {host}\n".encode() + pattern(BIG_BYTES, 7))
+
+
+@pytest.mark.parametrize("consumer", ["httpx-async", "aiohttp"])
+def test_asyncio_consumers_on_uvloop(
+    consumer: str, tls_proxy: str, origins: dict[str, Origin],
+    certificates: tuple[Path, Path, Path],
+) -> None:  # fmt: skip
+    """uvloop's own TLS transports: TLS to the origin inside the https:// proxy's."""
+    uvloop = pytest.importorskip("uvloop")
+    ca, origin = certificates[0], origins["https"]
+    answers = fetch(
+        consumer, tls_proxy, [origin.url("/big")], proxy_ca=ca, origin_ca=ca,
+        loop_factory=uvloop.new_event_loop,
+    )  # fmt: skip
+    assert answers == [(200, f"/big localhost:{origin.port}\n".encode() + pattern(BIG_BYTES, 7))]
 
 
 UNTRUSTED_ORIGIN: dict[str, type[BaseException]] = {
