@@ -94,3 +94,49 @@ def test_bad_cacert_is_a_usage_error(https_proxy: tuple[int, Path], framed_echo:
     err = result.stderr.decode()
     assert result.returncode == 64, err
     assert err.startswith(f"hopcat: --proxy-cacert {cafile}: ") and err.count("\n") == 1
+
+
+def test_aio_origin_certificate_checked_inside_the_proxys_tls(
+    https_proxy: tuple[int, Path], tmp_path: Path
+) -> None:
+    """TLS to the target inside an https:// proxy's TLS: an origin the caller does not trust is
+    a certificate error (an OSError), also on Pythons where asyncio's nested TLS abort raises a
+    TypeError instead (CPython gh-113214)."""
+    import asyncio
+    import ssl
+    import threading
+
+    import hopcat.aio
+
+    port, proxy_ca = https_proxy
+    (tmp_path / "origin").mkdir()
+    _origin_ca, crt, key = make_certificates(tmp_path / "origin")
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(crt, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    origin_port = listener.getsockname()[1]
+
+    def serve_one() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            try:
+                server_context.wrap_socket(conn, server_side=True).close()
+            except (OSError, ssl.SSLError):
+                pass  # the client refused our certificate: expected
+
+    thread = threading.Thread(target=serve_one, daemon=True)
+    thread.start()
+
+    async def fetch() -> None:
+        await hopcat.aio.open_connection(
+            "127.0.0.1", origin_port, via=f"https://127.0.0.1:{port}", timeout=10,
+            proxy_ssl=ssl.create_default_context(cafile=str(proxy_ca)),
+            ssl=ssl.create_default_context(),
+        )  # fmt: skip
+
+    try:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            asyncio.run(fetch())
+    finally:
+        listener.close()
+        thread.join(10)

@@ -297,6 +297,13 @@ class TransportIO(_IO):
                 return None
         try:
             upgraded = await task
+        except TypeError as exc:
+            # CPython gh-113214 (before 3.11.8 and 3.12.2): a failed handshake of TLS inside TLS
+            # calls SSLProtocol._abort() with an argument it does not take; the TLS error that
+            # caused it is the TypeError's context.
+            if isinstance(exc.__context__, OSError):
+                raise exc.__context__ from None
+            raise
         finally:
             self._tls = None
         if upgraded is None:
