@@ -389,6 +389,27 @@ def test_freed_upstream_slots_go_round_robin(tmp_path: Path) -> None:
     run_scene(tmp_path, scenario)
 
 
+def test_hop_names_go_through_the_servers_resolver(tmp_path: Path) -> None:
+    """The first hop's name is looked up by the server's resolver (its threads, the client's
+    share), not by a resolver of the driver's own."""
+    resolver = ScriptedResolver({"upstream.example": "127.0.0.1"})
+    upstream = SlowUpstream()
+
+    async def scenario(scene: Scene) -> None:
+        await upstream.start()
+        try:
+            server = scene.serve("--via", f"socks5h://upstream.example:{upstream.port}",
+                                 resolver=resolver, restrict_local=False)  # fmt: skip
+            sock = await scene.client(server)
+            assert await socks5(sock, "fast.example", 80) == 0
+            assert await echoes(sock)
+            assert resolver.calls == ["upstream.example"]
+        finally:
+            await upstream.close()
+
+    run_scene(tmp_path, scenario)
+
+
 @pytest.mark.parametrize("how", ["close", "reset", "deadline", "shutdown"])
 def test_a_client_that_leaves_cancels_its_upstream_open(tmp_path: Path, how: str) -> None:
     """The upstream connection is closed at once, on this loop, with nothing left behind (a
