@@ -31,6 +31,7 @@ Failures become (result, reason) from the error's fields (``failure``): never fr
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import socket
 
@@ -48,7 +49,6 @@ from hopcat.net.engine import tunnel_plan
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import asyncio
     from collections.abc import Sequence
     from typing import Any
 
@@ -266,8 +266,6 @@ class Opens:
     async def close(self) -> None:
         """At shutdown: cancel what still runs and wait until every task has closed its sockets
         (Conn.close has cancelled most already; their cancellation runs on the loop)."""
-        import asyncio
-
         self._waiting.clear()
         self._turns.clear()
         tasks = list(self._tasks)
