@@ -26,15 +26,14 @@ from hopcat.server.ifaddrs import host_addresses
 from hopcat.server.log import Logger
 from hopcat.server.policy import Policy
 from hopcat.server.serve import (
-    CHAINS_PER_CLIENT,
     LOOKUPS_PER_CLIENT,
     RESOLVER_WORKERS,
-    VIA_WORKERS,
     DaemonPool,
     Server,
     bind_listeners,
     load_config,
 )
+from hopcat.server.upstream import UPSTREAM_OPENS, UPSTREAM_OPENS_PER_CLIENT
 
 SCENARIO_TIMEOUT_S = 20.0
 BOUND_S = 3.0  # how long a client that must not be held up may take, on a loaded machine
@@ -283,14 +282,18 @@ def test_a_queued_lookup_is_dropped_when_its_client_leaves(tmp_path: Path) -> No
 
 class SlowUpstream:
     """A SOCKS5 upstream (no auth, names only) that grants "fast*" names at once, with an echo
-    tunnel, and never answers for the others; counts the unanswered requests it holds."""
+    tunnel, and never answers for the others; counts the unanswered requests it holds, the
+    names it was asked for in order, and the held connections the server closed."""
 
     def __init__(self) -> None:
         self.held = 0
         self.most_held = 0
+        self.let_go = 0
+        self.names: list[str] = []
         self.port = 0
         self.server: asyncio.Server | None = None
         self.release = asyncio.Event()
+        self.writers: dict[str, asyncio.StreamWriter] = {}
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
@@ -303,10 +306,19 @@ class SlowUpstream:
             head = await reader.readexactly(5)
             name = await reader.readexactly(head[4])
             await reader.readexactly(2)
+            self.names.append(name.decode())
             if not name.startswith(b"fast"):
                 self.held += 1
                 self.most_held = max(self.most_held, self.held)
-                await self.release.wait()
+                self.writers[name.decode()] = writer
+                released = asyncio.ensure_future(self.release.wait())
+                closed = asyncio.ensure_future(reader.read(1))
+                done, _ = await asyncio.wait({released, closed}, return_when="FIRST_COMPLETED")
+                for future in (released, closed):
+                    future.cancel()
+                if closed in done:
+                    self.let_go += 1
+                self.held -= 1
                 return
             writer.write(b"\x05\x00\x00\x01\x7f\x00\x00\x01\x00\x01")
             while data := await reader.read(65536):
@@ -323,10 +335,10 @@ class SlowUpstream:
             await self.server.wait_closed()
 
 
-def test_one_client_cannot_hold_every_chain_thread(tmp_path: Path) -> None:
-    assert CHAINS_PER_CLIENT < VIA_WORKERS
+def test_one_client_cannot_hold_every_upstream_open(tmp_path: Path) -> None:
+    assert UPSTREAM_OPENS_PER_CLIENT < UPSTREAM_OPENS
     upstream = SlowUpstream()
-    flood = VIA_WORKERS + 8
+    flood = UPSTREAM_OPENS_PER_CLIENT + 8
 
     async def scenario(scene: Scene) -> None:
         await upstream.start()
@@ -336,17 +348,104 @@ def test_one_client_cannot_hold_every_chain_thread(tmp_path: Path) -> None:
             for index in range(flood):
                 hog = await scene.client(server, "127.0.0.2")
                 await scene.loop.sock_sendall(hog, socks5_request(f"slow{index}.example", 80))
-            await wait_for(lambda: upstream.held >= CHAINS_PER_CLIENT, "the hog's chains")
+            await wait_for(lambda: upstream.held >= UPSTREAM_OPENS_PER_CLIENT, "the hog's opens")
             started = time.monotonic()
             other = await scene.client(server, "127.0.0.3")
             assert await socks5(other, "fast.example", 80) == 0
             assert await echoes(other)
             assert time.monotonic() - started < BOUND_S
-            assert upstream.most_held == CHAINS_PER_CLIENT
+            assert upstream.most_held == UPSTREAM_OPENS_PER_CLIENT
         finally:
             await upstream.close()
 
     run_scene(tmp_path, scenario)
+
+
+def test_freed_upstream_slots_go_round_robin(tmp_path: Path) -> None:
+    """Two slots in all: when one frees, the waiting clients take turns, whoever queued more."""
+    upstream = SlowUpstream()
+
+    async def scenario(scene: Scene) -> None:
+        await upstream.start()
+        try:
+            server = scene.serve("--via", f"socks5h://127.0.0.1:{upstream.port}",
+                                 resolver=ScriptedResolver({}), restrict_local=False)  # fmt: skip
+            server.opens.limit = 2
+            for name in ("slow-a1", "slow-a2", "slow-a3", "slow-a4", "fast-b1"):
+                sock = await scene.client(server, "127.0.0.3" if "-b" in name else "127.0.0.2")
+                await scene.loop.sock_sendall(sock, socks5_request(name, 80))
+                await asyncio.sleep(0.05)  # queued in this order
+            await wait_for(lambda: upstream.held == 2, "two opens in flight")
+            upstream.writers["slow-a1"].close()  # a1 fails: its slot goes to a3, a's next
+            await wait_for(lambda: len(upstream.names) == 3, "the third open")
+            upstream.writers["slow-a2"].close()  # then to b, although a4 queued before it
+            await wait_for(lambda: "fast-b1" in upstream.names, "b's open")
+            # b's open succeeds at once, and its slot goes to a4.
+            await wait_for(lambda: len(upstream.names) == 5, "the last open")
+            assert upstream.names == ["slow-a1", "slow-a2", "slow-a3", "fast-b1", "slow-a4"]
+        finally:
+            await upstream.close()
+
+    run_scene(tmp_path, scenario)
+
+
+def test_hop_names_go_through_the_servers_resolver(tmp_path: Path) -> None:
+    """The first hop's name is looked up by the server's resolver (its threads, the client's
+    share), not by a resolver of the driver's own."""
+    resolver = ScriptedResolver({"upstream.example": "127.0.0.1"})
+    upstream = SlowUpstream()
+
+    async def scenario(scene: Scene) -> None:
+        await upstream.start()
+        try:
+            server = scene.serve("--via", f"socks5h://upstream.example:{upstream.port}",
+                                 resolver=resolver, restrict_local=False)  # fmt: skip
+            sock = await scene.client(server)
+            assert await socks5(sock, "fast.example", 80) == 0
+            assert await echoes(sock)
+            assert resolver.calls == ["upstream.example"]
+        finally:
+            await upstream.close()
+
+    run_scene(tmp_path, scenario)
+
+
+@pytest.mark.parametrize("how", ["close", "reset", "deadline", "shutdown"])
+def test_a_client_that_leaves_cancels_its_upstream_open(tmp_path: Path, how: str) -> None:
+    """The upstream connection is closed at once, on this loop, with nothing left behind (a
+    ResourceWarning or a pending task would fail the test: warnings are errors here)."""
+    upstream = SlowUpstream()
+
+    async def scenario(scene: Scene) -> None:
+        await upstream.start()
+        try:
+            timeout = "0.5" if how == "deadline" else "30"
+            server = scene.serve("--via", f"socks5h://127.0.0.1:{upstream.port}",
+                                 "--connect-timeout", timeout, resolver=ScriptedResolver({}),
+                                 restrict_local=False)  # fmt: skip
+            sock = await scene.client(server)
+            await scene.loop.sock_sendall(sock, socks5_request("slow.example", 80))
+            await wait_for(lambda: upstream.held == 1, "the open")
+            if how == "reset":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            if how in ("close", "reset"):
+                sock.close()
+            elif how == "shutdown":
+                server.stop("SIGTERM")
+            await wait_for(lambda: upstream.let_go == 1, "the upstream connection closed")
+            assert not server.opens.in_flight
+            if how != "shutdown":
+                await wait_for(lambda: server.count == 0, "the connection's end")
+        finally:
+            await upstream.close()
+
+    scene = run_scene(tmp_path, scenario)
+    expected = {"close": "client-closed", "reset": "client-closed", "deadline": "timeout",
+                "shutdown": "shutdown"}[how]  # fmt: skip
+    assert f"result={expected}" in scene.log()
+    if how == "deadline":
+        assert "(hop 1/1)" in scene.log() and "--connect-timeout 0.5 s" in scene.log()
+    assert "event=error" not in scene.log()
 
 
 # --------------------------------------------------------------------------- rule 10

@@ -8,11 +8,9 @@ from __future__ import annotations
 import errno
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 
-from hopcat._url import parse_proxy_url
 from hopcat.errors import (
     ConnectError,
     HopcatError,
@@ -31,7 +29,7 @@ from hopcat.proto._events import NEED_DATA, Credentials, Rejected, Request
 from hopcat.proto.http_connect import HttpConnectClient, HttpConnectServer
 from hopcat.proto.socks4 import Socks4Client, Socks4Server
 from hopcat.proto.socks5 import Socks5Client, Socks5Server
-from hopcat.server.handler import _via_failure
+from hopcat.server.upstream import failure as upstream_failure
 from support import clean_env
 
 # -- the builtin bases ------------------------------------------------------------------------
@@ -276,11 +274,6 @@ def test_http_server_rejection_kinds() -> None:
 # -- the server maps upstream failures by fields ----------------------------------------------
 
 
-def via_conn(*urls: str) -> SimpleNamespace:
-    hops = [parse_proxy_url(url) for url in urls]
-    return SimpleNamespace(server=SimpleNamespace(via=hops), upstream_code=None)
-
-
 @pytest.mark.parametrize(
     ("error", "result", "upstream_code"),
     [
@@ -300,19 +293,15 @@ def via_conn(*urls: str) -> SimpleNamespace:
     ],
 )
 def test_via_failure_by_fields(error: HopcatError, result: str, upstream_code: int | None) -> None:
-    conn = via_conn("socks5://127.0.0.1:1080")
-    assert _via_failure(error, conn) == (result, str(error))  # type: ignore[arg-type]
-    assert conn.upstream_code == upstream_code
+    assert upstream_failure(error, 1) == (result, str(error), upstream_code)
 
 
 def test_via_failure_of_an_earlier_hop_says_nothing_about_the_target() -> None:
-    conn = via_conn("socks5://127.0.0.1:1080", "socks5://127.0.0.1:1081")
     error = ProxyError("connection refused (reply 5)", protocol="socks5", code=5)
     error.hop = 1
-    assert _via_failure(error, conn)[0] == "upstream-refused"  # type: ignore[arg-type]
+    assert upstream_failure(error, 2)[0] == "upstream-refused"
     error.hop = 2
-    assert _via_failure(error, conn)[0] == "refused"  # type: ignore[arg-type]
-    assert conn.upstream_code == 5
+    assert upstream_failure(error, 2)[::2] == ("refused", 5)
 
 
 # -- the registry -----------------------------------------------------------------------------

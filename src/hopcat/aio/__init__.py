@@ -71,9 +71,7 @@ async def connect_socket(
     except BaseException:
         io.close()
         raise
-    sock = io.sock
-    assert sock is not None
-    return sock
+    return io.hand_over()
 
 
 async def create_connection(

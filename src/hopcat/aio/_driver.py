@@ -4,9 +4,11 @@ its steps awaited on an event loop instead of blocking.
 Two ways to carry the steps out:
 
 * ``SocketIO``: on the bare non-blocking socket with the loop's ``sock_*`` calls; reads are
-  exact (peeking for an HTTP head), so the socket can be handed over with the target's first byte
-  still in it (``connect_socket``, and ``hopcat serve --via``, which splices it afterwards). It
-  cannot carry TLS: a socket leaves hopcat without its TLS session.
+  exact (peeking for an HTTP head) when the plan asks for it, so the socket can be handed over
+  with the target's first byte still in it (``connect_socket``; ``hopcat serve --via`` reads
+  freely and relays the bytes that came with the last reply first). Quick-ACK on every read,
+  as in the blocking driver. It cannot carry TLS: a socket leaves hopcat without its
+  TLS session.
 * ``TransportIO``: on an asyncio transport whose protocol buffers what arrives; ``start_tls``
   upgrades it in place for an https:// hop (and for TLS to the target after it: TLS inside TLS).
   At the end the caller's protocol takes the transport over and gets the buffered bytes first
@@ -26,6 +28,7 @@ import socket
 from hopcat._endpoint import is_ip_literal
 from hopcat.errors import HopcatError, ResolveError, UsageError
 from hopcat.net import engine
+from hopcat.net.chain import set_quickack
 from hopcat.net.dial import describe_oserror, interleave_families
 from hopcat.net.engine import Dial, Probe, Receive, Resolve, Send, StartTLS
 
@@ -99,10 +102,16 @@ class _IO:
         self.family = family
         self.peer: tuple[int, tuple[Any, ...]] | None = None
 
+    async def lookup(self, host: str, port: int, family: int) -> list[tuple[Any, ...]]:
+        """Every name the plan needs (the first hop's, a Resolve step's) comes through here, so
+        that a caller with its own resolver (``hopcat serve``: its fair shares of resolver
+        threads) can take them over. Fails with ResolveError."""
+        return await resolve(self.loop, host, port, family)
+
     async def dial(self, step: Dial) -> socket.socket:
         from hopcat.aio._dial import dial
 
-        infos = await resolve(self.loop, step.host, step.port, self.family)
+        infos = await self.lookup(step.host, step.port, self.family)
         candidates = [(info[0], info[4]) for info in interleave_families(infos)]
         sock = await dial(candidates, where=f"{step.host}:{step.port}")
         self.peer = (sock.family, sock.getpeername())
@@ -140,7 +149,7 @@ class SocketIO(_IO):
             await self.loop.sock_sendall(self.sock, step.data)
             return None
         if isinstance(step, Resolve):
-            return await resolve(self.loop, step.host, step.port, step.family)
+            return await self.lookup(step.host, step.port, step.family)
         if isinstance(step, Probe):
             return await self.probe(step.data)
         if isinstance(step, StartTLS):
@@ -155,11 +164,21 @@ class SocketIO(_IO):
     async def receive(self, step: Receive) -> bytes | None:
         sock = self.sock
         assert sock is not None
+        set_quickack(sock, 1)  # as the blocking driver does: see hopcat.net.chain
         if (step.quiet_s or step.peek) and not await _readable(self.loop, sock, step.quiet_s):
             return None
         if step.peek:
             return sock.recv(step.size, socket.MSG_PEEK)
         return await self.loop.sock_recv(sock, step.size)
+
+    def hand_over(self) -> socket.socket:
+        """The open tunnel's socket, back to delayed ACKs for the bulk data that follows (see
+        ``hopcat.net.chain``); this IO object lets go of it."""
+        sock = self.sock
+        assert sock is not None
+        self.sock = None
+        set_quickack(sock, 0)
+        return sock
 
     def close(self) -> None:
         if self.sock is not None:
@@ -250,7 +269,7 @@ class TransportIO(_IO):
             self.transport.write(step.data)
             return None
         if isinstance(step, Resolve):
-            return await resolve(self.loop, step.host, step.port, step.family)
+            return await self.lookup(step.host, step.port, step.family)
         if isinstance(step, Probe):
             return await self.probe(step.data)
         if isinstance(step, StartTLS):

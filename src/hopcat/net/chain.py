@@ -120,7 +120,7 @@ def open_tunnel(
     sock = driver.sock
     assert sock is not None
     sock.settimeout(None)
-    _set_quickack(sock, 0)
+    set_quickack(sock, 0)
     return Tunnel(sock, opened.trailing, opened.tls, opened.hops)
 
 
@@ -214,7 +214,7 @@ class _Driver:
     def receive(self, step: Receive) -> bytes | None:
         sock = self.sock
         assert sock is not None
-        _set_quickack(sock, 1)  # Linux clears it by itself: set again around every exchange
+        set_quickack(sock, 1)  # Linux clears it by itself: set again around every exchange
         flags = socket.MSG_PEEK if step.peek else 0
         if not self.tls:
             while True:
@@ -301,7 +301,8 @@ class _Driver:
             self.sock = None
 
 
-def _set_quickack(sock: socket.socket, value: int) -> None:
+def set_quickack(sock: socket.socket, value: int) -> None:
+    """TCP_QUICKACK on (1) or off (0) where Linux has it; see the module docstring."""
     if _TCP_QUICKACK is not None:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, value)

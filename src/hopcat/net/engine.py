@@ -227,6 +227,14 @@ def tunnel_plan(
     except HopcatError as exc:
         _locate(exc, hops, 0)
         raise
+    except TimeoutError:
+        # The asyncio driver's deadline (asyncio.timeout) ended the dial, not the dialer's own.
+        label = f" ({timeout_label})" if timeout_label else ""
+        timeout = HopcatTimeoutError(
+            f"connect to {format_hostport(first.host, first.port)}: timed out{label}"
+        )
+        _locate(timeout, hops, 0)
+        raise timeout from None
     infos[0].connect_ms = (clock() - started) * 1000
     trace(f"hop 1/{count}: TCP connected in {infos[0].connect_ms:.1f} ms")
     carry = b""
@@ -419,6 +427,8 @@ def _target_for_hop(
         return host
     try:
         infos = yield Resolve(host, port, family)
+    except TimeoutError:  # the asyncio driver's deadline; the blocking resolver raises its own
+        raise HopcatTimeoutError(f"resolve {host}: timed out") from None
     except ResolveError:
         if proxy_dns == "both" and hop.carries_names:
             trace(f"resolve {host} locally failed; sending the name to the proxy (--proxy-dns both)")

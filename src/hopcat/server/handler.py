@@ -15,9 +15,12 @@ CONNECT. Every read is fed to the machine and whatever it queues is written back
 handshake reply is a few bytes on a fresh socket: a client that does not take them is dropped).
 ``Credentials`` are checked against the credential store, a ``Request`` against the destination
 rules. The client is not read while connecting: its reader stays registered (so that the relay
-can take it over without a system call), and bytes sent early make it drop the registration at
-the first wake-up. They wait in the kernel and reach the target after the machine's
-``trailing_data``.
+can take it over without a system call), and a wake-up meanwhile is looked at with MSG_PEEK.
+Bytes sent early make it drop the registration; they wait in the kernel and reach the target
+after the machine's ``trailing_data``. An end of stream with nothing before it, or a reset, is a
+client that left: the connect (a dial, a lookup, an upstream open) is given up at once. (A
+client that half-closes before its tunnel exists and sent nothing is taken as gone too: it could
+only be waiting for a target that speaks first.)
 
 CONNECTING: the host is taken in the form the resolver will see (IDNA, ``policy.resolver_form``);
 an IP literal in any spelling getaddrinfo accepts is parsed by getaddrinfo itself
@@ -27,11 +30,12 @@ resolver; ``Server.lookup`` keeps each client to its share). Every address is ch
 the rules (``_decide``), and exactly the allowed sockaddrs are raced Happy-Eyeballs style
 (``hopcat.aio._dial.Dialer``, RFC 8305: first address first, the next after 250 ms or at once
 on a failure): no second lookup, so DNS rebinding cannot slip another address in. With
-``--via`` the whole chain is opened by ``hopcat.net.chain.open_tunnel`` (the client's code,
-blocking) on a small thread pool, for the checked address when the last hop dials from this
-host and the rules needed the addresses, else for the name: the only threads the server uses
-besides the resolver's, bounded by the connect timeout; a SOCKS5 upstream's refusal (replies
-2-6) is passed on to a SOCKS5 client. The reply carries the target socket's local address (SOCKS) or is a 200 (HTTP).
+``--via`` the whole chain is opened on this loop by ``hopcat.server.upstream`` (the tunnel
+engine's plan under the asyncio driver, within the client's fair share of upstream opens), for
+the checked address when the last hop dials from this host and the rules needed the addresses,
+else for the name; the target's bytes that came with the last proxy reply go to the client
+first, and a SOCKS5 upstream's refusal (replies 2-6) is passed on to a SOCKS5 client. The reply
+carries the target socket's local address (SOCKS) or is a 200 (HTTP).
 
 Failures get the protocol's own answer: SOCKS5 reply 2 (rules), 3/4 (unreachable, name not
 resolved, timeout), 5 (refused), 7 (BIND, UDP ASSOCIATE), 1 (anything else); SOCKS4 91; HTTP 403,
@@ -53,16 +57,7 @@ import socket
 
 from hopcat._endpoint import format_hostport
 from hopcat.aio._dial import Dialer
-from hopcat.errors import (
-    HopcatError,
-    HopcatTimeoutError,
-    ProtocolError,
-    ProxyAuthError,
-    ProxyError,
-    ProxyUnreachableError,
-    RemoteProtocolError,
-    ResolveError,
-)
+from hopcat.errors import ProtocolError, RemoteProtocolError
 from hopcat.net.dial import interleave_families, main_errno
 from hopcat.proto import server_machine
 from hopcat.proto._events import NEED_DATA, Credentials, Rejected, Request
@@ -77,10 +72,10 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from typing import Any
 
-    from hopcat.net.chain import Tunnel
     from hopcat.net.dial import SockAddr
     from hopcat.proto._machine import ServerMachine
     from hopcat.server.serve import Server
+    from hopcat.server.upstream import Upstream
 
     # A dial's outcome: a connected socket, or the errno of every failed attempt.
     OnDialed = Callable[[socket.socket | None, list[int] | None], None]
@@ -88,7 +83,7 @@ if TYPE_CHECKING:
 HANDSHAKE_RECV_BYTES = 16384
 LINGER_S = 2.0  # how long a refused client may take to read our answer and close
 LINGER_MAX_BYTES = 1 << 20  # and how much it may send meanwhile
-VIA_GRACE_S = 1.0  # open_tunnel reports its own timeout; this is the backstop
+VIA_GRACE_S = 1.0  # an upstream open reports its own timeout, naming the hop; the backstop
 
 # Phases.
 HANDSHAKE = 1
@@ -129,10 +124,6 @@ _CONNECT_ERRORS = {
     errno.ENOMEM: "no-resources",
     errno.EADDRNOTAVAIL: "no-resources",  # out of ephemeral ports
 }
-# How upstream SOCKS5 reply codes read as our results (the code is passed on).
-_UPSTREAM_SOCKS5 = {2: "denied", 3: "net-unreachable", 4: "unreachable", 5: "refused", 6: "timeout"}
-_UPSTREAM_HTTP = {403: "denied", 504: "timeout"}
-
 _FIRST_BYTE_HINTS = {
     0x16: " (a TLS handshake: is the client configured for an https:// proxy?)",
 }
@@ -225,6 +216,7 @@ class Conn:
         "started",
         "target",
         "up",
+        "upstream",
         "upstream_code",
         "user",
     )
@@ -246,11 +238,10 @@ class Conn:
         self.port = 0
         self.result: str | None = None
         self.reason: str | None = None
-        # A socket.socket from the dialer; through --via, what open_tunnel returns: a bare
-        # _socket.socket, or an ssl.SSLSocket after an https:// hop.
         self.target: _socket.socket | None = None
         self.dialer: Dialer | None = None
-        self._future: asyncio.Future[Any] | None = None
+        self.upstream: Upstream | None = None  # the --via open under way
+        self._future: asyncio.Future[Any] | None = None  # the lookup under way
         self._name: str | None = None  # the destination name as rules compare it, once known
         self.up: Half | None = None
         self.down: Half | None = None
@@ -277,11 +268,7 @@ class Conn:
     @_guarded
     def _on_handshake_readable(self) -> None:
         if self.phase != HANDSHAKE:
-            # Bytes sent before our reply (optimistic data) while we connect: stop reading; they
-            # wait in the kernel for the relay. Most clients send nothing early, and then the
-            # registration passes to the relay as it is (a callback swap, no system call),
-            # which is why it is not dropped when the request arrives.
-            self._stop_reading()
+            self._on_connecting_readable()
             return
         try:
             data = self.sock.recv(HANDSHAKE_RECV_BYTES)
@@ -308,6 +295,24 @@ class Conn:
         self._advance()
         if self.phase == HANDSHAKE and not self.reading:
             self._read_client(self._on_handshake_readable)
+
+    def _on_connecting_readable(self) -> None:
+        """The client stirred while we connect. Bytes sent before our reply (optimistic data):
+        stop reading; they wait in the kernel for the relay. Most clients send nothing early,
+        and then the registration passes to the relay as it is (a callback swap, no system
+        call), which is why it is not dropped when the request arrives. An EOF or a reset: the
+        client has gone, and so does its connect."""
+        try:
+            early = self.sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.close("client-closed", f"while connecting: {strerror(exc)}")
+            return
+        if early:
+            self._stop_reading()
+        else:
+            self.close("client-closed", "closed while connecting")
 
     def _pick_machine(self, first: int) -> ServerMachine | None:
         kind = detect(first)
@@ -438,7 +443,9 @@ class Conn:
             if decision is False:
                 self.refuse("denied", "destination not allowed by the rules")
                 return
-        self.phase = CONNECTING  # the client's reader stays: see _on_handshake_readable
+        self.phase = CONNECTING
+        if not self.reading:  # watched while connecting (see _on_connecting_readable); the
+            self._read_client(self._on_handshake_readable)  # relay takes this registration over
         loop = server.loop
         self.deadline = loop.time() + server.connect_timeout
         if server.via:
@@ -526,41 +533,23 @@ class Conn:
         self._established(sock, str(bound[0]), int(bound[1]))
 
     def _start_via(self, host: str, port: int) -> None:
-        import functools
-        import time
-
-        from hopcat.net.chain import open_tunnel
-
-        opener = functools.partial(
-            open_tunnel, self.server.via, host, port,
-            deadline=time.monotonic() + self.server.connect_timeout,
-        )  # fmt: skip
-        future = self.server.chaining.submit(self, opener)
-        self._future = future
-        future.add_done_callback(self._on_via_done)
+        # The connect timeout from the request on, queueing included; the sweep's deadline is
+        # VIA_GRACE_S later, so that the open reports its own timeout (naming the hop) first.
+        deadline = self.deadline - VIA_GRACE_S
+        self.upstream = self.server.opens.open(self, host, port, deadline)
 
     @_guarded
-    def _on_via_done(self, future: asyncio.Future[Tunnel]) -> None:
-        if future.cancelled():
-            return
-        exc = future.exception()
-        if self._future is not future or self.phase != CONNECTING:
-            if exc is None:
-                future.result().sock.close()  # too late: the client has gone or timed out
-            return
-        self._future = None
-        if exc is not None:
-            self.refuse(*_via_failure(exc, self))
-            return
-        tunnel = future.result()
-        sock = tunnel.sock
-        try:
-            sock.setblocking(False)
-        except OSError as error:
-            sock.close()
-            self.refuse("upstream-error", strerror(error))
-            return
-        self._established(sock, None, None, tunnel.trailing)
+    def upstream_opened(self, sock: socket.socket, trailing: bytes) -> None:
+        """The --via chain is open (called by ``self.upstream``, which nothing cancelled):
+        ``trailing`` holds the target's bytes that came with the last proxy reply."""
+        self.upstream = None
+        self._established(sock, None, None, trailing)
+
+    @_guarded
+    def upstream_failed(self, result: str, reason: str, upstream_code: int | None) -> None:
+        self.upstream = None
+        self.upstream_code = upstream_code
+        self.refuse(result, reason)
 
     def _established(
         self, target: _socket.socket, bound_host: str | None, bound_port: int | None,
@@ -619,12 +608,20 @@ class Conn:
                 pass
         self.linger(result, reason)
 
-    def linger(self, result: str, reason: str) -> None:
-        self.result, self.reason = result, reason
+    def _abandon_connect(self) -> None:
+        """Stop connecting: close the dial attempts or the upstream open; a lookup's answer, due
+        on a resolver thread, will be ignored."""
         if self.dialer is not None:
             self.dialer.cancel()
             self.dialer = None
+        if self.upstream is not None:
+            self.upstream.cancel()
+            self.upstream = None
         self._future = None
+
+    def linger(self, result: str, reason: str) -> None:
+        self.result, self.reason = result, reason
+        self._abandon_connect()
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -654,10 +651,7 @@ class Conn:
             self._send_abort_reply(_ABORT_STATUS["handshake-timeout"])
             self.linger("handshake-timeout", f"no complete request within {timeout:g} s")
         elif self.phase == CONNECTING:
-            if self.dialer is not None:
-                self.dialer.cancel()
-                self.dialer = None
-            self._future = None
+            self._abandon_connect()
             self.refuse(
                 "timeout",
                 f"connect to {self.dest} timed out after {self.server.connect_timeout:g} s",
@@ -707,10 +701,7 @@ class Conn:
             return
         self.result, self.reason = result, reason
         self._stop_reading()
-        if self.dialer is not None:
-            self.dialer.cancel()
-            self.dialer = None
-        self._future = None
+        self._abandon_connect()
         if self.machine is not None and result != "client-closed":
             self._send_abort_reply(_ABORT_STATUS.get(result, 500))
         if self.phase == RELAY:
@@ -755,32 +746,3 @@ _REJECTION_RESULTS = {
     Rejected.AUTHENTICATION: "auth-failed",
     Rejected.REFUSED: "rejected",
 }
-
-
-def _via_failure(exc: BaseException, conn: Conn) -> tuple[str, str]:
-    """Map an open_tunnel error to a result and a reason (its message names the hop).
-
-    An upstream's refusal to reach the target is passed on as what it says (a SOCKS5 code
-    itself, to a SOCKS5 client); one from an earlier hop, or over credentials, says nothing about
-    the target and is "upstream-refused". An error that no layer located (``hop`` None) is
-    taken as the last hop's.
-    """
-    text = str(exc)
-    if isinstance(exc, HopcatTimeoutError):
-        return "timeout", text
-    if isinstance(exc, ProxyUnreachableError | ResolveError):
-        return "upstream-unreachable", text
-    if isinstance(exc, ProxyError):
-        last = len(conn.server.via)
-        if isinstance(exc, ProxyAuthError) or exc.hop not in (None, last):
-            return "upstream-refused", text
-        code = exc.code
-        if exc.protocol == "socks5" and code in _UPSTREAM_SOCKS5:
-            conn.upstream_code = code
-            return _UPSTREAM_SOCKS5[code], text
-        if exc.protocol == "http" and code in _UPSTREAM_HTTP:
-            return _UPSTREAM_HTTP[code], text
-        return "upstream-refused", text
-    if isinstance(exc, HopcatError | OSError):
-        return "upstream-error", text
-    return "error", f"{type(exc).__name__}: {text}"

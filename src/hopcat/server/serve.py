@@ -1,18 +1,22 @@
 """The server: listeners, limits, the periodic sweep, signals, reloading, and the event loop.
 
 One process, one thread running an asyncio event loop (uvloop's when it is installed and not
-turned off); every connection is a ``handler.Conn`` driven by readiness callbacks. Threads exist
-only in two small pools, made on first use: 16 for ``getaddrinfo`` (there is no portable
-non-blocking resolver) and 32 for ``--via`` chains (``hopcat.net.chain`` is blocking client
-code). No thread per connection. Their threads are daemons (``DaemonPool``): a lookup stuck on a
-DNS server that never answers must not keep the process alive after the grace period, which
-``concurrent.futures.ThreadPoolExecutor`` would, since it joins its threads at exit.
+turned off); every connection is a ``handler.Conn`` driven by readiness callbacks, and every
+``--via`` upstream open a task on the same loop (``hopcat.server.upstream``: the tunnel engine
+under the asyncio driver). Threads exist only in one small pool, made on first use: 16 for
+``getaddrinfo`` (there is no portable non-blocking resolver), for destination names and for
+--via hop names alike; an IP literal never reaches it. No thread per connection. Its threads
+are daemons (``DaemonPool``): a lookup stuck on a DNS server that never answers must not keep
+the process alive after the grace period, which ``concurrent.futures.ThreadPoolExecutor`` would,
+since it joins its threads at exit.
 
-Fair shares (``FairPool``): one client address has at most ``LOOKUPS_PER_CLIENT`` lookups and
-``CHAINS_PER_CLIENT`` --via chains in flight, well below each pool's size; its further jobs wait
-in a queue of its own. A client that asks for names served by a slow DNS server, or for
-destinations a slow upstream takes its time over, therefore slows only itself. The resolver is a
-parameter (``resolver``, getaddrinfo by default), so tests can script one.
+Fair shares: one client address has at most ``LOOKUPS_PER_CLIENT`` lookups in flight, well below
+the pool's size (``FairPool``), and at most ``upstream.UPSTREAM_OPENS_PER_CLIENT`` --via opens
+(``upstream.Opens``; the server at most ``upstream.UPSTREAM_OPENS``); its further ones wait in a
+queue of its own, and freed slots go to the waiting clients in turn. A client that asks for
+names served by a slow DNS server, or for destinations a slow upstream takes its time over,
+therefore slows only itself. The resolver is a parameter (``resolver``, getaddrinfo by default),
+so tests can script one.
 
 Facts about the host that the policy needs (``Policy.host_addresses``, ``Policy.listeners``)
 are read at start, on SIGHUP and every ``HOST_REFRESH_S``: interface addresses change (DHCP,
@@ -66,6 +70,7 @@ from hopcat.server.policy import (
 )
 from hopcat.server.relay import Engine, ReceiveCap
 from hopcat.server.throttle import LoginThrottle
+from hopcat.server.upstream import Opens
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -87,10 +92,8 @@ ACCEPT_BATCH = 64  # accepts per readiness callback, so one listener cannot star
 BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 2.0
 LIMIT_LOG_INTERVAL_S = 1.0  # at most one line per second about refused clients (floods)
-VIA_WORKERS = 32
 RESOLVER_WORKERS = 16
 LOOKUPS_PER_CLIENT = 4  # below RESOLVER_WORKERS: one client cannot hold every resolver thread
-CHAINS_PER_CLIENT = 8  # below VIA_WORKERS, for the same reason
 HOST_REFRESH_S = 10.0
 PROTOCOLS = "socks4,socks4a,socks5,http-connect"
 _NO_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -364,7 +367,9 @@ class FairPool:
             self.running[client] = left
         else:
             del self.running[client]
-        if not done.cancelled():  # cancelled: the pool shut down, and the server with it
+        # The pool shut down (and the server with it), or the waiter cancelled its wait (an
+        # upstream open given up while it resolves a hop's name).
+        if not done.cancelled() and not result.done():
             exc = done.exception()
             if exc is not None:
                 result.set_exception(exc)
@@ -440,7 +445,7 @@ class Server:
         self._limit_logged_at = -1e9
         self._suppressed: dict[str, int] = {}  # refusals not logged one by one, by result
         self.resolving = FairPool(loop, RESOLVER_WORKERS, LOOKUPS_PER_CLIENT, "hopcat-resolve")
-        self.chaining = FairPool(loop, VIA_WORKERS, CHAINS_PER_CLIENT, "hopcat-via")
+        self.opens = Opens(loop, self.via, options.connect_timeout_s)
         self.done: asyncio.Future[int] = loop.create_future()
 
     # -- accepting ------------------------------------------------------------------------
@@ -691,6 +696,7 @@ class Server:
         try:
             return await self.done
         finally:
+            await self.opens.close()
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
             for handle in (self._sweep_handle, self._grace_handle, self._resume_handle):
@@ -699,8 +705,7 @@ class Server:
             for listener in self.listeners:
                 listener.close()
             self.engine.close()
-            for pool in (self.chaining, self.resolving):
-                pool.shutdown()
+            self.resolving.shutdown()
             self._log_suppressed(float("inf"))
             self.logger.log("stopped", served=self.served)
             self.logger.flush()
