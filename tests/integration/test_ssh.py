@@ -210,6 +210,37 @@ def test_exit_status_and_stderr_pass_through(
     assert res.stderr == b"err\n"
 
 
+def test_session_ends_with_stdin_left_open(
+    sshd: peers.SshServer, danted: peers.Daemon, peer_env: dict[str, str],
+    download_file: tuple[Path, str],
+) -> None:
+    """The end-of-stream rule under ssh: the remote command finishes while our stdin stays open
+    (ssh keeps hopcat's stdin open after sshd closed): every byte arrives, ssh returns, and
+    hopcat is gone, without anyone closing stdin."""
+    path, digest = download_file
+    marker = "--connect-timeout=29.25"  # names this test's hopcat among the machine's processes
+    opts = proxy_options("relay", marker, "-x", danted.url_as("socks5h"))
+    argv = [*sshd.ssh_argv(*opts), f"cat {shlex.quote(str(path))}"]
+    with tempfile.TemporaryFile() as out:
+        ssh = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.PIPE,
+                               env=peer_env)  # fmt: skip
+        try:
+            assert ssh.wait(SSH_TIMEOUT) == 0, ssh.stderr.read() if ssh.stderr else b""
+        finally:
+            ssh.kill()
+            assert ssh.stdin is not None and ssh.stderr is not None
+            ssh.stdin.close()
+            ssh.stderr.close()
+            ssh.wait()
+        out.seek(0)
+        data = out.read()
+    assert len(data) == BULK and sha256(data) == digest
+    deadline = time.monotonic() + 10
+    while subprocess.run(["pgrep", "-f", marker], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "hopcat still running after ssh returned"
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_ipv6_target_through_dante(
     sshd: peers.SshServer, danted: peers.Daemon, peer_env: dict[str, str], mode: str
