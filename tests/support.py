@@ -10,11 +10,13 @@ import contextlib
 import hashlib
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 HOPCAT = [sys.executable, "-m", "hopcat"]
 CHUNK = 1 << 16
@@ -163,7 +165,23 @@ def closed_port(host: str = "127.0.0.1") -> Iterator[int]:
         yield sock.getsockname()[1]
 
 
-def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
+class Certificates(NamedTuple):
+    """A throwaway CA and a server certificate it signed, for 127.0.0.1 and localhost."""
+
+    ca: Path  # trust this (``cafile=``)
+    cert: Path
+    key: Path
+
+    def server_context(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert, self.key)
+        return context
+
+    def client_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca))
+
+
+def make_certificates(directory: Path) -> Certificates:
     """A throwaway CA and a certificate it signed for 127.0.0.1 and localhost (EC P-256, two
     days), made with the openssl program: (ca.crt, cert, key) in ``directory``."""
     ca_key, ca_crt = directory / "ca.key", directory / "ca.crt"
@@ -180,4 +198,4 @@ def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
     run("req", *curve, "-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1")
     run("x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key),
         "-CAcreateserial", "-out", str(crt), "-days", "2", "-extfile", str(ext))  # fmt: skip
-    return ca_crt, crt, key
+    return Certificates(ca_crt, crt, key)
