@@ -14,7 +14,7 @@ import ssl
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -199,3 +199,154 @@ def make_certificates(directory: Path) -> Certificates:
     run("x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key),
         "-CAcreateserial", "-out", str(crt), "-days", "2", "-extfile", str(ext))  # fmt: skip
     return Certificates(ca_crt, crt, key)
+
+
+# -- scripted proxies: small in-test servers for what no real proxy does on demand -------------
+
+
+class ScriptedServer:
+    """A loopback listener running ``handler(conn)`` on a thread per connection; ``close()``
+    closes every connection and joins the threads. ``accepted`` counts connections."""
+
+    def __init__(self, handler: Callable[[socket.socket], None], host: str = "127.0.0.1") -> None:
+        self.handler = handler
+        self.listener = socket.create_server((host, 0), backlog=1024)
+        self.host = host
+        self.port: int = self.listener.getsockname()[1]
+        self.accepted = 0
+        self.errors: list[BaseException] = []
+        self._conns: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            conn.settimeout(30)
+            thread = threading.Thread(target=self._run, args=(conn,), daemon=True)
+            with self._lock:
+                self.accepted += 1
+                self._conns.append(conn)
+                self._threads.append(thread)
+            thread.start()
+
+    def _run(self, conn: socket.socket) -> None:
+        try:
+            self.handler(conn)
+        except OSError:
+            pass  # the client went away: many tests are about exactly that
+        except BaseException as exc:  # an assertion in a handler: surfaced by close()
+            self.errors.append(exc)
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        self._acceptor.join(10)
+        with self._lock:
+            conns, threads = list(self._conns), list(self._threads)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        for thread in threads:
+            thread.join(10)
+        if self.errors:
+            raise self.errors[0]
+
+    def __enter__(self) -> ScriptedServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def recv_exact(conn: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            raise ConnectionResetError(f"closed after {len(data)} of {size} bytes")
+        data += chunk
+    return bytes(data)
+
+
+def recv_until(conn: socket.socket, end: bytes, limit: int = 65536) -> bytes:
+    """Byte by byte through ``end``: nothing past it is consumed."""
+    data = bytearray()
+    while not data.endswith(end):
+        data += recv_exact(conn, 1)
+        if len(data) > limit:
+            raise ValueError(f"no {end!r} in {limit} bytes")
+    return bytes(data)
+
+
+def socks5_accept(
+    conn: socket.socket, send: Callable[[bytes], None], *, auth: bool = False
+) -> tuple[str, int]:
+    """The server side of a SOCKS5 greeting (and RFC 1929 auth, any user accepted when
+    ``auth``) and CONNECT request; returns the requested host and port (no reply sent)."""
+    _version, count = recv_exact(conn, 2)
+    methods = recv_exact(conn, count)
+    if auth:
+        assert 2 in methods, methods
+        send(b"\x05\x02")
+        _version, ulen = recv_exact(conn, 2)
+        recv_exact(conn, ulen)
+        recv_exact(conn, recv_exact(conn, 1)[0])
+        send(b"\x01\x00")
+    else:
+        send(b"\x05\x00")
+    _version, _command, _reserved, atyp = recv_exact(conn, 4)
+    if atyp == 1:
+        host = socket.inet_ntop(socket.AF_INET, recv_exact(conn, 4))
+    elif atyp == 4:
+        host = socket.inet_ntop(socket.AF_INET6, recv_exact(conn, 16))
+    else:
+        host = recv_exact(conn, recv_exact(conn, 1)[0]).decode()
+    return host, int.from_bytes(recv_exact(conn, 2), "big")
+
+
+def socks4_accept(conn: socket.socket) -> tuple[str, int]:
+    """The server side of a SOCKS4 or 4a CONNECT request; returns host and port (no reply)."""
+    head = recv_exact(conn, 8)
+    port = int.from_bytes(head[2:4], "big")
+    recv_until(conn, b"\0")  # user id
+    if head[4:7] == b"\0\0\0" and head[7]:  # SOCKS4a: the name follows
+        return recv_until(conn, b"\0")[:-1].decode(), port
+    return socket.inet_ntoa(head[4:8]), port
+
+
+def http_accept(conn: socket.socket) -> tuple[str, int, bytes]:
+    """Read an HTTP CONNECT head; returns host, port and the whole head (no reply)."""
+    head = recv_until(conn, b"\r\n\r\n")
+    target = head.split(b" ", 2)[1].decode()
+    host, _, port = target.rpartition(":")
+    return host.strip("[]"), int(port), head
+
+
+SOCKS5_SUCCESS = b"\x05\x00\x00\x01" + bytes(6)  # bound 0.0.0.0:0
+HTTP_ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
+
+
+def relay(a: socket.socket, b: socket.socket) -> None:
+    """Copy both ways until both directions ended (half-closes passed on)."""
+
+    def pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(CHUNK):
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_RDWR)
+
+    other = threading.Thread(target=pump, args=(b, a), daemon=True)
+    other.start()
+    pump(a, b)
+    other.join(60)

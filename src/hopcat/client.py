@@ -331,7 +331,10 @@ def open_tunnel(
             sock.setsockopt(level, option, value)
         if ssl is not None:
             sock.settimeout(_left(deadline))
-            tunnel.start_tls(ssl, server_hostname or host)
+            try:
+                tunnel.start_tls(ssl, server_hostname or host)
+            except TimeoutError as exc:  # the socket's timeout: the rest of the deadline
+                raise _target_tls_timeout(exc) from None
         tunnel._socket().settimeout(None if timeout is _DEFAULT else timeout)
     except BaseException:
         tunnel.close()
@@ -415,6 +418,15 @@ def _left(deadline: float) -> float | None:
 
         raise HopcatTimeoutError("no time left for the TLS handshake with the target")
     return left
+
+
+def _target_tls_timeout(exc: TimeoutError) -> TimeoutError:
+    """The deadline during the TLS handshake with the target, as a HopcatTimeoutError."""
+    from hopcat.errors import HopcatTimeoutError
+
+    if isinstance(exc, HopcatTimeoutError):
+        return exc
+    return HopcatTimeoutError("no TLS handshake with the target before the timeout")
 
 
 def _full_socket(raw: Any) -> socket.socket:

@@ -21,8 +21,8 @@ import asyncio
 import socket
 from typing import TYPE_CHECKING, Any
 
-from hopcat.client import _DEFAULT, DEFAULT_TIMEOUT_S, as_chain
-from hopcat.errors import UsageError
+from hopcat.client import _DEFAULT, DEFAULT_TIMEOUT_S, _target_tls_timeout, as_chain
+from hopcat.errors import HopcatTimeoutError, UsageError
 from hopcat.net.dial import interleave_families
 
 if TYPE_CHECKING:
@@ -118,8 +118,11 @@ async def create_connection(
             )  # fmt: skip
             await run_plan(plan, io, deadline)
         if ssl is not None:
-            async with asyncio.timeout_at(None if deadline == float("inf") else deadline):
-                await io.upgrade(server_hostname or host, ssl)
+            try:
+                async with asyncio.timeout_at(None if deadline == float("inf") else deadline):
+                    await io.upgrade(server_hostname or host, ssl)
+            except TimeoutError as exc:  # ours only: an outer cancellation stays one
+                raise _target_tls_timeout(exc) from None
     except BaseException:
         io.close()
         raise
@@ -153,8 +156,11 @@ async def _dial_direct(host: str, port: int, family: int, deadline: float) -> so
     from hopcat.aio._driver import resolve
 
     limit = None if deadline == float("inf") else deadline
-    async with asyncio.timeout_at(limit):
-        infos = await resolve(asyncio.get_running_loop(), host, port, family)
+    try:
+        async with asyncio.timeout_at(limit):
+            infos = await resolve(asyncio.get_running_loop(), host, port, family)
+    except TimeoutError:  # asyncio's, so ours (an outer cancellation stays one)
+        raise HopcatTimeoutError(f"resolve {host}: timed out") from None
     candidates = [(info[0], info[4]) for info in interleave_families(infos)]
     return await dial(candidates, deadline=limit, where=f"{host}:{port}")
 

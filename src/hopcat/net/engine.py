@@ -247,11 +247,19 @@ def tunnel_plan(
                 family=family, numeric_only=numeric_only, exact=exact, tls=tls, headers=headers,
                 trace=trace, clock=clock,
             )  # fmt: skip
-        except HopcatError as exc:
-            if isinstance(exc, HopcatTimeoutError) and timeout_label:
-                exc.message = f"{exc.message} ({timeout_label})"
-            _locate(exc, hops, index)
-            raise
+        except (HopcatError, TimeoutError) as caught:
+            # A bare TimeoutError is a driver's deadline at a step no phase below turns into
+            # its own error (a probe of a proxy silent in its TLS handshake): it still gets
+            # its hop.
+            error = caught if isinstance(caught, HopcatError) else HopcatTimeoutError(
+                "timed out before the proxy answered"
+            )  # fmt: skip
+            if isinstance(error, HopcatTimeoutError) and timeout_label:
+                error.message = f"{error.message} ({timeout_label})"
+            _locate(error, hops, index)
+            if error is caught:
+                raise
+            raise error from None
     return Opened(carry, tls, infos)
 
 
