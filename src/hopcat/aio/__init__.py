@@ -123,10 +123,11 @@ async def create_connection(
                     await io.upgrade(server_hostname or host, ssl)
             except TimeoutError as exc:  # ours only: an outer cancellation stays one
                 raise _target_tls_timeout(exc) from None
+        protocol = protocol_factory()
     except BaseException:
         io.close()
         raise
-    return _hand_over(io, protocol_factory())
+    return _hand_over(io, protocol)
 
 
 async def open_connection(
