@@ -175,9 +175,12 @@ def _hand_over(io: Any, protocol: Any) -> tuple[asyncio.Transport, Any]:
     if buffering.buffer:
         protocol.data_received(bytes(buffering.buffer))
         buffering.buffer.clear()
-    if buffering.lost is not None or (buffering.eof and transport.is_closing()):
-        protocol.connection_lost(buffering.lost)
-    elif buffering.eof and not protocol.eof_received():
+    # What the first protocol was told, the caller's is told once, in the same order; a
+    # connection_lost still to come (a TLS transport closing after the peer's close_notify)
+    # goes to the caller's protocol by itself.
+    if buffering.peer_eof and not protocol.eof_received():
         transport.close()
+    if buffering.closed:
+        protocol.connection_lost(buffering.lost)
     return transport, protocol
 

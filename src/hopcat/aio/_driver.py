@@ -211,6 +211,9 @@ class _Buffering(asyncio.Protocol):
     def __init__(self) -> None:
         self.buffer = bytearray()
         self.eof = False
+        self.peer_eof = False  # eof_received came: the caller's protocol is owed one too
+        self.closed = False  # connection_lost came: the transport will not call it again
+        self.tls = False  # under TLS, asyncio closes at EOF whatever eof_received answers
         self.lost: Exception | None = None
         self.transport: asyncio.Transport | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -223,13 +226,15 @@ class _Buffering(asyncio.Protocol):
         self._wake()
 
     def eof_received(self) -> bool:
-        self.eof = True
+        self.eof = self.peer_eof = True
         self._wake()
-        return True  # keep the transport open: the caller decides (half-close)
+        # Keep a plain transport open: the caller decides (half-close). asyncio warns about a
+        # True from a protocol under TLS, where it has no effect.
+        return not self.tls
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = exc
-        self.eof = True
+        self.eof = self.closed = True
         self._wake()
 
     def _wake(self) -> None:
@@ -305,6 +310,7 @@ class TransportIO(_IO):
     ) -> str | None:
         """TLS over the current transport (itself perhaps TLS); the version, None when quiet."""
         assert self.transport is not None and context is not None
+        self.protocol.tls = True
         if self._tls is None:
             self._tls = asyncio.ensure_future(self.loop.start_tls(
                 self.transport, self.protocol, context, server_hostname=server_name
