@@ -646,6 +646,26 @@ def start_ncat_http(
     )  # fmt: skip
 
 
+# -- socat: TLS in front of a proxy (an https:// proxy)
+
+
+def start_socat_tls(
+    workdir: Path, backend: Daemon, cert: Path, key: Path, *, timeout: float = READY_TIMEOUT_S
+) -> Daemon:
+    """``socat OPENSSL-LISTEN`` on 127.0.0.1 relaying to ``backend``: an https:// proxy made of
+    a TLS terminator and a plain one (``.url`` is https://, ``backend``'s credentials)."""
+    socat = require_program("socat", "socat")
+
+    def make_argv(port: int) -> list[str]:
+        return [socat, f"OPENSSL-LISTEN:{port},bind={LOOPBACK_V4},reuseaddr,fork,cert={cert},"
+                f"key={key},verify=0", f"TCP:{backend.hostport}"]  # fmt: skip
+
+    return start_daemon(
+        "socat-tls", workdir, make_argv, scheme="https", username=backend.username,
+        password=backend.password, timeout=timeout,
+    )  # fmt: skip
+
+
 # -- sshd and ssh -D
 
 
