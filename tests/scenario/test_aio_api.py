@@ -12,6 +12,7 @@ polled (bounded) until their threads have closed their side too.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import gc
@@ -416,8 +417,9 @@ def test_stopped_at_any_await_closes_everything_and_stays_what_it_was(
 def test_a_thousand_cancelled_opens_leak_no_descriptor(
     run: Callable[..., Any], fds_before: set[str]
 ) -> None:
-    """Cancelled after 0..9 loop turns: before the lookup, in it, in the connect, with the
-    greeting or request out and the reply pending, on the stream and the socket paths."""
+    """Cancelled after 0..9 loop turns or up to 4.5 ms: before the lookup, in it, in the
+    connect, with the greeting or request out and the reply pending, on the stream and the
+    socket paths."""
 
     def greeting_then_hold(conn: socket.socket) -> None:
         socks5_accept(conn, conn.sendall)
@@ -436,14 +438,17 @@ def test_a_thousand_cancelled_opens_leak_no_descriptor(
                 else:
                     opening = hopcat.aio.open_connection("127.0.0.1", 9, via=via)
                 task: asyncio.Task[Any] = asyncio.ensure_future(opening)
-                for _ in range(index % 10):
-                    await asyncio.sleep(0)
+                if index % 4 < 2:  # 0..9 loop turns: mostly the lookup and the connect
+                    for _ in range(index % 10):
+                        await asyncio.sleep(0)
+                else:  # up to 4.5 ms: mostly the handshake
+                    await asyncio.sleep((index % 10) * 0.0005)
                 task.cancel()
                 with pytest.raises(asyncio.CancelledError):
                     await task
 
         run(scenario(), 120)
-        assert silent.accepted + answering.accepted > CANCELLED_OPENS // 10  # phases past connect
+        assert silent.accepted + answering.accepted > CANCELLED_OPENS // 4  # past the connect
     assert_no_new_fds(before, within_s=15)
 
 
@@ -490,13 +495,17 @@ def _sync_open(host: str, port: int, *, via: Any, timeout: float, **options: Any
     return hopcat.create_connection((host, port), timeout, via=via, **options)
 
 
-ENTRIES = ["sync", "stream", "socket"]
+_ON_UVLOOP = pytest.mark.skipif(uvloop is None, reason="uvloop not installed")
+# The blocking API, and the asyncio stream and socket paths on each loop.
+ENTRIES = ["sync", "stream", "socket", pytest.param("stream@uvloop", marks=_ON_UVLOOP),
+           pytest.param("socket@uvloop", marks=_ON_UVLOOP)]  # fmt: skip
 
 
-def _open(entry: str, loop_kind: str, host: str, port: int, **options: Any) -> Any:
+def _open(entry: str, host: str, port: int, **options: Any) -> Any:
     """Open with one entry point; returns what it returned (the caller closes it)."""
     if entry == "sync":
         return _sync_open(host, port, **options)
+    entry, _, loop_kind = entry.partition("@")
 
     async def opening() -> Any:
         if entry == "socket":
@@ -509,64 +518,84 @@ def _open(entry: str, loop_kind: str, host: str, port: int, **options: Any) -> A
         return runner.run(opening())
 
 
-@pytest.mark.parametrize("entry", ENTRIES)
-def test_one_deadline_over_the_whole_open_a_trickle_cannot_stretch_it(
-    loop_kind: str, entry: str
-) -> None:
-    if entry == "sync" and loop_kind != "asyncio":
-        pytest.skip("no event loop in the blocking API")
-    with servers(_trickle) as (proxy,):
+ALL_ENTRIES = ["sync", "stream", "socket"] + (["stream@uvloop", "socket@uvloop"] if uvloop else [])
+
+
+def _failures_at_once(
+    cases: list[tuple[str, str]], attempt: Callable[[str, str], object]
+) -> dict[tuple[str, str], tuple[BaseException | None, float]]:
+    """Run ``attempt(entry, variant)`` for every case at once, on threads (these tests mostly
+    wait for a deadline: one wait for all); the exception and time of each."""
+
+    def timed(case: tuple[str, str]) -> tuple[BaseException | None, float]:
         started = time.monotonic()
-        with pytest.raises(HopcatTimeoutError) as caught:
-            _open(entry, loop_kind, "127.0.0.1", 9, via=f"socks5://127.0.0.1:{proxy.port}",
-                  timeout=TRICKLE_TIMEOUT_S)  # fmt: skip
-        elapsed = time.monotonic() - started
-    assert TRICKLE_TIMEOUT_S - 0.05 < elapsed < TRICKLE_TIMEOUT_S + SLACK_S, elapsed
-    assert caught.value.hop == 1
+        try:
+            attempt(*case)
+        except BaseException as exc:
+            return exc, time.monotonic() - started
+        return None, time.monotonic() - started
+
+    with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
+        return dict(zip(cases, pool.map(timed, cases), strict=True))
 
 
-@pytest.mark.parametrize("scheme", ["socks5", "https"])
-@pytest.mark.parametrize("entry", ENTRIES)
+def test_one_deadline_over_the_whole_open_a_trickle_cannot_stretch_it() -> None:
+    with servers(_trickle) as (proxy,):
+        results = _failures_at_once(
+            [(entry, "socks5") for entry in ALL_ENTRIES],
+            lambda entry, scheme: _open(entry, "127.0.0.1", 9, timeout=TRICKLE_TIMEOUT_S,
+                                        via=f"{scheme}://127.0.0.1:{proxy.port}"),
+        )  # fmt: skip
+    for case, (error, elapsed) in results.items():
+        assert isinstance(error, HopcatTimeoutError) and error.hop == 1, (case, error)
+        assert TRICKLE_TIMEOUT_S - 0.05 < elapsed < TRICKLE_TIMEOUT_S + SLACK_S, (case, elapsed)
+
+
+@pytest.mark.parametrize("timeout_s", [QUIET_TIMEOUT_S, SILENT_PROXY_PROBE_S + 0.2])
 def test_a_silent_proxy_look_never_outlives_the_deadline(
-    loop_kind: str, certificates: Certificates, entry: str, scheme: str
+    certificates: Certificates, timeout_s: float
 ) -> None:
     """The engine waits SILENT_PROXY_PROBE_S for a first answer before looking closer (a quiet
-    read); a shorter deadline still ends the open on time, as hopcat's TimeoutError."""
-    assert QUIET_TIMEOUT_S < SILENT_PROXY_PROBE_S
-    if entry == "sync" and loop_kind != "asyncio":
-        pytest.skip("no event loop in the blocking API")
-    if entry == "socket" and scheme == "https":
-        pytest.skip("connect_socket refuses an https:// hop")
-    with servers(hold) as (proxy,):
-        started = time.monotonic()
+    read), then asks the proxy again on second connections (probes): a deadline before the
+    look, or during the probes, still ends the open on time, as hopcat's TimeoutError."""
+    cases = [(entry, scheme) for entry in ALL_ENTRIES for scheme in ("socks5", "https")
+             if not (entry.startswith("socket") and scheme == "https")]  # fmt: skip
+
+    def attempt(entry: str, scheme: str) -> None:
         tls = {"proxy_ssl": certificates.client_context()} if scheme == "https" else {}
-        with pytest.raises(HopcatTimeoutError) as caught:
-            _open(entry, loop_kind, "127.0.0.1", 9, via=f"{scheme}://127.0.0.1:{proxy.port}",
-                  timeout=QUIET_TIMEOUT_S, **tls)  # fmt: skip
-        elapsed = time.monotonic() - started
-    assert elapsed < QUIET_TIMEOUT_S + SLACK_S, elapsed
-    assert caught.value.hop == 1 and "(hop 1/1)" in str(caught.value)
+        _open(entry, "127.0.0.1", 9, via=f"{scheme}://127.0.0.1:{proxy.port}",
+              timeout=timeout_s, **tls)  # fmt: skip
+
+    with servers(hold) as (proxy,):
+        results = _failures_at_once(cases, attempt)
+    for case, (error, elapsed) in results.items():
+        assert isinstance(error, HopcatTimeoutError), (case, error)
+        assert error.hop == 1 and "(hop 1/1)" in str(error), (case, error)
+        assert elapsed < timeout_s + SLACK_S, (case, elapsed)
 
 
 @pytest.mark.parametrize("phase_name", ["tcp-connect", "greeting", "proxy-tls", "hop2-reply",
                                         "target-tls", "dns"])  # fmt: skip
-@pytest.mark.parametrize("entry", ENTRIES)
 def test_every_timeout_is_hopcats_with_its_hop(
-    loop_kind: str, certificates: Certificates, entry: str, phase_name: str
+    certificates: Certificates, phase_name: str
 ) -> None:
     """Never a bare TimeoutError from deep inside (asyncio's, the ssl module's, a socket's)."""
-    if entry == "sync" and loop_kind != "asyncio":
-        pytest.skip("no event loop in the blocking API")
-    if entry == "socket" and phase_name in ("proxy-tls", "target-tls"):
-        pytest.skip("connect_socket carries no TLS")
-    if phase_name == "dns" and (entry == "sync" or loop_kind == "uvloop"):
-        pytest.skip("a stuck lookup is scripted on asyncio's own loop only")
+    entries = ALL_ENTRIES
+    if phase_name in ("proxy-tls", "target-tls"):  # connect_socket carries no TLS
+        entries = [entry for entry in entries if not entry.startswith("socket")]
+    if phase_name == "dns":  # a stuck lookup is scripted on asyncio's own loop only
+        entries = ["stream", "socket"]
+
+    async def stuck(*_args: Any, **_kwargs: Any) -> Any:
+        await asyncio.Event().wait()
+
     with phase_setup(phase_name, certificates) as (_phase, options):
         host, port = options.pop("host"), options.pop("port")
-        if phase_name == "dns":
 
-            async def stuck(*_args: Any, **_kwargs: Any) -> Any:
-                await asyncio.Event().wait()
+        def attempt(entry: str, _variant: str) -> None:
+            if phase_name != "dns":
+                _open(entry, host, port, timeout=0.3, **options)
+                return
 
             async def opening() -> Any:
                 asyncio.get_running_loop().getaddrinfo = stuck  # type: ignore[method-assign]
@@ -574,18 +603,16 @@ def test_every_timeout_is_hopcats_with_its_hop(
                     return await hopcat.aio.connect_socket(host, port, timeout=0.3, **options)
                 return await hopcat.aio.open_connection(host, port, timeout=0.3, **options)
 
-            with pytest.raises(TimeoutError) as caught:
-                asyncio.run(opening())
+            asyncio.run(opening())
+
+        results = _failures_at_once([(entry, "") for entry in entries], attempt)
+    for case, (error, _elapsed) in results.items():
+        assert isinstance(error, HopcatTimeoutError), (case, error)
+        if phase_name == "target-tls":
+            assert error.hop is None and "TLS handshake with the target" in str(error)
         else:
-            with pytest.raises(TimeoutError) as caught:
-                _open(entry, loop_kind, host, port, timeout=0.3, **options)
-    error = caught.value
-    assert isinstance(error, HopcatTimeoutError), repr(error)
-    if phase_name == "target-tls":
-        assert error.hop is None and "TLS handshake with the target" in str(error)
-    else:
-        expected = 2 if phase_name.startswith("hop2-") else 1
-        assert error.hop == expected and f"(hop {expected}/" in str(error), str(error)
+            expected = 2 if phase_name.startswith("hop2-") else 1
+            assert error.hop == expected and f"(hop {expected}/" in str(error), (case, error)
 
 
 # --------------------------------------------------------------------------- refusals
@@ -619,16 +646,14 @@ REFUSALS = [
 @pytest.mark.parametrize(("protocol", "code", "expected_errno"), REFUSALS)
 @pytest.mark.parametrize("entry", ENTRIES)
 def test_a_refusal_carries_errno_code_hop_and_a_redacted_proxy(
-    loop_kind: str, entry: str, protocol: str, code: int, expected_errno: int, hops: int
+    entry: str, protocol: str, code: int, expected_errno: int, hops: int
 ) -> None:
-    if entry == "sync" and loop_kind != "asyncio":
-        pytest.skip("no event loop in the blocking API")
     with servers(_refusing(protocol, code), socks5_relay) as (refusing, relaying):
         userinfo = "alice@" if protocol == "socks4" else "alice:s3cret-pw@"
         url = f"{protocol}://{userinfo}127.0.0.1:{refusing.port}"
         via = [f"socks5://127.0.0.1:{relaying.port}", url] if hops == 2 else url
         with pytest.raises(ProxyError) as caught:
-            _open(entry, loop_kind, "127.0.0.1", 9, via=via, timeout=OPEN_TIMEOUT_S)
+            _open(entry, "127.0.0.1", 9, via=via, timeout=OPEN_TIMEOUT_S)
     error = caught.value
     assert isinstance(error, ConnectionError) and not isinstance(error, TimeoutError)
     assert (error.errno, error.code, error.hop) == (expected_errno, code, hops)
