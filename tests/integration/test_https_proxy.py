@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import shutil
 import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,31 +16,17 @@ from support import make_certificates, pattern, run_hopcat
 
 @pytest.fixture
 def https_proxy(tinyproxy: peers.Daemon, tmp_path: Path) -> Iterator[tuple[int, Path]]:
-    if not shutil.which("openssl") or not shutil.which("socat"):
-        pytest.skip("openssl and socat needed (apt-get install openssl socat)")
+    if not shutil.which("openssl"):
+        pytest.skip("openssl needed (apt-get install openssl)")
     ca, crt, key = make_certificates(tmp_path)
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    proc = subprocess.Popen(
-        ["socat", f"OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,cert={crt},key={key},verify=0",
-         f"TCP:{tinyproxy.host}:{tinyproxy.port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "socat TLS listener did not come up"
-            time.sleep(0.05)
     try:
-        yield port, ca
+        socat = peers.start_socat_tls(tmp_path / "socat", tinyproxy, crt, key)
+    except peers.PeerUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        yield socat.port, ca
     finally:
-        proc.terminate()
-        proc.wait(10)
+        socat.stop()
 
 
 def test_https_proxy_verified_with_cacert(https_proxy: tuple[int, Path],
