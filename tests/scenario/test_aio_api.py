@@ -287,6 +287,24 @@ def _http_stall(phase: Phase, conn: socket.socket) -> None:
     phase.stall(conn)
 
 
+def _https_phase(
+    phase: Phase, certificates: Certificates, *, answer: bool
+) -> Callable[[socket.socket], None]:
+    """An https:// proxy that stalls at its reply, or (``answer``) after it: inside the TLS to
+    the target that runs within its own."""
+    context = certificates.server_context()
+
+    def handler(conn: socket.socket) -> None:
+        with context.wrap_socket(conn, server_side=True) as tls:
+            http_accept(tls)
+            if answer:
+                tls.sendall(HTTP_ESTABLISHED)
+                tls.recv(1)  # the inner ClientHello has begun to arrive; never answered
+            phase.stall(tls)
+
+    return handler
+
+
 def _tls_stall(phase: Phase) -> Callable[[socket.socket], None]:
     def handler(conn: socket.socket) -> None:
         conn.recv(1)  # the ClientHello has begun to arrive; never answered
@@ -321,6 +339,8 @@ def phase_setup(name: str, certificates: Certificates) -> Iterator[tuple[Phase, 
         "reply": _socks5_phase(phase, "reply"),
         "http-reply": lambda conn: _http_stall(phase, conn),
         "proxy-tls": _tls_stall(phase),
+        "https-reply": _https_phase(phase, certificates, answer=False),
+        "nested-tls": _https_phase(phase, certificates, answer=True),
     }
     if name.startswith("hop2-"):
         inner = handlers[name.removeprefix("hop2-")]
@@ -332,17 +352,21 @@ def phase_setup(name: str, certificates: Certificates) -> Iterator[tuple[Phase, 
             yield phase, {"host": "127.0.0.1", "port": 9, "via": via}
         return
     with servers(handlers[name]) as (proxy,):
-        scheme = {"http-reply": "http", "proxy-tls": "https"}.get(name, "socks5")
+        scheme = "http" if name == "http-reply" else "socks5"
         extra: dict[str, Any] = {}
-        if name == "proxy-tls":
+        if name in ("proxy-tls", "https-reply", "nested-tls"):
+            scheme = "https"
             extra["proxy_ssl"] = certificates.client_context()
+        if name == "nested-tls":  # TLS to the target inside the proxy's
+            extra["ssl"] = certificates.client_context()
         userinfo = "u:p@" if name == "auth" else ""
         yield phase, {"host": "127.0.0.1", "port": 9,
                       "via": f"{scheme}://{userinfo}127.0.0.1:{proxy.port}", **extra}  # fmt: skip
 
 
 PHASES = ["dns", "tcp-connect", "greeting", "auth", "reply", "http-reply", "proxy-tls",
-          "hop2-greeting", "hop2-auth", "hop2-reply", "hop2-http-reply", "target-tls"]  # fmt: skip
+          "https-reply", "nested-tls", "hop2-greeting", "hop2-auth", "hop2-reply",
+          "hop2-http-reply", "target-tls"]  # fmt: skip
 SOCKET_PHASES = ["dns", "tcp-connect", "greeting", "auth", "reply", "http-reply", "hop2-reply"]
 
 
@@ -574,14 +598,14 @@ def test_a_silent_proxy_look_never_outlives_the_deadline(
         assert elapsed < timeout_s + SLACK_S, (case, elapsed)
 
 
-@pytest.mark.parametrize("phase_name", ["tcp-connect", "greeting", "proxy-tls", "hop2-reply",
-                                        "target-tls", "dns"])  # fmt: skip
+@pytest.mark.parametrize("phase_name", ["tcp-connect", "greeting", "proxy-tls", "https-reply",
+                                        "hop2-reply", "target-tls", "nested-tls", "dns"])  # fmt: skip
 def test_every_timeout_is_hopcats_with_its_hop(
     certificates: Certificates, phase_name: str
 ) -> None:
     """Never a bare TimeoutError from deep inside (asyncio's, the ssl module's, a socket's)."""
     entries = ALL_ENTRIES
-    if phase_name in ("proxy-tls", "target-tls"):  # connect_socket carries no TLS
+    if "tls" in phase_name or "https" in phase_name:  # connect_socket carries no TLS
         entries = [entry for entry in entries if not entry.startswith("socket")]
     if phase_name == "dns":  # a stuck lookup is scripted on asyncio's own loop only
         entries = ["stream", "socket"]
@@ -608,7 +632,7 @@ def test_every_timeout_is_hopcats_with_its_hop(
         results = _failures_at_once([(entry, "") for entry in entries], attempt)
     for case, (error, _elapsed) in results.items():
         assert isinstance(error, HopcatTimeoutError), (case, error)
-        if phase_name == "target-tls":
+        if phase_name in ("target-tls", "nested-tls"):
             assert error.hop is None and "TLS handshake with the target" in str(error)
         else:
             expected = 2 if phase_name.startswith("hop2-") else 1
