@@ -61,12 +61,13 @@ TIMEOUT_S = 20.0
 SPLIT_GAP_S = 0.001  # between single reply bytes: each leaves in a segment of its own
 
 
-
 def _target_host() -> str:
     """The target by name, so that every hop resolves it where it should (here for socks4, at
     the proxy for the rest), when the name can only mean the target's listener."""
     try:
-        addresses = {info[4][0] for info in socket.getaddrinfo("localhost", 1, type=socket.SOCK_STREAM)}
+        addresses = {
+            info[4][0] for info in socket.getaddrinfo("localhost", 1, type=socket.SOCK_STREAM)
+        }
     except OSError:
         return "127.0.0.1"
     return "localhost" if addresses == {"127.0.0.1"} else "127.0.0.1"
@@ -387,7 +388,9 @@ async def _connect_socket(host: str, port: int, urls: list[str], **tls: Any) -> 
         await _check_async(read_exact, write)
 
 
-def _on_loop(opener: Callable[..., Any], factory: Callable[[], Any] | None = None) -> Callable[..., None]:
+def _on_loop(
+    opener: Callable[..., Any], factory: Callable[[], Any] | None = None
+) -> Callable[..., None]:
     def run(*args: Any, **kwargs: Any) -> None:
         with asyncio.Runner(loop_factory=factory) as runner:
             runner.run(asyncio.wait_for(opener(*args, **kwargs), TIMEOUT_S * 2))
@@ -491,4 +494,3 @@ def test_every_entry_point_side_by_side_on_one_loop(
     for thread in threads:
         thread.join(TIMEOUT_S)
     assert not errors, errors
-

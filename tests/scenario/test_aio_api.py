@@ -600,9 +600,7 @@ def test_a_silent_proxy_look_never_outlives_the_deadline(
 
 @pytest.mark.parametrize("phase_name", ["tcp-connect", "greeting", "proxy-tls", "https-reply",
                                         "hop2-reply", "target-tls", "nested-tls", "dns"])  # fmt: skip
-def test_every_timeout_is_hopcats_with_its_hop(
-    certificates: Certificates, phase_name: str
-) -> None:
+def test_every_timeout_is_hopcats_with_its_hop(certificates: Certificates, phase_name: str) -> None:
     """Never a bare TimeoutError from deep inside (asyncio's, the ssl module's, a socket's)."""
     entries = ALL_ENTRIES
     if "tls" in phase_name or "https" in phase_name:  # connect_socket carries no TLS
@@ -742,7 +740,7 @@ def test_end_of_stream_under_tls_reaches_the_protocol_once(
     run: Callable[..., Any], certificates: Certificates, caplog: pytest.LogCaptureFixture,
     where: str,
 ) -> None:  # fmt: skip
-    handler = (_tls_proxy_that_closes if where == "proxy-tls" else _tls_target_that_closes)
+    handler = _tls_proxy_that_closes if where == "proxy-tls" else _tls_target_that_closes
     with servers(handler(certificates)) as (server,):
         if where == "proxy-tls":
             options: dict[str, Any] = {"host": "127.0.0.1", "port": 9,
@@ -797,4 +795,3 @@ def test_an_empty_chain_as_an_asyncssh_tunnel_connects_directly(run: Callable[..
             await recorder.closed
 
         run(scenario())
-
