@@ -18,6 +18,7 @@ import errno
 import gc
 import os
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -771,6 +772,54 @@ def test_end_of_stream_under_tls_reaches_the_protocol_once(
                 assert await asyncio.wait_for(reader.read(), 5) == BANNER
                 assert reader.at_eof()
                 writer.close()
+
+        with caplog.at_level("WARNING", logger="asyncio"):
+            run(scenario())
+    assert not caplog.records, [record.getMessage() for record in caplog.records]
+
+
+def _https_proxy_and_target(certificates: Certificates) -> Callable[[socket.socket], None]:
+    """An https:// proxy that is also the target: TLS inside its TLS (memory BIOs), a line,
+    then a record no TLS session can decrypt."""
+    outer_context, inner_context = certificates.server_context(), certificates.server_context()
+
+    def handler(conn: socket.socket) -> None:
+        with outer_context.wrap_socket(conn, server_side=True) as tls:
+            http_accept(tls)
+            tls.sendall(HTTP_ESTABLISHED)
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            inner = inner_context.wrap_bio(incoming, outgoing, server_side=True)
+            while True:
+                try:
+                    inner.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    tls.sendall(outgoing.read())
+                    incoming.write(tls.recv(65536))
+            inner.write(b"hello\n")
+            tls.sendall(outgoing.read())
+            time.sleep(0.05)  # the line is read first
+            tls.sendall(b"\x17\x03\x03\x00\x20" + bytes(32))  # application data, bad MAC
+            hold(tls)
+
+    return handler
+
+
+def test_a_bad_record_inside_tls_in_tls_reaches_the_reader_as_an_ssl_error(
+    run: Callable[..., Any], certificates: Certificates, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On CPython before 3.11.8 and 3.12.2 asyncio turned this into a TypeError (gh-113214)."""
+    with servers(_https_proxy_and_target(certificates)) as (proxy,):
+
+        async def scenario() -> None:
+            reader, writer = await hopcat.aio.open_connection(
+                "localhost", 9, via=f"https://127.0.0.1:{proxy.port}", timeout=OPEN_TIMEOUT_S,
+                proxy_ssl=certificates.client_context(), ssl=certificates.client_context(),
+            )  # fmt: skip
+            assert await reader.readline() == b"hello\n"
+            with pytest.raises(ssl.SSLError, match="BAD_RECORD_MAC"):
+                await asyncio.wait_for(reader.read(), 5)
+            writer.close()
 
         with caplog.at_level("WARNING", logger="asyncio"):
             run(scenario())

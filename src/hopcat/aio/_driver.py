@@ -312,6 +312,7 @@ class TransportIO(_IO):
         assert self.transport is not None and context is not None
         self.protocol.tls = True
         if self._tls is None:
+            _mend_force_close(self.transport)
             self._tls = asyncio.ensure_future(self.loop.start_tls(
                 self.transport, self.protocol, context, server_hostname=server_name
             ))  # fmt: skip
@@ -322,13 +323,6 @@ class TransportIO(_IO):
                 return None
         try:
             upgraded = await task
-        except TypeError as exc:
-            # CPython gh-113214 (before 3.11.8 and 3.12.2): a failed handshake of TLS inside TLS
-            # calls SSLProtocol._abort() with an argument it does not take; the TLS error that
-            # caused it is the TypeError's context.
-            if isinstance(exc.__context__, OSError):
-                raise exc.__context__ from None
-            raise
         finally:
             self._tls = None
         if upgraded is None:
@@ -344,3 +338,27 @@ class TransportIO(_IO):
         if self.transport is not None:
             self.transport.abort()
             self.transport = None
+
+
+def _mend_force_close(transport: asyncio.Transport) -> None:
+    """TLS inside TLS on CPython before 3.11.8 and 3.12.2 (gh-113214): the inner session's
+    failure (an untrusted certificate, a bad record) reaches the outer session's transport,
+    whose ``_force_close`` calls ``SSLProtocol._abort`` with an argument it does not take: a
+    TypeError replaces the failure, the handshake raises that, and a reader learns nothing.
+    This transport gets the fixed method: close with the failure, so it reaches the reader."""
+    from asyncio import sslproto
+
+    if not isinstance(transport, sslproto._SSLProtocolTransport):
+        return  # plain TCP, or uvloop's TLS (which passes the failure on)
+    if sslproto.SSLProtocol._abort.__code__.co_argcount != 1:
+        return  # a fixed CPython: _abort takes the failure
+    outer: Any = transport
+
+    def force_close(exc: BaseException | None) -> None:
+        outer._closed = True
+        session = outer._ssl_protocol
+        session._set_state(sslproto.SSLProtocolState.UNWRAPPED)
+        if session._transport is not None:
+            session._transport._force_close(exc)
+
+    outer._force_close = force_close
