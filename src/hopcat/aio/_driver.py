@@ -312,7 +312,6 @@ class TransportIO(_IO):
         assert self.transport is not None and context is not None
         self.protocol.tls = True
         if self._tls is None:
-            _mend_force_close(self.transport)
             self._tls = asyncio.ensure_future(self.loop.start_tls(
                 self.transport, self.protocol, context, server_hostname=server_name
             ))  # fmt: skip
@@ -328,6 +327,7 @@ class TransportIO(_IO):
         if upgraded is None:
             raise ConnectionResetError("the connection closed during the TLS handshake")
         self.transport = upgraded
+        _mend_force_close(upgraded)  # TLS may run inside it: ours to the target, or a caller's
         ssl_object = upgraded.get_extra_info("ssl_object")
         version: str = ssl_object.version() if ssl_object is not None else "TLS"
         return version
@@ -344,8 +344,9 @@ def _mend_force_close(transport: asyncio.Transport) -> None:
     """TLS inside TLS on CPython before 3.11.8 and 3.12.2 (gh-113214): the inner session's
     failure (an untrusted certificate, a bad record) reaches the outer session's transport,
     whose ``_force_close`` calls ``SSLProtocol._abort`` with an argument it does not take: a
-    TypeError replaces the failure, the handshake raises that, and a reader learns nothing.
-    This transport gets the fixed method: close with the failure, so it reaches the reader."""
+    TypeError replaces the failure, a handshake raises that, and a reader learns nothing. A
+    TLS transport of ours gets the fixed method (close with the failure, so it reaches the
+    reader), whoever starts TLS inside it: hopcat (``ssl=``) or the caller (httpx, aiohttp)."""
     from asyncio import sslproto
 
     if not isinstance(transport, sslproto._SSLProtocolTransport):
