@@ -21,6 +21,8 @@ Daemons (each a peers.Daemon: .host .port .hostport .url .url_as(scheme) .userna
     danted, danted_auth, danted_v6        session  socks5 (also socks4); auth = username/password
     microsocks, microsocks_auth, microsocks_v6      function  socks5
     tinyproxy, tinyproxy_auth, tinyproxy_v6         function  http (CONNECT)
+    microsocks_shared, tinyproxy_shared, tinyproxy_auth_shared
+                                          session  the same, for tests that only open tunnels
     ncat_http, ncat_http_auth, ncat_http_v6         function  http (CONNECT)
     sshd                                  session  peers.SshServer: .ssh_argv(*opts) .destination
     ssh_socks                             session  ssh -N -D against sshd: socks5/socks4/socks4a
@@ -221,6 +223,26 @@ def tinyproxy_auth(tmp_path: Path) -> Iterator[peers.Daemon]:
 @pytest.fixture
 def tinyproxy_v6(tmp_path: Path) -> Iterator[peers.Daemon]:
     with _daemon(peers.start_tinyproxy, tmp_path / "tinyproxy-v6", host=peers.LOOPBACK_V6) as d:
+        yield d
+
+
+@pytest.fixture(scope="session")
+def microsocks_shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[peers.Daemon]:
+    with _daemon(peers.start_microsocks, _session_dir(tmp_path_factory, "microsocks")) as d:
+        yield d
+
+
+@pytest.fixture(scope="session")
+def tinyproxy_shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[peers.Daemon]:
+    with _daemon(peers.start_tinyproxy, _session_dir(tmp_path_factory, "tinyproxy")) as d:
+        yield d
+
+
+@pytest.fixture(scope="session")
+def tinyproxy_auth_shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[peers.Daemon]:
+    with _daemon(
+        peers.start_tinyproxy, _session_dir(tmp_path_factory, "tinyproxy-auth"), auth=True
+    ) as d:
         yield d
 
 

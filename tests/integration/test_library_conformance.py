@@ -186,41 +186,22 @@ def split() -> Iterator[Endpoint]:
         yield Endpoint(server)
 
 
-def _module_daemon(
-    factory: pytest.TempPathFactory, start: Callable[..., peers.Daemon], name: str, **kwargs: Any
+@pytest.fixture(scope="module")
+def https_socat(
+    tmp_path_factory: pytest.TempPathFactory,
+    tinyproxy_shared: peers.Daemon,
+    certificates: Certificates,
 ) -> Iterator[peers.Daemon]:
+    """socat's TLS in front of tinyproxy: an https:// proxy."""
     try:
-        daemon = start(factory.mktemp(name), **kwargs)
+        daemon = peers.start_socat_tls(tmp_path_factory.mktemp("socat-tls"), tinyproxy_shared,
+                                       certificates.cert, certificates.key)  # fmt: skip
     except peers.PeerUnavailable as exc:
         pytest.skip(str(exc))
     try:
         yield daemon
     finally:
         daemon.stop()
-
-
-@pytest.fixture(scope="module")
-def microsocks_m(tmp_path_factory: pytest.TempPathFactory) -> Iterator[peers.Daemon]:
-    yield from _module_daemon(tmp_path_factory, peers.start_microsocks, "microsocks")
-
-
-@pytest.fixture(scope="module")
-def tinyproxy_m(tmp_path_factory: pytest.TempPathFactory) -> Iterator[peers.Daemon]:
-    yield from _module_daemon(tmp_path_factory, peers.start_tinyproxy, "tinyproxy")
-
-
-@pytest.fixture(scope="module")
-def tinyproxy_auth_m(tmp_path_factory: pytest.TempPathFactory) -> Iterator[peers.Daemon]:
-    yield from _module_daemon(tmp_path_factory, peers.start_tinyproxy, "tinyproxy-auth", auth=True)
-
-
-@pytest.fixture(scope="module")
-def https_m(
-    tmp_path_factory: pytest.TempPathFactory, tinyproxy_m: peers.Daemon, certificates: Certificates
-) -> Iterator[peers.Daemon]:
-    yield from _module_daemon(tmp_path_factory, peers.start_socat_tls, "socat-tls",
-                              backend=tinyproxy_m, cert=certificates.cert,
-                              key=certificates.key)  # fmt: skip
 
 
 # Each hop: (fixture, scheme). The fixture is fetched only by the cases that use it, so a
@@ -232,12 +213,12 @@ HOP_KINDS: dict[str, list[tuple[str, str]]] = {
     "socks5h": [("danted", "socks5h")],
     "socks5-auth": [("danted_auth", "socks5")],
     "socks5h-auth": [("danted_auth", "socks5h")],
-    "socks5h-microsocks": [("microsocks_m", "socks5h")],
-    "http": [("tinyproxy_m", "http")],
-    "http-auth": [("tinyproxy_auth_m", "http")],
-    "https": [("https_m", "https")],
-    "chain2": [("danted", "socks5h"), ("tinyproxy_m", "http")],
-    "chain3": [("https_m", "https"), ("danted_auth", "socks5h"), ("microsocks_m", "socks5")],
+    "socks5h-microsocks": [("microsocks_shared", "socks5h")],
+    "http": [("tinyproxy_shared", "http")],
+    "http-auth": [("tinyproxy_auth_shared", "http")],
+    "https": [("https_socat", "https")],
+    "chain2": [("danted", "socks5h"), ("tinyproxy_shared", "http")],
+    "chain3": [("https_socat", "https"), ("danted_auth", "socks5h"), ("microsocks_shared", "socks5")],
     "glued-socks5": [("glued", "socks5")],
     "glued-http": [("glued", "http")],
     "split-socks5": [("split", "socks5")],
