@@ -17,6 +17,7 @@ import contextlib
 import errno
 import gc
 import os
+import shutil
 import socket
 import ssl
 import threading
@@ -95,7 +96,7 @@ def fds_before(run: Callable[[Coroutine[Any, Any, Any]], Any]) -> set[str]:
 
 @pytest.fixture(scope="module")
 def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
-    if not __import__("shutil").which("openssl"):
+    if not shutil.which("openssl"):
         pytest.skip("openssl needed (apt-get install openssl)")
     return make_certificates(tmp_path_factory.mktemp("aio-api-tls"))
 
