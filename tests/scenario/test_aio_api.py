@@ -29,6 +29,7 @@ import pytest
 
 import hopcat
 import hopcat.aio
+import hopcat.aio._driver
 from hopcat.errors import HopcatTimeoutError, ProxyError
 from hopcat.net.engine import SILENT_PROXY_PROBE_S
 from support import (
@@ -376,16 +377,7 @@ async def _start_open(
     entry: str, phase: Phase, options: dict[str, Any], outer: list[asyncio.Timeout]
 ) -> asyncio.Task[Any]:
     """A task opening through ``options``; returns once it is inside ``phase``."""
-    loop = asyncio.get_running_loop()
     options = dict(options)
-    if phase.name == "dns":
-        # A lookup that never ends: the first hop is given by name, and the loop's resolver
-        # is replaced for this loop only (asyncio's getaddrinfo is an executor call).
-        async def stuck(*_args: Any, **_kwargs: Any) -> Any:
-            phase.arrived.set()
-            await asyncio.Event().wait()
-
-        loop.getaddrinfo = stuck  # type: ignore[method-assign]
     host, port = options.pop("host"), options.pop("port")
 
     async def opening() -> Any:
@@ -404,6 +396,18 @@ async def _start_open(
     return task
 
 
+def _stuck_resolver(arrived: asyncio.Event | None = None) -> Callable[..., Any]:
+    """A lookup that never ends, for a first hop given by name: it replaces the driver's
+    resolver (the loop's own cannot be replaced on uvloop)."""
+
+    async def stuck(*_args: Any, **_kwargs: Any) -> Any:
+        if arrived is not None:
+            arrived.set()
+        await asyncio.Event().wait()
+
+    return stuck
+
+
 def _phase_params(names: list[str]) -> list[Any]:
     return [pytest.param(name, id=name) for name in names]
 
@@ -415,12 +419,12 @@ def _phase_params(names: list[str]) -> list[Any]:
 )
 def test_stopped_at_any_await_closes_everything_and_stays_what_it_was(
     run: Callable[..., Any], loop_kind: str, certificates: Certificates, entry: str,
-    phase_name: str, how: str, fds_before: set[str],
+    phase_name: str, how: str, fds_before: set[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    if phase_name == "dns" and loop_kind == "uvloop":
-        pytest.skip("uvloop's loop cannot have its resolver replaced for a test")
     before = fds_before
     with phase_setup(phase_name, certificates) as (phase, options):
+        if phase_name == "dns":
+            monkeypatch.setattr(hopcat.aio._driver, "resolve", _stuck_resolver(phase.arrived))
 
         async def scenario() -> None:
             outer: list[asyncio.Timeout] = []
@@ -602,32 +606,22 @@ def test_a_silent_proxy_look_never_outlives_the_deadline(
 
 @pytest.mark.parametrize("phase_name", ["tcp-connect", "greeting", "proxy-tls", "https-reply",
                                         "hop2-reply", "target-tls", "nested-tls", "dns"])  # fmt: skip
-def test_every_timeout_is_hopcats_with_its_hop(certificates: Certificates, phase_name: str) -> None:
+def test_every_timeout_is_hopcats_with_its_hop(
+    certificates: Certificates, phase_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Never a bare TimeoutError from deep inside (asyncio's, the ssl module's, a socket's)."""
     entries = ALL_ENTRIES
     if "tls" in phase_name or "https" in phase_name:  # connect_socket carries no TLS
         entries = [entry for entry in entries if not entry.startswith("socket")]
-    if phase_name == "dns":  # a stuck lookup is scripted on asyncio's own loop only
-        entries = ["stream", "socket"]
-
-    async def stuck(*_args: Any, **_kwargs: Any) -> Any:
-        await asyncio.Event().wait()
+    if phase_name == "dns":  # the blocking API's lookup runs on a thread of its own
+        entries = [entry for entry in entries if entry != "sync"]
+        monkeypatch.setattr(hopcat.aio._driver, "resolve", _stuck_resolver())
 
     with phase_setup(phase_name, certificates) as (_phase, options):
         host, port = options.pop("host"), options.pop("port")
 
         def attempt(entry: str, _variant: str) -> None:
-            if phase_name != "dns":
-                _open(entry, host, port, timeout=0.3, **options)
-                return
-
-            async def opening() -> Any:
-                asyncio.get_running_loop().getaddrinfo = stuck  # type: ignore[method-assign]
-                if entry == "socket":
-                    return await hopcat.aio.connect_socket(host, port, timeout=0.3, **options)
-                return await hopcat.aio.open_connection(host, port, timeout=0.3, **options)
-
-            asyncio.run(opening())
+            _open(entry, host, port, timeout=0.3, **options)
 
         results = _failures_at_once([(entry, "") for entry in entries], attempt)
     for case, (error, _elapsed) in results.items():
