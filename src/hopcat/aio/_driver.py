@@ -3,7 +3,7 @@ its steps awaited on an event loop instead of blocking.
 
 Two ways to carry the steps out:
 
-* ``SocketIO``: on the bare non-blocking socket with the loop's ``sock_*`` calls; reads are
+* ``SocketIO``: on the bare non-blocking socket, in loop callbacks (``_SocketRunner``); reads are
   exact (peeking for an HTTP head) when the plan asks for it, so the socket can be handed over
   with the target's first byte still in it (``connect_socket``; ``hopcat serve --via`` reads
   freely and relays the bytes that came with the last reply first). Quick-ACK on every read,
@@ -48,30 +48,195 @@ async def run_plan(plan: Plan, io: SocketIO | TransportIO, deadline: float) -> O
     One timer spans the whole plan (a timer per step costs a heap push and a cancel each). When
     it fires, the step under way is cancelled, and ``TimeoutError`` is thrown into the plan so
     that it names the phase; a step it yields after that cannot run either."""
-    outcome: object = None
-    failure: BaseException | None = None
-    try:
-        async with asyncio.timeout_at(None if deadline == float("inf") else deadline):
-            while True:
-                try:
-                    step = plan.throw(failure) if failure is not None else plan.send(outcome)
-                except StopIteration as done:
-                    opened: Opened = done.value
-                    return opened
-                failure = None
-                try:
-                    outcome = await io.carry_out(step)
-                except HopcatError as exc:
-                    failure = exc
-                except OSError as exc:
-                    failure = exc
-    except TimeoutError:
-        pass
+    timeout = asyncio.timeout_at(None if deadline == float("inf") else deadline)
+    if isinstance(io, SocketIO):
+        runner = _SocketRunner(plan, io)
+        try:
+            async with timeout:
+                runner.advance(None, None)
+                return await runner.done
+        except TimeoutError:
+            if not timeout.expired():
+                raise  # the plan's own HopcatTimeoutError
+            if runner.done.done() and not runner.done.cancelled():
+                return runner.done.result()  # finished just as the deadline came
+        finally:
+            stopped = runner.stop()
+            if stopped is not None:  # let it close what it opened before the caller goes on
+                await asyncio.wait({stopped})
+    else:
+        try:
+            async with timeout:
+                return await _run_steps(plan, io)
+        except TimeoutError:
+            if not timeout.expired():
+                raise
     while True:
         try:
             plan.throw(TimeoutError())
         except StopIteration:  # pragma: no cover - a plan always asks for I/O before it is done
             raise AssertionError("the tunnel plan finished after its deadline") from None
+
+
+async def _run_steps(plan: Plan, io: TransportIO) -> Opened:
+    outcome: object = None
+    failure: BaseException | None = None
+    while True:
+        try:
+            step = plan.throw(failure) if failure is not None else plan.send(outcome)
+        except StopIteration as done:
+            opened: Opened = done.value
+            return opened
+        failure = None
+        try:
+            outcome = await io.carry_out(step)
+        except (HopcatError, OSError) as exc:  # TimeoutError included: the plan names the phase
+            failure = exc
+
+
+class _SocketRunner:
+    """Runs a plan over a ``SocketIO`` in loop callbacks, as ``hopcat serve`` drives its
+    connections: a send or a receive is tried at once and waits only when the socket would
+    block, a wait is one reader (or writer) callback, and one future stands for the whole open.
+    Awaiting each step instead costs a future, a task wakeup and a loop iteration per step; a
+    SOCKS5 open has five or six of them. The other steps (dial, lookup, probe) run as tasks of
+    ``io.carry_out``, so a subclass's lookup (``hopcat serve``'s) still applies."""
+
+    __slots__ = ("done", "io", "loop", "plan", "reading", "task", "timer", "unsent")
+
+    def __init__(self, plan: Plan, io: SocketIO) -> None:
+        self.plan = plan
+        self.io = io
+        self.loop = io.loop
+        self.done: asyncio.Future[Opened] = io.loop.create_future()
+        self.reading: Receive | None = None  # the step waiting for the socket to be readable
+        self.unsent: memoryview | None = None  # bytes waiting for it to be writable
+        self.task: asyncio.Task[object] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def advance(self, outcome: object, failure: BaseException | None) -> None:
+        """Feed the plan until a step has to wait, or the plan ends."""
+        plan = self.plan
+        while not self.done.done():
+            try:
+                step = plan.throw(failure) if failure is not None else plan.send(outcome)
+            except StopIteration as stop:
+                self.done.set_result(stop.value)
+                return
+            except BaseException as exc:  # the plan's error (or a bug) goes to the awaiting caller
+                self.done.set_exception(exc)
+                return
+            failure = None
+            try:
+                if type(step) is Receive:
+                    outcome = self._receive(step)
+                    if outcome is _WAITING:
+                        return
+                elif type(step) is Send:
+                    if not self._send(memoryview(step.data)):
+                        return
+                    outcome = None
+                else:
+                    self.task = self.loop.create_task(self.io.carry_out(step))
+                    self.task.add_done_callback(self._on_task_done)
+                    return
+            except (HopcatError, OSError) as exc:
+                failure = exc
+
+    def _receive(self, step: Receive) -> object:
+        sock = self.io.sock
+        assert sock is not None
+        set_quickack(sock, 1)  # as the blocking driver does: see hopcat.net.chain
+        try:
+            return sock.recv(step.size, socket.MSG_PEEK if step.peek else 0)
+        except BlockingIOError:
+            pass
+        self.reading = step
+        self.loop.add_reader(sock.fileno(), self._on_readable)
+        if step.quiet_s:
+            self.timer = self.loop.call_later(step.quiet_s, self._on_quiet)
+        return _WAITING
+
+    def _on_readable(self) -> None:
+        step = self.reading
+        sock = self.io.sock
+        assert step is not None and sock is not None
+        try:
+            data = sock.recv(step.size, socket.MSG_PEEK if step.peek else 0)
+        except BlockingIOError:
+            return  # woken for nothing: keep waiting
+        except OSError as exc:
+            self._stop_waiting()
+            self.advance(None, exc)
+            return
+        self._stop_waiting()
+        self.advance(data, None)
+
+    def _on_quiet(self) -> None:
+        self.timer = None
+        self._stop_waiting()
+        self.advance(None, None)  # a quiet read answers None
+
+    def _send(self, view: memoryview) -> bool:
+        """Send it all now (True) or wait for the socket to take the rest."""
+        sock = self.io.sock
+        assert sock is not None
+        while view:
+            try:
+                view = view[sock.send(view) :]
+            except BlockingIOError:
+                self.unsent = view
+                self.loop.add_writer(sock.fileno(), self._on_writable)
+                return False
+        return True
+
+    def _on_writable(self) -> None:
+        view = self.unsent
+        assert view is not None
+        self._stop_waiting()
+        try:
+            if self._send(view):
+                self.advance(None, None)
+        except OSError as exc:
+            self.advance(None, exc)
+
+    def _on_task_done(self, task: asyncio.Task[object]) -> None:
+        self.task = None
+        if task.cancelled():
+            return  # stop() cancelled it: nobody waits for the plan any more
+        exc = task.exception()
+        if exc is None:
+            self.advance(task.result(), None)
+        elif isinstance(exc, (HopcatError, OSError)):
+            self.advance(None, exc)
+        elif not self.done.done():
+            self.done.set_exception(exc)
+
+    def _stop_waiting(self) -> None:
+        sock = self.io.sock
+        if self.reading is not None:
+            self.reading = None
+            if sock is not None:
+                self.loop.remove_reader(sock.fileno())
+        if self.unsent is not None:
+            self.unsent = None
+            if sock is not None:
+                self.loop.remove_writer(sock.fileno())
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def stop(self) -> asyncio.Task[object] | None:
+        """The open is over (done, failed, timed out or cancelled): no callback may follow.
+        Returns the step's task it cancelled, if one was running."""
+        self._stop_waiting()
+        task, self.task = self.task, None
+        if task is not None:
+            task.cancel()
+        return task
+
+
+_WAITING = object()  # a step that waits for the socket; the runner carries on from a callback
 
 
 async def resolve(

@@ -23,7 +23,7 @@ import time
 
 from hopcat.errors import HopcatError, UsageError
 from hopcat.net import engine
-from hopcat.net.dial import MAX_WAIT_S, describe_oserror, dial_tcp, resolve, wait_s
+from hopcat.net.dial import MAX_WAIT_S, describe_oserror, dial_tcp, no_trace, resolve, wait_s
 from hopcat.net.engine import (
     Dial,
     HopInfo,
@@ -94,7 +94,7 @@ def open_tunnel(
     insecure: bool = False,
     context: ssl.SSLContext | None = None,
     headers: list[tuple[str, str]] | None = None,
-    trace: Callable[[str], None] = lambda _message: None,
+    trace: Callable[[str], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
     timeout_label: str = "",
 ) -> Tunnel:
@@ -132,12 +132,12 @@ class _Driver:
 
     def __init__(
         self, deadline: float, clock: Callable[[], float], context: ssl.SSLContext | None,
-        trace: Callable[[str], None], timeout_label: str,
+        trace: Callable[[str], None] | None, timeout_label: str,
     ) -> None:  # fmt: skip
         self.deadline = deadline
         self.clock = clock
         self.context = context
-        self.trace = trace
+        self.trace = trace or no_trace
         self.timeout_label = timeout_label
         self.dial_options: tuple[int, str | None, bool, bool, bool] = (0, None, True, False, False)
         self.sock: socket.socket | None = None

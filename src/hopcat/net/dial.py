@@ -57,8 +57,8 @@ def _default_resolver(host: str, port: int, family: int, flags: int) -> Sequence
     return socket.getaddrinfo(name, port, family, socket.SOCK_STREAM, socket.IPPROTO_TCP, flags)
 
 
-def _no_trace(_message: str) -> None:
-    pass
+def no_trace(_message: str) -> None:
+    """A trace that keeps nothing."""
 
 
 def describe_oserror(exc: BaseException) -> str:
@@ -185,7 +185,7 @@ def dial_tcp(
     nodelay: bool = True,
     keepalive: bool = False,
     numeric_only: bool = False,
-    trace: Trace = _no_trace,
+    trace: Trace = no_trace,
     resolver: Resolver = _default_resolver,
     socket_factory: Callable[[int, int, int], socket.socket] = socket.socket,
     clock: Callable[[], float] = time.monotonic,

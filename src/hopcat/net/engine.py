@@ -197,11 +197,12 @@ def tunnel_plan(
     numeric_only: bool = False,
     exact: bool = False,
     headers: list[tuple[str, str]] | None = None,
-    trace: Callable[[str], None] = lambda _message: None,
+    trace: Callable[[str], None] | None = None,
     clock: Callable[[], float],
     timeout_label: str = "",
 ) -> Plan:
-    """Steps that open host:port through ``hops``; see the module docstring."""
+    """Steps that open host:port through ``hops``; see the module docstring. ``trace`` gets the
+    -v timeline's lines (None: nothing is formatted, which a library's opens care about)."""
     check_chain(hops, proxy_dns)
     count = len(hops)
     infos = tuple(HopInfo(hop.label()) for hop in hops)
@@ -216,7 +217,9 @@ def tunnel_plan(
             _locate(exc, hops, index)
             raise
     first = hops[0]
-    trace(f"hop 1/{count}: {first.label()}" + (f" (from {first.origin})" if first.origin else ""))
+    if trace is not None:
+        origin = f" (from {first.origin})" if first.origin else ""
+        trace(f"hop 1/{count}: {first.label()}{origin}")
     started = clock()
     try:
         yield Dial(first.host, first.port)
@@ -236,7 +239,8 @@ def tunnel_plan(
         _locate(timeout, hops, 0)
         raise timeout from None
     infos[0].connect_ms = (clock() - started) * 1000
-    trace(f"hop 1/{count}: TCP connected in {infos[0].connect_ms:.1f} ms")
+    if trace is not None:
+        trace(f"hop 1/{count}: TCP connected in {infos[0].connect_ms:.1f} ms")
     carry = b""
     tls = False
     for index, hop in enumerate(hops):
@@ -274,14 +278,14 @@ def _locate(exc: HopcatError, hops: Sequence[ProxyURL], index: int) -> None:
 def _cross_hop(
     hops: Sequence[ProxyURL], info: HopInfo, index: int, host: str, port: int, carry: bytes, *,
     proxy_dns: str, family: int, numeric_only: bool, exact: bool, tls: bool,
-    headers: list[tuple[str, str]] | None, trace: Callable[[str], None],
+    headers: list[tuple[str, str]] | None, trace: Callable[[str], None] | None,
     clock: Callable[[], float],
 ) -> SubPlan:  # fmt: skip
     """Ask hop ``index`` for the next hop (or the target); return the bytes that came after."""
     count = len(hops)
     hop = hops[index]
     prefix = f"hop {index + 1}/{count}"
-    if index:
+    if index and trace is not None:
         trace(f"{prefix}: {hop.label()}" + (f" (from {hop.origin})" if hop.origin else ""))
     last = index + 1 == count
     next_host, next_port = (host, port) if last else (hops[index + 1].host, hops[index + 1].port)
@@ -291,7 +295,8 @@ def _cross_hop(
     if hop.tls:
         info.tls_version = yield from _start_tls(hop, expected)
         info.tls_ms = (clock() - step_started) * 1000
-        trace(f"{prefix}: TLS {info.tls_version} in {info.tls_ms:.1f} ms")
+        if trace is not None:
+            trace(f"{prefix}: TLS {info.tls_version} in {info.tls_ms:.1f} ms")
         step_started = clock()
         expected = None  # the TLS handshake showed the scheme is right
     wire_host = yield from _target_for_hop(
@@ -305,8 +310,12 @@ def _cross_hop(
     if carry:
         machine.receive_data(carry)
 
-    def on_event(description: str) -> None:
-        trace(f"{prefix}: {description} after {(clock() - step_started) * 1000:.1f} ms")
+    on_event: Callable[[str], None] | None = None
+    if trace is not None:
+        tracer = trace
+
+        def on_event(description: str) -> None:
+            tracer(f"{prefix}: {description} after {(clock() - step_started) * 1000:.1f} ms")
 
     try:
         established = yield from _handshake(machine, exact=exact, tls=tls, expected=expected,
@@ -315,14 +324,14 @@ def _cross_hop(
         exc.message = f"{exc.message} for {format_hostport(next_host, next_port)}"
         raise
     info.handshake_ms = (clock() - step_started) * 1000
-    bound = ""
     if established.bound_host is not None:
         info.bound = (established.bound_host, established.bound_port or 0)
-        bound = f", bound {format_hostport(*info.bound)}"
-    trace(
-        f"{prefix}: CONNECT {format_hostport(wire_host, next_port)}: "
-        f"{established.detail}{bound} in {info.handshake_ms:.1f} ms"
-    )
+    if trace is not None:
+        bound = f", bound {format_hostport(*info.bound)}" if info.bound else ""
+        trace(
+            f"{prefix}: CONNECT {format_hostport(wire_host, next_port)}: "
+            f"{established.detail}{bound} in {info.handshake_ms:.1f} ms"
+        )
     return machine.trailing_data
 
 
@@ -356,7 +365,7 @@ def _start_tls(hop: ProxyURL, expected: str | None) -> SubPlan:
 
 def _handshake(
     machine: ClientMachine, *, exact: bool, tls: bool, expected: str | None,
-    on_event: Callable[[str], None],
+    on_event: Callable[[str], None] | None,
 ) -> SubPlan:  # fmt: skip
     """Run ``machine`` to Established over the driver's connection; return that event."""
     answered = False
@@ -384,7 +393,8 @@ def _handshake(
                 continue
             if isinstance(event, Established):
                 return event
-            on_event(event.describe())
+            if on_event is not None:
+                on_event(event.describe())
     except HopcatError:
         raise
     except TimeoutError:
@@ -428,7 +438,7 @@ def _read(
 
 def _target_for_hop(
     hop: ProxyURL, host: str, port: int, proxy_dns: str, family: int, numeric_only: bool,
-    trace: Callable[[str], None],
+    trace: Callable[[str], None] | None,
 ) -> SubPlan:  # fmt: skip
     """The address or name this hop is asked to connect to (``_check_next`` has passed it)."""
     if is_ip_literal(host) or not _resolved_here(hop, proxy_dns):
@@ -439,7 +449,9 @@ def _target_for_hop(
         raise HopcatTimeoutError(f"resolve {host}: timed out") from None
     except ResolveError:
         if proxy_dns == "both" and hop.carries_names:
-            trace(f"resolve {host} locally failed; sending the name to the proxy (--proxy-dns both)")
+            if trace is not None:
+                trace(f"resolve {host} locally failed; sending the name to the proxy "
+                      "(--proxy-dns both)")  # fmt: skip
             return host
         raise
     if not hop.carries_names:
@@ -449,7 +461,8 @@ def _target_for_hop(
                 f"resolve {host}: no IPv4 address, and SOCKS4 carries only IPv4 (use socks4a://)"
             )
     address = str(infos[0][4][0])
-    trace(f"resolved {host} locally: {address}")
+    if trace is not None:
+        trace(f"resolved {host} locally: {address}")
     return address
 
 
