@@ -322,6 +322,7 @@ def open_tunnel(
         opened = open_chain(
             chain.fresh_hops(), host, port, deadline=deadline, family=family, source=source,
             proxy_dns=proxy_dns, exact=True, context=proxy_ssl, headers=list(proxy_headers),
+            delayed_acks=False,
         )  # fmt: skip
         raw, info = opened.sock, opened.hops
     tunnel = Tunnel(_full_socket(raw), info)

@@ -71,7 +71,7 @@ async def connect_socket(
     except BaseException:
         io.close()
         raise
-    return io.hand_over()
+    return io.hand_over(delayed_acks=False)
 
 
 async def create_connection(

@@ -307,12 +307,7 @@ class SocketIO(_IO):
         self.sock: socket.socket | None = None
 
     async def carry_out(self, step: Step) -> object:
-        if isinstance(step, Receive):
-            return await self.receive(step)
-        if isinstance(step, Send):
-            assert self.sock is not None
-            await self.loop.sock_sendall(self.sock, step.data)
-            return None
+        """The steps other than sends and receives, which ``_SocketRunner`` does itself."""
         if isinstance(step, Resolve):
             return await self.lookup(step.host, step.port, step.family)
         if isinstance(step, Probe):
@@ -326,48 +321,21 @@ class SocketIO(_IO):
         self.sock = await self.dial(step)
         return None
 
-    async def receive(self, step: Receive) -> bytes | None:
-        sock = self.sock
-        assert sock is not None
-        set_quickack(sock, 1)  # as the blocking driver does: see hopcat.net.chain
-        if (step.quiet_s or step.peek) and not await _readable(self.loop, sock, step.quiet_s):
-            return None
-        if step.peek:
-            return sock.recv(step.size, socket.MSG_PEEK)
-        return await self.loop.sock_recv(sock, step.size)
-
-    def hand_over(self) -> socket.socket:
-        """The open tunnel's socket, back to delayed ACKs for the bulk data that follows (see
-        ``hopcat.net.chain``); this IO object lets go of it."""
+    def hand_over(self, *, delayed_acks: bool) -> socket.socket:
+        """The open tunnel's socket; this IO object lets go of it. ``delayed_acks``: back to
+        delayed ACKs for a relay (see ``hopcat.net.chain``); False leaves the kernel's choice,
+        better for a caller reading with large reads."""
         sock = self.sock
         assert sock is not None
         self.sock = None
-        set_quickack(sock, 0)
+        if delayed_acks:
+            set_quickack(sock, 0)
         return sock
 
     def close(self) -> None:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-
-
-async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket, quiet_s: float) -> bool:
-    """Wait until ``sock`` is readable: True; or, with ``quiet_s``, False after that long."""
-    ready: asyncio.Future[bool] = loop.create_future()
-    fd = sock.fileno()
-    loop.add_reader(fd, _settle, ready, True)
-    timer = loop.call_later(quiet_s, _settle, ready, False) if quiet_s else None
-    try:
-        return await ready
-    finally:
-        loop.remove_reader(fd)
-        if timer is not None:
-            timer.cancel()
-
-
-def _settle(ready: asyncio.Future[bool], readable: bool) -> None:
-    if not ready.done():
-        ready.set_result(readable)
 
 
 class _Buffering(asyncio.Protocol):

@@ -97,11 +97,15 @@ def open_tunnel(
     trace: Callable[[str], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
     timeout_label: str = "",
+    delayed_acks: bool = True,
 ) -> Tunnel:
     """Connect to host:port through ``hops`` (at least one). Raises HopcatError subclasses.
 
     ``context`` is the TLS context for an https:// hop (default: from ``cafile``/``insecure``);
-    ``headers`` go into every HTTP CONNECT request.
+    ``headers`` go into every HTTP CONNECT request. ``delayed_acks``: put the socket back into
+    delayed-ACK mode for a relay (see the module docstring); False leaves the kernel's own
+    choice, which a caller reading with large recv() calls downloads faster with (measured
+    through Dante: 0.8x python-socks' MB/s with delayed ACKs forced, level without).
     """
     check_chain(hops, proxy_dns)
     if context is None and any(hop.tls for hop in hops):
@@ -120,7 +124,8 @@ def open_tunnel(
     sock = driver.sock
     assert sock is not None
     sock.settimeout(None)
-    set_quickack(sock, 0)
+    if delayed_acks:
+        set_quickack(sock, 0)
     return Tunnel(sock, opened.trailing, opened.tls, opened.hops)
 
 

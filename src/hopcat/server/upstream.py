@@ -161,7 +161,7 @@ class Upstream:
         except BaseException:
             io.close()
             raise
-        return io.hand_over(), opened.trailing
+        return io.hand_over(delayed_acks=True), opened.trailing
 
     def _done(self, task: asyncio.Task[tuple[socket.socket, bytes]]) -> None:
         self.opens.finished(self, task)
