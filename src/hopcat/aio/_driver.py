@@ -25,11 +25,11 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from hopcat._endpoint import is_ip_literal
+from hopcat._endpoint import format_hostport, is_ip_literal
 from hopcat.errors import HopcatError, ResolveError, UsageError
 from hopcat.net import engine
 from hopcat.net.chain import set_quickack
-from hopcat.net.dial import describe_oserror, interleave_families
+from hopcat.net.dial import connect_failed, describe_oserror, interleave_families, sockaddr_text
 from hopcat.net.engine import Dial, Probe, Receive, Resolve, Send, StartTLS
 
 TYPE_CHECKING = False
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     import ssl
     from typing import Any
 
+    from hopcat.aio._dial import Dialer
     from hopcat.net.engine import Opened, Plan, Step
 
 PROBE_ANSWER_BYTES = 16
@@ -102,7 +103,7 @@ class _SocketRunner:
     SOCKS5 open has five or six of them. The other steps (dial, lookup, probe) run as tasks of
     ``io.carry_out``, so a subclass's lookup (``hopcat serve``'s) still applies."""
 
-    __slots__ = ("done", "io", "loop", "plan", "reading", "task", "timer", "unsent")
+    __slots__ = ("dialer", "done", "io", "loop", "plan", "reading", "task", "timer", "unsent")
 
     def __init__(self, plan: Plan, io: SocketIO) -> None:
         self.plan = plan
@@ -113,6 +114,7 @@ class _SocketRunner:
         self.unsent: memoryview | None = None  # bytes waiting for it to be writable
         self.task: asyncio.Task[object] | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.dialer: Dialer | None = None
 
     def advance(self, outcome: object, failure: BaseException | None) -> None:
         """Feed the plan until a step has to wait, or the plan ends."""
@@ -136,12 +138,41 @@ class _SocketRunner:
                     if not self._send(memoryview(step.data)):
                         return
                     outcome = None
+                elif type(step) is Dial and is_ip_literal(step.host):
+                    self._dial(step)
+                    return
                 else:
                     self.task = self.loop.create_task(self.io.carry_out(step))
                     self.task.add_done_callback(self._on_task_done)
                     return
             except (HopcatError, OSError) as exc:
                 failure = exc
+
+    def _dial(self, step: Dial) -> None:
+        """The first hop by address: the loop's Happy Eyeballs in callbacks, no task."""
+        from hopcat.aio._dial import Dialer
+
+        infos = socket.getaddrinfo(step.host, step.port, self.io.family, socket.SOCK_STREAM,
+                                   socket.IPPROTO_TCP, socket.AI_NUMERICHOST)  # fmt: skip
+        candidates = [(info[0], info[4]) for info in interleave_families(infos)]
+        where = format_hostport(step.host, step.port)
+
+        def on_done(sock: socket.socket | None, failures: list[tuple[Any, int]]) -> None:
+            self.dialer = None
+            if sock is None:
+                labelled = [(sockaddr_text(sockaddr), code) for sockaddr, code in failures]
+                self.advance(None, connect_failed(where, labelled))
+                return
+            self.io.sock = sock
+            try:
+                self.io.connected(sock)
+            except OSError as exc:
+                self.advance(None, exc)
+                return
+            self.advance(None, None)
+
+        self.dialer = Dialer(self.loop, candidates, on_done)
+        self.dialer.start()
 
     def _receive(self, step: Receive) -> object:
         sock = self.io.sock
@@ -230,6 +261,9 @@ class _SocketRunner:
         """The open is over (done, failed, timed out or cancelled): no callback may follow.
         Returns the step's task it cancelled, if one was running."""
         self._stop_waiting()
+        if self.dialer is not None:
+            self.dialer.cancel()
+            self.dialer = None
         task, self.task = self.task, None
         if task is not None:
             task.cancel()
@@ -279,8 +313,12 @@ class _IO:
         infos = await self.lookup(step.host, step.port, self.family)
         candidates = [(info[0], info[4]) for info in interleave_families(infos)]
         sock = await dial(candidates, where=f"{step.host}:{step.port}")
-        self.peer = (sock.family, sock.getpeername())
+        self.connected(sock)
         return sock
+
+    def connected(self, sock: socket.socket) -> None:
+        """The first hop answered on ``sock`` (a subclass may tune it)."""
+        self.peer = (sock.family, sock.getpeername())
 
     async def probe(self, data: bytes) -> bytes:
         """The first bytes a second connection to the first hop gets back for ``data``."""

@@ -53,7 +53,6 @@ if TYPE_CHECKING:
     from typing import Any
 
     from hopcat._url import ProxyURL
-    from hopcat.net.engine import Dial
     from hopcat.server.handler import Conn
 
 UPSTREAM_OPENS = 1024
@@ -125,10 +124,9 @@ class ServerIO(SocketIO):
             raise ResolveError(f"resolve {host}: no addresses")
         return found
 
-    async def dial(self, step: Dial) -> socket.socket:
-        sock = await super().dial(step)
+    def connected(self, sock: socket.socket) -> None:
+        super().connected(sock)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
 
 
 class Upstream:
