@@ -129,25 +129,24 @@ def _urllib3_error(conn: Any, error: OSError) -> Exception:
     return urllib3.exceptions.NewConnectionError(conn, str(error))
 
 
-class _HTTPConnection(urllib3.connection.HTTPConnection):
+class _ThroughHopcat:
+    """What both connection classes add to urllib3's: the socket comes from hopcat."""
+
     def __init__(self, *args: Any, hopcat_route: Route, **kwargs: Any) -> None:
         self._route = hopcat_route
         super().__init__(*args, **kwargs)
 
     def _new_conn(self) -> socket.socket:
+        assert isinstance(self, urllib3.connection.HTTPConnection)
         sock: socket.socket = _open(self, self._route)
         return sock
 
 
-class _HTTPSConnection(urllib3.connection.HTTPSConnection):
-    def __init__(self, *args: Any, hopcat_route: Route, **kwargs: Any) -> None:
-        self._route = hopcat_route
-        super().__init__(*args, **kwargs)
+class _HTTPConnection(_ThroughHopcat, urllib3.connection.HTTPConnection):
+    pass
 
-    def _new_conn(self) -> socket.socket:
-        sock: socket.socket = _open(self, self._route)
-        return sock
 
+class _HTTPSConnection(_ThroughHopcat, urllib3.connection.HTTPSConnection):
     def connect(self) -> None:
         if not self._route.tls_hop:
             super().connect()  # urllib3's TLS on the plain socket _new_conn gives it
