@@ -475,3 +475,42 @@ def test_every_entry_point_side_by_side_on_one_loop(
     for thread in threads:
         thread.join(TIMEOUT_S)
     assert not errors, errors
+
+
+@pytest.mark.parametrize("entry", ["create_connection", "aio.open_connection", "aio.connect_socket"])
+def test_target_first_bytes_are_not_held_behind_a_delayed_ack(
+    microsocks_shared: peers.Daemon, banner_server: peers.BannerServer, entry: str
+) -> None:
+    """microsocks writes the target's banner right after its reply, without TCP_NODELAY: Nagle
+    holds the banner until the reply is acknowledged, so every entry point quick-ACKs while it
+    reads the handshake (measured for aio.open_connection: 44 ms to the banner without, 1.7
+    ms with)."""
+    via = microsocks_shared.url_as("socks5h")
+    size = len(banner_server.banner)
+
+    async def aio_open() -> None:
+        if entry == "aio.open_connection":
+            reader, writer = await hopcat.aio.open_connection("127.0.0.1", banner_server.port,
+                                                              via=via)  # fmt: skip
+            await reader.readexactly(size)
+            writer.close()
+            await writer.wait_closed()
+            return
+        sock = await hopcat.aio.connect_socket("127.0.0.1", banner_server.port, via=via)
+        with sock:
+            got = b""
+            while len(got) < size:
+                got += await asyncio.get_running_loop().sock_recv(sock, size - len(got))
+
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        if entry == "create_connection":
+            with hopcat.create_connection(("127.0.0.1", banner_server.port), 10, via=via) as sock:
+                got = b""
+                while len(got) < size:
+                    got += sock.recv(size - len(got))
+        else:
+            asyncio.run(aio_open())
+        best = min(best, time.perf_counter() - started)
+    assert best < 0.02, f"{entry}: {best * 1000:.1f} ms to the banner"
