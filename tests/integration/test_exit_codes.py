@@ -93,6 +93,16 @@ OPTION_CASES: dict[str, tuple[list[str | None], list[str]]] = {
     "-F": ([None], []),
     "--proxy-cacert": (["/nonexistent/ca.pem"], []),
     "--proxy-insecure": ([None], []),
+    # Listen mode (tests/integration/test_listen.py has its own cases): -l on the target's own
+    # port is in use (69); the listen-only flags without -l are usage errors.
+    "-l": ([None], []),
+    "-k": ([], [None]),
+    "-p": ([], ["80"]),
+    "-U": ([None], []),
+    "--allow": ([], ["127.0.0.1"]),
+    "--deny": ([], ["127.0.0.1"]),
+    "--ready-fd": ([], ["2"]),
+    "--ready-file": ([], ["/tmp/hopcat-ready"]),
     "-v": ([None], []),
     "--debug": ([None], []),
     "-h": ([None], []),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from hopcat._ready import write_ready_file
 from hopcat.errors import ProtocolError, UsageError
 from hopcat.proto.http_connect import HttpConnectServer
 from hopcat.proto.socks4 import Socks4Server
@@ -15,7 +16,7 @@ from hopcat.proto.socks5 import Socks5Server
 from hopcat.server.cli import finish, parse_args
 from hopcat.server.log import Logger, redact
 from hopcat.server.policy import parse_auth_file
-from hopcat.server.serve import Server, load_config, write_ready_file
+from hopcat.server.serve import Server, load_config
 from hopcat.server.throttle import FREE_FAILURES, LoginThrottle
 
 SOCKS5_FAILURE = b"\x05\x01\x00\x01" + bytes(6)

@@ -169,6 +169,10 @@ def _run(args: list[str], started: float) -> int:
         return _print(f"hopcat {__version__}\n")
     from hopcat.errors import UsageError
 
+    if options.listen or options.unix:
+        from hopcat.cli._listen import main as listen_main
+
+        return listen_main(options, Timeline(bool(options.verbose), started))
     if len(options.operands) != 2:
         raise UsageError(
             "expected HOST PORT"
@@ -185,8 +189,7 @@ def _connect_and_relay(options: Options, trace: Timeline) -> int:
     from hopcat._environment import fill_users, proxies_from_environment
     from hopcat.cli._args import DEFAULT_CONNECT_TIMEOUT_S
     from hopcat.cli._proxy import fill_passwords, proxies_from_command_line
-    from hopcat.errors import HopcatError, UsageError
-    from hopcat.relay.pump import RelayOptions, relay
+    from hopcat.errors import UsageError
 
     for note in options.notes:
         trace(note)
@@ -258,33 +261,48 @@ def _connect_and_relay(options: Options, trace: Timeline) -> int:
             pass_fd(1, sock.fileno())
             trace("passed the connected socket to ssh (-F); exiting")
             return 0
-        relay_options = RelayOptions(
-            no_shutdown=options.no_shutdown or options.no_stdin,
-            keep_sending=options.keep_sending,
-            quit_after_eof_s=options.quit_after_eof_s,
-            idle_timeout_s=options.idle_timeout_s or None,  # -w 0: no idle timeout
-            read_stdin=not options.no_stdin,
-        )
-        counters = _tcp_counters(sock) if trace.enabled else None
-        try:
-            stats = relay(
-                sock, 0, 1, options=relay_options, initial_down=initial_down,
-                trace=trace if options.verbose else None,
-            )
-        except HopcatError:
-            if counters is not None:
-                _trace_counters_at_error(trace, sock, counters, len(initial_down))
-            raise
-        if trace.enabled:
-            seconds = max(stats.seconds, 1e-9)
-            trace(
-                f"done in {stats.seconds:.3f} s: up {stats.bytes_up} bytes sent "
-                f"({stats.bytes_up / seconds / 1e6:.1f} MB/s, {stats.path_up}), "
-                f"down {stats.bytes_down} bytes received "
-                f"({stats.bytes_down / seconds / 1e6:.1f} MB/s, {stats.path_down})"
-            )
+        relay_connected(sock, options, trace, initial_down=initial_down)
     finally:
         sock.close()
+    return 0
+
+
+def relay_connected(
+    sock: _socket.socket, options: Options, trace: Timeline, *, initial_down: bytes = b"",
+    close_output: bool = True,
+) -> int:
+    """Relay stdin and stdout over the connected ``sock`` (any stream socket) under the
+    end-of-stream rules; 0, or a HopcatError raised. ``close_output``: close stdout at the
+    peer's EOF (not for a listener that serves the next client on the same stdout)."""
+    from hopcat.errors import HopcatError
+    from hopcat.relay.pump import RelayOptions, relay
+
+    relay_options = RelayOptions(
+        no_shutdown=options.no_shutdown or options.no_stdin,
+        keep_sending=options.keep_sending,
+        quit_after_eof_s=options.quit_after_eof_s,
+        idle_timeout_s=options.idle_timeout_s or None,  # -w 0: no idle timeout
+        read_stdin=not options.no_stdin,
+        close_output=close_output,
+    )
+    counters = _tcp_counters(sock) if trace.enabled else None
+    try:
+        stats = relay(
+            sock, 0, 1, options=relay_options, initial_down=initial_down,
+            trace=trace if options.verbose else None,
+        )
+    except HopcatError:
+        if counters is not None:
+            _trace_counters_at_error(trace, sock, counters, len(initial_down))
+        raise
+    if trace.enabled:
+        seconds = max(stats.seconds, 1e-9)
+        trace(
+            f"done in {stats.seconds:.3f} s: up {stats.bytes_up} bytes sent "
+            f"({stats.bytes_up / seconds / 1e6:.1f} MB/s, {stats.path_up}), "
+            f"down {stats.bytes_down} bytes received "
+            f"({stats.bytes_down / seconds / 1e6:.1f} MB/s, {stats.path_down})"
+        )
     return 0
 
 

@@ -76,6 +76,19 @@ OPTION_TABLE: tuple[tuple[str, str, str, str, str], ...] = (
      "pass the connected socket to ssh over stdout and exit (ProxyUseFdpass yes)"),
     ("", "proxy-cacert", "FILE", "proxy_cacert", "CA bundle to verify an https:// proxy's certificate"),
     ("", "proxy-insecure", "", "proxy_insecure", "do not verify an https:// proxy's certificate"),
+    ("l", "listen", "", "listen",
+     "listen: -l [ADDR] PORT (or -p PORT), or -l -U PATH; relay the connection (nc, ncat)"),
+    ("k", "keep-open", "", "keep_open",
+     "with -l: accept the next connection when one ends, one at a time (nc -k)"),
+    ("p", "source-port", "PORT", "source_port", "with -l: the port to listen on (nc's -l -p)"),
+    ("U", "unixsock", "", "unix",
+     "the operand is a Unix socket PATH (@name: abstract): connect, or listen with -l"),
+    ("", "allow", "ADDR[,ADDR]", "allow",
+     "with -l: accept only these clients (addresses or CIDR networks; ncat)"),
+    ("", "deny", "ADDR[,ADDR]", "deny", "with -l: refuse these clients (ncat)"),
+    ("", "ready-fd", "N", "ready_fd", "with -l: write the bound address to fd N, then close it"),
+    ("", "ready-file", "PATH", "ready_file",
+     "with -l: write the bound address to PATH (atomically) once listening"),
     ("v", "verbose", "", "verbose", "timeline on stderr, in ms since start"),
     ("", "debug", "", "debug", "show a traceback on unexpected errors"),
     ("h", "help", "", "help", "show this help and exit"),
@@ -87,6 +100,7 @@ _ROWS.update({f"--{row[1]}": row for row in OPTION_TABLE if row[1]})
 _FLOAT_OPTIONS = frozenset({"connect_timeout_s", "idle_timeout_s", "quit_after_eof_s"})
 _COUNTED = frozenset({"verbose"})
 _LISTS = frozenset({"proxies"})  # (flag as typed, value) pairs, in command-line order
+_REPEATED = frozenset({"allow", "deny"})  # values in command-line order
 
 
 class Options:
@@ -115,6 +129,14 @@ class Options:
     proxy_cacert: str | None
     proxy_insecure: bool
     fdpass: bool
+    listen: bool
+    keep_open: bool
+    source_port: str | None
+    unix: bool
+    allow: list[str]
+    deny: list[str]
+    ready_fd: str | None
+    ready_file: str | None
     verbose: int
     debug: bool
     help: bool
@@ -128,7 +150,7 @@ class Options:
         for _short, _long, metavar, attr, _help in OPTION_TABLE:
             if attr in _COUNTED:
                 setattr(self, attr, 0)
-            elif attr in _LISTS:
+            elif attr in _LISTS or attr in _REPEATED:
                 setattr(self, attr, [])
             else:
                 setattr(self, attr, None if metavar else False)
@@ -176,6 +198,8 @@ def _store(
             setattr(options, attr, True)
     elif attr in _LISTS:
         getattr(options, attr).append((flag, value))
+    elif attr in _REPEATED:
+        getattr(options, attr).append(value)
     elif attr in _FLOAT_OPTIONS:
         setattr(options, attr, _seconds(value, flag))
     else:
@@ -200,6 +224,16 @@ def parse_args(argv: Sequence[str]) -> Options:
         raise UsageError(f"-s takes a local IP address, not {options.source!r}")
     if options.proxy_dns is not None and options.proxy_dns not in PROXY_DNS_POLICIES:
         raise UsageError(f"--proxy-dns takes {', '.join(PROXY_DNS_POLICIES)}")
+    listen_only = [flag for attr, flag in (
+        ("keep_open", "-k"), ("source_port", "-p"), ("allow", "--allow"), ("deny", "--deny"),
+        ("ready_fd", "--ready-fd"), ("ready_file", "--ready-file"),
+    ) if getattr(options, attr)]  # fmt: skip
+    if listen_only and not options.listen:
+        raise UsageError(f"{listen_only[0]} works with -l (listen mode) only")
+    if options.listen and (options.proxies or options.fdpass):
+        raise UsageError("-l listens here: it takes no proxy (-x) and no -F")
+    if options.unix and (options.proxies or options.fdpass or options.source):
+        raise UsageError("-U talks to a local Unix socket: it takes no proxy, -F or -s")
     if options.quit_after_eof_s is not None and options.quit_after_eof_s < 0:
         options.quit_after_eof_s = None  # nc: a negative -q means wait forever
     return options
@@ -241,6 +275,7 @@ def _borrowed_letters(options: Options) -> None:
 def help_text(prog: str = "hopcat") -> str:
     lines = [
         f"usage: {prog} [options] HOST PORT",
+        f"       {prog} -l [options] [ADDR] PORT   |   {prog} [-l] -U PATH",
         f"       {prog} ssh-config [--host PATTERN] [proxy options] | --check HOST",
         "",
         "Open a TCP connection to HOST PORT and relay stdin/stdout over it, built for",

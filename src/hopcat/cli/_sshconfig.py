@@ -80,6 +80,14 @@ _DECIDED_HERE = frozenset({"fdpass", "help"})
 _REFUSED = {
     "no_stdin": "ssh writes everything it sends to the server into the ProxyCommand's stdin",
     "version": "it prints the version and exits, so ssh would get no connection",
+    "listen": "a ProxyCommand connects to %h %p; it cannot wait for a connection instead",
+    "keep_open": "it belongs to listen mode (-l), which a ProxyCommand cannot use",
+    "source_port": "it belongs to listen mode (-l), which a ProxyCommand cannot use",
+    "allow": "it belongs to listen mode (-l), which a ProxyCommand cannot use",
+    "deny": "it belongs to listen mode (-l), which a ProxyCommand cannot use",
+    "ready_fd": "it belongs to listen mode (-l), which a ProxyCommand cannot use",
+    "ready_file": "it belongs to listen mode (-l), which a ProxyCommand cannot use",
+    "unix": "ssh gives the ProxyCommand a host and a port (%h %p), not a socket path",
 }
 
 # Needs no quoting for the shell nor for ssh's argv_split (% is escaped separately).
@@ -141,7 +149,7 @@ def _carried_options(options: Options) -> list[str]:
     for row in OPTION_TABLE:
         attr, metavar = row[3], row[2]
         value = getattr(options, attr)
-        if value is None or value is False or (type(value) is int and value == 0):
+        if value is None or value is False or value == [] or (type(value) is int and value == 0):
             continue  # not given (0 is an unused counter: 0.0 seconds is a value)
         if attr in _FOLDED_INTO_URLS or attr in _DECIDED_HERE:
             continue

@@ -58,6 +58,7 @@ import socket
 import threading
 
 from hopcat._endpoint import format_hostport
+from hopcat._ready import announce_ready
 from hopcat.errors import ExitCode, HopcatError, UsageError
 from hopcat.server.handler import CONNECTING, Conn
 from hopcat.server.ifaddrs import host_addresses
@@ -738,42 +739,7 @@ def new_event_loop(choice: str) -> tuple[asyncio.AbstractEventLoop, str]:
 
 def report_ready(options: ServeOptions, addresses: list[str]) -> None:
     """Tell whoever started us where we listen: --ready-fd (then closed), --ready-file (atomic)."""
-    text = "".join(f"{address}\n" for address in addresses).encode()
-    if options.ready_fd is not None:
-        try:
-            os.write(options.ready_fd, text)
-        finally:
-            os.close(options.ready_fd)
-    if options.ready_file is not None:
-        write_ready_file(options.ready_file, text)
-
-
-def write_ready_file(path: str, text: bytes) -> None:
-    """Write ``path`` so that a waiter never reads it half-written and a local attacker cannot
-    aim it elsewhere: a fresh temporary name in the same directory, created with O_EXCL and
-    O_NOFOLLOW (a symlink planted there is refused, never followed), then renamed over ``path``
-    (rename replaces a symlink at ``path`` itself; it does not follow it)."""
-    import secrets
-
-    from hopcat.relay.pump import write_all
-
-    directory, name = os.path.split(path)
-    temporary = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(temporary, flags, 0o644)
-    except OSError as exc:
-        raise ServeError(f"--ready-file {path}: {os.strerror(exc.errno or 0).lower()}") from None
-    try:
-        write_all(fd, text)
-        os.close(fd)
-        fd = -1
-        os.replace(temporary, path)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        os.unlink(temporary)
-        raise
+    announce_ready(addresses, ready_fd=options.ready_fd, ready_file=options.ready_file)
 
 
 def run(options: ServeOptions, *, resolver: Resolver = getaddrinfo) -> int:

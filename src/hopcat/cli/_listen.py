@@ -1,0 +1,338 @@
+"""Listen mode (``hopcat -l``) and Unix sockets (``-U``): the other half of a netcat.
+
+``hopcat -l [ADDR] PORT`` (or nc's ``-l -p PORT [-s ADDR]``) accepts one connection and relays
+it with stdin and stdout under the connect mode's end-of-stream rules (``hopcat.relay.pump``),
+then exits with the relay's outcome. ``-k`` accepts the next connection when one ends, one at a
+time as nc does; stdout stays open between them, and a connection that fails is reported and
+does not end the listener. Without ADDR the listener takes every address, IPv6 and IPv4 on one
+dual-stack socket where the system has IPv6 (``-4``: IPv4 only, ``-6``: IPv6 only).
+
+ncat's ``--allow``/``--deny`` (addresses or CIDR networks, comma-separated, repeatable) are the
+server's client rules (``hopcat.server.policy``): a denied client is closed at once and the
+listener goes on waiting; with any ``--allow``, clients it does not name are denied.
+
+Unix sockets: ``-U PATH`` connects to a stream socket, ``-l -U PATH`` listens on one; ``@name``
+is a Linux abstract name. A listener creates its socket file and removes it when it ends, unless
+another file has replaced it meanwhile. A socket file already at PATH is never unlinked: a
+program still listening there is "in use", one nobody listens on is "stale" (remove it by hand),
+anything else is "not a socket". Each is one line and exit 69.
+
+``-v`` says where hopcat listens and who connected; ``--ready-fd``/``--ready-file`` announce the
+bound address as ``hopcat serve`` does (``hopcat._ready``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+
+from hopcat._endpoint import format_hostport, parse_port, validate_host
+from hopcat.errors import ExitCode, HopcatError, UsageError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from hopcat.cli import Timeline
+    from hopcat.cli._args import Options
+    from hopcat.server.policy import Policy
+
+    Relay = Callable[[socket.socket], int]
+
+BACKLOG = 16
+_RESOURCE_ERRNOS = ("EMFILE", "ENFILE", "ENOBUFS", "ENOMEM")
+
+
+class ListenError(HopcatError):
+    """The listener could not be set up: the address is in use, not ours, or a stale socket."""
+
+    exit_code = ExitCode.UNAVAILABLE
+
+
+# ------------------------------------------------------------------------------ listening sockets
+def listening_socket(options: Options) -> tuple[socket.socket, str, str | None]:
+    """The listener, how -v names it, and the Unix socket file it created (None: none)."""
+    operands = list(options.operands)
+    if options.unix:
+        if len(operands) != 1 or options.source_port is not None:
+            raise UsageError("-l -U takes one operand, the socket's PATH (@name: abstract)")
+        return _unix_listener(operands[0])
+    address = options.source
+    if options.source_port is not None:
+        if len(operands) > 1 or (operands and address is not None):
+            raise UsageError("-l -p PORT takes no operand, or only the address to listen on")
+        if operands:
+            address = operands[0]
+        port_text = options.source_port
+    elif len(operands) == 2 and address is None:
+        address, port_text = operands
+    elif len(operands) == 1:
+        port_text = operands[0]
+    else:
+        raise UsageError("-l takes [ADDR] PORT (or nc's -p PORT, with -s ADDR)")
+    port = parse_port(port_text, what="port", allow_zero=True)
+    if address is not None:
+        address = validate_host(address, what="listen address")
+    return _tcp_listener(address, port, options), "", None
+
+
+def _tcp_listener(address: str | None, port: int, options: Options) -> socket.socket:
+    family = socket.AF_INET if options.ipv4_only else socket.AF_INET6 if options.ipv6_only else 0
+    if address is None:
+        if family != socket.AF_INET:
+            try:
+                return _bind_tcp(socket.AF_INET6, ("::", port), v6only=family == socket.AF_INET6)
+            except OSError as exc:
+                if family == socket.AF_INET6 or exc.errno is None:
+                    raise _listen_error(f"[::]:{port}", exc) from None
+                # No IPv6 here (EAFNOSUPPORT, EADDRNOTAVAIL): IPv4 alone.
+        try:
+            return _bind_tcp(socket.AF_INET, ("0.0.0.0", port))
+        except OSError as exc:
+            raise _listen_error(f"0.0.0.0:{port}", exc) from None
+    flags = socket.AI_PASSIVE | (socket.AI_NUMERICHOST if options.numeric else 0)
+    try:
+        infos = socket.getaddrinfo(address, port, family, socket.SOCK_STREAM, 0, flags)
+    except socket.gaierror as exc:
+        from hopcat.errors import ResolveError
+        from hopcat.net.dial import describe_oserror
+
+        raise ResolveError(f"listen address {address}: {describe_oserror(exc)}") from None
+    info = infos[0]
+    try:
+        return _bind_tcp(info[0], info[4], v6only=True)
+    except OSError as exc:
+        raise _listen_error(format_hostport(address, port), exc) from None
+
+
+def _bind_tcp(family: int, sockaddr: tuple[object, ...], *, v6only: bool = False) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+        sock.bind(sockaddr)
+        sock.listen(BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _listen_error(where: str, exc: OSError) -> ListenError:
+    from hopcat.net.dial import describe_oserror
+
+    return ListenError(f"listen on {where}: {describe_oserror(exc)}")
+
+
+def unix_address(path: str) -> str | bytes:
+    """A Unix socket address: ``@name`` is Linux's abstract namespace (a leading NUL byte)."""
+    if not path or path == "@":
+        raise UsageError("-U needs a socket path (or @name for an abstract one)")
+    if "\0" in path:
+        raise UsageError("-U: a socket path cannot contain a NUL byte")
+    return b"\0" + path[1:].encode() if path.startswith("@") else path
+
+
+def _unix_listener(path: str) -> tuple[socket.socket, str, str | None]:
+    address = unix_address(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ListenError(_occupied(path)) from None
+            raise _listen_error(path, exc) from None
+        sock.listen(BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock, path, None if isinstance(address, bytes) else path
+
+
+def _occupied(path: str) -> str:
+    """Why PATH cannot be bound, without touching what is there."""
+    import stat
+
+    if path.startswith("@"):
+        return f"listen on {path}: the abstract name is in use"
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return f"listen on {path}: address in use"
+    if not stat.S_ISSOCK(mode):
+        return f"listen on {path}: the path exists and is not a socket"
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        return (
+            f"listen on {path}: a stale socket file (nothing listens on it); "
+            "remove it if it is yours"
+        )
+    finally:
+        probe.close()
+    return f"listen on {path}: in use by another program"
+
+
+# ------------------------------------------------------------------------------ accepting
+def client_policy(options: Options) -> Policy | None:
+    """ncat's --allow/--deny as the server's client rules; None when there are none."""
+    if not options.allow and not options.deny:
+        return None
+    if options.unix:
+        raise UsageError("--allow/--deny name network clients; a Unix socket has none (-U)")
+    from hopcat.server.policy import Policy, RuleSet, parse_client_rule
+
+    rules = []
+    for flag, allow, texts in (("--deny", False, options.deny), ("--allow", True, options.allow)):
+        for text in texts:
+            for item in text.split(","):
+                if not item.strip():
+                    raise UsageError(f"{flag} {text!r}: an empty item")
+                rules.append(parse_client_rule(item.strip(), allow))
+    if options.allow:
+        rules.append(parse_client_rule("*", False))
+    return Policy(RuleSet(rules), restrict_local=False)
+
+
+def serve_connections(
+    listener: socket.socket, options: Options, trace: Callable[[str], None], relay: Relay,
+    policy: Policy | None,
+) -> int:
+    """Accept and relay, once or (-k) until a signal; the last relay's exit code."""
+    code = 0
+    while True:
+        conn, peer = _accept(listener, trace)
+        who = _describe_peer(peer)
+        if (
+            policy is not None and isinstance(peer, tuple)
+            and not policy.client_allowed(_unmapped_host(str(peer[0])))
+        ):  # fmt: skip
+            trace(f"refused {who} (--allow/--deny)")
+            conn.close()
+            continue
+        trace(f"connection from {who}")
+        try:
+            code = relay(conn)
+        except HopcatError as exc:
+            if not options.keep_open:
+                raise
+            from hopcat.cli import _fail
+
+            code = _fail(f"{who}: {exc}", exc.exit_code)
+        finally:
+            conn.close()
+        if not options.keep_open:
+            return code
+
+
+def _accept(listener: socket.socket, trace: Callable[[str], None]) -> tuple[socket.socket, object]:
+    import time
+
+    pause_s = 0.05
+    while True:
+        try:
+            return listener.accept()
+        except OSError as exc:
+            name = errno.errorcode.get(exc.errno or 0, "")
+            if name in _RESOURCE_ERRNOS:
+                trace(f"accept: {os.strerror(exc.errno or 0).lower()}; retrying in {pause_s:g} s")
+                time.sleep(pause_s)
+                pause_s = min(pause_s * 2, 2.0)
+            elif name not in ("ECONNABORTED", "EPERM", "EPROTO"):
+                raise _listen_error("the listener", exc) from None
+
+
+def _describe_peer(peer: object) -> str:
+    if isinstance(peer, tuple):
+        return format_hostport(_unmapped_host(str(peer[0])), int(peer[1]))
+    return "a local process" if not peer else f"{peer!r}"
+
+
+def _unmapped_host(host: str) -> str:
+    # A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d; rules and people mean a.b.c.d.
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
+def bound_name(listener: socket.socket, unix_path: str) -> str:
+    if listener.family == socket.AF_UNIX:
+        return unix_path
+    host, port = listener.getsockname()[:2]
+    return format_hostport(str(host), int(port))
+
+
+def remove_socket_file(path: str, inode: int) -> None:
+    """Unlink the socket file we created, unless another file has taken its place."""
+    try:
+        if os.lstat(path).st_ino == inode:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+# ------------------------------------------------------------------------------ the mode
+def main(options: Options, trace: Timeline) -> int:
+    """``-l`` (TCP or, with -U, a Unix socket) or ``-U PATH`` to connect."""
+    from hopcat.cli import relay_connected
+
+    for note in options.notes:
+        trace(note)
+    if not options.listen:
+        return _connect_unix(options, trace)
+    ready_fd = _ready_fd(options.ready_fd)
+    policy = client_policy(options)
+    listener, unix_path, created = listening_socket(options)
+    inode = os.lstat(created).st_ino if created else 0
+    try:
+        name = bound_name(listener, unix_path)
+        trace(f"listening on {name}")
+        if ready_fd is not None or options.ready_file is not None:
+            from hopcat._ready import announce_ready
+
+            announce_ready([name], ready_fd=ready_fd, ready_file=options.ready_file)
+
+        def relay(conn: socket.socket) -> int:
+            return relay_connected(conn, options, trace, close_output=not options.keep_open)
+
+        return serve_connections(listener, options, trace, relay, policy)
+    finally:
+        listener.close()
+        if created:
+            remove_socket_file(created, inode)
+
+
+def _ready_fd(text: str | None) -> int | None:
+    if text is None:
+        return None
+    if not (text.isdigit() and text.isascii()):
+        raise UsageError(f"--ready-fd takes a descriptor number, not {text!r}")
+    fd = int(text)
+    try:
+        os.fstat(fd)
+    except OSError:
+        raise UsageError(f"--ready-fd {fd}: not an open descriptor") from None
+    return fd
+
+
+def _connect_unix(options: Options, trace: Timeline) -> int:
+    from hopcat.cli import relay_connected
+    from hopcat.errors import ConnectError
+    from hopcat.net.dial import describe_oserror
+
+    if len(options.operands) != 1:
+        raise UsageError("-U takes one operand, the socket's PATH (@name: abstract)")
+    path = options.operands[0]
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            sock.connect(unix_address(path))
+        except OSError as exc:
+            raise ConnectError(f"connect to {path}: {describe_oserror(exc)}",
+                               errno=exc.errno) from None  # fmt: skip
+        trace(f"connected to {path}")
+        return relay_connected(sock, options, trace)
+    finally:
+        sock.close()
