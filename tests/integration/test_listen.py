@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import peers
 import pytest
 
 from support import HOPCAT, clean_env, pattern, run_hopcat, sha256
@@ -340,3 +341,102 @@ def test_unix_socket_files_are_never_unlinked_for_us(tmp_path: Path) -> None:
     result = run_hopcat("-l", "-U", str(plain))
     assert result.returncode == 69 and b"exists and is not a socket" in result.stderr
     assert plain.read_text() == "not a socket"
+
+
+# ------------------------------------------------------------------------------ exec
+@pytest.mark.parametrize("client", ["nc.openbsd", "ncat"])
+def test_sh_exec_cat_echoes_for_real_clients(
+    listen: Callable[..., Listener], need: Callable[..., str], client: str
+) -> None:
+    up = pattern(1 << 20, 8)
+    listener = listen("127.0.0.1", "0", "--sh-exec", "cat", stdin=False)
+    result = subprocess.run(client_argv(client, need, "127.0.0.1", listener.port), input=up,
+                            capture_output=True, timeout=RUN_TIMEOUT_S)  # fmt: skip
+    assert listener.wait() == 0
+    assert sha256(result.stdout) == sha256(up)
+
+
+def test_keep_open_gives_each_of_twenty_concurrent_clients_its_own_child(
+    listen: Callable[..., Listener],
+) -> None:
+    listener = listen("-k", "127.0.0.1", "0", "--sh-exec", 'echo "pid $$"; cat', stdin=False)
+    clients = [socket.create_connection(("127.0.0.1", listener.port), timeout=10)
+               for _ in range(20)]  # fmt: skip
+    try:
+        pids = set()
+        for index, conn in enumerate(clients):  # all twenty connected before any finishes
+            conn.sendall(f"client {index}\n".encode())
+            conn.shutdown(socket.SHUT_WR)
+        for index, conn in enumerate(clients):
+            got = b""
+            while chunk := conn.recv(4096):
+                got += chunk
+            first, second = got.decode().splitlines()
+            assert second == f"client {index}"
+            pids.add(first)
+        assert len(pids) == 20
+    finally:
+        for conn in clients:
+            conn.close()
+
+
+def test_max_conns_bounds_the_children(listen: Callable[..., Listener]) -> None:
+    listener = listen("-k", "--max-conns", "2", "127.0.0.1", "0", "--sh-exec", "cat", stdin=False)
+    first, second, third = (socket.create_connection(("127.0.0.1", listener.port), timeout=10)
+                            for _ in range(3))  # fmt: skip
+    try:
+        for conn in (first, second, third):
+            conn.sendall(b"x")
+        assert first.recv(1) == b"x" and second.recv(1) == b"x"
+        third.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            third.recv(1)  # in the backlog: no child until one of the two ends
+        first.shutdown(socket.SHUT_WR)
+        assert first.recv(1) == b""
+        third.settimeout(10)
+        assert third.recv(1) == b"x"
+    finally:
+        for conn in (first, second, third):
+            conn.close()
+
+
+def test_exec_exit_status_is_hopcats(listen: Callable[..., Listener]) -> None:
+    listener = listen("127.0.0.1", "0", "--sh-exec", "exit 3", stdin=False)
+    socket.create_connection(("127.0.0.1", listener.port), timeout=10).close()
+    assert listener.wait() == 3
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        proc = subprocess.Popen([*HOPCAT, "--sh-exec", "kill -TERM $$", "127.0.0.1",
+                                 str(server.getsockname()[1])], env=clean_env())  # fmt: skip
+        conn, _ = server.accept()
+        conn.close()
+        assert proc.wait(RUN_TIMEOUT_S) == 128 + 15
+
+
+def test_exec_through_a_proxy_gets_the_targets_first_byte(
+    danted: peers.Daemon, banner_server: peers.BannerServer
+) -> None:
+    """The tunnel is read exactly, so the program reads the banner that came with the reply."""
+    url = danted.url_as("socks5h")
+    banner = banner_server.banner
+    port = str(banner_server.port)
+    result = run_hopcat("-x", url, "--exec", f"head -c {len(banner)}", "127.0.0.1", port)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b""  # the program's stdout is the socket, not ours
+    result = run_hopcat("-x", url, "--sh-exec", f"head -c {len(banner)} >&2", "127.0.0.1", port)
+    assert result.returncode == 0 and result.stderr == banner
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-e", "no-such-program-here", "127.0.0.1", "1"], "command not found"),
+        (["-e", "true", "--sh-exec", "true", "127.0.0.1", "1"], "exclude each other"),
+        (["-F", "-e", "true", "127.0.0.1", "1"], "pick one"),
+        (["-l", "--max-conns", "2", "1"], "--max-conns bounds the children"),
+        (["-l", "-k", "--max-conns", "0", "-e", "true", "1"], "--max-conns takes"),
+    ],
+)
+def test_bad_exec_arguments_are_usage_errors(args: list[str], message: str) -> None:
+    result = run_hopcat(*args)
+    assert result.returncode == 64, result.stderr
+    assert message in result.stderr.decode() and result.stderr.count(b"\n") == 1

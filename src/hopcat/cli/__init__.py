@@ -214,6 +214,18 @@ def _connect_and_relay(options: Options, trace: Timeline) -> int:
     for note in fill_users(hops, os.environ):
         trace(note)
     fill_passwords(hops, os.environ)
+    exec_argv = None
+    if options.exec_cmd is not None or options.sh_exec is not None:
+        from hopcat.cli._exec import command_argv
+
+        exec_argv = command_argv(options)
+        if options.fdpass:
+            raise UsageError("-F hands the socket to ssh; --exec hands it to a program: pick one")
+        if any(hop.tls for hop in hops):
+            raise UsageError(
+                "--exec: an https:// proxy keeps the TLS session inside hopcat, so its socket "
+                "cannot be handed to a program"
+            )
     if options.fdpass:
         from hopcat.net.fdpass import check_channel
 
@@ -235,7 +247,7 @@ def _connect_and_relay(options: Options, trace: Timeline) -> int:
             proxy_dns=options.proxy_dns or "remote", numeric_only=options.numeric,
             cafile=options.proxy_cacert,
             insecure=options.proxy_insecure, trace=trace, timeout_label=timeout_label,
-            exact=options.fdpass,
+            exact=options.fdpass or exec_argv is not None,
         )
         sock, initial_down = tunnel.sock, tunnel.trailing
     else:
@@ -261,6 +273,10 @@ def _connect_and_relay(options: Options, trace: Timeline) -> int:
             pass_fd(1, sock.fileno())
             trace("passed the connected socket to ssh (-F); exiting")
             return 0
+        if exec_argv is not None:
+            from hopcat.cli._exec import run_child
+
+            return run_child(exec_argv, sock)
         relay_connected(sock, options, trace, initial_down=initial_down)
     finally:
         sock.close()

@@ -86,6 +86,11 @@ OPTION_TABLE: tuple[tuple[str, str, str, str, str], ...] = (
     ("", "allow", "ADDR[,ADDR]", "allow",
      "with -l: accept only these clients (addresses or CIDR networks; ncat)"),
     ("", "deny", "ADDR[,ADDR]", "deny", "with -l: refuse these clients (ncat)"),
+    ("e", "exec", "CMD", "exec_cmd",
+     "run CMD (split on blanks, no shell) with the connection as its stdin and stdout (ncat)"),
+    ("", "sh-exec", "CMD", "sh_exec", "the same through /bin/sh -c CMD (ncat)"),
+    ("", "max-conns", "N", "max_conns",
+     "with -l -k and an exec: children at once (default 100, ncat's)"),
     ("", "ready-fd", "N", "ready_fd", "with -l: write the bound address to fd N, then close it"),
     ("", "ready-file", "PATH", "ready_file",
      "with -l: write the bound address to PATH (atomically) once listening"),
@@ -137,6 +142,9 @@ class Options:
     deny: list[str]
     ready_fd: str | None
     ready_file: str | None
+    exec_cmd: str | None
+    sh_exec: str | None
+    max_conns: str | None
     verbose: int
     debug: bool
     help: bool
@@ -226,7 +234,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         raise UsageError(f"--proxy-dns takes {', '.join(PROXY_DNS_POLICIES)}")
     listen_only = [flag for attr, flag in (
         ("keep_open", "-k"), ("source_port", "-p"), ("allow", "--allow"), ("deny", "--deny"),
-        ("ready_fd", "--ready-fd"), ("ready_file", "--ready-file"),
+        ("ready_fd", "--ready-fd"), ("ready_file", "--ready-file"), ("max_conns", "--max-conns"),
     ) if getattr(options, attr)]  # fmt: skip
     if listen_only and not options.listen:
         raise UsageError(f"{listen_only[0]} works with -l (listen mode) only")

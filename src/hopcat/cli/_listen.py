@@ -207,10 +207,7 @@ def serve_connections(
     while True:
         conn, peer = _accept(listener, trace)
         who = _describe_peer(peer)
-        if (
-            policy is not None and isinstance(peer, tuple)
-            and not policy.client_allowed(_unmapped_host(str(peer[0])))
-        ):  # fmt: skip
+        if not _allowed(policy, peer):
             trace(f"refused {who} (--allow/--deny)")
             conn.close()
             continue
@@ -227,6 +224,58 @@ def serve_connections(
             conn.close()
         if not options.keep_open:
             return code
+
+
+def serve_children(
+    listener: socket.socket, argv: list[str], limit: int, policy: Policy | None,
+    trace: Callable[[str], None],
+) -> None:
+    """``-l -k`` with exec: a child per connection, at most ``limit`` at once, until a signal.
+    Children are watched with pidfds in the listener's poll (no SIGCHLD handler, no busy loop);
+    at the limit the listener is left unread, so clients wait in the backlog."""
+    import select
+
+    from hopcat.cli._exec import exit_status, spawn
+
+    children: dict[int, int] = {}  # pidfd -> pid
+    poller = select.poll()
+    listening = False
+    try:
+        while True:
+            if len(children) < limit and not listening:
+                poller.register(listener.fileno(), select.POLLIN)
+                listening = True
+            elif len(children) >= limit and listening:
+                poller.unregister(listener.fileno())
+                listening = False
+            for fd, _events in poller.poll():
+                if fd != listener.fileno():
+                    pid = children.pop(fd)
+                    poller.unregister(fd)
+                    os.close(fd)
+                    _pid, status = os.waitpid(pid, 0)
+                    trace(f"pid {pid} exited with status {exit_status(status)}")
+                    continue
+                conn, peer = _accept(listener, trace)
+                with conn:
+                    who = _describe_peer(peer)
+                    if not _allowed(policy, peer):
+                        trace(f"refused {who} (--allow/--deny)")
+                        continue
+                    pid = spawn(argv, conn)
+                pidfd = os.pidfd_open(pid)
+                children[pidfd] = pid
+                poller.register(pidfd, select.POLLIN)
+                trace(f"connection from {who}: {argv[0]} is pid {pid}")
+    finally:
+        for pidfd in children:
+            os.close(pidfd)
+
+
+def _allowed(policy: Policy | None, peer: object) -> bool:
+    if policy is None or not isinstance(peer, tuple):
+        return True
+    return policy.client_allowed(_unmapped_host(str(peer[0])))
 
 
 def _accept(listener: socket.socket, trace: Callable[[str], None]) -> tuple[socket.socket, object]:
@@ -284,6 +333,14 @@ def main(options: Options, trace: Timeline) -> int:
         return _connect_unix(options, trace)
     ready_fd = _ready_fd(options.ready_fd)
     policy = client_policy(options)
+    argv = _exec_argv(options)
+    limit = 0
+    if argv is not None:
+        from hopcat.cli._exec import max_conns
+
+        limit = max_conns(options)
+    elif options.max_conns is not None:
+        raise UsageError("--max-conns bounds the children of -k with --exec/--sh-exec")
     listener, unix_path, created = listening_socket(options)
     inode = os.lstat(created).st_ino if created else 0
     try:
@@ -294,14 +351,33 @@ def main(options: Options, trace: Timeline) -> int:
 
             announce_ready([name], ready_fd=ready_fd, ready_file=options.ready_file)
 
-        def relay(conn: socket.socket) -> int:
-            return relay_connected(conn, options, trace, close_output=not options.keep_open)
+        if argv is not None and options.keep_open:
+            serve_children(listener, argv, limit, policy, trace)
+        if argv is not None:
+            command = argv
+
+            def relay(conn: socket.socket) -> int:
+                from hopcat.cli._exec import run_child
+
+                return run_child(command, conn)
+        else:
+
+            def relay(conn: socket.socket) -> int:
+                return relay_connected(conn, options, trace, close_output=not options.keep_open)
 
         return serve_connections(listener, options, trace, relay, policy)
     finally:
         listener.close()
         if created:
             remove_socket_file(created, inode)
+
+
+def _exec_argv(options: Options) -> list[str] | None:
+    if options.exec_cmd is None and options.sh_exec is None:
+        return None
+    from hopcat.cli._exec import command_argv
+
+    return command_argv(options)
 
 
 def _ready_fd(text: str | None) -> int | None:
@@ -325,6 +401,7 @@ def _connect_unix(options: Options, trace: Timeline) -> int:
     if len(options.operands) != 1:
         raise UsageError("-U takes one operand, the socket's PATH (@name: abstract)")
     path = options.operands[0]
+    argv = _exec_argv(options)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         try:
@@ -333,6 +410,10 @@ def _connect_unix(options: Options, trace: Timeline) -> int:
             raise ConnectError(f"connect to {path}: {describe_oserror(exc)}",
                                errno=exc.errno) from None  # fmt: skip
         trace(f"connected to {path}")
+        if argv is not None:
+            from hopcat.cli._exec import run_child
+
+            return run_child(argv, sock)
         return relay_connected(sock, options, trace)
     finally:
         sock.close()

@@ -88,6 +88,9 @@ _REFUSED = {
     "ready_fd": "it belongs to listen mode (-l), which a ProxyCommand cannot use",
     "ready_file": "it belongs to listen mode (-l), which a ProxyCommand cannot use",
     "unix": "ssh gives the ProxyCommand a host and a port (%h %p), not a socket path",
+    "exec_cmd": "ssh talks to the ProxyCommand's stdin and stdout, which a program would take",
+    "sh_exec": "ssh talks to the ProxyCommand's stdin and stdout, which a program would take",
+    "max_conns": "it belongs to listen mode (-l), which a ProxyCommand cannot use",
 }
 
 # Needs no quoting for the shell nor for ssh's argv_split (% is escaped separately).

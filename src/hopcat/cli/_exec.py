@@ -1,0 +1,103 @@
+"""Exec (``-e CMD``/``--exec CMD``, ``--sh-exec CMD``, ncat's names): the connection becomes a
+program's stdin and stdout.
+
+The connected socket itself is the child's descriptors 0 and 1 (no relay process in between, so
+the program sees a socket: it can half-close it, set options on it, pass it on); stderr stays
+hopcat's. ``--exec`` splits CMD on blanks and runs it without a shell, as ncat does;
+``--sh-exec`` runs ``/bin/sh -c CMD``. hopcat waits for the child and exits with its status
+(128 + N when signal N ended it).
+
+In connect mode the tunnel is opened with exact reads, as for ``-F``, so no byte of the target's
+is read by hopcat; an https:// hop is refused (its TLS session cannot be handed to a program).
+In listen mode, without ``-k`` one connection gets one child and hopcat exits with its status;
+with ``-k`` every connection gets its own child at once, at most ``--max-conns`` of them
+(default 100, ncat's); at the limit the listener is not read, so further clients wait in the
+backlog. Children are watched with pidfds in the same poll as the listener: no SIGCHLD handler,
+no busy loop, and hopcat never blocks on one child while another is done.
+"""
+
+from __future__ import annotations
+
+import os
+
+from hopcat.errors import UsageError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import _socket
+
+    from hopcat.cli._args import Options
+
+DEFAULT_MAX_CONNS = 100
+
+
+def command_argv(options: Options) -> list[str]:
+    if options.exec_cmd is not None and options.sh_exec is not None:
+        raise UsageError("--exec and --sh-exec exclude each other")
+    if options.sh_exec is not None:
+        if not options.sh_exec.strip():
+            raise UsageError("--sh-exec needs a command")
+        return ["/bin/sh", "-c", options.sh_exec]
+    assert options.exec_cmd is not None
+    argv = options.exec_cmd.split()
+    if not argv:
+        raise UsageError("-e/--exec needs a command")
+    _check_runnable(argv[0])
+    return argv
+
+
+def _check_runnable(program: str) -> None:
+    """Refuse a program that cannot start before anything is dialled or bound."""
+    import shutil
+
+    if "/" in program:
+        if not (os.path.isfile(program) and os.access(program, os.X_OK)):
+            raise UsageError(f"-e/--exec {program}: not an executable file")
+    elif shutil.which(program) is None:
+        raise UsageError(f"-e/--exec {program}: command not found in PATH")
+
+
+def max_conns(options: Options) -> int:
+    if options.max_conns is None:
+        return DEFAULT_MAX_CONNS
+    text = options.max_conns
+    if not (text.isdigit() and text.isascii()) or int(text) < 1:
+        raise UsageError(f"--max-conns takes a number of connections (1 or more), not {text!r}")
+    return int(text)
+
+
+def spawn(argv: list[str], conn: _socket.socket) -> int:
+    """Start ``argv`` with ``conn`` as its stdin and stdout; its pid."""
+    conn.setblocking(True)
+    fd = conn.fileno()
+    try:
+        return os.posix_spawnp(argv[0], argv, dict(os.environ),
+                               file_actions=[(os.POSIX_SPAWN_DUP2, fd, 0),
+                                             (os.POSIX_SPAWN_DUP2, fd, 1)])  # fmt: skip
+    except OSError as exc:
+        from hopcat.net.dial import describe_oserror
+
+        raise ExecError(f"cannot run {argv[0]}: {describe_oserror(exc)}") from None
+
+
+def exit_status(status: int) -> int:
+    """A child's wait status as a shell reports it."""
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
+def run_child(argv: list[str], conn: _socket.socket) -> int:
+    """One connection, one child; the child's exit status once it ends."""
+    pid = spawn(argv, conn)
+    conn.close()  # the child holds it now: its close is the peer's EOF
+    while True:
+        try:
+            _pid, status = os.waitpid(pid, 0)
+        except InterruptedError:
+            continue
+        return exit_status(status)
+
+
+class ExecError(UsageError):
+    """The program could not be started."""
