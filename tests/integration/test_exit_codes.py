@@ -94,10 +94,16 @@ OPTION_CASES: dict[str, tuple[list[str | None], list[str]]] = {
     "--proxy-cacert": (["/nonexistent/ca.pem"], []),
     "--proxy-insecure": ([None], []),
     # Listen mode (tests/integration/test_listen.py has its own cases): -l on the target's own
-    # port is in use (69); the listen-only flags without -l are usage errors.
+    # port is in use (69); the listen-only flags without -l are usage errors. The socket
+    # options' effects are checked in test_socket_options.py.
     "-l": ([None], []),
     "-k": ([], [None]),
-    "-p": ([], ["80"]),
+    "-p": ([], ["0", "70000", "x"]),
+    "-I": (["65536"], ["0", "x", "2000000000"]),
+    "-O": (["65536"], ["-1"]),
+    "-T": (["lowdelay", "ef", "0x10", "184"], ["bogus", "256", "0x100"]),
+    "-M": (["1", "255"], ["0", "256", "x"]),
+    "-D": ([None], []),
     "-U": ([None], []),
     "--allow": ([], ["127.0.0.1"]),
     "--deny": ([], ["127.0.0.1"]),

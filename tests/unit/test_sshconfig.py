@@ -23,6 +23,7 @@ from hopcat.errors import UsageError
 SAMPLES = {
     "source": "127.0.0.1", "connect_timeout_s": "0", "idle_timeout_s": "86400.25",
     "quit_after_eof_s": "1.5", "proxy_dns": "local", "proxy_cacert": "/etc/my ca's/b%5C.pem",
+    "recv_buf": "262144", "send_buf": "131072", "tos": "lowdelay", "ttl": "64",
 }
 
 

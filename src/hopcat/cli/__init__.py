@@ -237,6 +237,14 @@ def _connect_and_relay(options: Options, trace: Timeline) -> int:
             )
     timeout_label = f"after {timeout_s:g} s"
     initial_down = b""
+    source_port = 0
+    if options.source_port is not None:
+        source_port = parse_port(options.source_port, what="-p source port")
+    socket_factory = None
+    if options.recv_buf or options.send_buf or options.tos or options.ttl or options.so_debug:
+        from hopcat.cli._sockopts import Tuning
+
+        socket_factory = Tuning(options).factory
     if hops:
         from hopcat.net.chain import open_tunnel
 
@@ -247,7 +255,8 @@ def _connect_and_relay(options: Options, trace: Timeline) -> int:
             proxy_dns=options.proxy_dns or "remote", numeric_only=options.numeric,
             cafile=options.proxy_cacert,
             insecure=options.proxy_insecure, trace=trace, timeout_label=timeout_label,
-            exact=options.fdpass or exec_argv is not None,
+            exact=options.fdpass or exec_argv is not None, source_port=source_port,
+            socket_factory=socket_factory,
         )
         sock, initial_down = tunnel.sock, tunnel.trailing
     else:
@@ -257,7 +266,8 @@ def _connect_and_relay(options: Options, trace: Timeline) -> int:
         sock = dial_tcp(
             host, port, deadline=deadline, family=family, source=options.source,
             nodelay=not options.nagle, keepalive=options.keepalive, numeric_only=options.numeric,
-            trace=trace, timeout_label=timeout_label,
+            trace=trace, timeout_label=timeout_label, source_port=source_port,
+            socket_factory=socket_factory or socket.socket,
         )
     try:
         if trace.enabled:

@@ -56,6 +56,12 @@ OPTION_TABLE: tuple[tuple[str, str, str, str, str], ...] = (
     ),
     ("d", "no-stdin", "", "no_stdin",
      "do not read stdin (nc); with -S/-H, -d is connect-proxy's debug and means -v"),
+    ("I", "recv-buf", "BYTES", "recv_buf", "socket receive buffer size, SO_RCVBUF (nc)"),
+    ("O", "send-buf", "BYTES", "send_buf", "socket send buffer size, SO_SNDBUF (nc)"),
+    ("T", "tos", "KEYWORD|N", "tos",
+     "IP ToS / IPv6 traffic class: lowdelay, throughput, reliability, af11-af43, cs0-cs7, ef... (nc)"),
+    ("M", "ttl", "TTL", "ttl", "IP TTL / IPv6 hop limit, 1-255 (nc)"),
+    ("D", "debug-socket", "", "so_debug", "SO_DEBUG on the socket (nc)"),
     ("", "keepalive", "", "keepalive", "enable TCP keepalive (idle 60 s, interval 15 s, 4 probes)"),
     ("", "nagle", "", "nagle", "leave Nagle's algorithm on (TCP_NODELAY is set by default)"),
     ("x", "", "URL", "proxies",
@@ -80,7 +86,8 @@ OPTION_TABLE: tuple[tuple[str, str, str, str, str], ...] = (
      "listen: -l [ADDR] PORT (or -p PORT), or -l -U PATH; relay the connection (nc, ncat)"),
     ("k", "keep-open", "", "keep_open",
      "with -l: accept the next connection when one ends, one at a time (nc -k)"),
-    ("p", "source-port", "PORT", "source_port", "with -l: the port to listen on (nc's -l -p)"),
+    ("p", "source-port", "PORT", "source_port",
+     "connect from this local port (nc; the first hop's through proxies); with -l the port to listen on"),
     ("U", "unixsock", "", "unix",
      "the operand is a Unix socket PATH (@name: abstract): connect, or listen with -l"),
     ("", "allow", "ADDR[,ADDR]", "allow",
@@ -122,6 +129,11 @@ class Options:
     no_shutdown: bool
     keep_sending: bool
     no_stdin: bool
+    recv_buf: str | None
+    send_buf: str | None
+    tos: str | None
+    ttl: str | None
+    so_debug: bool
     keepalive: bool
     nagle: bool
     proxies: list[tuple[str, str]]
@@ -233,7 +245,7 @@ def parse_args(argv: Sequence[str]) -> Options:
     if options.proxy_dns is not None and options.proxy_dns not in PROXY_DNS_POLICIES:
         raise UsageError(f"--proxy-dns takes {', '.join(PROXY_DNS_POLICIES)}")
     listen_only = [flag for attr, flag in (
-        ("keep_open", "-k"), ("source_port", "-p"), ("allow", "--allow"), ("deny", "--deny"),
+        ("keep_open", "-k"), ("allow", "--allow"), ("deny", "--deny"),
         ("ready_fd", "--ready-fd"), ("ready_file", "--ready-file"), ("max_conns", "--max-conns"),
     ) if getattr(options, attr)]  # fmt: skip
     if listen_only and not options.listen:

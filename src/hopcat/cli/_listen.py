@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
     from hopcat.cli import Timeline
     from hopcat.cli._args import Options
+    from hopcat.cli._sockopts import Tuning
     from hopcat.server.policy import Policy
 
     Relay = Callable[[socket.socket], int]
@@ -57,7 +58,7 @@ def listening_socket(options: Options) -> tuple[socket.socket, str, str | None]:
     if options.unix:
         if len(operands) != 1 or options.source_port is not None:
             raise UsageError("-l -U takes one operand, the socket's PATH (@name: abstract)")
-        return _unix_listener(operands[0])
+        return _unix_listener(operands[0], socket_tuning(options))
     address = options.source
     if options.source_port is not None:
         if len(operands) > 1 or (operands and address is not None):
@@ -78,17 +79,19 @@ def listening_socket(options: Options) -> tuple[socket.socket, str, str | None]:
 
 
 def _tcp_listener(address: str | None, port: int, options: Options) -> socket.socket:
+    tuning = socket_tuning(options)
     family = socket.AF_INET if options.ipv4_only else socket.AF_INET6 if options.ipv6_only else 0
     if address is None:
         if family != socket.AF_INET:
             try:
-                return _bind_tcp(socket.AF_INET6, ("::", port), v6only=family == socket.AF_INET6)
+                return _bind_tcp(socket.AF_INET6, ("::", port), tuning,
+                                 v6only=family == socket.AF_INET6)  # fmt: skip
             except OSError as exc:
                 if family == socket.AF_INET6 or exc.errno is None:
                     raise _listen_error(f"[::]:{port}", exc) from None
                 # No IPv6 here (EAFNOSUPPORT, EADDRNOTAVAIL): IPv4 alone.
         try:
-            return _bind_tcp(socket.AF_INET, ("0.0.0.0", port))
+            return _bind_tcp(socket.AF_INET, ("0.0.0.0", port), tuning)
         except OSError as exc:
             raise _listen_error(f"0.0.0.0:{port}", exc) from None
     flags = socket.AI_PASSIVE | (socket.AI_NUMERICHOST if options.numeric else 0)
@@ -101,14 +104,18 @@ def _tcp_listener(address: str | None, port: int, options: Options) -> socket.so
         raise ResolveError(f"listen address {address}: {describe_oserror(exc)}") from None
     info = infos[0]
     try:
-        return _bind_tcp(info[0], info[4], v6only=True)
+        return _bind_tcp(info[0], info[4], tuning, v6only=True)
     except OSError as exc:
         raise _listen_error(format_hostport(address, port), exc) from None
 
 
-def _bind_tcp(family: int, sockaddr: tuple[object, ...], *, v6only: bool = False) -> socket.socket:
+def _bind_tcp(
+    family: int, sockaddr: tuple[object, ...], tuning: Tuning | None, *, v6only: bool = False
+) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
+        if tuning is not None:
+            tuning.apply(sock, family)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
@@ -126,6 +133,15 @@ def _listen_error(where: str, exc: OSError) -> ListenError:
     return ListenError(f"listen on {where}: {describe_oserror(exc)}")
 
 
+def socket_tuning(options: Options) -> Tuning | None:
+    """nc's -I/-O/-T/-M/-D for the listener (accepted connections inherit them) or a -U
+    connection; None when none was given."""
+    from hopcat.cli._sockopts import Tuning
+
+    tuning = Tuning(options)
+    return tuning if tuning else None
+
+
 def unix_address(path: str) -> str | bytes:
     """A Unix socket address: ``@name`` is Linux's abstract namespace (a leading NUL byte)."""
     if not path or path == "@":
@@ -135,10 +151,12 @@ def unix_address(path: str) -> str | bytes:
     return b"\0" + path[1:].encode() if path.startswith("@") else path
 
 
-def _unix_listener(path: str) -> tuple[socket.socket, str, str | None]:
+def _unix_listener(path: str, tuning: Tuning | None) -> tuple[socket.socket, str, str | None]:
     address = unix_address(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        if tuning is not None:
+            tuning.apply(sock, socket.AF_UNIX)
         try:
             sock.bind(address)
         except OSError as exc:
@@ -402,8 +420,11 @@ def _connect_unix(options: Options, trace: Timeline) -> int:
         raise UsageError("-U takes one operand, the socket's PATH (@name: abstract)")
     path = options.operands[0]
     argv = _exec_argv(options)
+    tuning = socket_tuning(options)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        if tuning is not None:
+            tuning.apply(sock, socket.AF_UNIX)
         try:
             sock.connect(unix_address(path))
         except OSError as exc:

@@ -70,6 +70,7 @@ _CARRIED = frozenset({
     "ipv4_only", "ipv6_only", "source", "numeric", "connect_timeout_s", "idle_timeout_s",
     "quit_after_eof_s", "shutdown_flag", "no_shutdown", "keep_sending", "keepalive", "nagle",
     "proxy_dns", "no_proxy", "proxy_cacert", "proxy_insecure", "verbose", "debug",
+    "recv_buf", "send_buf", "tos", "ttl", "so_debug",
 })
 # Their values become the -x URLs of the stanza (scheme, user) instead of flags.
 _FOLDED_INTO_URLS = frozenset(
@@ -82,7 +83,8 @@ _REFUSED = {
     "version": "it prints the version and exits, so ssh would get no connection",
     "listen": "a ProxyCommand connects to %h %p; it cannot wait for a connection instead",
     "keep_open": "it belongs to listen mode (-l), which a ProxyCommand cannot use",
-    "source_port": "it belongs to listen mode (-l), which a ProxyCommand cannot use",
+    "source_port": "every ssh session would connect from the same port, so a second one at the "
+                   "same time (or soon after, in TIME_WAIT) fails",
     "allow": "it belongs to listen mode (-l), which a ProxyCommand cannot use",
     "deny": "it belongs to listen mode (-l), which a ProxyCommand cannot use",
     "ready_fd": "it belongs to listen mode (-l), which a ProxyCommand cannot use",

@@ -40,6 +40,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import ssl
     from collections.abc import Callable, Sequence
+    from typing import Any
 
     from hopcat._url import ProxyURL
     from hopcat.net.engine import Opened, Plan, Step
@@ -98,6 +99,8 @@ def open_tunnel(
     clock: Callable[[], float] = time.monotonic,
     timeout_label: str = "",
     delayed_acks: bool = True,
+    source_port: int = 0,
+    socket_factory: Callable[[int, int, int], socket.socket] | None = None,
 ) -> Tunnel:
     """Connect to host:port through ``hops`` (at least one). Raises HopcatError subclasses.
 
@@ -115,7 +118,12 @@ def open_tunnel(
         exact=exact, headers=headers, trace=trace, clock=clock, timeout_label=timeout_label,
     )  # fmt: skip
     driver = _Driver(deadline, clock, context, trace, timeout_label)
-    driver.dial_options = (family, source, nodelay, keepalive, numeric_only)
+    driver.dial_options = {
+        "family": family, "source": source, "nodelay": nodelay, "keepalive": keepalive,
+        "numeric_only": numeric_only, "source_port": source_port,
+    }  # fmt: skip
+    if socket_factory is not None:
+        driver.dial_options["socket_factory"] = socket_factory
     try:
         opened = driver.run(plan)
     except BaseException:
@@ -144,7 +152,7 @@ class _Driver:
         self.context = context
         self.trace = trace or no_trace
         self.timeout_label = timeout_label
-        self.dial_options: tuple[int, str | None, bool, bool, bool] = (0, None, True, False, False)
+        self.dial_options: dict[str, Any] = {}  # dial_tcp's keyword arguments for hop 1
         self.sock: socket.socket | None = None
         self.peer: tuple[int, tuple[object, ...]] | None = None  # the first hop, for probes
         self.tls = False  # whether sock is an SSLSocket (after an https:// hop)
@@ -181,11 +189,9 @@ class _Driver:
         if isinstance(step, Probe):
             return self.probe(step.data)
         assert isinstance(step, Dial)
-        family, source, nodelay, keepalive, numeric_only = self.dial_options
         self.sock = dial_tcp(
-            step.host, step.port, deadline=self.deadline, family=family, source=source,
-            nodelay=nodelay, keepalive=keepalive, numeric_only=numeric_only, trace=self.trace,
-            clock=self.clock, timeout_label=self.timeout_label, blocking=False,
+            step.host, step.port, deadline=self.deadline, trace=self.trace, clock=self.clock,
+            timeout_label=self.timeout_label, blocking=False, **self.dial_options,
         )  # fmt: skip
         self.peer = (self.sock.family, self.sock.getpeername())
         return None

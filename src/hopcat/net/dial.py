@@ -144,18 +144,24 @@ def sockaddr_text(sockaddr: SockAddr) -> str:
     return format_hostport(sockaddr[0], sockaddr[1])
 
 
-def _bind_source(sock: socket.socket, family: int, source: str, resolver: Resolver) -> None:
+def _bind_source(
+    sock: socket.socket, family: int, source: str | None, port: int, resolver: Resolver
+) -> None:
+    address = source if source is not None else ("::" if family == socket.AF_INET6 else "0.0.0.0")
     try:
-        infos = resolver(source, 0, family, socket.AI_NUMERICHOST | socket.AI_PASSIVE)
+        infos = resolver(address, port, family, socket.AI_NUMERICHOST | socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise ConnectError(
             f"source address {source}: not usable for this address family ({describe_oserror(exc)})"
         ) from None
+    if port:  # a fixed port is reused connect after connect: TIME_WAIT must not block it
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(infos[0][4])
     except OSError as exc:
+        where = format_hostport(address, port) if port else address
         raise ConnectError(
-            f"bind source address {source}: {describe_oserror(exc)}", errno=exc.errno
+            f"bind source address {where}: {describe_oserror(exc)}", errno=exc.errno
         ) from None
 
 
@@ -192,11 +198,14 @@ def dial_tcp(
     stagger_s: float = CONNECT_ATTEMPT_DELAY_S,
     timeout_label: str = "",
     blocking: bool = True,
+    source_port: int = 0,
 ) -> socket.socket:
     """Connect to host:port before ``deadline`` (a ``clock()`` value); return a blocking socket,
     or with ``blocking=False`` leave it non-blocking (for a caller that polls anyway).
 
     ``timeout_label`` names the whole budget in a timeout message (e.g. "after 10 s").
+    ``source_port`` binds every attempt to that local port (nc's -p), with ``source`` or the
+    family's wildcard address.
     """
     where = format_hostport(host, port)
     if not is_ip_literal(host):
@@ -225,8 +234,8 @@ def dial_tcp(
         label = sockaddr_text(sockaddr)
         sock = socket_factory(addr_family, sock_type, proto)
         try:
-            if source is not None:
-                _bind_source(sock, addr_family, source, resolver)
+            if source is not None or source_port:
+                _bind_source(sock, addr_family, source, source_port, resolver)
             sock.setblocking(False)
             trace(f"connect {label}")
             code = sock.connect_ex(sockaddr)
