@@ -105,6 +105,55 @@ class Endpoint(threading.Thread):
         self.abort_reason = self.abort_reason or reason
 
 
+class ConnectingListener:
+    """Stands in for a listening socket when the tool under test listens (listen mode): its
+    ``accept()`` connects to the tool's port, retrying until the tool listens."""
+
+    def __init__(self, port: int, rcvbuf: int = 0) -> None:
+        self.port = port
+        self.rcvbuf = rcvbuf
+        self.timeout = 10.0
+        self.conn: socket.socket | None = None
+        self.closed = False
+
+    def settimeout(self, timeout: float | None) -> None:
+        self.timeout = timeout or 10.0
+
+    def accept(self) -> tuple[socket.socket, object]:
+        deadline = time.monotonic() + self.timeout
+        while not self.closed:
+            sock = socket.socket()
+            if self.rcvbuf:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
+            try:
+                sock.connect((HOST, self.port))
+            except OSError:
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the tool never listened on {HOST}:{self.port}") from None
+                time.sleep(0.002)
+                continue
+            self.conn = sock
+            return sock, (HOST, self.port)
+        raise RuntimeError("aborted")
+
+    def getsockname(self) -> tuple[str, int]:
+        return HOST, self.port
+
+    def shutdown(self, how: int) -> None:
+        self.closed = True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def free_port() -> int:
+    """A port nobody listens on right now, for a tool told to listen there."""
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return int(probe.getsockname()[1])
+
+
 class ServerEndpoint(Endpoint):
     def __init__(self, name: str, lst: socket.socket, accept_timeout: float) -> None:
         super().__init__(name)

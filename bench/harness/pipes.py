@@ -55,12 +55,14 @@ from .common import (
 from .endpoints import (
     BANNER,
     BannerServer,
+    ConnectingListener,
     Endpoint,
     Feeder,
     Reader,
     ServerEndpoint,
     Sink,
     Source,
+    free_port,
     make_listener,
     zero_memfd,
 )
@@ -148,6 +150,7 @@ class Ctx:
         self.timeout: float = args.timeout
         self.rcvbuf: int = args.rcvbuf
         self.trunc: bool = not args.no_trunc
+        self.listen: bool = args.listen
         self.zero_fd = zero_memfd()
         self.devnull_w = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
 
@@ -198,8 +201,14 @@ def _finish(
 def run_throughput(ctx: Ctx, tool: Tool, run: Run, proxy: Proxy | None) -> None:
     """One up or down run (run.mode) of run.nbytes; fills in run."""
     up = run.mode == "up"
-    lst = make_listener(ctx.rcvbuf if up else 0)
-    argv = tool.command(run.mode, lst.getsockname()[1], proxy)
+    lst: Any
+    if ctx.listen:  # the tool listens; the endpoint connects to it
+        port = free_port()
+        lst = ConnectingListener(port, ctx.rcvbuf if up else 0)
+        argv = tool.listen_command(run.mode, port)
+    else:
+        lst = make_listener(ctx.rcvbuf if up else 0)
+        argv = tool.command(run.mode, lst.getsockname()[1], proxy)
     if argv is None:
         lst.close()
         run.error = "mode not supported by tool"
@@ -519,6 +528,7 @@ class Scenario:
     throughput: Table
     latency: Table
     default_proxies: str | None = None  # None: direct only, no --proxy option
+    listen: bool = False  # the tools listen (-l) and the endpoints connect to them
 
 
 class Result:
@@ -782,7 +792,8 @@ def parse_args(scenario: Scenario, argv: list[str] | None) -> argparse.Namespace
             help=f"comma list from {','.join(proxy_choices)}; direct = the tools' rows "
             f"without a proxy (default {scenario.default_proxies})",
         )
-    ap.add_argument("--only", default="up,down,latency", help="comma list of up,down,latency")
+    ap.add_argument("--only", default="up,down" if scenario.listen else "up,down,latency",
+                    help="comma list of up,down,latency")
     ap.add_argument("--timeout", type=float, help="per-run timeout in s (default 30 + size/20MB/s)")
     ap.add_argument(
         "--no-trunc",
@@ -802,6 +813,9 @@ def parse_args(scenario: Scenario, argv: list[str] | None) -> argparse.Namespace
         "the proxy's CPU in both rows and the download-path target",
     )
     args = ap.parse_args(argv)
+    args.listen = scenario.listen
+    if args.listen and "latency" in args.only.split(","):
+        ap.error("listen mode measures up and down only (--only up,down)")
     if args.timeout is None:
         args.timeout = 30 + args.size / 20e6
     args.modes = _names(ap, "--only", args.only, MODES)

@@ -94,6 +94,22 @@ def build_connect_proxy(
     return [*argv, host, str(port)]
 
 
+def build_listen(key: str, base: list[str], mode: str, host: str, port: int) -> list[str] | None:
+    """The tool listening on host:port for one connection: ``up`` sends its stdin to the client
+    and half-closes at its EOF, ``down`` writes what the client sends to stdout."""
+    up = mode == "up"
+    if key == "hopcat":
+        return [*base, "-l", host, str(port)]
+    if key == "nc":
+        return [*base, "-l", "-N" if up else "-d", host, str(port)]
+    if key == "ncat":
+        return [*base, "-l", "--send-only" if up else "--recv-only", host, str(port)]
+    if key == "socat":
+        listen = f"TCP-LISTEN:{port},bind={host},reuseaddr"
+        return [*base, "-u", "STDIN", listen] if up else [*base, "-u", listen, "STDOUT"]
+    return None  # connect-proxy cannot listen
+
+
 @dataclass(frozen=True)
 class ToolKind:
     name: str  # display name
@@ -150,6 +166,10 @@ class Tool:
     def command(self, mode: str, port: int, proxy: Proxy | None = None) -> list[str] | None:
         assert self.argv is not None
         return self.kind.build(self.argv, mode, HOST, port, proxy)
+
+    def listen_command(self, mode: str, port: int) -> list[str] | None:
+        assert self.argv is not None
+        return build_listen(self.key, self.argv, mode, HOST, port)
 
     def version(self) -> str | None:
         if self.argv is not None and self.kind.version_flag:
