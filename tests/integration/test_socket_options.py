@@ -98,3 +98,21 @@ def test_bad_values_are_one_line_and_exit_64() -> None:
     for args in (["-T", "bogus"], ["-M", "0"], ["-I", "0"], ["-p", "70000"]):
         result = run_hopcat(*args, "127.0.0.1", "9")
         assert result.returncode == 64 and result.stderr.count(b"\n") == 1, (args, result.stderr)
+
+
+def test_crlf_line_endings_reach_the_server() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        proc = subprocess.Popen([*HOPCAT, "-C", "127.0.0.1", str(server.getsockname()[1])],
+                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                env=clean_env())  # fmt: skip
+        server.settimeout(10)
+        conn, _ = server.accept()
+        with conn:
+            assert proc.stdin is not None
+            proc.stdin.write(b"EHLO me\nMAIL FROM:<a@b>\r\nQUIT\n")
+            proc.stdin.close()
+            got = b""
+            while chunk := conn.recv(4096):
+                got += chunk
+        assert proc.wait(10) == 0
+    assert got == b"EHLO me\r\nMAIL FROM:<a@b>\r\nQUIT\r\n"

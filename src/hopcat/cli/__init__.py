@@ -312,15 +312,23 @@ def relay_connected(
         close_output=close_output,
     )
     counters = _tcp_counters(sock) if trace.enabled else None
+    in_fd = 0
+    if options.crlf and not options.no_stdin:
+        from hopcat.cli._lines import crlf_stdin
+
+        in_fd = crlf_stdin()
     try:
         stats = relay(
-            sock, 0, 1, options=relay_options, initial_down=initial_down,
+            sock, in_fd, 1, options=relay_options, initial_down=initial_down,
             trace=trace if options.verbose else None,
         )
     except HopcatError:
         if counters is not None:
             _trace_counters_at_error(trace, sock, counters, len(initial_down))
         raise
+    finally:
+        if in_fd:
+            os.close(in_fd)
     if trace.enabled:
         seconds = max(stats.seconds, 1e-9)
         trace(

@@ -56,6 +56,7 @@ OPTION_TABLE: tuple[tuple[str, str, str, str, str], ...] = (
     ),
     ("d", "no-stdin", "", "no_stdin",
      "do not read stdin (nc); with -S/-H, -d is connect-proxy's debug and means -v"),
+    ("C", "crlf", "", "crlf", "send CRLF line endings: each LF of stdin goes out as CR LF (nc, ncat)"),
     ("I", "recv-buf", "BYTES", "recv_buf", "socket receive buffer size, SO_RCVBUF (nc)"),
     ("O", "send-buf", "BYTES", "send_buf", "socket send buffer size, SO_SNDBUF (nc)"),
     ("T", "tos", "KEYWORD|N", "tos",
@@ -129,6 +130,7 @@ class Options:
     no_shutdown: bool
     keep_sending: bool
     no_stdin: bool
+    crlf: bool
     recv_buf: str | None
     send_buf: str | None
     tos: str | None

@@ -93,6 +93,7 @@ _REFUSED = {
     "exec_cmd": "ssh talks to the ProxyCommand's stdin and stdout, which a program would take",
     "sh_exec": "ssh talks to the ProxyCommand's stdin and stdout, which a program would take",
     "max_conns": "it belongs to listen mode (-l), which a ProxyCommand cannot use",
+    "crlf": "it rewrites the bytes ssh sends, which would break the SSH protocol",
 }
 
 # Needs no quoting for the shell nor for ssh's argv_split (% is escaped separately).
