@@ -440,3 +440,23 @@ def test_bad_exec_arguments_are_usage_errors(args: list[str], message: str) -> N
     result = run_hopcat(*args)
     assert result.returncode == 64, result.stderr
     assert message in result.stderr.decode() and result.stderr.count(b"\n") == 1
+
+
+def test_ssh_through_nc_to_a_listening_hopcat_that_execs_hopcat(
+    listen: Callable[..., Listener], sshd: peers.SshServer, peer_env: dict[str, str],
+    need: Callable[..., str],
+) -> None:
+    """An ssh byte stream end to end: ssh's ProxyCommand is nc.openbsd to ``hopcat -l --exec``,
+    whose program is another hopcat connecting to sshd; 8 MiB through and its digest back."""
+    import shlex
+    import sys
+
+    forward = shlex.join([sys.executable, "-m", "hopcat", "127.0.0.1", str(sshd.port)])
+    listener = listen("127.0.0.1", "0", "--exec", forward, stdin=False)
+    proxy = f"ProxyCommand={need('nc.openbsd', 'netcat-openbsd')} 127.0.0.1 {listener.port}"
+    up = pattern(8 << 20, 9)
+    result = subprocess.run([*sshd.ssh_argv("-o", proxy), "sha256sum"], input=up,
+                            capture_output=True, timeout=RUN_TIMEOUT_S, env=peer_env)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0].decode() == sha256(up)
+    assert listener.wait() == 0
