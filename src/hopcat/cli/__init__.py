@@ -167,6 +167,10 @@ def _run(args: list[str], started: float) -> int:
         from hopcat import __version__
 
         return _print(f"hopcat {__version__}\n")
+    if options.scan:
+        from hopcat.cli._portscan import run as run_scan
+
+        return run_scan(options)
     from hopcat.errors import UsageError
 
     if options.listen or options.unix:

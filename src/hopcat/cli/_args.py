@@ -81,6 +81,13 @@ OPTION_TABLE: tuple[tuple[str, str, str, str, str], ...] = (
     ("", "no-proxy", "", "no_proxy", "ignore proxies in the environment (ALL_PROXY, SOCKS5_SERVER, ...)"),
     ("F", "fdpass", "", "fdpass",
      "pass the connected socket to ssh over stdout and exit (ProxyUseFdpass yes)"),
+    ("z", "scan", "", "scan",
+     "port scan, as nc: HOST PORTS (22, 20-25, 80,443 and mixes); connect only, nothing sent; "
+     "exit 0 if a port is open, else 1; -v: open ports, -vv: all"),
+    ("r", "random-order", "", "random_order", "-z: scan the ports in random order"),
+    ("i", "interval", "SECS", "interval_s", "-z: wait SECS between ports, one at a time"),
+    ("", "max-parallel", "N", "max_parallel",
+     "-z: at most N connects in flight (default 512 within the fd limit; 32 through proxies)"),
     ("", "proxy-cacert", "FILE", "proxy_cacert", "CA bundle to verify an https:// proxy's certificate"),
     ("", "proxy-insecure", "", "proxy_insecure", "do not verify an https:// proxy's certificate"),
     ("l", "listen", "", "listen",
@@ -110,7 +117,9 @@ OPTION_TABLE: tuple[tuple[str, str, str, str, str], ...] = (
 
 _ROWS = {f"-{row[0]}": row for row in OPTION_TABLE if row[0]}
 _ROWS.update({f"--{row[1]}": row for row in OPTION_TABLE if row[1]})
-_FLOAT_OPTIONS = frozenset({"connect_timeout_s", "idle_timeout_s", "quit_after_eof_s"})
+_FLOAT_OPTIONS = frozenset(
+    {"connect_timeout_s", "idle_timeout_s", "quit_after_eof_s", "interval_s"}
+)
 _COUNTED = frozenset({"verbose"})
 _LISTS = frozenset({"proxies"})  # (flag as typed, value) pairs, in command-line order
 _REPEATED = frozenset({"allow", "deny"})  # values in command-line order
@@ -159,6 +168,10 @@ class Options:
     exec_cmd: str | None
     sh_exec: str | None
     max_conns: str | None
+    scan: bool
+    random_order: bool
+    interval_s: float | None
+    max_parallel: str | None
     verbose: int
     debug: bool
     help: bool
@@ -256,6 +269,16 @@ def parse_args(argv: Sequence[str]) -> Options:
         raise UsageError("-l listens here: it takes no proxy (-x) and no -F")
     if options.unix and (options.proxies or options.fdpass or options.source):
         raise UsageError("-U talks to a local Unix socket: it takes no proxy, -F or -s")
+    if not options.scan:
+        for attr, flag in (("random_order", "-r"), ("interval_s", "-i"),
+                           ("max_parallel", "--max-parallel")):
+            if getattr(options, attr) not in (None, False):
+                raise UsageError(f"{flag} is for a port scan: add -z")
+    else:
+        for attr, flag in (("listen", "-l"), ("unix", "-U"), ("exec_cmd", "-e"),
+                           ("sh_exec", "--sh-exec"), ("source_port", "-p"), ("fdpass", "-F")):
+            if getattr(options, attr) not in (None, False):
+                raise UsageError(f"-z scans TCP ports from here: it takes no {flag}")
     if options.quit_after_eof_s is not None and options.quit_after_eof_s < 0:
         options.quit_after_eof_s = None  # nc: a negative -q means wait forever
     return options
@@ -298,6 +321,7 @@ def help_text(prog: str = "hopcat") -> str:
     lines = [
         f"usage: {prog} [options] HOST PORT",
         f"       {prog} -l [options] [ADDR] PORT   |   {prog} [-l] -U PATH",
+        f"       {prog} -z [-v|-vv] [options] HOST PORTS",
         f"       {prog} ssh-config [--host PATTERN] [proxy options] | --check HOST",
         "",
         "Open a TCP connection to HOST PORT and relay stdin/stdout over it, built for",
