@@ -91,6 +91,10 @@ OPTION_CASES: dict[str, tuple[list[str | None], list[str]]] = {
     "--proxy-dns": (["local", "remote", "both", "none"], ["sometimes"]),
     "--no-proxy": ([None], []),
     "-F": ([None], []),
+    "-z": ([None], []),  # scans the target's port: open, exit 0
+    "-r": ([None], []),  # 64 without -z (checked in test_scan.py)
+    "-i": (["0.5"], ["x", "nan"]),
+    "--max-parallel": (["4"], []),
     "--proxy-cacert": (["/nonexistent/ca.pem"], []),
     "--proxy-insecure": ([None], []),
     # Listen mode (tests/integration/test_listen.py has its own cases): -l on the target's own

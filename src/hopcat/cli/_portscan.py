@@ -22,8 +22,8 @@ that error's line and exit code, as a plain connect would.
 
 Each port has its own deadline (``--connect-timeout``, else ``-w``, else DEFAULT_TIMEOUT_S
 direct and DEFAULT_PROXY_TIMEOUT_S through proxies, where it also covers the proxies'
-handshakes). Results are printed in the order the ports are scanned (ascending, or shuffled by
-``-r``) as soon as every earlier one is known.
+handshakes). Results are printed in port order as soon as every lower port's is known, also with
+``-r``, which shuffles the order of the probes only.
 """
 
 from __future__ import annotations
@@ -127,8 +127,8 @@ def _errno_result(code: int, how: str = "") -> Result:
 
 
 class Scan:
-    """Probe ``ports`` with at most ``parallel`` attempts in flight (one, ``interval_s`` apart,
-    with -i); ``report(index, result)`` is called in scan order, each once."""
+    """Probe ``ports`` in that order with at most ``parallel`` attempts in flight (one,
+    ``interval_s`` apart, with -i); ``report(port, result)`` is called in port order, once each."""
 
     def __init__(
         self,
@@ -147,6 +147,8 @@ class Scan:
         self.parallel = 1 if interval_s > 0 else parallel
         self.interval_s = interval_s
         self.results: list[Result | None] = [None] * len(ports)
+        # Printed in port order whatever the scan order (-r shuffles only the probes).
+        self.print_order = sorted(range(len(ports)), key=ports.__getitem__)
         self.started = 0
         self.finished = 0
         self.printed = 0
@@ -195,10 +197,11 @@ class Scan:
         self.finished += 1
         self.open += result.state == OPEN
         while self.printed < len(self.ports):
-            ready = self.results[self.printed]
+            at = self.print_order[self.printed]
+            ready = self.results[at]
             if ready is None:
                 break
-            self.report(self.printed, ready)
+            self.report(self.ports[at], ready)
             self.printed += 1
         if self.finished == len(self.ports):
             self.outcome.set_result(None)
@@ -318,9 +321,9 @@ def _proxy_context(options: Options) -> Any:
 class Output:
     """nc's -v lines on stderr, and a progress line there when stderr is a terminal."""
 
-    def __init__(self, shown: str, ports: list[int], verbose: int) -> None:
+    def __init__(self, shown: str, total: int, verbose: int) -> None:
         self.shown = shown
-        self.ports = ports
+        self.total = total
         self.verbose = verbose
         self.progress = sys.stderr.isatty()
         self.progress_shown = False
@@ -334,8 +337,7 @@ class Output:
         except OSError:
             pass  # stderr's reader went away: the exit code still tells
 
-    def report(self, index: int, result: Result) -> None:
-        port = self.ports[index]
+    def report(self, port: int, result: Result) -> None:
         if result.state == OPEN:
             if self.verbose < 1:
                 return
@@ -352,7 +354,7 @@ class Output:
         elapsed = time.monotonic() - self.started
         if not self.progress or elapsed < PROGRESS_AFTER_S:
             return
-        total = len(self.ports)
+        total = self.total
         rate = scan.finished / elapsed
         eta = f", {(total - scan.finished) / rate:.0f} s left" if rate > 0 else ""
         self._write(f"\r\x1b[Khopcat: scanned {scan.finished}/{total} ports, {scan.open} open{eta}")
@@ -420,7 +422,7 @@ def run(options: Options) -> int:
         addresses = [(info[0], info[4]) for info in interleave_families(infos)]
         if not is_ip_literal(host):
             shown = f"{host} ({addresses[0][1][0]})"
-    output = Output(shown, ports, options.verbose)
+    output = Output(shown, len(ports), options.verbose)
     try:
         opened = asyncio.run(_scan(ports, hops, host, addresses, options, timeout_s, family,
                                    parallel, interval_s, output))
