@@ -35,6 +35,7 @@ import random
 import socket
 import sys
 import time
+from collections import deque
 
 from hopcat.errors import HopcatTimeoutError, ProxyAuthError, ProxyError, UsageError
 
@@ -139,8 +140,14 @@ class Scan:
         *,
         parallel: int,
         interval_s: float,
+        timeout_s: float,
     ) -> None:
         self.loop = loop
+        self.timeout_s = timeout_s
+        # (deadline, index) in start order: with one timeout for all, the earliest deadline is
+        # always the oldest attempt's, so one timer serves them all (no heap entry per port).
+        self.expiry: deque[tuple[float, int]] = deque()
+        self.timer: asyncio.TimerHandle | None = None
         self.ports = ports
         self.probe = probe
         self.report = report
@@ -177,10 +184,25 @@ class Scan:
                 cancel = self.probe(self.ports[index], self._reporter(index))
                 if index in self.cancels:
                     self.cancels[index] = cancel
+                    self.expiry.append((self.loop.time() + self.timeout_s, index))
+                    if self.timer is None:
+                        self.timer = self.loop.call_at(self.expiry[0][0], self._expire)
                 if self.interval_s > 0:
                     return  # the next one after the delay, from _done
         finally:
             self.filling = False
+
+    def _expire(self) -> None:
+        self.timer = None
+        now = self.loop.time()
+        while self.expiry and (self.expiry[0][0] <= now or self.expiry[0][1] not in self.cancels):
+            _deadline, index = self.expiry.popleft()
+            cancel = self.cancels.get(index)
+            if cancel is not None:
+                cancel()
+                self._done(index, Result(FILTERED, "timed out"))
+        if self.expiry and self.timer is None and not self.outcome.done():
+            self.timer = self.loop.call_at(self.expiry[0][0], self._expire)
 
     def _reporter(self, index: int) -> Callable[[Result | BaseException], None]:
         return lambda result: self._done(index, result)
@@ -211,6 +233,9 @@ class Scan:
             self._fill()
 
     def stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         for cancel in list(self.cancels.values()):
             cancel()
         self.cancels.clear()
@@ -221,7 +246,7 @@ def _nothing() -> None:
 
 
 def direct_probe(
-    loop: asyncio.AbstractEventLoop, addresses: list[tuple[int, tuple[Any, ...]]], timeout_s: float
+    loop: asyncio.AbstractEventLoop, addresses: list[tuple[int, tuple[Any, ...]]]
 ) -> Callable[[int, Callable[[Result | BaseException], None]], Callable[[], None]]:
     """One Happy Eyeballs race per port over ``addresses`` (family, sockaddr with any port)."""
     from hopcat.aio._dial import Dialer
@@ -230,7 +255,6 @@ def direct_probe(
         candidates = [(family, (sockaddr[0], port, *sockaddr[2:])) for family, sockaddr in addresses]
 
         def on_done(sock: socket.socket | None, failures: list[tuple[Any, int]]) -> None:
-            timer.cancel()
             if sock is not None:
                 sock.close()
                 done(Result(OPEN, ""))
@@ -239,18 +263,9 @@ def direct_probe(
             # A refusal from any address means something answered there: closed beats unreachable.
             done(_errno_result(errno.ECONNREFUSED if errno.ECONNREFUSED in codes else codes[-1]))
 
-        def on_timeout() -> None:
-            dialer.cancel()
-            done(Result(FILTERED, "timed out"))
-
-        def cancel() -> None:
-            timer.cancel()
-            dialer.cancel()
-
         dialer = Dialer(loop, candidates, on_done)
-        timer = loop.call_later(timeout_s, on_timeout)
         dialer.start()
-        return cancel
+        return dialer.cancel
 
     return probe
 
@@ -443,8 +458,9 @@ async def _scan(
         probe = proxied_probe(loop, host, Chain(Proxy(hop) for hop in hops), options, timeout_s,
                               family)
     else:
-        probe = direct_probe(loop, addresses, timeout_s)
-    scan = Scan(loop, ports, probe, output.report, parallel=parallel, interval_s=interval_s)
+        probe = direct_probe(loop, addresses)
+    scan = Scan(loop, ports, probe, output.report, parallel=parallel, interval_s=interval_s,
+                timeout_s=timeout_s)
     ticker = loop.call_later(PROGRESS_AFTER_S, _tick, loop, output, scan)
     try:
         await scan.run()
