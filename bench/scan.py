@@ -138,12 +138,12 @@ def main() -> int:
         exact = sum(not run["missed"] and not run["extra"] for run in runs[tool])
         rows.append([tool, f"{median(times):.2f}", f"{min(times):.2f}-{max(times):.2f}",
                      f"{span / median(times):,.0f}", f"{exact}/{len(times)}",
-                     " ".join(argvs[tool][-4:] if tool != "hopcat" else argvs[tool][-3:])])  # fmt: skip
+                     " ".join([os.path.basename(argvs[tool][0]), *argvs[tool][1:]])])  # fmt: skip
     print("# hopcat port-scan benchmark\n")
     print(f"- command: `{meta['command']}`")
     print(machine_line(meta))
     print(f"- {span} ports on {HOST}, {args.listeners} extra listeners, {args.reps} reps\n")
-    print(md_table(["tool", "wall s (median)", "range", "ports/s", "exact runs", "argv tail"],
+    print(md_table(["tool", "wall s (median)", "range", "ports/s", "exact runs", "command"],
                    rows, right={1, 2, 3, 4}))  # fmt: skip
     write_json(args.json, {"meta": meta, "commands": argvs, "runs": runs})
     return 0

@@ -82,8 +82,7 @@ OPTION_TABLE: tuple[tuple[str, str, str, str, str], ...] = (
     ("F", "fdpass", "", "fdpass",
      "pass the connected socket to ssh over stdout and exit (ProxyUseFdpass yes)"),
     ("z", "scan", "", "scan",
-     "port scan, as nc: HOST PORTS (22, 20-25, 80,443 and mixes); connect only, nothing sent; "
-     "exit 0 if a port is open, else 1; -v: open ports, -vv: all"),
+     "port scan, as nc -z: HOST PORTS (22, 20-25, 80,443); -v: open ports, -vv: all"),
     ("r", "random-order", "", "random_order", "-z: scan the ports in random order"),
     ("i", "interval", "SECS", "interval_s", "-z: wait SECS between ports, one at a time"),
     ("", "max-parallel", "N", "max_parallel",
@@ -349,9 +348,9 @@ def help_text(prog: str = "hopcat") -> str:
         "passwords: HOPCAT_PROXY_PASSWORD, then SOCKS5_PASSWD, SOCKS5_PASSWORD (SOCKS5) or",
         "HTTP_PROXY_PASSWORD (HTTP), then CONNECT_PASSWORD, else a /dev/tty prompt.",
         "",
-        "Exit codes: 0 ok, 64 usage, 68 name not resolved, 69 refused/unreachable,",
-        "70 internal error, 74 I/O error while relaying, 75 timeout, 76 proxy protocol error,",
-        "77 proxy authentication failed, 80 proxy unreachable, 81 proxy refused the target,",
-        "130 interrupted.",
+        "Exit codes: 0 ok (-z: a port open), 1 no port open (-z), 64 usage, 68 name not resolved,",
+        "69 refused/unreachable, 70 internal error, 74 I/O error while relaying, 75 timeout,",
+        "76 proxy protocol error, 77 proxy authentication failed, 80 proxy unreachable,",
+        "81 proxy refused the target, 130 interrupted.",
     ]
     return "\n".join(lines) + "\n"
