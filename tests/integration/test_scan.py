@@ -6,6 +6,7 @@ Linux drops the SYNs, so the connect times out: filtered). Direct, through Dante
 from __future__ import annotations
 
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -15,7 +16,7 @@ from typing import Any
 import peers
 import pytest
 
-from support import clean_env, run_hopcat, silent_listener
+from support import HOPCAT, clean_env, run_hopcat, silent_listener
 
 LINE = re.compile(
     r"^(?:Connection to 127\.0\.0\.1 (?P<open>\d+) port \[tcp/[^\]]+\] succeeded!"
@@ -194,3 +195,13 @@ def test_an_unreachable_proxy_stops_the_scan_with_its_code(ports: Ports) -> None
         result = scan("-vv", "-x", url, "127.0.0.1", ports.spec)
     assert result.returncode == 80, result.stderr
     assert result.stderr.count(b"\n") == 1, result.stderr
+
+
+def test_interrupted_scan_is_one_line(ports: Ports) -> None:
+    with subprocess.Popen([*HOPCAT, "-zvv", "--connect-timeout", "30", "127.0.0.1",
+                           str(ports.silent[0])], stderr=subprocess.PIPE, env=clean_env()) as proc:
+        time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 130
+    assert err == b"hopcat: interrupted (SIGINT)\n"

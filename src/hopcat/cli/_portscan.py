@@ -37,7 +37,13 @@ import sys
 import time
 from collections import deque
 
-from hopcat.errors import HopcatTimeoutError, ProxyAuthError, ProxyError, UsageError
+from hopcat.errors import (
+    ConnectError,
+    HopcatTimeoutError,
+    ProxyAuthError,
+    ProxyError,
+    UsageError,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -58,13 +64,20 @@ PROGRESS_EVERY_S = 0.25
 OPEN, CLOSED, FILTERED, FAILED = "open", "closed", "filtered", "failed"
 
 # errno -> state, for a direct connect and a proxy's reply alike (ProxyError.errno).
+# Any other errno (EMFILE, EADDRNOTAVAIL, EAFNOSUPPORT, a proxy's "command not supported") is
+# about this host or the chain, not the port: the scan stops with it rather than call the port
+# filtered.
 _STATE_OF_ERRNO = {
     errno.ECONNREFUSED: CLOSED,
+    errno.ECONNRESET: CLOSED,
     errno.ETIMEDOUT: FILTERED,
     errno.EHOSTUNREACH: FILTERED,
     errno.ENETUNREACH: FILTERED,
     errno.EACCES: FILTERED,
+    errno.EPERM: FILTERED,  # a local firewall's DROP/REJECT in OUTPUT
 }
+
+_LOCAL_LIMITS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EADDRNOTAVAIL})
 
 
 def parse_ports(specs: list[str]) -> list[int]:
@@ -124,7 +137,7 @@ def _errno_result(code: int, how: str = "") -> Result:
     text = os.strerror(code)
     if code == errno.ETIMEDOUT and not how:
         return Result(FILTERED, "timed out")
-    return Result(_STATE_OF_ERRNO.get(code, FILTERED), f"{text}{how}")
+    return Result(_STATE_OF_ERRNO[code], f"{text}{how}")
 
 
 class Scan:
@@ -261,7 +274,13 @@ def direct_probe(
                 return
             codes = [code for _sockaddr, code in failures]
             # A refusal from any address means something answered there: closed beats unreachable.
-            done(_errno_result(errno.ECONNREFUSED if errno.ECONNREFUSED in codes else codes[-1]))
+            code = errno.ECONNREFUSED if errno.ECONNREFUSED in codes else codes[-1]
+            if code not in _STATE_OF_ERRNO:
+                done(ConnectError(f"scan stopped at port {port}: {os.strerror(code).lower()}"
+                                  + (" (lower --max-parallel)" if code in _LOCAL_LIMITS else ""),
+                                  errno=code))  # fmt: skip
+                return
+            done(_errno_result(code))
 
         dialer = Dialer(loop, candidates, on_done)
         dialer.start()
@@ -301,6 +320,8 @@ def proxied_probe(
             how = f" ({exc.protocol} reply {exc.code})"
             if exc.errno is None:
                 return Result(FAILED, f"{exc.message}{how}")
+            if exc.errno not in _STATE_OF_ERRNO:
+                raise  # e.g. "address type not supported": the same answer for every port
             return _errno_result(exc.errno, how)
         except HopcatTimeoutError:
             return Result(FILTERED, "timed out")
