@@ -205,3 +205,13 @@ def test_interrupted_scan_is_one_line(ports: Ports) -> None:
         _out, err = proc.communicate(timeout=10)
     assert proc.returncode == 130
     assert err == b"hopcat: interrupted (SIGINT)\n"
+
+
+def test_through_an_http_proxy_refused_is_failed(ports: Ports, tinyproxy_shared: peers.Daemon) -> None:
+    """tinyproxy answers 500 to a refusal and to other failures alike: open or not, no more."""
+    result = scan("-vv", "-x", tinyproxy_shared.url, "127.0.0.1", ports.spec)
+    assert result.returncode == 0, result.stderr
+    found = states(result.stderr)
+    assert found == {"open": ports.open, "closed": [], "filtered": ports.silent,
+                     "failed": ports.closed}, result.stderr  # fmt: skip
+    assert b"(http reply 500)" in result.stderr

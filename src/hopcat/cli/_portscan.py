@@ -184,8 +184,8 @@ class Scan:
         return self.outcome
 
     def _fill(self) -> None:
-        # A probe may finish inside probe() (a refusal on loopback is often immediate): the loop
-        # here starts the next one, not a recursive call from _done.
+        # A probe may finish inside probe() (a connect that fails at once: EMFILE, no route): the
+        # loop here starts the next one, not a recursive call from _done.
         self.filling = True
         try:
             while len(self.cancels) < self.parallel and self.started < len(self.ports):
@@ -197,6 +197,8 @@ class Scan:
                 cancel = self.probe(self.ports[index], self._reporter(index))
                 if index in self.cancels:
                     self.cancels[index] = cancel
+                    while self.expiry and self.expiry[0][1] not in self.cancels:
+                        self.expiry.popleft()  # finished in time: keep the queue short
                     self.expiry.append((self.loop.time() + self.timeout_s, index))
                     if self.timer is None:
                         self.timer = self.loop.call_at(self.expiry[0][0], self._expire)
