@@ -119,7 +119,8 @@ def test_scan_options_need_z_and_valid_values() -> None:
     for argv in (["-r"], ["-i", "1"], ["--max-parallel", "4"]):
         result = run_hopcat(*argv, "127.0.0.1", "1")
         assert result.returncode == 64 and b"-z" in result.stderr, result.stderr
-    for argv in (["--max-parallel", "0"], ["--max-parallel", "x"], ["-i", "-1"]):
+    for argv in (["--max-parallel", "0"], ["--max-parallel", "x"], ["-i", "-1"], ["-l"], ["-U"],
+                 ["-e", "cat"], ["-p", "5000"], ["-F"], ["-s", "127.0.0.1"]):  # fmt: skip
         result = run_hopcat("-z", *argv, "127.0.0.1", "1")
         assert result.returncode == 64 and result.stderr.count(b"\n") == 1, result.stderr
 

@@ -413,8 +413,6 @@ def run(options: Options) -> int:
         raise UsageError("-z: expected HOST PORTS (e.g. 22, 20-25, 80,443; see hopcat --help)")
     if options.source is not None:
         raise UsageError("-s is not supported with -z yet")
-    if options.fdpass:
-        raise UsageError("-F and -z exclude each other")
     host = validate_host(options.operands[0], what="host")
     ports = parse_ports(options.operands[1:])
     if options.max_parallel is not None:
