@@ -116,7 +116,7 @@ def test_bad_ranges_exit_64_with_one_line(spec: str) -> None:
 
 
 def test_scan_options_need_z_and_valid_values() -> None:
-    for argv in (["-r"], ["-i", "1"], ["--max-parallel", "4"]):
+    for argv in (["-r"], ["--max-parallel", "4"]):
         result = run_hopcat(*argv, "127.0.0.1", "1")
         assert result.returncode == 64 and b"-z" in result.stderr, result.stderr
     for argv in (["--max-parallel", "0"], ["--max-parallel", "x"], ["-i", "-1"], ["-l"], ["-U"],

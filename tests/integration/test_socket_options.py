@@ -116,3 +116,24 @@ def test_crlf_line_endings_reach_the_server() -> None:
                 got += chunk
         assert proc.wait(10) == 0
     assert got == b"EHLO me\r\nMAIL FROM:<a@b>\r\nQUIT\r\n"
+
+
+def test_interval_paces_the_lines_sent() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        proc = subprocess.Popen([*HOPCAT, "-i", "0.3", "127.0.0.1", str(server.getsockname()[1])],
+                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                env=clean_env())  # fmt: skip
+        server.settimeout(10)
+        conn, _ = server.accept()
+        with conn:
+            assert proc.stdin is not None
+            proc.stdin.write(b"one\ntwo\nthree")
+            proc.stdin.close()
+            arrivals = []
+            got = b""
+            while chunk := conn.recv(4096):
+                got += chunk
+                arrivals.append(time.monotonic())
+        assert proc.wait(10) == 0
+    assert got == b"one\ntwo\nthree"
+    assert len(arrivals) == 3 and arrivals[2] - arrivals[0] >= 0.55, arrivals

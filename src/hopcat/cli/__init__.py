@@ -317,10 +317,10 @@ def relay_connected(
     )
     counters = _tcp_counters(sock) if trace.enabled else None
     in_fd = 0
-    if options.crlf and not options.no_stdin:
-        from hopcat.cli._lines import crlf_stdin
+    if (options.crlf or options.interval_s) and not options.no_stdin:
+        from hopcat.cli._lines import paced_stdin
 
-        in_fd = crlf_stdin()
+        in_fd = paced_stdin(options.crlf, options.interval_s or 0.0)
     try:
         stats = relay(
             sock, in_fd, 1, options=relay_options, initial_down=initial_down,

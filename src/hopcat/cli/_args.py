@@ -84,7 +84,8 @@ OPTION_TABLE: tuple[tuple[str, str, str, str, str], ...] = (
     ("z", "scan", "", "scan",
      "port scan, as nc -z: HOST PORTS (22, 20-25, 80,443); -v: open ports, -vv: all"),
     ("r", "random-order", "", "random_order", "-z: scan the ports in random order"),
-    ("i", "interval", "SECS", "interval_s", "-z: wait SECS between ports, one at a time"),
+    ("i", "interval", "SECS", "interval_s",
+     "wait SECS after each line sent (nc); with -z between ports, one at a time"),
     ("", "max-parallel", "N", "max_parallel",
      "-z: at most N connects in flight (default 512 within the fd limit; 32 through proxies)"),
     ("", "proxy-cacert", "FILE", "proxy_cacert", "CA bundle to verify an https:// proxy's certificate"),
@@ -269,15 +270,18 @@ def parse_args(argv: Sequence[str]) -> Options:
     if options.unix and (options.proxies or options.fdpass or options.source):
         raise UsageError("-U talks to a local Unix socket: it takes no proxy, -F or -s")
     if not options.scan:
-        for attr, flag in (("random_order", "-r"), ("interval_s", "-i"),
-                           ("max_parallel", "--max-parallel")):
+        for attr, flag in (("random_order", "-r"), ("max_parallel", "--max-parallel")):
             if getattr(options, attr) not in (None, False):
                 raise UsageError(f"{flag} is for a port scan: add -z")
     else:
         for attr, flag in (("listen", "-l"), ("unix", "-U"), ("exec_cmd", "-e"),
-                           ("sh_exec", "--sh-exec"), ("source_port", "-p"), ("fdpass", "-F")):
+                           ("sh_exec", "--sh-exec"), ("source_port", "-p"), ("fdpass", "-F"),
+                           ("source", "-s"), ("crlf", "-C"), ("recv_buf", "-I"),
+                           ("send_buf", "-O"), ("tos", "-T"), ("ttl", "-M"), ("so_debug", "-D")):
             if getattr(options, attr) not in (None, False):
                 raise UsageError(f"-z scans TCP ports from here: it takes no {flag}")
+    if options.interval_s is not None and options.interval_s < 0:
+        raise UsageError("-i must not be negative")
     if options.quit_after_eof_s is not None and options.quit_after_eof_s < 0:
         options.quit_after_eof_s = None  # nc: a negative -q means wait forever
     return options

@@ -1,10 +1,11 @@
-"""Line-by-line sending for nc's ``-C`` (CRLF line endings): stdin reaches the relay through a
-pipe fed by a thread that rewrites it, so the relay itself (splice, end-of-stream rules) is the
-same as without.
+"""Line-by-line sending for nc's ``-C`` (CRLF line endings) and ``-i`` (a pause after each line
+sent): stdin reaches the relay through a pipe fed by a thread that rewrites and paces it, so the
+relay itself (splice, end-of-stream rules) is the same as without.
 
 ``-C`` turns every bare LF into CR LF, across reads, and leaves a CR LF as it is, as a user
-typing an SMTP or HTTP dialogue needs. The thread ends at stdin's EOF and closes the pipe, which
-is the relay's stdin EOF, so the half-close happens as usual.
+typing an SMTP or HTTP dialogue needs. ``-i SECS`` writes one line at a time and waits SECS
+after each (a last line without LF goes out at stdin's EOF). The thread ends at stdin's EOF and
+closes the pipe, which is the relay's stdin EOF, so the half-close happens as usual.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from __future__ import annotations
 import os
 
 
-def crlf_stdin() -> int:
-    """The read end of a pipe carrying stdin with LF turned into CR LF."""
+def paced_stdin(crlf: bool, interval_s: float) -> int:
+    """The read end of a pipe carrying stdin, LF turned into CR LF (``crlf``) and a pause of
+    ``interval_s`` after each line (0: none)."""
     import threading
 
     read_fd, write_fd = os.pipe()
-    threading.Thread(target=_rewrite, args=(write_fd,), name="hopcat-crlf", daemon=True).start()
+    threading.Thread(target=_rewrite, args=(write_fd, crlf, interval_s), name="hopcat-lines",
+                     daemon=True).start()  # fmt: skip
     return read_fd
 
 
@@ -34,10 +37,12 @@ def to_crlf(data: bytes, after_cr: bool) -> bytes:
     return b"".join(out)
 
 
-def _rewrite(write_fd: int) -> None:
+def _rewrite(write_fd: int, crlf: bool, interval_s: float) -> None:
     import select
+    import time
 
     after_cr = False
+    partial = b""  # with -i: the start of a line whose LF has not come yet
     try:
         while True:
             try:
@@ -46,13 +51,25 @@ def _rewrite(write_fd: int) -> None:
                 select.select([0], [], [])
                 continue
             if not chunk:
+                if partial:
+                    _write_all(write_fd, partial)
                 return
-            data = to_crlf(chunk, after_cr)
+            data = to_crlf(chunk, after_cr) if crlf else chunk
             after_cr = chunk.endswith(b"\r")
-            view = memoryview(data)
-            while view:
-                view = view[os.write(write_fd, view) :]
+            if not interval_s:
+                _write_all(write_fd, data)
+                continue
+            *lines, partial = (partial + data).split(b"\n")
+            for line in lines:
+                _write_all(write_fd, line + b"\n")
+                time.sleep(interval_s)
     except OSError:
         return  # the relay has ended (EPIPE) or stdin failed: nothing more to send
     finally:
         os.close(write_fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

@@ -411,8 +411,6 @@ def run(options: Options) -> int:
 
     if len(options.operands) < 2:
         raise UsageError("-z: expected HOST PORTS (e.g. 22, 20-25, 80,443; see hopcat --help)")
-    if options.source is not None:
-        raise UsageError("-s is not supported with -z yet")
     host = validate_host(options.operands[0], what="host")
     ports = parse_ports(options.operands[1:])
     if options.max_parallel is not None:

@@ -94,6 +94,10 @@ _REFUSED = {
     "sh_exec": "ssh talks to the ProxyCommand's stdin and stdout, which a program would take",
     "max_conns": "it belongs to listen mode (-l), which a ProxyCommand cannot use",
     "crlf": "it rewrites the bytes ssh sends, which would break the SSH protocol",
+    "interval_s": "it holds back every line of the binary SSH stream",
+    "scan": "a port scan gives ssh no connection",
+    "random_order": "it belongs to a port scan (-z), which gives ssh no connection",
+    "max_parallel": "it belongs to a port scan (-z), which gives ssh no connection",
 }
 
 # Needs no quoting for the shell nor for ssh's argv_split (% is escaped separately).
