@@ -223,7 +223,7 @@ def serve_connections(
     """Accept and relay, once or (-k) until a signal; the last relay's exit code."""
     code = 0
     while True:
-        conn, peer = _accept(listener, trace)
+        conn, peer = _accept(listener, trace, options)
         who = _describe_peer(peer)
         if not _allowed(policy, peer):
             trace(f"refused {who} (--allow/--deny)")
@@ -246,7 +246,7 @@ def serve_connections(
 
 def serve_children(
     listener: socket.socket, argv: list[str], limit: int, policy: Policy | None,
-    trace: Callable[[str], None],
+    trace: Callable[[str], None], options: Options,
 ) -> None:
     """``-l -k`` with exec: a child per connection, at most ``limit`` at once, until a signal.
     Children are watched with pidfds in the listener's poll (no SIGCHLD handler, no busy loop);
@@ -274,7 +274,7 @@ def serve_children(
                     _pid, status = os.waitpid(pid, 0)
                     trace(f"pid {pid} exited with status {exit_status(status)}")
                     continue
-                conn, peer = _accept(listener, trace)
+                conn, peer = _accept(listener, trace, options)
                 with conn:
                     who = _describe_peer(peer)
                     if not _allowed(policy, peer):
@@ -296,13 +296,17 @@ def _allowed(policy: Policy | None, peer: object) -> bool:
     return policy.client_allowed(_unmapped_host(str(peer[0])))
 
 
-def _accept(listener: socket.socket, trace: Callable[[str], None]) -> tuple[socket.socket, object]:
+def _accept(
+    listener: socket.socket, trace: Callable[[str], None], options: Options
+) -> tuple[socket.socket, object]:
+    """The next connection, tuned as a dialled one is (TCP_NODELAY unless --nagle, --keepalive);
+    descriptor exhaustion pauses the listener (50 ms doubling to 2 s) instead of failing it."""
     import time
 
     pause_s = 0.05
     while True:
         try:
-            return listener.accept()
+            conn, peer = listener.accept()
         except OSError as exc:
             name = errno.errorcode.get(exc.errno or 0, "")
             if name in _RESOURCE_ERRNOS:
@@ -311,6 +315,16 @@ def _accept(listener: socket.socket, trace: Callable[[str], None]) -> tuple[sock
                 pause_s = min(pause_s * 2, 2.0)
             elif name not in ("ECONNABORTED", "EPERM", "EPROTO"):
                 raise _listen_error("the listener", exc) from None
+            continue
+        if conn.family != socket.AF_UNIX:
+            from hopcat.net.dial import tune_socket
+
+            try:
+                tune_socket(conn, nodelay=not options.nagle, keepalive=options.keepalive)
+            except OSError:
+                conn.close()  # reset before we could set it up: the next one
+                continue
+        return conn, peer
 
 
 def _describe_peer(peer: object) -> str:
@@ -370,7 +384,7 @@ def main(options: Options, trace: Timeline) -> int:
             announce_ready([name], ready_fd=ready_fd, ready_file=options.ready_file)
 
         if argv is not None and options.keep_open:
-            serve_children(listener, argv, limit, policy, trace)
+            serve_children(listener, argv, limit, policy, trace, options)
         if argv is not None:
             command = argv
 
