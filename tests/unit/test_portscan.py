@@ -44,3 +44,23 @@ def test_bad_items_are_named(spec: str, says: str) -> None:
     with pytest.raises(UsageError) as caught:
         parse_ports([spec])
     assert str(caught.value) == says
+
+
+def test_a_connection_to_itself_is_recognised() -> None:
+    """TCP's simultaneous open: a socket bound to a port and connected to that same port talks
+    to itself, which a scan must not report as a listener (nc.openbsd -z does, now and then)."""
+    import socket
+
+    from hopcat.cli._portscan import _self_connected
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
+        sock.connect(("127.0.0.1", port))
+        assert _self_connected(sock)
+    with socket.create_server(("127.0.0.1", 0)) as server, socket.create_connection(
+        server.getsockname()
+    ) as client:
+        assert not _self_connected(client)
