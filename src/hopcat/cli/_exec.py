@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from hopcat.cli._args import Options
 
 DEFAULT_MAX_CONNS = 100
+FD_MARGIN = 32  # descriptors kept for the listener, a connection being handed over, stdio
 
 
 def command_argv(options: Options) -> list[str]:
@@ -58,12 +59,19 @@ def _check_runnable(program: str) -> None:
 
 
 def max_conns(options: Options) -> int:
-    if options.max_conns is None:
-        return DEFAULT_MAX_CONNS
-    text = options.max_conns
-    if not (text.isdigit() and text.isascii()) or int(text) < 1:
-        raise UsageError(f"--max-conns takes a number of connections (1 or more), not {text!r}")
-    return int(text)
+    """--max-conns, within the descriptor limit (each child costs the parent one pidfd)."""
+    import resource
+
+    limit = DEFAULT_MAX_CONNS
+    if options.max_conns is not None:
+        text = options.max_conns
+        if not (text.isdigit() and text.isascii()) or int(text) < 1:
+            raise UsageError(f"--max-conns takes a number of connections (1 or more), not {text!r}")
+        limit = int(text)
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY:
+        limit = max(1, min(limit, soft - FD_MARGIN))
+    return limit
 
 
 def spawn(argv: list[str], conn: _socket.socket) -> int:

@@ -42,7 +42,6 @@ if TYPE_CHECKING:
     Relay = Callable[[socket.socket], int]
 
 BACKLOG = 16
-_RESOURCE_ERRNOS = ("EMFILE", "ENFILE", "ENOBUFS", "ENOMEM")
 
 
 class ListenError(HopcatError):
@@ -281,7 +280,13 @@ def serve_children(
                         trace(f"refused {who} (--allow/--deny)")
                         continue
                     pid = spawn(argv, conn)
-                pidfd = os.pidfd_open(pid)
+                try:
+                    pidfd = os.pidfd_open(pid)
+                except OSError as exc:  # out of descriptors after all: wait for this one
+                    trace(f"pid {pid}: {os.strerror(exc.errno or 0).lower()}; waiting for it")
+                    _pid, status = os.waitpid(pid, 0)
+                    trace(f"pid {pid} exited with status {exit_status(status)}")
+                    continue
                 children[pidfd] = pid
                 poller.register(pidfd, select.POLLIN)
                 trace(f"connection from {who}: {argv[0]} is pid {pid}")
@@ -300,22 +305,24 @@ def _accept(
     listener: socket.socket, trace: Callable[[str], None], options: Options
 ) -> tuple[socket.socket, object]:
     """The next connection, tuned as a dialled one is (TCP_NODELAY unless --nagle, --keepalive);
-    descriptor exhaustion pauses the listener (50 ms doubling to 2 s) instead of failing it."""
+    accept errors handled by ``hopcat._accept``'s rules, the same as hopcat serve's."""
     import time
 
-    pause_s = 0.05
+    from hopcat._accept import LISTENER_BROKEN, OUT_OF_RESOURCES, next_backoff
+
+    pause_s = 0.0
     while True:
         try:
             conn, peer = listener.accept()
         except OSError as exc:
-            name = errno.errorcode.get(exc.errno or 0, "")
-            if name in _RESOURCE_ERRNOS:
+            if exc.errno in OUT_OF_RESOURCES:
+                pause_s = next_backoff(pause_s)
                 trace(f"accept: {os.strerror(exc.errno or 0).lower()}; retrying in {pause_s:g} s")
                 time.sleep(pause_s)
-                pause_s = min(pause_s * 2, 2.0)
-            elif name not in ("ECONNABORTED", "EPERM", "EPROTO"):
+            elif exc.errno in LISTENER_BROKEN:
                 raise _listen_error("the listener", exc) from None
-            continue
+            continue  # that connection is gone (ECONNABORTED, EPERM...), not the listener
+        pause_s = 0.0
         if conn.family != socket.AF_UNIX:
             from hopcat.net.dial import tune_socket
 

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import errno
 import functools
 import ipaddress
 import os
@@ -57,6 +56,7 @@ import signal
 import socket
 import threading
 
+from hopcat._accept import OUT_OF_RESOURCES, next_backoff
 from hopcat._endpoint import format_hostport
 from hopcat._ready import announce_ready
 from hopcat.errors import ExitCode, HopcatError, UsageError
@@ -90,14 +90,11 @@ if TYPE_CHECKING:
 
 SWEEP_INTERVAL_S = 0.25
 ACCEPT_BATCH = 64  # accepts per readiness callback, so one listener cannot starve the rest
-BACKOFF_FIRST_S = 0.05
-BACKOFF_MAX_S = 2.0
 LIMIT_LOG_INTERVAL_S = 1.0  # at most one line per second about refused clients (floods)
 RESOLVER_WORKERS = 16
 LOOKUPS_PER_CLIENT = 4  # below RESOLVER_WORKERS: one client cannot hold every resolver thread
 HOST_REFRESH_S = 10.0
 PROTOCOLS = "socks4,socks4a,socks5,http-connect"
-_NO_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 class ServeError(HopcatError):
@@ -477,7 +474,7 @@ class Server:
             except BlockingIOError:
                 return
             except OSError as exc:
-                if exc.errno in _NO_RESOURCES:
+                if exc.errno in OUT_OF_RESOURCES:
                     self._back_off(exc)
                     return
                 continue  # ECONNABORTED, EPROTO, EPERM...: that connection is gone, not us
@@ -487,7 +484,7 @@ class Server:
                 return
 
     def _back_off(self, exc: OSError) -> None:
-        self._backoff_s = min(BACKOFF_MAX_S, self._backoff_s * 2 or BACKOFF_FIRST_S)
+        self._backoff_s = next_backoff(self._backoff_s)
         self._pause_accepting("backoff")
         self.logger.log(
             "accept-error", error=os.strerror(exc.errno or 0).lower(), connections=self.count,
