@@ -14,7 +14,11 @@ Commands (open ports read from each tool's own output):
     nmap -sT -n -Pn -p PORTS -oG - 127.0.0.1   (grepable output)
 
 Usage: python3 bench/scan.py [--ports 1-65535] [--reps 3] [--listeners 20]
-       [--tools hopcat,nc,nmap] [--hopcat CMD] [--json FILE]
+       [--tools hopcat,nc,nmap] [--hopcat CMD] [--via dante] [--json FILE]
+
+``--via dante`` scans through a fresh Dante: hopcat's and nc's own ``-x``, and nmap under
+proxychains4, the way people scan through a SOCKS proxy (use a smaller --ports range: every port
+is a connection through the proxy).
 
 Progress goes to stderr, the Markdown report to stdout. No filtered (silent) ports: every tool
 would then measure its own timeout. The machine is shared: compare within one run only.
@@ -29,8 +33,11 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
+from harness import daemons
 from harness.common import (
     HOST,
     log,
@@ -67,13 +74,41 @@ def listening_ports() -> set[int]:
     return ports
 
 
-def commands(tools: list[str], hopcat: list[str], spec: str) -> dict[str, list[str]]:
-    table = {
-        "hopcat": [*hopcat, "-zv", HOST, spec],
-        "nc": [shutil.which("nc.openbsd") or "nc.openbsd", "-zv", HOST, spec],
-        "nmap": [shutil.which("nmap") or "nmap", "-sT", "-n", "-Pn", "-p", spec, "-oG", "-", HOST],
-    }
+def commands(
+    tools: list[str], hopcat: list[str], spec: str, proxy_port: int | None, workdir: Path
+) -> dict[str, list[str]]:
+    """Each tool's command line; through the SOCKS5 proxy at ``proxy_port`` when given: hopcat's
+    and nc's own -x, nmap under proxychains4 (the way people scan through a proxy)."""
+    nc = shutil.which("nc.openbsd") or "nc.openbsd"
+    nmap = [shutil.which("nmap") or "nmap", "-sT", "-n", "-Pn", "-p", spec, "-oG", "-", HOST]
+    if proxy_port is None:
+        table = {"hopcat": [*hopcat, "-zv", HOST, spec], "nc": [nc, "-zv", HOST, spec],
+                 "nmap": nmap}  # fmt: skip
+    else:
+        conf = workdir / "proxychains.conf"
+        conf.write_text(f"strict_chain\nquiet_mode\ntcp_read_time_out 5000\n"
+                        f"tcp_connect_time_out 5000\n[ProxyList]\nsocks5 {HOST} {proxy_port}\n")
+        table = {
+            "hopcat": [*hopcat, "-zv", "-x", f"socks5h://{HOST}:{proxy_port}", HOST, spec],
+            "nc": [nc, "-zv", "-X", "5", "-x", f"{HOST}:{proxy_port}", HOST, spec],
+            "nmap": [shutil.which("proxychains4") or "proxychains4", "-q", "-f", str(conf), *nmap],
+        }
     return {tool: table[tool] for tool in tools}
+
+
+def listen_in(ports: range, count: int) -> list[socket.socket]:
+    """``count`` listeners on free ports of ``ports``, at random."""
+    import random
+
+    listeners: list[socket.socket] = []
+    for port in random.sample(ports, min(len(ports), count * 20)):
+        if len(listeners) == count:
+            break
+        try:
+            listeners.append(socket.create_server((HOST, port)))
+        except OSError:
+            continue  # taken
+    return listeners
 
 
 def run_one(argv: list[str], env: dict[str, str]) -> tuple[float, set[int], int]:
@@ -81,7 +116,7 @@ def run_one(argv: list[str], env: dict[str, str]) -> tuple[float, set[int], int]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=env,
                           stdin=subprocess.DEVNULL)  # fmt: skip
     seconds = time.perf_counter() - started
-    if "nmap" in os.path.basename(argv[0]):
+    if any(os.path.basename(arg) == "nmap" for arg in argv[:5]):  # proxychains4 ... nmap too
         found = {int(port) for port in NMAP_OPEN.findall(done.stdout)}
     else:
         found = {int(port) for port in SUCCEEDED.findall(done.stderr)}
@@ -96,6 +131,8 @@ def main() -> int:
     parser.add_argument("--listeners", type=int, default=20, help="open ports added (default 20)")
     parser.add_argument("--tools", default="hopcat,nc,nmap", help="default hopcat,nc,nmap")
     parser.add_argument("--hopcat", metavar="CMD", help="hopcat command (see bench/README.md)")
+    parser.add_argument("--via", choices=["dante"],
+                        help="scan through a fresh Dante (nmap under proxychains4)")
     parser.add_argument("--json", metavar="FILE", help="also write the raw runs as JSON")
     args = parser.parse_args()
     meta = machine_meta()
@@ -109,10 +146,15 @@ def main() -> int:
             log(f"{tool} skipped: {program} not installed")
         else:
             tools.append(tool)
-    argvs = commands(tools, hopcat or [], args.ports)
     low, _, high = args.ports.partition("-")
     span = int(high or low) - int(low) + 1
-    listeners = [socket.create_server((HOST, 0)) for _ in range(args.listeners)]
+    workdir = Path(tempfile.mkdtemp(prefix="hopcat-bench-scan-"))
+    proxy = daemons.start("dante", workdir / "dante") if args.via else None
+    if proxy is not None and "nmap" in tools and shutil.which("proxychains4") is None:
+        log("nmap skipped: proxychains4 not installed (apt-get install proxychains4)")
+        tools.remove("nmap")
+    argvs = commands(tools, hopcat or [], args.ports, proxy.port if proxy else None, workdir)
+    listeners = listen_in(range(int(low), int(high or low) + 1), args.listeners)
     runs: dict[str, list[dict[str, object]]] = {tool: [] for tool in tools}
     try:
         for rep in range(args.reps):
@@ -132,6 +174,9 @@ def main() -> int:
     finally:
         for sock in listeners:
             sock.close()
+        if proxy is not None:
+            proxy.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
     rows = []
     for tool in tools:
         times = [float(str(run["seconds"])) for run in runs[tool]]
@@ -142,7 +187,8 @@ def main() -> int:
     print("# hopcat port-scan benchmark\n")
     print(f"- command: `{meta['command']}`")
     print(machine_line(meta))
-    print(f"- {span} ports on {HOST}, {args.listeners} extra listeners, {args.reps} reps\n")
+    via = f" through Dante {daemons.version('dante')}" if args.via else ""
+    print(f"- {span} ports on {HOST}{via}, {len(listeners)} extra listeners, {args.reps} reps\n")
     print(md_table(["tool", "wall s (median)", "range", "ports/s", "exact runs", "command"],
                    rows, right={1, 2, 3, 4}))  # fmt: skip
     write_json(args.json, {"meta": meta, "commands": argvs, "runs": runs})
