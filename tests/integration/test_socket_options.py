@@ -100,40 +100,31 @@ def test_bad_values_are_one_line_and_exit_64() -> None:
         assert result.returncode == 64 and result.stderr.count(b"\n") == 1, (args, result.stderr)
 
 
-def test_crlf_line_endings_reach_the_server() -> None:
+def received_from(*args: str, stdin: bytes) -> list[tuple[float, bytes]]:
+    """What a server gets from ``hopcat ARGS`` fed ``stdin``: (arrival time, bytes) per read."""
     with socket.create_server(("127.0.0.1", 0)) as server:
-        proc = subprocess.Popen([*HOPCAT, "-C", "127.0.0.1", str(server.getsockname()[1])],
+        proc = subprocess.Popen([*HOPCAT, *args, "127.0.0.1", str(server.getsockname()[1])],
                                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                 env=clean_env())  # fmt: skip
         server.settimeout(10)
         conn, _ = server.accept()
         with conn:
             assert proc.stdin is not None
-            proc.stdin.write(b"EHLO me\nMAIL FROM:<a@b>\r\nQUIT\n")
+            proc.stdin.write(stdin)
             proc.stdin.close()
-            got = b""
+            reads = []
             while chunk := conn.recv(4096):
-                got += chunk
+                reads.append((time.monotonic(), chunk))
         assert proc.wait(10) == 0
-    assert got == b"EHLO me\r\nMAIL FROM:<a@b>\r\nQUIT\r\n"
+    return reads
+
+
+def test_crlf_line_endings_reach_the_server() -> None:
+    reads = received_from("-C", stdin=b"EHLO me\nMAIL FROM:<a@b>\r\nQUIT\n")
+    assert b"".join(data for _at, data in reads) == b"EHLO me\r\nMAIL FROM:<a@b>\r\nQUIT\r\n"
 
 
 def test_interval_paces_the_lines_sent() -> None:
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        proc = subprocess.Popen([*HOPCAT, "-i", "0.3", "127.0.0.1", str(server.getsockname()[1])],
-                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                env=clean_env())  # fmt: skip
-        server.settimeout(10)
-        conn, _ = server.accept()
-        with conn:
-            assert proc.stdin is not None
-            proc.stdin.write(b"one\ntwo\nthree")
-            proc.stdin.close()
-            arrivals = []
-            got = b""
-            while chunk := conn.recv(4096):
-                got += chunk
-                arrivals.append(time.monotonic())
-        assert proc.wait(10) == 0
-    assert got == b"one\ntwo\nthree"
-    assert len(arrivals) == 3 and arrivals[2] - arrivals[0] >= 0.55, arrivals
+    reads = received_from("-i", "0.3", stdin=b"one\ntwo\nthree")
+    assert [data for _at, data in reads] == [b"one\n", b"two\n", b"three"]
+    assert reads[2][0] - reads[0][0] >= 0.55, reads

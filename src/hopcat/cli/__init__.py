@@ -191,7 +191,7 @@ def _connect_and_relay(options: Options, trace: Timeline) -> int:
 
     from hopcat._endpoint import format_hostport, parse_port, validate_host
     from hopcat._environment import fill_users, proxies_from_environment
-    from hopcat.cli._args import DEFAULT_CONNECT_TIMEOUT_S
+    from hopcat.cli._args import DEFAULT_CONNECT_TIMEOUT_S, address_family
     from hopcat.cli._proxy import fill_passwords, proxies_from_command_line
     from hopcat.errors import UsageError
 
@@ -205,11 +205,7 @@ def _connect_and_relay(options: Options, trace: Timeline) -> int:
     # 0 means no timeout; every wait below is capped on its own (dial.MAX_WAIT_S), so an infinite
     # or very distant deadline is safe.
     deadline = time.monotonic() + timeout_s if timeout_s > 0 else float("inf")
-    family = socket.AF_UNSPEC
-    if options.ipv4_only:
-        family = socket.AF_INET
-    elif options.ipv6_only:
-        family = socket.AF_INET6
+    family = address_family(options)
 
     hops = proxies_from_command_line(options)
     why_direct = "direct: proxies in the environment ignored (--no-proxy)"

@@ -287,6 +287,15 @@ def parse_args(argv: Sequence[str]) -> Options:
     return options
 
 
+def address_family(options: Options) -> int:
+    """-4 or -6 as an address family (AF_UNSPEC: either)."""
+    import _socket
+
+    if options.ipv4_only:
+        return _socket.AF_INET
+    return _socket.AF_INET6 if options.ipv6_only else _socket.AF_UNSPEC
+
+
 def _borrowed_letters(options: Options) -> None:
     """Read the letters the tools disagree on the way the tool the line was copied from does.
 

@@ -152,10 +152,8 @@ def unix_address(path: str) -> str | bytes:
 
 def _unix_listener(path: str, tuning: Tuning | None) -> tuple[socket.socket, str, str | None]:
     address = unix_address(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _unix_socket(tuning)
     try:
-        if tuning is not None:
-            tuning.apply(sock, socket.AF_UNIX)
         try:
             sock.bind(address)
         except OSError as exc:
@@ -167,6 +165,17 @@ def _unix_listener(path: str, tuning: Tuning | None) -> tuple[socket.socket, str
         sock.close()
         raise
     return sock, path, None if isinstance(address, bytes) else path
+
+
+def _unix_socket(tuning: Tuning | None) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if tuning is not None:
+        try:
+            tuning.apply(sock, socket.AF_UNIX)
+        except BaseException:
+            sock.close()
+            raise
+    return sock
 
 
 def _occupied(path: str) -> str:
@@ -441,11 +450,8 @@ def _connect_unix(options: Options, trace: Timeline) -> int:
         raise UsageError("-U takes one operand, the socket's PATH (@name: abstract)")
     path = options.operands[0]
     argv = _exec_argv(options)
-    tuning = socket_tuning(options)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _unix_socket(socket_tuning(options))
     try:
-        if tuning is not None:
-            tuning.apply(sock, socket.AF_UNIX)
         try:
             sock.connect(unix_address(path))
         except OSError as exc:

@@ -431,11 +431,9 @@ def run(options: Options) -> int:
             parallel = 0
         if parallel < 1:
             raise UsageError(f"--max-parallel takes a positive number, not {options.max_parallel!r}")
-    family = socket.AF_UNSPEC
-    if options.ipv4_only:
-        family = socket.AF_INET
-    elif options.ipv6_only:
-        family = socket.AF_INET6
+    from hopcat.cli._args import address_family
+
+    family = address_family(options)
     hops = proxies_from_command_line(options)
     if not hops and not options.no_proxy:
         hops, _why = proxies_from_environment(os.environ, host)
