@@ -460,3 +460,34 @@ def test_ssh_through_nc_to_a_listening_hopcat_that_execs_hopcat(
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[0].decode() == sha256(up)
     assert listener.wait() == 0
+
+
+def test_an_exec_child_dies_of_sigpipe_when_its_client_leaves(
+    listen: Callable[..., Listener],
+) -> None:
+    """The program gets SIGPIPE's default action back (Python ignores it): a writer whose client
+    left dies instead of looping on EPIPE for ever."""
+    listener = listen("127.0.0.1", "0", "--sh-exec", "while :; do echo tick; done", stdin=False)
+    with socket.create_connection(("127.0.0.1", listener.port), timeout=10) as conn:
+        assert conn.recv(5) == b"tick\n"
+    assert listener.wait() == 128 + 13
+
+
+def test_a_unix_socket_with_a_full_backlog_is_in_use_not_a_hang(tmp_path: Path) -> None:
+    path = tmp_path / "busy.sock"
+    with socket.socket(socket.AF_UNIX) as busy:
+        busy.bind(str(path))
+        busy.listen(0)
+        waiting = []
+        for _ in range(4):  # fill the backlog: the next connect would block
+            client = socket.socket(socket.AF_UNIX)
+            client.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                client.connect(str(path))
+            waiting.append(client)
+        try:
+            result = run_hopcat("-l", "-U", str(path), timeout=10)
+        finally:
+            for client in waiting:
+                client.close()
+    assert result.returncode == 69 and b"in use by another program" in result.stderr

@@ -152,10 +152,13 @@ class _SocketRunner:
         """The first hop by address: the loop's Happy Eyeballs in callbacks, no task."""
         from hopcat.aio._dial import Dialer
 
-        infos = socket.getaddrinfo(step.host, step.port, self.io.family, socket.SOCK_STREAM,
-                                   socket.IPPROTO_TCP, socket.AI_NUMERICHOST)  # fmt: skip
-        candidates = [(info[0], info[4]) for info in interleave_families(infos)]
         where = format_hostport(step.host, step.port)
+        try:
+            infos = socket.getaddrinfo(step.host, step.port, self.io.family, socket.SOCK_STREAM,
+                                       socket.IPPROTO_TCP, socket.AI_NUMERICHOST)  # fmt: skip
+        except socket.gaierror as exc:  # e.g. an IPv6 hop under family=AF_INET
+            raise ResolveError(f"resolve {where}: {describe_oserror(exc)}") from None
+        candidates = [(info[0], info[4]) for info in interleave_families(infos)]
 
         def on_done(sock: socket.socket | None, failures: list[tuple[Any, int]]) -> None:
             self.dialer = None
@@ -163,12 +166,13 @@ class _SocketRunner:
                 labelled = [(sockaddr_text(sockaddr), code) for sockaddr, code in failures]
                 self.advance(None, connect_failed(where, labelled))
                 return
-            self.io.sock = sock
             try:
                 self.io.connected(sock)
             except OSError as exc:
+                sock.close()
                 self.advance(None, exc)
                 return
+            self.io.sock = sock
             self.advance(None, None)
 
         self.dialer = Dialer(self.loop, candidates, on_done)
@@ -313,7 +317,11 @@ class _IO:
         infos = await self.lookup(step.host, step.port, self.family)
         candidates = [(info[0], info[4]) for info in interleave_families(infos)]
         sock = await dial(candidates, where=f"{step.host}:{step.port}")
-        self.connected(sock)
+        try:
+            self.connected(sock)
+        except BaseException:
+            sock.close()
+            raise
         return sock
 
     def connected(self, sock: socket.socket) -> None:

@@ -295,11 +295,12 @@ def _connect_and_relay(options: Options, trace: Timeline) -> int:
 
 def relay_connected(
     sock: _socket.socket, options: Options, trace: Timeline, *, initial_down: bytes = b"",
-    close_output: bool = True,
+    close_output: bool = True, in_fd: int | None = None,
 ) -> int:
     """Relay stdin and stdout over the connected ``sock`` (any stream socket) under the
     end-of-stream rules; 0, or a HopcatError raised. ``close_output``: close stdout at the
-    peer's EOF (not for a listener that serves the next client on the same stdout)."""
+    peer's EOF (not for a listener that serves the next client on the same stdout). ``in_fd``:
+    what to read instead of stdin (a listener's one -C/-i pipe, shared by its clients)."""
     from hopcat.errors import HopcatError
     from hopcat.relay.pump import RelayOptions, relay
 
@@ -312,11 +313,13 @@ def relay_connected(
         close_output=close_output,
     )
     counters = _tcp_counters(sock) if trace.enabled else None
-    in_fd = 0
-    if (options.crlf or options.interval_s) and not options.no_stdin:
-        from hopcat.cli._lines import paced_stdin
+    own_pipe = None
+    if in_fd is None:
+        in_fd = 0
+        if (options.crlf or options.interval_s) and not options.no_stdin:
+            from hopcat.cli._lines import paced_stdin
 
-        in_fd = paced_stdin(options.crlf, options.interval_s or 0.0)
+            in_fd = own_pipe = paced_stdin(options.crlf, options.interval_s or 0.0)
     try:
         stats = relay(
             sock, in_fd, 1, options=relay_options, initial_down=initial_down,
@@ -327,8 +330,8 @@ def relay_connected(
             _trace_counters_at_error(trace, sock, counters, len(initial_down))
         raise
     finally:
-        if in_fd:
-            os.close(in_fd)
+        if own_pipe is not None:
+            os.close(own_pipe)
     if trace.enabled:
         seconds = max(stats.seconds, 1e-9)
         trace(

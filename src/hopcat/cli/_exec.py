@@ -33,17 +33,23 @@ FD_MARGIN = 32  # descriptors kept for the listener, a connection being handed o
 
 
 def command_argv(options: Options) -> list[str]:
+    """The program to run, checked to be runnable. SIGCHLD goes back to its default: inherited
+    as ignored, the kernel would reap our children before we could wait for their status."""
+    import signal
+
     if options.exec_cmd is not None and options.sh_exec is not None:
         raise UsageError("--exec and --sh-exec exclude each other")
     if options.sh_exec is not None:
         if not options.sh_exec.strip():
             raise UsageError("--sh-exec needs a command")
-        return ["/bin/sh", "-c", options.sh_exec]
-    assert options.exec_cmd is not None
-    argv = options.exec_cmd.split()
-    if not argv:
-        raise UsageError("-e/--exec needs a command")
-    _check_runnable(argv[0])
+        argv = ["/bin/sh", "-c", options.sh_exec]
+    else:
+        assert options.exec_cmd is not None
+        argv = options.exec_cmd.split()
+        if not argv:
+            raise UsageError("-e/--exec needs a command")
+        _check_runnable(argv[0])
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     return argv
 
 
@@ -76,10 +82,15 @@ def max_conns(options: Options) -> int:
 
 def spawn(argv: list[str], conn: _socket.socket) -> int:
     """Start ``argv`` with ``conn`` as its stdin and stdout; its pid."""
+    import signal
+
     conn.setblocking(True)
     fd = conn.fileno()
+    # Python ignores SIGPIPE (and SIGXFSZ) and a spawned program would inherit that: a shell
+    # loop writing to a client that left would spin on EPIPE for ever instead of dying.
+    signals = (signal.SIGPIPE, signal.SIGXFSZ)
     try:
-        return os.posix_spawnp(argv[0], argv, dict(os.environ),
+        return os.posix_spawnp(argv[0], argv, dict(os.environ), setsigdef=signals,
                                file_actions=[(os.POSIX_SPAWN_DUP2, fd, 0),
                                              (os.POSIX_SPAWN_DUP2, fd, 1)])  # fmt: skip
     except OSError as exc:

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     Relay = Callable[[socket.socket], int]
 
 BACKLOG = 16
+_NO_IPV6 = (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT)
 
 
 class ListenError(HopcatError):
@@ -86,9 +87,9 @@ def _tcp_listener(address: str | None, port: int, options: Options) -> socket.so
                 return _bind_tcp(socket.AF_INET6, ("::", port), tuning,
                                  v6only=family == socket.AF_INET6)  # fmt: skip
             except OSError as exc:
-                if family == socket.AF_INET6 or exc.errno is None:
+                if family == socket.AF_INET6 or exc.errno not in _NO_IPV6:
                     raise _listen_error(f"[::]:{port}", exc) from None
-                # No IPv6 here (EAFNOSUPPORT, EADDRNOTAVAIL): IPv4 alone.
+                # No IPv6 here: IPv4 alone.
         try:
             return _bind_tcp(socket.AF_INET, ("0.0.0.0", port), tuning)
         except OSError as exc:
@@ -160,7 +161,12 @@ def _unix_listener(path: str, tuning: Tuning | None) -> tuple[socket.socket, str
             if exc.errno == errno.EADDRINUSE:
                 raise ListenError(_occupied(path)) from None
             raise _listen_error(path, exc) from None
-        sock.listen(BACKLOG)
+        try:
+            sock.listen(BACKLOG)
+        except OSError as exc:
+            if not isinstance(address, bytes):
+                os.unlink(path)  # ours: bound a moment ago
+            raise _listen_error(path, exc) from None
     except BaseException:
         sock.close()
         raise
@@ -191,13 +197,18 @@ def _occupied(path: str) -> str:
     if not stat.S_ISSOCK(mode):
         return f"listen on {path}: the path exists and is not a socket"
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)  # a listener with a full backlog must not hang us
     try:
         probe.connect(path)
-    except OSError:
+    except BlockingIOError:
+        pass  # someone listens there, too busy to take us
+    except ConnectionRefusedError:
         return (
             f"listen on {path}: a stale socket file (nothing listens on it); "
             "remove it if it is yours"
         )
+    except OSError:
+        return f"listen on {path}: address in use"
     finally:
         probe.close()
     return f"listen on {path}: in use by another program"
@@ -261,7 +272,7 @@ def serve_children(
     at the limit the listener is left unread, so clients wait in the backlog."""
     import select
 
-    from hopcat.cli._exec import exit_status, spawn
+    from hopcat.cli._exec import ExecError, exit_status, spawn
 
     children: dict[int, int] = {}  # pidfd -> pid
     poller = select.poll()
@@ -288,7 +299,13 @@ def serve_children(
                     if not _allowed(policy, peer):
                         trace(f"refused {who} (--allow/--deny)")
                         continue
-                    pid = spawn(argv, conn)
+                    try:
+                        pid = spawn(argv, conn)
+                    except ExecError as exc:  # out of processes for now: this client only
+                        from hopcat.cli import _fail
+
+                        _fail(f"{who}: {exc}", exc.exit_code)
+                        continue
                 try:
                     pidfd = os.pidfd_open(pid)
                 except OSError as exc:  # out of descriptors after all: wait for this one
@@ -361,10 +378,16 @@ def bound_name(listener: socket.socket, unix_path: str) -> str:
     return format_hostport(str(host), int(port))
 
 
-def remove_socket_file(path: str, inode: int) -> None:
-    """Unlink the socket file we created, unless another file has taken its place."""
+def file_identity(path: str) -> tuple[int, int, int]:
+    status = os.lstat(path)
+    return status.st_dev, status.st_ino, status.st_ctime_ns
+
+
+def remove_socket_file(path: str, identity: tuple[int, int, int] | None) -> None:
+    """Unlink the socket file we created, unless another file has taken its place (an inode
+    number alone is soon reused)."""
     try:
-        if os.lstat(path).st_ino == inode:
+        if identity is not None and file_identity(path) == identity:
             os.unlink(path)
     except OSError:
         pass
@@ -390,7 +413,10 @@ def main(options: Options, trace: Timeline) -> int:
     elif options.max_conns is not None:
         raise UsageError("--max-conns bounds the children of -k with --exec/--sh-exec")
     listener, unix_path, created = listening_socket(options)
-    inode = os.lstat(created).st_ino if created else 0
+    try:
+        identity = file_identity(created) if created else None
+    except OSError:
+        identity = None
     try:
         name = bound_name(listener, unix_path)
         trace(f"listening on {name}")
@@ -409,15 +435,24 @@ def main(options: Options, trace: Timeline) -> int:
 
                 return run_child(command, conn)
         else:
+            # -C/-i: one feeding thread for the whole process, whose pipe every client's relay
+            # reads in turn (a thread per client would race the last one for stdin).
+            if (options.crlf or options.interval_s) and not options.no_stdin:
+                from hopcat.cli._lines import paced_stdin
+
+                shared_in = paced_stdin(options.crlf, options.interval_s or 0.0)
+            else:
+                shared_in = 0
 
             def relay(conn: socket.socket) -> int:
-                return relay_connected(conn, options, trace, close_output=not options.keep_open)
+                return relay_connected(conn, options, trace, close_output=not options.keep_open,
+                                       in_fd=shared_in)  # fmt: skip
 
         return serve_connections(listener, options, trace, relay, policy)
     finally:
         listener.close()
         if created:
-            remove_socket_file(created, inode)
+            remove_socket_file(created, identity)
 
 
 def _exec_argv(options: Options) -> list[str] | None:

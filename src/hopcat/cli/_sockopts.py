@@ -64,6 +64,16 @@ class Tuning:
                              socket.IPV6_UNICAST_HOPS if v6 else socket.IP_TTL, self.ttl))  # fmt: skip
         if self.debug:
             settings.append(("-D", socket.SOL_SOCKET, socket.SO_DEBUG, 1))
+        if v6:  # a dual-stack socket's IPv4 clients (mapped addresses) take the IPv4 options
+            for level, option, value in (
+                (socket.IPPROTO_IP, socket.IP_TOS, self.tos),
+                (socket.IPPROTO_IP, socket.IP_TTL, self.ttl),
+            ):
+                if value is not None:
+                    try:
+                        sock.setsockopt(level, option, value)
+                    except OSError:
+                        pass  # an IPv6-only socket: nothing mapped to apply them to
         for flag, level, option, value in settings:
             if family == socket.AF_UNIX and flag in ("-T", "-M"):
                 continue  # no IP header on a Unix socket

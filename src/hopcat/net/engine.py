@@ -238,6 +238,10 @@ def tunnel_plan(
         )
         _locate(timeout, hops, 0)
         raise timeout from None
+    except OSError as exc:  # e.g. the first hop reset right after accepting (getpeername)
+        unreachable = ProxyUnreachableError(f"unreachable: {_describe(exc)}", errno=exc.errno)
+        _locate(unreachable, hops, 0)
+        raise unreachable from None
     infos[0].connect_ms = (clock() - started) * 1000
     if trace is not None:
         trace(f"hop 1/{count}: TCP connected in {infos[0].connect_ms:.1f} ms")
