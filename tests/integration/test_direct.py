@@ -313,6 +313,28 @@ def test_stdout_reader_gone_after_stdin_eof_is_a_quiet_end() -> None:
     assert err == b""
 
 
+@pytest.mark.parametrize("gap_s", [0.0, 0.02])
+def test_stdout_reader_gone_just_before_stdin_ends_is_a_quiet_end(gap_s: float) -> None:
+    """ssh at exit closes our stdout, then our stdin: the EPIPE may come first."""
+    down = pattern(8 << 20, 15)
+    with exchange(down, close_after_up=0) as server:
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        proc = _spawn([server.host, str(server.port)], in_r, out_w)
+        os.close(in_r)
+        os.close(out_w)
+        select.select([out_r], [], [], 10)
+        os.close(out_r)
+        time.sleep(gap_s)
+        os.close(in_w)
+        try:
+            assert proc.wait(30) == 0
+            err = proc.stderr.read()  # type: ignore[union-attr]
+        finally:
+            proc.stderr.close()  # type: ignore[union-attr]
+    assert err == b""
+
+
 # -- after the peer's FIN, stdin is sent while it has bytes ready (README: End of stream) -------
 
 

@@ -37,6 +37,10 @@ End-of-stream policy (the reason this tool exists; nc and ncat get parts of it w
   EOF instead, for servers that half-close and still read.
 * If the peer stops reading too (RST, EPIPE) while stdin still has bytes, that is an error
   naming how many bytes were sent and how many of stdin's were left: never a quiet exit 0.
+* stdout's reader gone (EPIPE) is an error naming the bytes delivered, unless stdin has ended
+  too: at its EOF, or its writer gone with nothing unread within ``WRITER_LEFT_GRACE_MS``.
+  Then whoever ran us closed both ends (ssh at its exit closes them one after the other, in
+  either order) and the session ends quietly.
 * POLLHUP without POLLIN (a pipe whose writer left) still means "read until EOF": the read, not
   the poll flag, decides that the stream ended.
 * ``idle_timeout_s`` (-w): no byte moved either way for that long -> HopcatTimeoutError. Any
@@ -93,6 +97,7 @@ COALESCE_WAIT_S = 0.002
 MAX_POLL_MS = 2**31 - 1  # poll() takes a C int: longer waits are done in several polls
 
 _GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN)
+WRITER_LEFT_GRACE_MS = 100
 
 
 class RelayOptions:
@@ -597,11 +602,15 @@ def relay(
                         try:
                             flow.on_ready(fd)
                         except OSError as exc:
-                            if flow is down and exc.errno == errno.EPIPE and up.finished:
-                                # stdout's reader left after stdin ended: whoever ran us (ssh,
-                                # at exit) closed both ends, so the session is over.
+                            if flow is down and exc.errno == errno.EPIPE and (
+                                up.finished or (opts.read_stdin and _writer_left(in_fd))
+                            ):
+                                # stdout's reader left after stdin ended, or as stdin's writer
+                                # left with nothing unread: whoever ran us (ssh, at its exit)
+                                # closed both ends, in either order, so the session is over.
                                 if trace:
-                                    trace("stdout's reader went away after stdin EOF; ending quietly")
+                                    trace("stdout's reader went away and stdin ended; "
+                                          "ending quietly")  # fmt: skip
                                 return stats
                             raise _relay_error(flow, exc) from None
                         break
@@ -619,6 +628,17 @@ def relay(
             except OSError:
                 pass
     return stats
+
+
+def _writer_left(fd: int) -> bool:
+    """Whether ``fd`` (stdin) has hung up with nothing left to read, now or within
+    ``WRITER_LEFT_GRACE_MS``: ssh closes our stdout and our stdin one after the other when it
+    exits, and the EPIPE on stdout can come first."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    for _fd, events in poller.poll(WRITER_LEFT_GRACE_MS):
+        return bool(events & select.POLLHUP) and not _bytes_ready(fd)
+    return False
 
 
 def _bytes_ready(fd: int) -> int:
