@@ -273,9 +273,11 @@ def test_verbose_timeline_and_quiet_default() -> None:
     assert "done in" in text and "up 4 bytes" in text and "down 4 bytes" in text
 
 
-def test_stdout_reader_gone_is_reported() -> None:
-    down = pattern(8 << 20, 12)
-    with exchange(down, close_after_up=0) as server:
+def _stdout_reader_leaves(seed: int, stdin_ends_after_s: float | None) -> tuple[int, bytes]:
+    """hopcat relaying 8 MiB to a stdout pipe whose reader leaves after the first bytes; its
+    stdin a pipe whose writer leaves ``stdin_ends_after_s`` later (None: once hopcat exited).
+    Returns hopcat's exit status and stderr."""
+    with exchange(pattern(8 << 20, seed), close_after_up=0) as server:
         in_r, in_w = os.pipe()
         out_r, out_w = os.pipe()
         proc = _spawn([server.host, str(server.port)], in_r, out_w)
@@ -283,12 +285,22 @@ def test_stdout_reader_gone_is_reported() -> None:
         os.close(out_w)
         select.select([out_r], [], [], 10)
         os.close(out_r)  # the reader leaves before the peer's data is all delivered
-        try:
-            assert proc.wait(30) == 74
-            err = proc.stderr.read()  # type: ignore[union-attr]
-        finally:
+        if stdin_ends_after_s is not None:
+            time.sleep(stdin_ends_after_s)
             os.close(in_w)
+        try:
+            code = proc.wait(30)
+            err: bytes = proc.stderr.read()  # type: ignore[union-attr]
+        finally:
+            if stdin_ends_after_s is None:
+                os.close(in_w)
             proc.stderr.close()  # type: ignore[union-attr]
+    return code, err
+
+
+def test_stdout_reader_gone_is_reported() -> None:
+    code, err = _stdout_reader_leaves(12, None)
+    assert code == 74
     assert err.startswith(b"hopcat: writing to stdout: broken pipe, the reader went away")
     assert err.count(b"\n") == 1
 
@@ -316,23 +328,7 @@ def test_stdout_reader_gone_after_stdin_eof_is_a_quiet_end() -> None:
 @pytest.mark.parametrize("gap_s", [0.0, 0.02])
 def test_stdout_reader_gone_just_before_stdin_ends_is_a_quiet_end(gap_s: float) -> None:
     """ssh at exit closes our stdout, then our stdin: the EPIPE may come first."""
-    down = pattern(8 << 20, 15)
-    with exchange(down, close_after_up=0) as server:
-        in_r, in_w = os.pipe()
-        out_r, out_w = os.pipe()
-        proc = _spawn([server.host, str(server.port)], in_r, out_w)
-        os.close(in_r)
-        os.close(out_w)
-        select.select([out_r], [], [], 10)
-        os.close(out_r)
-        time.sleep(gap_s)
-        os.close(in_w)
-        try:
-            assert proc.wait(30) == 0
-            err = proc.stderr.read()  # type: ignore[union-attr]
-        finally:
-            proc.stderr.close()  # type: ignore[union-attr]
-    assert err == b""
+    assert _stdout_reader_leaves(15, gap_s) == (0, b"")
 
 
 # -- after the peer's FIN, stdin is sent while it has bytes ready (README: End of stream) -------
