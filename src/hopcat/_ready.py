@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from hopcat.errors import ExitCode, HopcatError
+from hopcat.errors import ExitCode, HopcatError, UsageError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -20,6 +20,16 @@ class ReadyFileError(HopcatError):
     """The --ready-file could not be written."""
 
     exit_code = ExitCode.UNAVAILABLE
+
+
+def check_ready_fd(fd: int) -> int:
+    """``fd`` if it is an open descriptor; a UsageError otherwise (a number too large for one
+    included)."""
+    try:
+        os.fstat(fd)
+    except (OSError, OverflowError):
+        raise UsageError(f"--ready-fd {fd}: not an open descriptor") from None
+    return fd
 
 
 def announce_ready(addresses: Sequence[str], *, ready_fd: int | None, ready_file: str | None) -> None:

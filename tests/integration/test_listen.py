@@ -244,6 +244,9 @@ def test_a_port_in_use_is_one_line_and_exit_69() -> None:
         (["-l", "--allow", "not-an-address", "1"], "--allow"),
         (["-l", "-U", "--allow", "127.0.0.1", "/tmp/x.sock"], "a Unix socket has none"),
         (["-U", "a", "b"], "-U takes one operand"),
+        (["-l", "--ready-fd", "99999999999999999999", "0"], "not an open descriptor"),
+        (["serve", "127.0.0.1:0", "--ready-fd", "99999999999999999999"], "not an open descriptor"),
+        (["-l", "--allow", "1.2.3.4/99", "0"], "--allow '1.2.3.4/99'"),
     ],
 )
 def test_bad_listen_arguments_are_usage_errors(args: list[str], message: str) -> None:

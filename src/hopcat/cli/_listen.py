@@ -229,7 +229,7 @@ def client_policy(options: Options) -> Policy | None:
             for item in text.split(","):
                 if not item.strip():
                     raise UsageError(f"{flag} {text!r}: an empty item")
-                rules.append(parse_client_rule(item.strip(), allow))
+                rules.append(parse_client_rule(item.strip(), allow, what=flag))
     if options.allow:
         rules.append(parse_client_rule("*", False))
     return Policy(RuleSet(rules), restrict_local=False)
@@ -468,12 +468,9 @@ def _ready_fd(text: str | None) -> int | None:
         return None
     if not (text.isdigit() and text.isascii()):
         raise UsageError(f"--ready-fd takes a descriptor number, not {text!r}")
-    fd = int(text)
-    try:
-        os.fstat(fd)
-    except OSError:
-        raise UsageError(f"--ready-fd {fd}: not an open descriptor") from None
-    return fd
+    from hopcat._ready import check_ready_fd
+
+    return check_ready_fd(int(text))
 
 
 def _connect_unix(options: Options, trace: Timeline) -> int:

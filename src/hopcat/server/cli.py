@@ -354,10 +354,9 @@ def finish(options: ServeOptions) -> ServeOptions:
     if options.handshake_timeout_s <= 0 or options.connect_timeout_s <= 0:
         raise UsageError("--handshake-timeout and --connect-timeout must be above 0")
     if options.ready_fd is not None:
-        try:
-            os.fstat(options.ready_fd)
-        except OSError:
-            raise UsageError(f"--ready-fd {options.ready_fd}: not an open descriptor") from None
+        from hopcat._ready import check_ready_fd
+
+        check_ready_fd(options.ready_fd)
     addresses: list[tuple[int, SockAddr]] = []
     for text in options.listen or [DEFAULT_LISTEN]:
         for item in _listen_addresses(text):

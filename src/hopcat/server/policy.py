@@ -355,8 +355,10 @@ def parse_dest_rule(text: str, allow: bool) -> DestRule:
     return DestRule(allow, text, ports, glob=re.compile(fnmatch.translate(pattern)))
 
 
-def parse_client_rule(text: str, allow: bool) -> ClientRule:
-    what = "--allow-client" if allow else "--deny-client"
+def parse_client_rule(text: str, allow: bool, what: str = "") -> ClientRule:
+    """An address or CIDR network (``*``/``all``: everyone); ``what`` names the option in
+    errors (default: serve's --allow-client/--deny-client)."""
+    what = what or ("--allow-client" if allow else "--deny-client")
     if text in ("*", "all"):
         return ClientRule(allow, text, None)
     return ClientRule(allow, text, parse_network(text, what=what))
