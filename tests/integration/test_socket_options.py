@@ -128,3 +128,22 @@ def test_interval_paces_the_lines_sent() -> None:
     reads = received_from("-i", "0.3", stdin=b"one\ntwo\nthree")
     assert [data for _at, data in reads] == [b"one\n", b"two\n", b"three"]
     assert reads[2][0] - reads[0][0] >= 0.55, reads
+
+
+def test_an_interval_beyond_what_time_t_holds_is_just_long() -> None:
+    """-i takes any finite number, as every other wait does: the pause is slept in pieces."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        proc = subprocess.Popen([*HOPCAT, "-i", "1e12", "127.0.0.1", str(server.getsockname()[1])],
+                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, env=clean_env())  # fmt: skip
+        server.settimeout(10)
+        conn, _ = server.accept()
+        assert proc.stdin is not None and proc.stderr is not None
+        proc.stdin.write(b"first\nsecond\n")
+        proc.stdin.flush()
+        with conn:
+            assert conn.recv(100) == b"first\n"
+        assert proc.wait(10) == 0
+        assert proc.stderr.read() == b""
+        proc.stdin.close()
+        proc.stderr.close()

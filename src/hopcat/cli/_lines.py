@@ -39,7 +39,6 @@ def to_crlf(data: bytes, after_cr: bool) -> bytes:
 
 def _rewrite(write_fd: int, crlf: bool, interval_s: float) -> None:
     import select
-    import time
 
     after_cr = False
     partial = b""  # with -i: the start of a line whose LF has not come yet
@@ -62,11 +61,22 @@ def _rewrite(write_fd: int, crlf: bool, interval_s: float) -> None:
             *lines, partial = (partial + data).split(b"\n")
             for line in lines:
                 _write_all(write_fd, line + b"\n")
-                time.sleep(interval_s)
+                _pause(interval_s)
     except OSError:
         return  # the relay has ended (EPIPE) or stdin failed: nothing more to send
     finally:
         os.close(write_fd)
+
+
+def _pause(seconds: float) -> None:
+    """Sleep ``seconds``, however long: time.sleep refuses what time_t cannot hold."""
+    import time
+
+    from hopcat.net.dial import MAX_WAIT_S
+
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(left, MAX_WAIT_S))
 
 
 def _write_all(fd: int, data: bytes) -> None:
