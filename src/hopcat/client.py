@@ -310,19 +310,19 @@ def open_tunnel(
     chain = as_chain(via)
     limit = DEFAULT_TIMEOUT_S if timeout is _DEFAULT else timeout
     deadline = float("inf") if limit is None else time.monotonic() + limit
-    source = None
+    source, source_port = None, 0
     if source_address is not None:
         source, source_port = source_address
-        if source_port:
-            raise ValueError("source_address: binding a source port is not supported (give 0)")
+        source = source or None  # socket.create_connection's ("", port): any local address
     info: tuple[HopInfo, ...] = ()
     if len(chain) == 0:
-        raw: Any = dial_tcp(host, port, deadline=deadline, family=family, source=source)
+        raw: Any = dial_tcp(host, port, deadline=deadline, family=family, source=source,
+                            source_port=source_port)  # fmt: skip
     else:
         opened = open_chain(
             chain.fresh_hops(), host, port, deadline=deadline, family=family, source=source,
             proxy_dns=proxy_dns, exact=True, context=proxy_ssl, headers=list(proxy_headers),
-            delayed_acks=False,
+            delayed_acks=False, source_port=source_port,
         )  # fmt: skip
         raw, info = opened.sock, opened.hops
     tunnel = Tunnel(_full_socket(raw), info)
@@ -400,6 +400,9 @@ def create_connection(
     (TLS inside the proxy's TLS, with the SSLSocket methods clients use). ``proxy_ssl`` is the context for an https:// proxy
     (default: the system's CAs), ``proxy_headers`` go into every HTTP CONNECT, and
     ``socket_options`` (level, option, value) are set on the socket once it is connected.
+    ``source_address`` (host, port) is bound before connecting, as ``socket.create_connection``
+    does (``""``: any local address, port 0: any port); through proxies it is the connection
+    to the first hop's.
     """
     host, port = address
     tunnel = open_tunnel(

@@ -514,3 +514,34 @@ def test_target_first_bytes_are_not_held_behind_a_delayed_ack(
             asyncio.run(aio_open())
         best = min(best, time.perf_counter() - started)
     assert best < 0.02, f"{entry}: {best * 1000:.1f} ms to the banner"
+
+
+@pytest.mark.parametrize("through", ["direct", "socks5"])
+def test_source_address_binds_the_local_port(through: str) -> None:
+    """``source_address=(host, port)`` as socket.create_connection takes it: bound before the
+    connect (through proxies, the connection to the first hop)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        source_port = probe.getsockname()[1]
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(10)
+        peers_seen: list[int] = []
+
+        def accept() -> None:
+            conn, peer = server.accept()
+            with conn:
+                peers_seen.append(peer[1])
+                if through == "socks5":
+                    socks5_accept(conn, conn.sendall)
+                    conn.sendall(b"\x05\x00\x00\x01\x7f\x00\x00\x01\x00\x01")
+                conn.recv(1)
+
+        thread = threading.Thread(target=accept)
+        thread.start()
+        port = server.getsockname()[1]
+        via = hopcat.Chain() if through == "direct" else f"socks5h://127.0.0.1:{port}"
+        target = ("127.0.0.1", port) if through == "direct" else ("target.example", 22)
+        sock = hopcat.create_connection(target, 10, ("", source_port), via=via)
+        sock.close()
+        thread.join(10)
+    assert peers_seen == [source_port]
