@@ -23,6 +23,7 @@ Daemons are module- or session-scoped; the whole module runs in about ten second
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import shutil
 import socket
@@ -545,3 +546,12 @@ def test_source_address_binds_the_local_port(through: str) -> None:
         sock.close()
         thread.join(10)
     assert peers_seen == [source_port]
+
+
+def test_a_connection_to_itself_is_refused() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(ConnectionError) as caught:
+        hopcat.create_connection(("127.0.0.1", port), 10, ("127.0.0.1", port), via=hopcat.Chain())
+    assert caught.value.errno == errno.ECONNREFUSED

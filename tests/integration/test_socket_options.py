@@ -147,3 +147,15 @@ def test_an_interval_beyond_what_time_t_holds_is_just_long() -> None:
         assert proc.stderr.read() == b""
         proc.stdin.close()
         proc.stderr.close()
+
+
+def test_a_connection_to_itself_is_refused() -> None:
+    """-p P to 127.0.0.1:P with nothing listening: TCP's simultaneous open would connect the
+    socket to itself and hopcat would talk to itself; it is a refusal instead."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    result = run_hopcat("-p", port, "127.0.0.1", port, input=b"echo?")
+    assert result.returncode == 69, result.stderr
+    assert result.stderr == f"hopcat: connect to 127.0.0.1:{port}: connection refused\n".encode()
+    assert result.stdout == b""

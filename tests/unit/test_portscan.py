@@ -51,7 +51,7 @@ def test_a_connection_to_itself_is_recognised() -> None:
     to itself, which a scan must not report as a listener (nc.openbsd -z does, now and then)."""
     import socket
 
-    from hopcat.cli._portscan import _self_connected
+    from hopcat.net.dial import connected_to_itself as _self_connected
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -28,7 +28,12 @@ import errno
 import socket
 
 from hopcat.errors import HopcatTimeoutError
-from hopcat.net.dial import CONNECT_ATTEMPT_DELAY_S, connect_failed, sockaddr_text
+from hopcat.net.dial import (
+    CONNECT_ATTEMPT_DELAY_S,
+    connect_failed,
+    connected_to_itself,
+    sockaddr_text,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -102,6 +107,8 @@ class Dialer:
                 sock.close()
             self.failures.append((sockaddr, exc.errno or 0))
             return False
+        if code == 0 and connected_to_itself(sock, sockaddr):
+            code = errno.ECONNREFUSED
         if code == 0:
             self._finish(sock)
             return True
@@ -118,6 +125,8 @@ class Dialer:
         self._loop.remove_writer(fd)
         sock, sockaddr = self._attempts.pop(fd)
         code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code == 0 and connected_to_itself(sock, sockaddr):
+            code = errno.ECONNREFUSED
         if code == 0:
             self._finish(sock)
             return

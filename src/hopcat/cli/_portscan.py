@@ -270,13 +270,9 @@ def direct_probe(
         candidates = [(family, (sockaddr[0], port, *sockaddr[2:])) for family, sockaddr in addresses]
 
         def on_done(sock: socket.socket | None, failures: list[tuple[Any, int]]) -> None:
-            if sock is not None:
-                connected_to_itself = _self_connected(sock)
+            if sock is not None:  # the Dialer takes a connection to itself as refused
                 sock.close()
-                # TCP's simultaneous open: a connect to a closed local port from the very port
-                # the kernel picked as its source "succeeds" to itself. Nothing listens there.
-                done(Result(CLOSED, "connected to itself") if connected_to_itself
-                     else Result(OPEN, ""))  # fmt: skip
+                done(Result(OPEN, ""))
                 return
             codes = [code for _sockaddr, code in failures]
             # A refusal from any address means something answered there: closed beats unreachable.
@@ -293,13 +289,6 @@ def direct_probe(
         return dialer.cancel
 
     return probe
-
-
-def _self_connected(sock: socket.socket) -> bool:
-    try:
-        return bool(sock.getsockname()[:2] == sock.getpeername()[:2])
-    except OSError:
-        return False
 
 
 def proxied_probe(

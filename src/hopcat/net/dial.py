@@ -140,6 +140,18 @@ def interleave_families(infos: Sequence[AddrInfo]) -> list[AddrInfo]:
     return ordered
 
 
+def connected_to_itself(sock: socket.socket, sockaddr: SockAddr | None = None) -> bool:
+    """TCP's simultaneous open: a connect to a closed port of this host, from the very port the
+    kernel picked as its source, "succeeds" to itself. Nothing listens there; every dialer takes
+    it as a refusal (or ``hopcat 127.0.0.1 PORT`` would talk to itself, and a scan would report
+    a phantom open port, as nc.openbsd -z does)."""
+    try:
+        peer = sockaddr if sockaddr is not None else sock.getpeername()
+        return bool(sock.getsockname()[:2] == tuple(peer[:2]))
+    except OSError:
+        return False
+
+
 def sockaddr_text(sockaddr: SockAddr) -> str:
     return format_hostport(sockaddr[0], sockaddr[1])
 
@@ -275,6 +287,8 @@ def dial_tcp(
                 poller.unregister(fd)
                 code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 label = sockaddr_text(info[4])
+                if code == 0 and connected_to_itself(sock, info[4]):
+                    code = errno.ECONNREFUSED
                 if code == 0:
                     if blocking:
                         sock.setblocking(True)
