@@ -147,13 +147,6 @@ class ConnectingListener:
         self.closed = True
 
 
-def free_port() -> int:
-    """A port nobody listens on right now, for a tool told to listen there."""
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        return int(probe.getsockname()[1])
-
-
 class ServerEndpoint(Endpoint):
     def __init__(self, name: str, lst: socket.socket, accept_timeout: float) -> None:
         super().__init__(name)

@@ -62,7 +62,6 @@ from .endpoints import (
     ServerEndpoint,
     Sink,
     Source,
-    free_port,
     make_listener,
     zero_memfd,
 )
@@ -203,7 +202,7 @@ def run_throughput(ctx: Ctx, tool: Tool, run: Run, proxy: Proxy | None) -> None:
     up = run.mode == "up"
     lst: Any
     if ctx.listen:  # the tool listens; the endpoint connects to it
-        port = free_port()
+        port = daemons.peers.pick_port(HOST)
         lst = ConnectingListener(port, ctx.rcvbuf if up else 0)
         argv = tool.listen_command(run.mode, port)
     else:

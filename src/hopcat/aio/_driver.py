@@ -282,7 +282,7 @@ async def resolve(
 ) -> list[tuple[Any, ...]]:
     """getaddrinfo, failing as the blocking resolver does: an address is parsed here (the loop's
     getaddrinfo would send even that to a thread), a name goes to the loop's executor."""
-    where = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+    where = format_hostport(host, port)
     try:
         if is_ip_literal(host):
             infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM,

@@ -191,7 +191,7 @@ def _connect_and_relay(options: Options, trace: Timeline) -> int:
 
     from hopcat._endpoint import format_hostport, parse_port, validate_host
     from hopcat._environment import fill_users, proxies_from_environment
-    from hopcat.cli._args import DEFAULT_CONNECT_TIMEOUT_S, address_family
+    from hopcat.cli._args import DEFAULT_CONNECT_TIMEOUT_S, address_family, wants_tuning
     from hopcat.cli._proxy import fill_passwords, proxies_from_command_line
     from hopcat.errors import UsageError
 
@@ -219,29 +219,24 @@ def _connect_and_relay(options: Options, trace: Timeline) -> int:
         from hopcat.cli._exec import command_argv
 
         exec_argv = command_argv(options)
-        if options.fdpass:
-            raise UsageError("-F hands the socket to ssh; --exec hands it to a program: pick one")
-        if any(hop.tls for hop in hops):
-            raise UsageError(
-                "--exec: an https:// proxy keeps the TLS session inside hopcat, so its socket "
-                "cannot be handed to a program"
-            )
     if options.fdpass:
         from hopcat.net.fdpass import check_channel
 
         check_channel(1)
-        if any(hop.tls for hop in hops):
-            raise UsageError(
-                "-F: an https:// proxy keeps the TLS session inside hopcat, so its socket cannot be "
-                "handed to ssh; drop -F (ProxyUseFdpass no) for this chain"
-            )
+    if (options.fdpass or exec_argv) and any(hop.tls for hop in hops):
+        raise UsageError(
+            "-F: an https:// proxy keeps the TLS session inside hopcat, so its socket cannot be "
+            "handed to ssh; drop -F (ProxyUseFdpass no) for this chain" if options.fdpass else
+            "--exec: an https:// proxy keeps the TLS session inside hopcat, so its socket "
+            "cannot be handed to a program"
+        )  # fmt: skip
     timeout_label = f"after {timeout_s:g} s"
     initial_down = b""
     source_port = 0
     if options.source_port is not None:
         source_port = parse_port(options.source_port, what="-p source port")
     socket_factory = None
-    if options.recv_buf or options.send_buf or options.tos or options.ttl or options.so_debug:
+    if wants_tuning(options):
         from hopcat.cli._sockopts import Tuning
 
         socket_factory = Tuning(options).factory

@@ -265,6 +265,8 @@ def parse_args(argv: Sequence[str]) -> Options:
     ) if getattr(options, attr)]  # fmt: skip
     if listen_only and not options.listen:
         raise UsageError(f"{listen_only[0]} works with -l (listen mode) only")
+    if options.fdpass and (options.exec_cmd is not None or options.sh_exec is not None):
+        raise UsageError("-F hands the socket to ssh; --exec hands it to a program: pick one")
     if options.listen and (options.proxies or options.fdpass):
         raise UsageError("-l listens here: it takes no proxy (-x) and no -F")
     if options.unix and (options.proxies or options.fdpass or options.source):
@@ -285,6 +287,31 @@ def parse_args(argv: Sequence[str]) -> Options:
     if options.quit_after_eof_s is not None and options.quit_after_eof_s < 0:
         options.quit_after_eof_s = None  # nc: a negative -q means wait forever
     return options
+
+
+def wants_tuning(options: Options) -> bool:
+    """Whether any of nc's socket options (-I -O -T -M -D) was given: their module is imported
+    only then."""
+    return bool(options.recv_buf or options.send_buf or options.tos or options.ttl
+                or options.so_debug)  # fmt: skip
+
+
+def positive_int(text: str, flag: str) -> int:
+    """A count given on the command line: decimal digits, at least 1."""
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise UsageError(f"{flag} takes a positive number, not {text!r}")
+    return int(text)
+
+
+def fd_budget(wanted: int, margin: int = 32) -> int:
+    """``wanted`` descriptors at once, within the soft RLIMIT_NOFILE less ``margin`` (the
+    listener, stdio, a connection being handed over)."""
+    import resource
+
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(1, min(wanted, soft - margin))
 
 
 def address_family(options: Options) -> int:

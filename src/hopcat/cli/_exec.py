@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from hopcat.cli._args import Options
 
 DEFAULT_MAX_CONNS = 100
-FD_MARGIN = 32  # descriptors kept for the listener, a connection being handed over, stdio
 
 
 def command_argv(options: Options) -> list[str]:
@@ -66,18 +65,18 @@ def _check_runnable(program: str) -> None:
 
 def max_conns(options: Options) -> int:
     """--max-conns, within the descriptor limit (each child costs the parent one pidfd)."""
-    import resource
+    from hopcat.cli._args import fd_budget, positive_int
 
-    limit = DEFAULT_MAX_CONNS
-    if options.max_conns is not None:
-        text = options.max_conns
-        if not (text.isdigit() and text.isascii()) or int(text) < 1:
-            raise UsageError(f"--max-conns takes a number of connections (1 or more), not {text!r}")
-        limit = int(text)
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY:
-        limit = max(1, min(limit, soft - FD_MARGIN))
-    return limit
+    if options.max_conns is None:
+        return fd_budget(DEFAULT_MAX_CONNS)
+    return fd_budget(positive_int(options.max_conns, "--max-conns"))
+
+
+def exec_argv(options: Options) -> list[str] | None:
+    """The program of -e/--sh-exec, checked; None when neither was given."""
+    if options.exec_cmd is None and options.sh_exec is None:
+        return None
+    return command_argv(options)
 
 
 def spawn(argv: list[str], conn: _socket.socket) -> int:

@@ -40,6 +40,8 @@ def to_crlf(data: bytes, after_cr: bool) -> bytes:
 def _rewrite(write_fd: int, crlf: bool, interval_s: float) -> None:
     import select
 
+    from hopcat.relay.pump import write_all
+
     after_cr = False
     partial = b""  # with -i: the start of a line whose LF has not come yet
     try:
@@ -51,16 +53,16 @@ def _rewrite(write_fd: int, crlf: bool, interval_s: float) -> None:
                 continue
             if not chunk:
                 if partial:
-                    _write_all(write_fd, partial)
+                    write_all(write_fd, partial)
                 return
             data = to_crlf(chunk, after_cr) if crlf else chunk
             after_cr = chunk.endswith(b"\r")
             if not interval_s:
-                _write_all(write_fd, data)
+                write_all(write_fd, data)
                 continue
             *lines, partial = (partial + data).split(b"\n")
             for line in lines:
-                _write_all(write_fd, line + b"\n")
+                write_all(write_fd, line + b"\n")
                 _pause(interval_s)
     except OSError:
         return  # the relay has ended (EPIPE) or stdin failed: nothing more to send
@@ -79,7 +81,3 @@ def _pause(seconds: float) -> None:
         time.sleep(min(left, MAX_WAIT_S))
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]

@@ -33,6 +33,7 @@ from hopcat.errors import ExitCode, HopcatError, UsageError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import NoReturn
 
     from hopcat.cli import Timeline
     from hopcat.cli._args import Options
@@ -80,7 +81,9 @@ def listening_socket(options: Options) -> tuple[socket.socket, str, str | None]:
 
 def _tcp_listener(address: str | None, port: int, options: Options) -> socket.socket:
     tuning = socket_tuning(options)
-    family = socket.AF_INET if options.ipv4_only else socket.AF_INET6 if options.ipv6_only else 0
+    from hopcat.cli._args import address_family
+
+    family = address_family(options)
     if address is None:
         if family != socket.AF_INET:
             try:
@@ -136,10 +139,13 @@ def _listen_error(where: str, exc: OSError) -> ListenError:
 def socket_tuning(options: Options) -> Tuning | None:
     """nc's -I/-O/-T/-M/-D for the listener (accepted connections inherit them) or a -U
     connection; None when none was given."""
+    from hopcat.cli._args import wants_tuning
+
+    if not wants_tuning(options):
+        return None
     from hopcat.cli._sockopts import Tuning
 
-    tuning = Tuning(options)
-    return tuning if tuning else None
+    return Tuning(options)
 
 
 def unix_address(path: str) -> str | bytes:
@@ -266,7 +272,7 @@ def serve_connections(
 def serve_children(
     listener: socket.socket, argv: list[str], limit: int, policy: Policy | None,
     trace: Callable[[str], None], options: Options,
-) -> None:
+) -> NoReturn:
     """``-l -k`` with exec: a child per connection, at most ``limit`` at once, until a signal.
     Children are watched with pidfds in the listener's poll (no SIGCHLD handler, no busy loop);
     at the limit the listener is left unread, so clients wait in the backlog."""
@@ -324,7 +330,7 @@ def serve_children(
 def _allowed(policy: Policy | None, peer: object) -> bool:
     if policy is None or not isinstance(peer, tuple):
         return True
-    return policy.client_allowed(_unmapped_host(str(peer[0])))
+    return policy.client_allowed(str(peer[0]))  # the policy unmaps ::ffff:a.b.c.d itself
 
 
 def _accept(
@@ -404,7 +410,9 @@ def main(options: Options, trace: Timeline) -> int:
         return _connect_unix(options, trace)
     ready_fd = _ready_fd(options.ready_fd)
     policy = client_policy(options)
-    argv = _exec_argv(options)
+    from hopcat.cli._exec import exec_argv
+
+    argv = exec_argv(options)
     limit = 0
     if argv is not None:
         from hopcat.cli._exec import max_conns
@@ -455,14 +463,6 @@ def main(options: Options, trace: Timeline) -> int:
             remove_socket_file(created, identity)
 
 
-def _exec_argv(options: Options) -> list[str] | None:
-    if options.exec_cmd is None and options.sh_exec is None:
-        return None
-    from hopcat.cli._exec import command_argv
-
-    return command_argv(options)
-
-
 def _ready_fd(text: str | None) -> int | None:
     if text is None:
         return None
@@ -481,7 +481,9 @@ def _connect_unix(options: Options, trace: Timeline) -> int:
     if len(options.operands) != 1:
         raise UsageError("-U takes one operand, the socket's PATH (@name: abstract)")
     path = options.operands[0]
-    argv = _exec_argv(options)
+    from hopcat.cli._exec import exec_argv
+
+    argv = exec_argv(options)
     sock = _unix_socket(socket_tuning(options))
     try:
         try:

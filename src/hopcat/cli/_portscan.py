@@ -57,7 +57,6 @@ DEFAULT_TIMEOUT_S = 2.0  # a filtered 1-65535 scan at 512 in flight: about 4 min
 DEFAULT_PROXY_TIMEOUT_S = 5.0
 MAX_PARALLEL_DIRECT = 512
 MAX_PARALLEL_PROXY = 32  # proxies limit clients (Dante's child processes, microsocks' threads)
-FD_MARGIN = 32  # descriptors kept free for stdio, the loop's selector and resolver threads
 PROGRESS_AFTER_S = 1.0
 PROGRESS_EVERY_S = 0.25
 
@@ -108,14 +107,10 @@ def _port(text: str, label: str) -> int:
 
 
 def default_parallel(proxied: bool) -> int:
-    import resource
+    from hopcat.cli._args import fd_budget
 
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    # Through proxies each attempt holds one socket per attempt too (to the first hop).
-    ceiling = MAX_PARALLEL_PROXY if proxied else MAX_PARALLEL_DIRECT
-    if soft == resource.RLIM_INFINITY:
-        return ceiling
-    return max(1, min(ceiling, soft - FD_MARGIN))
+    # Through proxies each attempt holds one socket too (to the first hop).
+    return fd_budget(MAX_PARALLEL_PROXY if proxied else MAX_PARALLEL_DIRECT)
 
 
 def service_name(port: int) -> str:
@@ -265,6 +260,7 @@ def direct_probe(
 ) -> Callable[[int, Callable[[Result | BaseException], None]], Callable[[], None]]:
     """One Happy Eyeballs race per port over ``addresses`` (family, sockaddr with any port)."""
     from hopcat.aio._dial import Dialer
+    from hopcat.net.dial import main_errno
 
     def probe(port: int, done: Callable[[Result | BaseException], None]) -> Callable[[], None]:
         candidates = [(family, (sockaddr[0], port, *sockaddr[2:])) for family, sockaddr in addresses]
@@ -274,9 +270,8 @@ def direct_probe(
                 sock.close()
                 done(Result(OPEN, ""))
                 return
-            codes = [code for _sockaddr, code in failures]
             # A refusal from any address means something answered there: closed beats unreachable.
-            code = errno.ECONNREFUSED if errno.ECONNREFUSED in codes else codes[-1]
+            code = main_errno([code for _sockaddr, code in failures]) or errno.EHOSTUNREACH
             if code not in _STATE_OF_ERRNO:
                 done(ConnectError(f"scan stopped at port {port}: {os.strerror(code).lower()}"
                                   + (" (lower --max-parallel)" if code in _LOCAL_LIMITS else ""),
@@ -297,9 +292,10 @@ def proxied_probe(
 ) -> Callable[[int, Callable[[Result | BaseException], None]], Callable[[], None]]:  # fmt: skip
     """One CONNECT through ``chain`` per port; the last proxy's reply classifies the port."""
     from hopcat.aio import connect_socket, create_connection
+    from hopcat.net.chain import tls_context
 
     tls = any(proxy.scheme == "https" for proxy in chain)
-    context = _proxy_context(options) if tls else None
+    context = tls_context(options.proxy_cacert, options.proxy_insecure) if tls else None
     last_hop = len(chain)
 
     async def attempt(port: int) -> Result:
@@ -344,16 +340,6 @@ def proxied_probe(
         return cancel
 
     return probe
-
-
-def _proxy_context(options: Options) -> Any:
-    import ssl
-
-    context = ssl.create_default_context(cafile=options.proxy_cacert)
-    if options.proxy_insecure:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 class Output:
@@ -413,14 +399,10 @@ def run(options: Options) -> int:
         raise UsageError("-z: expected HOST PORTS (e.g. 22, 20-25, 80,443; see hopcat --help)")
     host = validate_host(options.operands[0], what="host")
     ports = parse_ports(options.operands[1:])
+    from hopcat.cli._args import address_family, positive_int
+
     if options.max_parallel is not None:
-        try:
-            parallel = int(options.max_parallel)
-        except ValueError:
-            parallel = 0
-        if parallel < 1:
-            raise UsageError(f"--max-parallel takes a positive number, not {options.max_parallel!r}")
-    from hopcat.cli._args import address_family
+        parallel = positive_int(options.max_parallel, "--max-parallel")
 
     family = address_family(options)
     hops = proxies_from_command_line(options)
@@ -438,8 +420,6 @@ def run(options: Options) -> int:
     if options.random_order:
         random.shuffle(ports)
     interval_s = options.interval_s or 0.0
-    if interval_s < 0:
-        raise UsageError("-i must not be negative")
 
     shown = host
     addresses: list[tuple[int, tuple[Any, ...]]] = []

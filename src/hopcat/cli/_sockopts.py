@@ -43,10 +43,6 @@ class Tuning:
         self.ttl = _number(options.ttl, "-M", 1, 255)
         self.debug = options.so_debug
 
-    def __bool__(self) -> bool:
-        return any(value is not None for value in (self.receive_buffer, self.send_buffer,
-                                                    self.tos, self.ttl)) or self.debug  # fmt: skip
-
     def apply(self, sock: socket.socket, family: int) -> None:
         from hopcat.errors import ConnectError
 

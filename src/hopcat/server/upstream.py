@@ -35,7 +35,7 @@ import asyncio
 import collections
 import socket
 
-from hopcat._endpoint import format_hostport
+from hopcat._endpoint import format_hostport, is_ip_literal
 from hopcat.aio._driver import SocketIO, run_plan
 from hopcat.errors import (
     HopcatError,
@@ -44,7 +44,7 @@ from hopcat.errors import (
     ProxyUnreachableError,
     ResolveError,
 )
-from hopcat.net.dial import describe_oserror
+from hopcat.net.dial import describe_oserror, tune_socket
 from hopcat.net.engine import tunnel_plan
 
 TYPE_CHECKING = False
@@ -105,17 +105,16 @@ class ServerIO(SocketIO):
         self.conn = conn
 
     async def lookup(self, host: str, port: int, family: int) -> list[tuple[Any, ...]]:
+        infos: Sequence[tuple[Any, ...]]
         try:
-            infos: Sequence[tuple[Any, ...]] = socket.getaddrinfo(
-                host, port, family, socket.SOCK_STREAM, socket.IPPROTO_TCP, socket.AI_NUMERICHOST
-            )
-        except (OSError, UnicodeError, ValueError):
-            conn = self.conn
-            try:
-                infos = await conn.server.lookup(conn, host, port)
-            except (OSError, UnicodeError, ValueError) as exc:
-                where = format_hostport(host, port)
-                raise ResolveError(f"resolve {where}: {describe_oserror(exc)}") from None
+            if is_ip_literal(host):  # parsed here, never a resolver thread
+                infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM,
+                                           socket.IPPROTO_TCP, socket.AI_NUMERICHOST)  # fmt: skip
+            else:
+                infos = await self.conn.server.lookup(self.conn, host, port)
+        except (OSError, UnicodeError, ValueError) as exc:
+            where = format_hostport(host, port)
+            raise ResolveError(f"resolve {where}: {describe_oserror(exc)}") from None
         found = [
             info for info in infos
             if info[0] in (socket.AF_INET, socket.AF_INET6) and family in (0, info[0])
@@ -126,7 +125,7 @@ class ServerIO(SocketIO):
 
     def connected(self, sock: socket.socket) -> None:
         super().connected(sock)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tune_socket(sock, nodelay=True, keepalive=False)
 
 
 class Upstream:
