@@ -12,6 +12,9 @@ socks5     1080       sent to the proxy (remote DNS): unlike curl, where socks5:
 socks5h    1080       sent to the proxy (remote DNS)
 http       3128       sent to the proxy in the CONNECT line (ncat's default port)
 https      443        as http, over TLS to the proxy
+socks5+tls 1080       as socks5, over TLS to the proxy (also socks5h+tls, socks4+tls,
+                      socks4a+tls; gost's spelling; pproxy's ``+ssl`` and ``http+tls``
+                      are read as these)
 =========  =========  ============================================================
 
 ``--proxy-dns local|remote|both|none`` overrides the name policy for every type that can carry one
@@ -33,11 +36,18 @@ from hopcat._endpoint import (
 from hopcat.errors import UsageError
 
 DEFAULT_PORTS = {"socks4": 1080, "socks4a": 1080, "socks5": 1080, "socks5h": 1080, "http": 3128,
-                 "https": 443}
+                 "https": 443, "socks4+tls": 1080, "socks4a+tls": 1080, "socks5+tls": 1080,
+                 "socks5h+tls": 1080}  # fmt: skip
+# Other tools' spellings of the same schemes (pproxy writes TLS as "+ssl", gost "+tls").
+SCHEME_ALIASES = {"http+tls": "https", "http+ssl": "https", "https+tls": "https",
+                  "socks4+ssl": "socks4+tls", "socks4a+ssl": "socks4a+tls",
+                  "socks5+ssl": "socks5+tls", "socks5h+ssl": "socks5h+tls"}  # fmt: skip
 # --proxy-dns; the first is the default. "none" (ncat's): resolve nowhere, targets must be addresses.
 PROXY_DNS_POLICIES = ("remote", "local", "both", "none")
 PROTOCOL_OF_SCHEME = {"socks4": "socks4", "socks4a": "socks4", "socks5": "socks5",
-                      "socks5h": "socks5", "http": "http", "https": "http"}
+                      "socks5h": "socks5", "http": "http", "https": "http",
+                      "socks4+tls": "socks4", "socks4a+tls": "socks4", "socks5+tls": "socks5",
+                      "socks5h+tls": "socks5"}  # fmt: skip
 
 
 class ProxyURL:
@@ -63,11 +73,17 @@ class ProxyURL:
 
     @property
     def tls(self) -> bool:
-        return self.scheme == "https"
+        """Whether the proxy is spoken to over TLS (https://, socks5+tls://, ...)."""
+        return self.scheme == "https" or self.scheme.endswith("+tls")
+
+    @property
+    def plain_scheme(self) -> str:
+        """The scheme without its TLS: socks5h for socks5h+tls, http for https."""
+        return "http" if self.scheme == "https" else self.scheme.removesuffix("+tls")
 
     @property
     def carries_names(self) -> bool:
-        return self.scheme != "socks4"
+        return self.plain_scheme != "socks4"
 
     def label(self) -> str:
         """The URL as it may be shown: the password is never printed, only that there is one."""
@@ -141,9 +157,11 @@ def parse_proxy_url(
             )
         scheme, rest = default_scheme, text
     scheme = scheme.lower()
+    scheme = SCHEME_ALIASES.get(scheme, scheme)
     if scheme not in DEFAULT_PORTS:
         raise UsageError(
-            f"{what}: unknown scheme {scheme!r} (use socks4, socks4a, socks5, socks5h, http or https)"
+            f"{what}: unknown scheme {scheme!r} (use socks4, socks4a, socks5, socks5h, http or "
+            "https; socks5+tls and the others +tls for SOCKS over TLS)"
         )
     userinfo, at, hostport = rest.rpartition("@")
     for char, escape in _URL_DELIMITERS:

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from hopcat.net.engine import HopInfo
     from hopcat.net.nested_tls import NestedTLSSocket
 
-    # What a tunnel carries: a socket, or TLS to the target inside an https:// proxy's TLS.
+    # What a tunnel carries: a socket, or the TLS sessions of TLS hops (and the target's).
     TunnelSocket = socket.socket | NestedTLSSocket
 
 __all__ = ["DEFAULT_TIMEOUT_S", "Chain", "Proxy", "Tunnel", "create_connection", "open_tunnel"]
@@ -68,8 +68,13 @@ class Proxy:
 
     @property
     def scheme(self) -> str:
-        """socks4, socks4a, socks5, socks5h, http or https."""
+        """socks4, socks4a, socks5, socks5h, http, https, or one of the SOCKS ones + ``+tls``."""
         return self._url.scheme
+
+    @property
+    def tls(self) -> bool:
+        """Whether the proxy is spoken to over TLS (https, socks5+tls, ...)."""
+        return self._url.tls
 
     @property
     def host(self) -> str:
@@ -248,7 +253,7 @@ class Tunnel:
 
     __slots__ = ("hops", "sock")
 
-    def __init__(self, sock: socket.socket, hops: tuple[HopInfo, ...]) -> None:
+    def __init__(self, sock: TunnelSocket, hops: tuple[HopInfo, ...]) -> None:
         self.sock: TunnelSocket | None = sock
         self.hops = hops
 
@@ -256,7 +261,7 @@ class Tunnel:
         self, context: ssl.SSLContext | None = None, server_hostname: str | None = None
     ) -> TunnelSocket:
         """TLS to the target over the tunnel; the TLS socket replaces ``sock`` and is returned.
-        After an https:// hop it is a ``NestedTLSSocket`` (TLS inside the proxy's TLS)."""
+        After a TLS hop it is a ``NestedTLSSocket`` (TLS inside the proxy's TLS)."""
         sock = self._socket()
         self.sock = _wrap_target(sock, context, server_hostname)
         return self.sock
@@ -315,19 +320,23 @@ def open_tunnel(
         source, source_port = source_address
         source = source or None  # socket.create_connection's ("", port): any local address
     info: tuple[HopInfo, ...] = ()
+    sock: TunnelSocket
     if len(chain) == 0:
-        raw: Any = dial_tcp(host, port, deadline=deadline, family=family, source=source,
-                            source_port=source_port)  # fmt: skip
+        sock = _full_socket(dial_tcp(host, port, deadline=deadline, family=family, source=source,
+                                     source_port=source_port))  # fmt: skip
     else:
         opened = open_chain(
             chain.fresh_hops(), host, port, deadline=deadline, family=family, source=source,
             proxy_dns=proxy_dns, exact=True, context=proxy_ssl, headers=list(proxy_headers),
             delayed_acks=False, source_port=source_port,
         )  # fmt: skip
-        raw, info = opened.sock, opened.hops
-    tunnel = Tunnel(_full_socket(raw), info)
+        sock, info = _full_socket(opened.sock), opened.hops
+        if opened.layers is not None:
+            from hopcat.net.nested_tls import NestedTLSSocket
+
+            sock = NestedTLSSocket(sock, opened.layers)
+    tunnel = Tunnel(sock, info)
     try:
-        sock = tunnel._socket()
         for level, option, value in socket_options:
             sock.setsockopt(level, option, value)
         if ssl is not None:
@@ -435,7 +444,7 @@ def _target_tls_timeout(exc: TimeoutError) -> TimeoutError:
 
 def _full_socket(raw: Any) -> socket.socket:
     """The engine works on ``_socket.socket`` (cheaper to import); callers expect the module's
-    class (makefile, sendfile, context manager). A TLS hop's socket already is one."""
+    class (makefile, sendfile, context manager)."""
     if isinstance(raw, socket.socket):
         return raw
     return socket.socket(raw.family, raw.type, raw.proto, fileno=raw.detach())
@@ -446,13 +455,14 @@ def _wrap_target(
 ) -> TunnelSocket:
     import ssl as ssl_module
 
-    context = context or ssl_module.create_default_context()
-    if isinstance(sock, ssl_module.SSLSocket):
-        from hopcat.net.nested_tls import NestedTLSSocket
+    from hopcat.net.nested_tls import NestedTLSSocket
 
-        nested = NestedTLSSocket(sock, context, server_hostname)
-        nested.do_handshake()
-        return nested
-    if not isinstance(sock, socket.socket):
+    context = context or ssl_module.create_default_context()
+    if isinstance(sock, NestedTLSSocket):
+        if "target" in sock._layers.labels:
+            raise ValueError("TLS is already running to the target")
+        sock.start_tls(context, server_hostname)
+        return sock
+    if isinstance(sock, ssl_module.SSLSocket):
         raise ValueError("TLS is already running to the target")
     return context.wrap_socket(sock, server_hostname=server_hostname)

@@ -71,6 +71,7 @@ class ExitCode:
     PROXY_AUTH = 77  # EX_NOPERM: a proxy rejected our credentials or offered no usable method
     PROXY_UNREACHABLE = 80  # could not reach a proxy (resolve or TCP connect to the hop failed)
     PROXY_REFUSED = 81  # a proxy answered but refused to connect to the next hop / target
+    TLS = 82  # TLS with the target or a listener's client failed (certificate, pin, alert)
     INTERRUPTED = 130  # SIGINT
 
 

@@ -157,7 +157,7 @@ def test_banner_in_the_reply_segment_comes_back_as_trailing(proxy_factory) -> No
     proxy = proxy_factory(script)
     result = tunnel([proxy.url("socks5h")])
     result.sock.close()
-    assert result.trailing == BANNER and not result.tls
+    assert result.trailing == BANNER and result.layers is None
 
 
 @pytest.mark.parametrize("scheme", ["socks5h", "socks4a", "http"])

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from hopcat.net.nested_tls import NestedTLSSocket
+from hopcat.net.tls import TLSLayers
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +46,8 @@ def _client_context(certificate: tuple[Path, Path]) -> ssl.SSLContext:
 
 
 @pytest.fixture
-def through_relay(certificate: tuple[Path, Path]) -> Iterator[ssl.SSLSocket]:
-    """An outer TLS socket to socat, which terminates it and relays to a TLS echo server."""
+def through_relay(certificate: tuple[Path, Path]) -> Iterator[NestedTLSSocket]:
+    """A TLS session with socat, which terminates it and relays to a TLS echo server."""
     if not shutil.which("socat"):
         pytest.skip("socat needed (apt-get install socat)")
     server_context = _server_context(certificate)
@@ -74,10 +75,10 @@ def through_relay(certificate: tuple[Path, Path]) -> Iterator[ssl.SSLSocket]:
     outer = None
     try:
         relay_port = _listening_port(relay.pid)
-        outer = _client_context(certificate).wrap_socket(
-            socket.create_connection(("127.0.0.1", relay_port), timeout=10),
-            server_hostname="localhost",
+        outer = NestedTLSSocket(
+            socket.create_connection(("127.0.0.1", relay_port), timeout=10), TLSLayers()
         )
+        outer.start_tls(_client_context(certificate), "localhost")
         yield outer
     finally:
         if outer is not None:
@@ -106,14 +107,13 @@ def _listening_port(pid: int) -> int:
     raise AssertionError("socat did not listen")
 
 
-def _nested(outer: ssl.SSLSocket, certificate: tuple[Path, Path]) -> NestedTLSSocket:
-    nested = NestedTLSSocket(outer, _client_context(certificate), "localhost")
-    nested.do_handshake()
-    return nested
+def _nested(outer: NestedTLSSocket, certificate: tuple[Path, Path]) -> NestedTLSSocket:
+    outer.start_tls(_client_context(certificate), "localhost")
+    return outer
 
 
 def test_bytes_cross_both_ways_from_two_threads(
-    through_relay: ssl.SSLSocket, certificate: tuple[Path, Path]
+    through_relay: NestedTLSSocket, certificate: tuple[Path, Path]
 ) -> None:
     nested = _nested(through_relay, certificate)
     assert nested.version() and nested.getpeercert()["subject"]
@@ -139,7 +139,7 @@ def test_bytes_cross_both_ways_from_two_threads(
 
 
 def test_makefile_serves_http_client_style_reads(
-    through_relay: ssl.SSLSocket, certificate: tuple[Path, Path]
+    through_relay: NestedTLSSocket, certificate: tuple[Path, Path]
 ) -> None:
     nested = _nested(through_relay, certificate)
     lines = b"".join(b"line %d\r\n" % n for n in range(1000))
@@ -147,20 +147,19 @@ def test_makefile_serves_http_client_style_reads(
     with nested.makefile("rb") as stream:
         assert [stream.readline() for _ in range(1000)] == lines.splitlines(keepends=True)
         nested.close()  # the file keeps the connection open until it is closed too
-        assert through_relay.fileno() != -1
-    assert through_relay.fileno() == -1
+        assert nested.fileno() != -1
+    assert nested._sock.fileno() == -1
 
 
 def test_a_certificate_for_another_name_fails_the_inner_handshake(
-    through_relay: ssl.SSLSocket, certificate: tuple[Path, Path]
+    through_relay: NestedTLSSocket, certificate: tuple[Path, Path]
 ) -> None:
-    nested = NestedTLSSocket(through_relay, _client_context(certificate), "elsewhere.example")
     with pytest.raises(ssl.SSLCertVerificationError):
-        nested.do_handshake()
+        through_relay.start_tls(_client_context(certificate), "elsewhere.example")
 
 
 def test_timeouts_apply_to_each_read(
-    through_relay: ssl.SSLSocket, certificate: tuple[Path, Path]
+    through_relay: NestedTLSSocket, certificate: tuple[Path, Path]
 ) -> None:
     nested = _nested(through_relay, certificate)
     nested.settimeout(0.2)

@@ -24,6 +24,9 @@ SAMPLES = {
     "source": "127.0.0.1", "connect_timeout_s": "0", "idle_timeout_s": "86400.25",
     "quit_after_eof_s": "1.5", "proxy_dns": "local", "proxy_cacert": "/etc/my ca's/b%5C.pem",
     "recv_buf": "262144", "send_buf": "131072", "tos": "lowdelay", "ttl": "64",
+    "tls_ca": "/etc/ca.pem", "tls_servername": "ssh.example", "tls_cert": "/etc/me.pem",
+    "tls_key": "/etc/me.key", "tls_alpn": "ssh/2.0", "tls_pin": "sha256:" + "ab" * 32,
+    "tls_min_version": "1.3",
 }
 
 
@@ -85,7 +88,12 @@ def test_every_carried_option_reaches_hopcat_unchanged() -> None:
     for attr in _sshconfig._CARRIED:
         assert getattr(carried, attr) == getattr(written, attr), attr
     assert carried.proxies == [("-x", "socks5h://dom%5Cuser@127.0.0.1:1080")]
-    assert carried.fdpass
+    assert not carried.fdpass  # --tls: the session lives in hopcat, no socket to pass
+
+
+def test_without_tls_the_socket_is_passed() -> None:
+    words = read_back(proxy_command(stanza_of("-x", "socks5h://127.0.0.1:1080")))
+    assert parse_args(words[words.index("hopcat") + 1 :]).fdpass
 
 
 def test_ipv6_only_and_nc_style_proxy_flags_are_carried() -> None:
@@ -104,7 +112,7 @@ def test_options_that_break_a_proxy_command_are_refused_with_the_reason(flag: st
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["-x", "https://p", "-F"], "https:// hop"),
+        (["-x", "https://p", "-F"], "cannot be used with TLS"),
         (["-x", "socks5h://p", "-F", "--no-fdpass"], "--no-fdpass"),
         ([], "needs the proxy on its command line"),
         (["-x", "socks5h://p", "host", "22"], "takes no HOST PORT"),

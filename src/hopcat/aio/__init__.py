@@ -54,7 +54,7 @@ async def connect_socket(
     chain = as_chain(via)
     loop = asyncio.get_running_loop()
     deadline = _deadline(loop, timeout)
-    if any(proxy.scheme == "https" for proxy in chain):
+    if any(proxy.tls for proxy in chain):
         raise UsageError(
             "an https:// proxy keeps its TLS session inside hopcat, so a bare socket cannot be "
             "handed out through it: use hopcat.aio.open_connection or create_connection"
@@ -102,7 +102,7 @@ async def create_connection(
     chain = as_chain(via)
     loop = asyncio.get_running_loop()
     deadline = _deadline(loop, timeout)
-    if proxy_ssl is None and any(proxy.scheme == "https" for proxy in chain):
+    if proxy_ssl is None and any(proxy.tls for proxy in chain):
         import ssl as ssl_module
 
         proxy_ssl = ssl_module.create_default_context()

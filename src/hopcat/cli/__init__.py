@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from hopcat.cli._args import Options
+    from hopcat.net.tls import TLSLayers
 else:
     import _signal  # already loaded by the interpreter; signal.py would import enum
 
@@ -223,15 +224,19 @@ def _connect_and_relay(options: Options, trace: Timeline) -> int:
         from hopcat.net.fdpass import check_channel
 
         check_channel(1)
-    if (options.fdpass or exec_argv) and any(hop.tls for hop in hops):
+    if options.fdpass and any(hop.tls for hop in hops):
         raise UsageError(
-            "-F: an https:// proxy keeps the TLS session inside hopcat, so its socket cannot be "
-            "handed to ssh; drop -F (ProxyUseFdpass no) for this chain" if options.fdpass else
-            "--exec: an https:// proxy keeps the TLS session inside hopcat, so its socket "
-            "cannot be handed to a program"
-        )  # fmt: skip
+            "-F: a TLS proxy (https://, socks5+tls://) keeps its TLS session inside hopcat, so "
+            "the socket cannot be handed to ssh; drop -F (ProxyUseFdpass no) for this chain"
+        )
     timeout_label = f"after {timeout_s:g} s"
     initial_down = b""
+    target_tls = None
+    if options.tls:
+        from hopcat.cli import _tls
+
+        target_tls = _tls.connect_context(options)  # its files are read before dialling
+        _tls.warn_insecure(options)
     source_port = 0
     if options.source_port is not None:
         source_port = parse_port(options.source_port, what="-p source port")
@@ -253,18 +258,22 @@ def _connect_and_relay(options: Options, trace: Timeline) -> int:
             exact=options.fdpass or exec_argv is not None, source_port=source_port,
             socket_factory=socket_factory,
         )
-        sock, initial_down = tunnel.sock, tunnel.trailing
     else:
+        from hopcat.net.chain import Tunnel
         from hopcat.net.dial import dial_tcp
 
         trace(why_direct)
-        sock = dial_tcp(
+        tunnel = Tunnel(dial_tcp(
             host, port, deadline=deadline, family=family, source=options.source,
             nodelay=not options.nagle, keepalive=options.keepalive, numeric_only=options.numeric,
             trace=trace, timeout_label=timeout_label, source_port=source_port,
             socket_factory=socket_factory or socket.socket,
-        )
+        ), b"", None)  # fmt: skip
+    sock = tunnel.sock
     try:
+        if target_tls is not None:
+            _tls.start_client(tunnel, *target_tls, host, port, deadline=deadline, trace=trace)
+        initial_down = tunnel.trailing
         if trace.enabled:
             local = sock.getsockname()
             remote = sock.getpeername()
@@ -281,8 +290,8 @@ def _connect_and_relay(options: Options, trace: Timeline) -> int:
         if exec_argv is not None:
             from hopcat.cli._exec import run_child
 
-            return run_child(exec_argv, sock)
-        relay_connected(sock, options, trace, initial_down=initial_down)
+            return run_child(exec_argv, sock, tunnel.layers, initial_down)
+        relay_connected(sock, options, trace, initial_down=initial_down, layers=tunnel.layers)
     finally:
         sock.close()
     return 0
@@ -290,12 +299,13 @@ def _connect_and_relay(options: Options, trace: Timeline) -> int:
 
 def relay_connected(
     sock: _socket.socket, options: Options, trace: Timeline, *, initial_down: bytes = b"",
-    close_output: bool = True, in_fd: int | None = None,
+    close_output: bool = True, in_fd: int | None = None, layers: TLSLayers | None = None,
 ) -> int:
     """Relay stdin and stdout over the connected ``sock`` (any stream socket) under the
     end-of-stream rules; 0, or a HopcatError raised. ``close_output``: close stdout at the
     peer's EOF (not for a listener that serves the next client on the same stdout). ``in_fd``:
-    what to read instead of stdin (a listener's one -C/-i pipe, shared by its clients)."""
+    what to read instead of stdin (a listener's one -C/-i pipe, shared by its clients).
+    ``layers``: the TLS sessions on ``sock`` (TLS hops, --tls)."""
     from hopcat.errors import HopcatError
     from hopcat.relay.pump import RelayOptions, relay
 
@@ -318,7 +328,7 @@ def relay_connected(
     try:
         stats = relay(
             sock, in_fd, 1, options=relay_options, initial_down=initial_down,
-            trace=trace if options.verbose else None,
+            trace=trace if options.verbose else None, layers=layers,
         )
     except HopcatError:
         if counters is not None:

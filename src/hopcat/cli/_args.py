@@ -90,6 +90,24 @@ OPTION_TABLE: tuple[tuple[str, str, str, str, str], ...] = (
      "-z: at most N connects in flight (default 512 within the fd limit; 32 through proxies)"),
     ("", "proxy-cacert", "FILE", "proxy_cacert", "CA bundle to verify an https:// proxy's certificate"),
     ("", "proxy-insecure", "", "proxy_insecure", "do not verify an https:// proxy's certificate"),
+    ("c", "tls", "", "tls",
+     "TLS to the target once the tunnel is open, through any chain (nc -c; ncat --ssl); with -l: "
+     "a TLS listener"),
+    ("", "tls-ca", "FILE", "tls_ca",
+     "trust the CAs in FILE instead of the system's (nc -R; ncat --ssl-trustfile)"),
+    ("", "tls-servername", "NAME", "tls_servername",
+     "the name for SNI and the certificate check (default HOST; ncat --ssl-servername)"),
+    ("", "tls-cert", "FILE", "tls_cert",
+     "a client certificate (PEM; nc -C, ncat --ssl-cert); with -l the server's"),
+    ("", "tls-key", "FILE", "tls_key", "its key, if not in --tls-cert's file (nc -K; ncat --ssl-key)"),
+    ("", "tls-alpn", "LIST", "tls_alpn", "ALPN protocols to offer, comma-separated (ncat --ssl-alpn)"),
+    ("", "tls-pin", "sha256:HEX", "tls_pin",
+     "trust the peer's certificate by its SHA-256, as -v prints it (nc -H); with --tls-ca, both"),
+    ("", "tls-min-version", "1.2|1.3", "tls_min_version", "the oldest TLS version accepted (default 1.2)"),
+    ("", "tls-insecure", "", "tls_insecure", "do not check the peer's certificate (warned about)"),
+    ("", "tls-verify-client", "", "tls_verify_client",
+     "with -l --tls: require a client certificate signed by --tls-ca"),
+    ("", "ssl-verify", "", "ssl_verify", "ncat: verify the certificate (hopcat always does)"),
     ("l", "listen", "", "listen",
      "listen: -l [ADDR] PORT (or -p PORT), or -l -U PATH; relay the connection (nc, ncat)"),
     ("k", "keep-open", "", "keep_open",
@@ -117,6 +135,14 @@ OPTION_TABLE: tuple[tuple[str, str, str, str, str], ...] = (
 
 _ROWS = {f"-{row[0]}": row for row in OPTION_TABLE if row[0]}
 _ROWS.update({f"--{row[1]}": row for row in OPTION_TABLE if row[1]})
+# ncat's names for the TLS options.
+_ALIASES = {"--ssl": "--tls", "--ssl-trustfile": "--tls-ca", "--ssl-servername": "--tls-servername",
+            "--ssl-cert": "--tls-cert", "--ssl-key": "--tls-key", "--ssl-alpn": "--tls-alpn"}  # fmt: skip
+_ROWS.update({alias: _ROWS[name] for alias, name in _ALIASES.items()})
+_TLS_OPTIONS = (("tls_ca", "--tls-ca"), ("tls_servername", "--tls-servername"),
+                ("tls_cert", "--tls-cert"), ("tls_key", "--tls-key"), ("tls_alpn", "--tls-alpn"),
+                ("tls_pin", "--tls-pin"), ("tls_min_version", "--tls-min-version"),
+                ("tls_insecure", "--tls-insecure"), ("tls_verify_client", "--tls-verify-client"))  # fmt: skip
 _FLOAT_OPTIONS = frozenset(
     {"connect_timeout_s", "idle_timeout_s", "quit_after_eof_s", "interval_s"}
 )
@@ -156,6 +182,17 @@ class Options:
     no_proxy: bool
     proxy_cacert: str | None
     proxy_insecure: bool
+    tls: bool
+    tls_ca: str | None
+    tls_servername: str | None
+    tls_cert: str | None
+    tls_key: str | None
+    tls_alpn: str | None
+    tls_pin: str | None
+    tls_min_version: str | None
+    tls_insecure: bool
+    tls_verify_client: bool
+    ssl_verify: bool
     fdpass: bool
     listen: bool
     keep_open: bool
@@ -282,11 +319,35 @@ def parse_args(argv: Sequence[str]) -> Options:
                            ("send_buf", "-O"), ("tos", "-T"), ("ttl", "-M"), ("so_debug", "-D")):
             if getattr(options, attr) not in (None, False):
                 raise UsageError(f"-z scans TCP ports from here: it takes no {flag}")
+    _check_tls(options)
     if options.interval_s is not None and options.interval_s < 0:
         raise UsageError("-i must not be negative")
     if options.quit_after_eof_s is not None and options.quit_after_eof_s < 0:
         options.quit_after_eof_s = None  # nc: a negative -q means wait forever
     return options
+
+
+def _check_tls(options: Options) -> None:
+    given = [flag for attr, flag in _TLS_OPTIONS if getattr(options, attr) not in (None, False)]
+    if not options.tls:
+        if given:
+            raise UsageError(f"{given[0]} is a TLS option: add --tls (-c)")
+        return
+    if options.fdpass:
+        raise UsageError("-F hands ssh the socket, but with --tls the TLS session lives in hopcat: "
+                         "drop -F (ProxyUseFdpass no)")  # fmt: skip
+    if options.scan:
+        raise UsageError("-z only tells whether ports accept TCP: it takes no --tls")
+    if options.tls_verify_client and not options.listen:
+        raise UsageError("--tls-verify-client is for a listener: add -l")
+    if options.listen and (options.tls_servername or options.tls_alpn or options.tls_pin):
+        flag = next(flag for attr, flag in _TLS_OPTIONS[1:7:1]
+                    if attr in ("tls_servername", "tls_alpn", "tls_pin") and getattr(options, attr))  # fmt: skip
+        raise UsageError(f"{flag} is for a TLS client: -l --tls takes --tls-cert, --tls-key, "
+                         "--tls-ca, --tls-verify-client and --tls-min-version")  # fmt: skip
+    if options.listen and options.tls_insecure:
+        raise UsageError("--tls-insecure is for a TLS client (a listener checks client "
+                         "certificates only with --tls-verify-client)")  # fmt: skip
 
 
 def wants_tuning(options: Options) -> bool:

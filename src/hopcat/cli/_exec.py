@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     import _socket
 
     from hopcat.cli._args import Options
+    from hopcat.net.tls import TLSLayers
 
 DEFAULT_MAX_CONNS = 100
 
@@ -79,19 +80,20 @@ def exec_argv(options: Options) -> list[str] | None:
     return command_argv(options)
 
 
-def spawn(argv: list[str], conn: _socket.socket) -> int:
-    """Start ``argv`` with ``conn`` as its stdin and stdout; its pid."""
+def spawn(argv: list[str], conn: _socket.socket | None, fds: tuple[int, int] = (-1, -1)) -> int:
+    """Start ``argv`` with ``conn`` (or the two ``fds``) as its stdin and stdout; its pid."""
     import signal
 
-    conn.setblocking(True)
-    fd = conn.fileno()
+    if conn is not None:
+        conn.setblocking(True)
+        fds = (conn.fileno(), conn.fileno())
     # Python ignores SIGPIPE (and SIGXFSZ) and a spawned program would inherit that: a shell
     # loop writing to a client that left would spin on EPIPE for ever instead of dying.
     signals = (signal.SIGPIPE, signal.SIGXFSZ)
     try:
         return os.posix_spawnp(argv[0], argv, dict(os.environ), setsigdef=signals,
-                               file_actions=[(os.POSIX_SPAWN_DUP2, fd, 0),
-                                             (os.POSIX_SPAWN_DUP2, fd, 1)])  # fmt: skip
+                               file_actions=[(os.POSIX_SPAWN_DUP2, fds[0], 0),
+                                             (os.POSIX_SPAWN_DUP2, fds[1], 1)])  # fmt: skip
     except OSError as exc:
         from hopcat.net.dial import describe_oserror
 
@@ -105,10 +107,49 @@ def exit_status(status: int) -> int:
     return os.WEXITSTATUS(status)
 
 
-def run_child(argv: list[str], conn: _socket.socket) -> int:
-    """One connection, one child; the child's exit status once it ends."""
+def run_child(
+    argv: list[str], conn: _socket.socket, layers: TLSLayers | None = None,
+    initial_down: bytes = b"",
+) -> int:  # fmt: skip
+    """One connection, one child; the child's exit status once it ends. Through TLS sessions
+    (``layers``) the child gets pipes, and hopcat relays between them and the sessions."""
+    if layers:
+        return _run_child_over_tls(argv, conn, layers, initial_down)
     pid = spawn(argv, conn)
     conn.close()  # the child holds it now: its close is the peer's EOF
+    return _wait(pid)
+
+
+def _run_child_over_tls(
+    argv: list[str], conn: _socket.socket, layers: TLSLayers, initial_down: bytes
+) -> int:
+    from hopcat.relay.pump import RelayOptions, relay
+
+    to_child_r, to_child_w = os.pipe()
+    from_child_r, from_child_w = os.pipe()
+    try:
+        pid = spawn(argv, None, (to_child_r, from_child_w))
+    except BaseException:
+        for fd in (to_child_r, to_child_w, from_child_r, from_child_w):
+            os.close(fd)
+        raise
+    os.close(to_child_r)
+    os.close(from_child_w)
+    try:
+        # The child may answer after the peer's end (a request, then its reply): wait for its
+        # output's end, not only while it is busy.
+        relay(conn, from_child_r, to_child_w, layers=layers, initial_down=initial_down,
+              options=RelayOptions(keep_sending=True))  # fmt: skip
+    finally:
+        os.close(from_child_r)
+        try:
+            os.close(to_child_w)  # closed by the relay at the peer's end already
+        except OSError:
+            pass
+    return _wait(pid)
+
+
+def _wait(pid: int) -> int:
     while True:
         try:
             _pid, status = os.waitpid(pid, 0)

@@ -32,12 +32,14 @@ from hopcat.errors import ExitCode, HopcatError, UsageError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import ssl
     from collections.abc import Callable
     from typing import NoReturn
 
     from hopcat.cli import Timeline
     from hopcat.cli._args import Options
     from hopcat.cli._sockopts import Tuning
+    from hopcat.net.tls import TLSLayers
     from hopcat.server.policy import Policy
 
     Relay = Callable[[socket.socket], int]
@@ -271,11 +273,12 @@ def serve_connections(
 
 def serve_children(
     listener: socket.socket, argv: list[str], limit: int, policy: Policy | None,
-    trace: Callable[[str], None], options: Options,
+    trace: Callable[[str], None], options: Options, tls: _ListenerTLS | None = None,
 ) -> NoReturn:
     """``-l -k`` with exec: a child per connection, at most ``limit`` at once, until a signal.
     Children are watched with pidfds in the listener's poll (no SIGCHLD handler, no busy loop);
-    at the limit the listener is left unread, so clients wait in the backlog."""
+    at the limit the listener is left unread, so clients wait in the backlog. With --tls the
+    child is a fork of hopcat that does the handshake and relays for the program."""
     import select
 
     from hopcat.cli._exec import ExecError, exit_status, spawn
@@ -306,7 +309,7 @@ def serve_children(
                         trace(f"refused {who} (--allow/--deny)")
                         continue
                     try:
-                        pid = spawn(argv, conn)
+                        pid = spawn(argv, conn) if tls is None else _fork_tls_child(argv, conn, tls)
                     except ExecError as exc:  # out of processes for now: this client only
                         from hopcat.cli import _fail
 
@@ -325,6 +328,29 @@ def serve_children(
     finally:
         for pidfd in children:
             os.close(pidfd)
+
+
+def _fork_tls_child(argv: list[str], conn: socket.socket, tls: _ListenerTLS) -> int:
+    """A hopcat process for one TLS client of ``-l -k --tls --exec``: handshake, program, relay."""
+    from hopcat.cli._exec import ExecError
+
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        raise ExecError(f"cannot fork: {os.strerror(exc.errno or 0).lower()}") from None
+    if pid:
+        return pid
+    code = 70
+    try:
+        from hopcat.cli._exec import run_child
+
+        code = run_child(argv, conn, tls.accept(conn))
+    except HopcatError as exc:
+        from hopcat.cli import _fail
+
+        code = _fail(str(exc), exc.exit_code)
+    finally:
+        os._exit(code)  # whatever happened: a forked child must never return into the listener
 
 
 def _allowed(policy: Policy | None, peer: object) -> bool:
@@ -433,15 +459,18 @@ def main(options: Options, trace: Timeline) -> int:
 
             announce_ready([name], ready_fd=ready_fd, ready_file=options.ready_file)
 
+        tls = _tls_for_listener(listener, options, trace) if options.tls else None
         if argv is not None and options.keep_open:
-            serve_children(listener, argv, limit, policy, trace, options)
+            serve_children(listener, argv, limit, policy, trace, options, tls)
         if argv is not None:
             command = argv
 
             def relay(conn: socket.socket) -> int:
                 from hopcat.cli._exec import run_child
 
-                return run_child(command, conn)
+                if tls is None:
+                    return run_child(command, conn)
+                return run_child(command, conn, tls.accept(conn))
         else:
             # -C/-i: one feeding thread for the whole process, whose pipe every client's relay
             # reads in turn (a thread per client would race the last one for stdin).
@@ -453,14 +482,45 @@ def main(options: Options, trace: Timeline) -> int:
                 shared_in = 0
 
             def relay(conn: socket.socket) -> int:
+                layers = None if tls is None else tls.accept(conn)
                 return relay_connected(conn, options, trace, close_output=not options.keep_open,
-                                       in_fd=shared_in)  # fmt: skip
+                                       in_fd=shared_in, layers=layers)  # fmt: skip
 
         return serve_connections(listener, options, trace, relay, policy)
     finally:
         listener.close()
         if created:
             remove_socket_file(created, identity)
+
+
+class _ListenerTLS:
+    """-l --tls: the server context (made before the first client) and each client's
+    handshake, within the connect timeout."""
+
+    def __init__(self, context: ssl.SSLContext, options: Options, trace: Timeline) -> None:
+        from hopcat.cli._args import DEFAULT_CONNECT_TIMEOUT_S
+
+        self.context = context
+        self.trace = trace
+        timeout_s = options.connect_timeout_s
+        self.timeout_s = DEFAULT_CONNECT_TIMEOUT_S if timeout_s is None else timeout_s
+
+    def accept(self, conn: socket.socket) -> TLSLayers:
+        from hopcat.cli._tls import accept_tls
+
+        who = f"client {_describe_peer(conn.getpeername())}"
+        return accept_tls(conn, self.context, who, timeout_s=self.timeout_s, trace=self.trace)
+
+
+def _tls_for_listener(listener: socket.socket, options: Options, trace: Timeline) -> _ListenerTLS:
+    from hopcat.cli._tls import listen_context
+
+    names = ["localhost", "127.0.0.1", "::1"]
+    if listener.family != socket.AF_UNIX:
+        address = _unmapped_host(str(listener.getsockname()[0]))
+        if address not in names and address not in ("0.0.0.0", "::"):
+            names.append(address)
+    return _ListenerTLS(listen_context(options, names, trace), options, trace)
 
 
 def _ready_fd(text: str | None) -> int | None:

@@ -294,7 +294,7 @@ def proxied_probe(
     from hopcat.aio import connect_socket, create_connection
     from hopcat.net.chain import tls_context
 
-    tls = any(proxy.scheme == "https" for proxy in chain)
+    tls = any(proxy.tls for proxy in chain)
     context = tls_context(options.proxy_cacert, options.proxy_insecure) if tls else None
     last_hop = len(chain)
 

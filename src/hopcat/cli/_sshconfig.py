@@ -70,8 +70,11 @@ _CARRIED = frozenset({
     "ipv4_only", "ipv6_only", "source", "numeric", "connect_timeout_s", "idle_timeout_s",
     "quit_after_eof_s", "shutdown_flag", "no_shutdown", "keep_sending", "keepalive", "nagle",
     "proxy_dns", "no_proxy", "proxy_cacert", "proxy_insecure", "verbose", "debug",
-    "recv_buf", "send_buf", "tos", "ttl", "so_debug",
+    "recv_buf", "send_buf", "tos", "ttl", "so_debug", "tls", "tls_ca", "tls_servername",
+    "tls_cert", "tls_key", "tls_alpn", "tls_pin", "tls_min_version", "tls_insecure", "ssl_verify",
 })
+# Files ssh runs hopcat with from the user's working directory: written as absolute paths.
+_PATHS = frozenset({"proxy_cacert", "tls_ca", "tls_cert", "tls_key"})
 # Their values become the -x URLs of the stanza (scheme, user) instead of flags.
 _FOLDED_INTO_URLS = frozenset(
     {"proxies", "nc_proxy_type", "nc_proxy_user", "ncat_proxy_type", "proxy_auth"}
@@ -98,6 +101,7 @@ _REFUSED = {
     "scan": "a port scan gives ssh no connection",
     "random_order": "it belongs to a port scan (-z), which gives ssh no connection",
     "max_parallel": "it belongs to a port scan (-z), which gives ssh no connection",
+    "tls_verify_client": "it belongs to listen mode (-l), which a ProxyCommand cannot use",
 }
 
 # Needs no quoting for the shell nor for ssh's argv_split (% is escaped separately).
@@ -173,8 +177,8 @@ def _carried_options(options: Options) -> list[str]:
             argv += [_flag(row)] * (value if type(value) is int else 1)
         elif isinstance(value, float):
             argv += [_flag(row), _seconds_text(value)]
-        elif attr == "proxy_cacert":
-            argv += [_flag(row), os.path.abspath(value)]  # ssh runs it from the user's cwd
+        elif attr in _PATHS:
+            argv += [_flag(row), os.path.abspath(value)]
         else:
             argv += [_flag(row), str(value)]
     return argv
@@ -233,11 +237,11 @@ def stanza(pattern: str, no_fdpass: bool, options: Options) -> tuple[str, list[s
         raise UsageError("ssh-config needs the proxy on its command line (-x URL ...): the "
                          "environment (ALL_PROXY, ...) is not written into the stanza; "
                          "--no-proxy for a direct hopcat")
-    tls = any(hop.tls for hop in hops)
+    tls = options.tls or any(hop.tls for hop in hops)
     if options.fdpass and (no_fdpass or tls):
         raise UsageError("ssh-config: -F cannot be used " + (
             "with --no-fdpass" if no_fdpass else
-            "with an https:// hop: its TLS session stays inside hopcat"))
+            "with TLS (a TLS hop or --tls): the TLS session stays inside hopcat"))
     notes: list[str] = []
     command = hopcat_command()
     for hop in hops:
@@ -250,7 +254,7 @@ def stanza(pattern: str, no_fdpass: bool, options: Options) -> tuple[str, list[s
     command += _carried_options(options)
     use_fdpass = not no_fdpass and not tls
     if tls and not no_fdpass:
-        notes.append("no ProxyUseFdpass: an https:// hop keeps its TLS session inside hopcat")
+        notes.append("no ProxyUseFdpass: TLS (a TLS hop or --tls) keeps its session inside hopcat")
     if options.idle_timeout_s and not use_fdpass:
         notes.append(f"-w {_seconds_text(options.idle_timeout_s)}: hopcat will end an ssh session "
                      "quiet for that long (ssh's ServerAliveInterval keeps one busy)")
@@ -409,9 +413,11 @@ def _dry_run(
     if fdpass and not options.fdpass:
         raise _Broken("ProxyUseFdpass yes without hopcat -F: ssh would wait for a socket")
     if options.fdpass and any(hop.tls for hop in hops):
-        raise _Broken("-F with an https:// hop: hopcat keeps that TLS session and cannot pass it")
-    if options.proxy_cacert is not None and not os.path.isfile(options.proxy_cacert):
-        raise _Broken(f"--proxy-cacert {options.proxy_cacert}: no such file")
+        raise _Broken("-F with a TLS hop (https://, socks5+tls://): hopcat keeps that TLS session and cannot pass it")
+    for path, flag in ((options.proxy_cacert, "--proxy-cacert"), (options.tls_ca, "--tls-ca"),
+                       (options.tls_cert, "--tls-cert"), (options.tls_key, "--tls-key")):
+        if path is not None and not os.path.isfile(path):
+            raise _Broken(f"{flag} {path}: no such file")
     return hops
 
 

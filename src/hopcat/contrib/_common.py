@@ -71,7 +71,7 @@ class Route:
     @property
     def tls_hop(self) -> bool:
         """An https:// hop: the tunnel arrives as TLS, and TLS to the target nests inside it."""
-        return any(proxy.scheme == "https" for proxy in self.chain)
+        return any(proxy.tls for proxy in self.chain)
 
     def options(self) -> dict[str, Any]:
         """Keyword arguments of ``hopcat.open_tunnel`` and ``hopcat.aio.create_connection``."""

@@ -25,6 +25,7 @@ from hopcat.errors import HopcatError, UsageError
 from hopcat.net import engine
 from hopcat.net.dial import MAX_WAIT_S, describe_oserror, dial_tcp, no_trace, resolve, wait_s
 from hopcat.net.engine import (
+    READ_BYTES,
     Dial,
     HopInfo,
     Probe,
@@ -44,23 +45,65 @@ if TYPE_CHECKING:
 
     from hopcat._url import ProxyURL
     from hopcat.net.engine import Opened, Plan, Step
+    from hopcat.net.tls import TLSLayers
 
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
 
 class Tunnel:
     """An open path to the target. ``trailing`` holds target bytes that came with the last
-    reply; ``hops`` what each hop did (``engine.HopInfo``)."""
+    reply; ``layers`` the TLS sessions on ``sock`` (TLS hops, then the target's once
+    ``start_target_tls`` ran), None for none; ``hops`` what each hop did (``engine.HopInfo``)."""
 
-    __slots__ = ("hops", "sock", "tls", "trailing")
+    __slots__ = ("hops", "layers", "sock", "trailing")
 
     def __init__(
-        self, sock: socket.socket, trailing: bytes, tls: bool, hops: tuple[HopInfo, ...] = ()
-    ) -> None:
+        self, sock: socket.socket, trailing: bytes, layers: TLSLayers | None,
+        hops: tuple[HopInfo, ...] = (),
+    ) -> None:  # fmt: skip
         self.sock = sock
         self.trailing = trailing
-        self.tls = tls
+        self.layers = layers
         self.hops = hops
+
+
+def start_target_tls(
+    tunnel: Tunnel, context: ssl.SSLContext, server_name: str | None, *, deadline: float,
+    clock: Callable[[], float] = time.monotonic,
+) -> ssl.SSLObject:  # fmt: skip
+    """TLS to the target over an open tunnel (inside the TLS hops' sessions, if any), within
+    ``deadline``. Raises the handshake's ``ssl.SSLError``/OSError/TimeoutError for the caller to
+    name (``hopcat.net.tls.failure``); ValueError for a name SNI cannot carry."""
+    return _handshake_on(tunnel, context, server_name, "target", deadline, clock, tunnel.trailing)
+
+
+def accept_target_tls(
+    tunnel: Tunnel, context: ssl.SSLContext, *, deadline: float,
+    clock: Callable[[], float] = time.monotonic,
+) -> ssl.SSLObject:  # fmt: skip
+    """The server side of a TLS handshake on an accepted connection (a listener's)."""
+    return _handshake_on(tunnel, context, None, "client", deadline, clock, b"", server_side=True)
+
+
+def _handshake_on(
+    tunnel: Tunnel, context: ssl.SSLContext, server_name: str | None, label: str,
+    deadline: float, clock: Callable[[], float], received: bytes, *, server_side: bool = False,
+) -> ssl.SSLObject:  # fmt: skip
+    from hopcat.net.tls import TLSLayers
+
+    driver = _Driver(deadline, clock, context, None, "")
+    driver.sock = tunnel.sock
+    driver.layers = tunnel.layers or TLSLayers()
+    session = driver.layers.push(context, server_name, label=label, server_side=server_side,
+                                 received=received)  # fmt: skip
+    tunnel.trailing = b""
+    tunnel.sock.setblocking(False)
+    try:
+        driver.run_handshake()
+    finally:
+        tunnel.sock.setblocking(True)
+    tunnel.layers = driver.layers
+    return session
 
 
 def tls_context(cafile: str | None, insecure: bool) -> ssl.SSLContext:
@@ -131,17 +174,17 @@ def open_tunnel(
         raise
     sock = driver.sock
     assert sock is not None
-    sock.settimeout(None)
+    sock.setblocking(True)
     if delayed_acks:
         set_quickack(sock, 0)
-    return Tunnel(sock, opened.trailing, opened.tls, opened.hops)
+    return Tunnel(sock, opened.trailing, driver.layers, opened.hops)
 
 
 class _Driver:
     """Carries out a plan's steps on one socket, waiting in poll."""
 
-    __slots__ = ("clock", "context", "deadline", "dial_options", "peer", "sock", "timeout_label",
-                 "tls", "trace")  # fmt: skip
+    __slots__ = ("clock", "context", "deadline", "dial_options", "layers", "peer", "sock",
+                 "timeout_label", "trace")  # fmt: skip
 
     def __init__(
         self, deadline: float, clock: Callable[[], float], context: ssl.SSLContext | None,
@@ -155,7 +198,7 @@ class _Driver:
         self.dial_options: dict[str, Any] = {}  # dial_tcp's keyword arguments for hop 1
         self.sock: socket.socket | None = None
         self.peer: tuple[int, tuple[object, ...]] | None = None  # the first hop, for probes
-        self.tls = False  # whether sock is an SSLSocket (after an https:// hop)
+        self.layers: TLSLayers | None = None  # after a TLS hop: its session, and any inside it
 
     def run(self, plan: Plan) -> Opened:
         """Drive ``plan`` to its end; return its result."""
@@ -202,32 +245,34 @@ class _Driver:
             raise TimeoutError
         return min(left, limit_s, MAX_WAIT_S)
 
-    # A plain socket stays non-blocking during the plan: each call is tried first and waits in
-    # poll only when it would block (a socket timeout costs an ioctl per call and a poll before
-    # every recv, even of bytes already queued). A TLS socket keeps socket timeouts: its reads
-    # and writes can each need the other direction.
+    # The socket stays non-blocking during the plan: each call is tried first and waits in poll
+    # only when it would block (a socket timeout costs an ioctl per call and a poll before every
+    # recv, even of bytes already queued). TLS sessions run on memory BIOs over it.
     def send(self, data: bytes) -> None:
+        if self.layers is not None:
+            self.layers.write(data)
+            data = self.layers.wire_out()
+        self._send_wire(data)
+
+    def _send_wire(self, data: bytes) -> None:
         sock = self.sock
         assert sock is not None
         view = memoryview(data)
         while view:
-            if self.tls:
-                sock.settimeout(self._timeout())
             try:
                 sent = sock.send(view)
             except BlockingIOError:
                 self._wait(select.POLLOUT)
                 continue
-            except TimeoutError:
-                continue  # a wait is capped at MAX_WAIT_S; _timeout() says when time is up
             view = view[sent:]
 
     def receive(self, step: Receive) -> bytes | None:
         sock = self.sock
         assert sock is not None
         set_quickack(sock, 1)  # Linux clears it by itself: set again around every exchange
-        flags = socket.MSG_PEEK if step.peek else 0
-        if not self.tls:
+        layers = self.layers
+        if layers is None:
+            flags = socket.MSG_PEEK if step.peek else 0
             while True:
                 try:
                     data: bytes = sock.recv(step.size, flags)
@@ -236,16 +281,33 @@ class _Driver:
                     pass
                 if not self._wait(select.POLLIN, step.quiet_s):
                     return None
-        pending: int = sock.pending()  # type: ignore[attr-defined]
-        if step.quiet_s and not pending and not self._wait(select.POLLIN, step.quiet_s):
-            return None
+        import ssl
+
+        buffer = bytearray(step.size)
         while True:
-            sock.settimeout(self._timeout())
             try:
-                data = sock.recv(step.size, flags)
-                return data
-            except TimeoutError:
+                count = layers.read_into(memoryview(buffer))
+            except ssl.SSLWantReadError:
+                if not self._pull(step.quiet_s):
+                    return None
                 continue
+            if out := layers.wire_out():  # a read can answer the peer (a TLS 1.3 KeyUpdate)
+                self._send_wire(out)
+            return bytes(buffer[:count])
+
+    def _pull(self, quiet_s: float = 0.0) -> bool:
+        """Feed the TLS sessions what the socket has, waiting for it (False: quiet for
+        ``quiet_s``)."""
+        assert self.sock is not None and self.layers is not None
+        while True:
+            try:
+                data: bytes = self.sock.recv(READ_BYTES)
+            except BlockingIOError:
+                if not self._wait(select.POLLIN, quiet_s):
+                    return False
+                continue
+            self.layers.feed(data)
+            return True
 
     def _wait(self, events: int, quiet_s: float = 0.0) -> bool:
         """Poll for ``events`` until the deadline (TimeoutError) or, given ``quiet_s``, until
@@ -258,37 +320,49 @@ class _Driver:
         return not quiet_s
 
     def start_tls(self, step: StartTLS) -> str | None:
-        import socket as socket_module  # ssl wants the full socket class; only TLS chains pay
-        import ssl
+        """A TLS session with the hop, inside the ones before it. On the first call for a step
+        the session is made; a call after a quiet None goes on with its handshake."""
+        from hopcat.net.tls import TLSLayers
 
-        sock = self.sock
-        assert sock is not None and self.context is not None
-        if not isinstance(sock, ssl.SSLSocket):
-            plain = socket_module.socket(fileno=sock.detach())
+        assert self.sock is not None and self.context is not None
+        if self.layers is None:
+            self.layers = TLSLayers()
+        layers = self.layers
+        if not step.again:
             try:
-                sock = self.context.wrap_socket(
-                    plain, server_hostname=step.server_name, do_handshake_on_connect=False
-                )
+                layers.push(self.context, step.server_name, label=step.label)
             except ValueError as exc:  # a name the ssl module will not put into SNI
-                plain.close()
                 raise UsageError(
                     f"{step.server_name}: cannot be used as a TLS server name ({exc})"
                 ) from None
-            self.sock = sock
-            self.tls = True
-        while True:
-            sock.settimeout(self._timeout(step.quiet_s or MAX_WAIT_S))
+        return self.run_handshake(step.quiet_s)
+
+    def run_handshake(self, quiet_s: float = 0.0) -> str | None:
+        """Drive the innermost session's handshake to its end: its TLS version, or None when
+        the peer stayed quiet for ``quiet_s``."""
+        layers = self.layers
+        assert layers is not None
+        while not self._handshake_step(layers):
+            self._send_wire(layers.wire_out())
+            if not self._pull(quiet_s):
+                if self.clock() >= self.deadline:
+                    raise TimeoutError
+                return None
+        self._send_wire(layers.wire_out())
+        version: str = layers.innermost.version() or "TLS"
+        return version
+
+    def _handshake_step(self, layers: TLSLayers) -> bool:
+        try:
+            return layers.handshake()
+        except OSError:
+            # The alert a failed handshake makes tells the peer why: send it if it fits now.
             try:
-                sock.do_handshake()
-            except TimeoutError:
-                if step.quiet_s:
-                    if self.clock() >= self.deadline:
-                        raise
-                    return None
-                continue
-            sock.settimeout(None)
-            version: str = sock.version() or "TLS"
-            return version
+                assert self.sock is not None
+                self.sock.send(layers.wire_out())
+            except OSError:
+                pass
+            raise
 
     def probe(self, data: bytes) -> bytes:
         """The first bytes a second connection to the first hop gets back for ``data``."""

@@ -13,8 +13,10 @@ kind is recognised) and yields *steps* for a driver to carry out on its own I/O 
                                 at most ``size`` bytes (b"" at EOF); with ``peek`` leave them
                                 queued (MSG_PEEK). With ``quiet_s``, None when nothing arrived
                                 in that time (the plan then looks closer and asks again).
-    StartTLS(server_name, quiet_s)
-                                wrap the connection in TLS; -> the TLS version, or None if quiet
+    StartTLS(server_name, label, quiet_s, again)
+                                a TLS session with the hop ``label`` inside any before it;
+                                -> the TLS version, or None if quiet (``again``: go on with the
+                                handshake begun by the last StartTLS)
     Probe(data)                 a second connection to the first hop: the first bytes it
                                 answers to ``data`` (b"" when none; never an error)
 
@@ -132,11 +134,15 @@ class Receive(Step):
 
 
 class StartTLS(Step):
-    __slots__ = ("quiet_s", "server_name")
+    __slots__ = ("again", "label", "quiet_s", "server_name")
 
-    def __init__(self, server_name: str, *, quiet_s: float = 0.0) -> None:
+    def __init__(
+        self, server_name: str, *, label: str = "", quiet_s: float = 0.0, again: bool = False
+    ) -> None:
         self.server_name = server_name
+        self.label = label
         self.quiet_s = quiet_s
+        self.again = again
 
 
 class Probe(Step):
@@ -166,7 +172,7 @@ class HopInfo:
 
 class Opened:
     """The plan's result: target bytes that came with the last reply, whether the connection
-    now runs inside TLS (an https:// hop), and per-hop information."""
+    now runs inside TLS (a TLS hop), and per-hop information."""
 
     __slots__ = ("hops", "tls", "trailing")
 
@@ -183,8 +189,6 @@ def check_chain(hops: Sequence[ProxyURL], proxy_dns: str) -> None:
         raise UsageError("a tunnel needs at least one proxy")
     if proxy_dns not in PROXY_DNS_POLICIES:
         raise UsageError(f"--proxy-dns must be one of {', '.join(PROXY_DNS_POLICIES)}")
-    if sum(hop.tls for hop in hops) > 1:
-        raise UsageError("at most one https:// proxy per chain (TLS inside TLS is not supported)")
 
 
 def tunnel_plan(
@@ -307,7 +311,7 @@ def _cross_hop(
         hop, next_host, next_port, proxy_dns, family, numeric_only, trace
     )
     machine = client_machine(
-        "socks4a" if hop.scheme == "socks4a" else hop.protocol, wire_host, next_port,
+        "socks4a" if hop.plain_scheme == "socks4a" else hop.protocol, wire_host, next_port,
         username=hop.username, password=hop.password,
         headers=headers if hop.protocol == "http" else None,
     )  # fmt: skip
@@ -343,9 +347,11 @@ def _start_tls(hop: ProxyURL, expected: str | None) -> SubPlan:
     # A certificate names the address, never this host's zone of it.
     name = split_scope(hop.host)[0] or hop.host
     quiet_s = SILENT_PROXY_PROBE_S if expected else 0.0
+    again = False
     while True:
         try:
-            version = yield StartTLS(name, quiet_s=quiet_s)
+            version = yield StartTLS(name, label=f"proxy {hop.label()}", quiet_s=quiet_s,
+                                     again=again)  # fmt: skip
         except TimeoutError:
             raise HopcatTimeoutError("no TLS handshake before the connect timeout") from None
         except OSError as exc:
@@ -365,6 +371,7 @@ def _start_tls(hop: ProxyURL, expected: str | None) -> SubPlan:
         assert expected is not None
         yield from _diagnose(expected, "silent")
         quiet_s = 0.0
+        again = True
 
 
 def _handshake(

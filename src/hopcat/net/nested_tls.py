@@ -1,17 +1,16 @@
-"""TLS to the target carried inside the TLS session with an https:// proxy, for blocking callers.
+"""TLS sessions of a tunnel as a blocking socket: for callers that want a socket-like object.
 
-``ssl.SSLContext.wrap_socket`` cannot wrap an ``SSLSocket``: a second TLS layer has to run on
-memory BIOs, its records sent and received through the outer session. ``NestedTLSSocket`` does
-that and keeps the parts of the socket interface that clients of a TLS socket use (``recv``,
-``sendall``, ``makefile``, timeouts, the peer's certificate), so http.client, urllib3 and
-paramiko work on it unchanged.
+A TLS hop (``https://``, ``socks5+tls://``) keeps its session in hopcat (``hopcat.net.tls``:
+memory BIOs over the plain socket), and TLS to the target runs inside it; ``NestedTLSSocket``
+carries that stack and keeps the parts of the socket interface that clients of a TLS socket use
+(``recv``, ``sendall``, ``makefile``, timeouts, the innermost peer's certificate), so
+http.client, urllib3 and paramiko work on it unchanged.
 
-Threads: OpenSSL forbids two threads in one SSL object at once, and that holds for the outer
-session too, while a reader thread blocked in ``recv`` beside a writer thread is ordinary socket
-use (paramiko does it). So the outer socket is kept non-blocking and every call into either
-session is short and made under a lock; the waiting for the network happens in ``poll`` with no
-lock held. Records reach the wire in the order the inner session made them: the send lock is taken
-before the session is let go.
+Threads: OpenSSL forbids two threads in one SSL object at once, while a reader thread blocked in
+``recv`` beside a writer thread is ordinary socket use (paramiko does it). So the socket is kept
+non-blocking and every call into the sessions is short and made under a lock; the waiting for
+the network happens in ``poll`` with no lock held. Records reach the wire in the order the
+sessions made them: the send lock is taken before the sessions are let go.
 """
 
 from __future__ import annotations
@@ -23,39 +22,45 @@ import ssl
 import threading
 from typing import Any
 
+from hopcat.net.tls import TLSLayers
+
 __all__ = ["NestedTLSSocket"]
 
-RECORD_READ_BYTES = 2**16  # several TLS records per outer read
+RECORD_READ_BYTES = 2**16  # several TLS records per read from the wire
 
 
 class NestedTLSSocket:
-    """A TLS connection to the target whose records travel inside an outer TLS socket.
+    """The TLS sessions ``layers`` on the connected ``sock``, as a TLS socket to the innermost
+    peer (the target once ``start_tls`` ran, else the last TLS hop).
 
-    Behaves like the ``ssl.SSLSocket`` that ``wrap_socket`` would return on a plain connection,
-    in blocking mode with or without a timeout (``settimeout`` applies to each outer read and
-    write). ``fileno()`` is the outer socket's: a select/poll on it can miss bytes already
-    decrypted here, so check ``pending()`` first, as with an ``SSLSocket``.
+    Behaves like an ``ssl.SSLSocket`` in blocking mode with or without a timeout
+    (``settimeout`` applies to each wait for the network). ``fileno()`` is the socket's: a
+    select/poll on it can miss bytes already decrypted here, so check ``pending()`` first, as
+    with an ``SSLSocket``.
     """
 
-    def __init__(
-        self, outer: ssl.SSLSocket, context: ssl.SSLContext, server_hostname: str | None
-    ) -> None:
-        self._outer = outer
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
-        self._tls = context.wrap_bio(
-            self._incoming, self._outgoing, server_side=False, server_hostname=server_hostname
-        )
+    def __init__(self, sock: socket.socket, layers: TLSLayers) -> None:
+        self._sock = sock
+        self._layers = layers
         self._session_lock = threading.Lock()
         self._send_lock = threading.Lock()
-        self._outer_lock = threading.Lock()
-        self._timeout = outer.gettimeout()
-        outer.setblocking(False)
+        self._timeout = sock.gettimeout()
+        sock.setblocking(False)
         self._makefile_refs = 0
         self._closed = False
 
+    def start_tls(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
+        """A TLS session with the peer at the end of the tunnel, inside the current ones."""
+        with self._session_lock:
+            self._layers.push(context, server_hostname, label="target")
+        self._run(self._handshake_step)
+
+    def _handshake_step(self) -> None:
+        if not self._layers.handshake():
+            raise ssl.SSLWantReadError
+
     def do_handshake(self) -> None:
-        self._run(self._tls.do_handshake)
+        self._run(self._handshake_step)
 
     # -- data --------------------------------------------------------------------------------
 
@@ -64,7 +69,7 @@ class NestedTLSSocket:
         if bufsize == 0:
             return b""
         try:
-            data: bytes = self._run(self._tls.read, bufsize)
+            data: bytes = self._run(self._layers.innermost.read, bufsize)
         except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
             # The target closed, cleanly or not: end of stream, as an SSLSocket with its default
             # suppress_ragged_eofs reports it.
@@ -83,18 +88,18 @@ class NestedTLSSocket:
 
     def send(self, data: Any, flags: int = 0) -> int:
         self._refuse_flags(flags)
-        written: int = self._run(self._tls.write, data)
+        written: int = self._run(self._layers.write, data)
         return written
 
     def sendall(self, data: Any, flags: int = 0) -> None:
         self._refuse_flags(flags)
         view = memoryview(data).cast("B")
         while view:
-            view = view[self._run(self._tls.write, view) :]
+            view = view[self._run(self._layers.write, view) :]
 
     def pending(self) -> int:
         with self._session_lock:
-            return self._tls.pending()
+            return self._layers.innermost.pending()
 
     def makefile(
         self,
@@ -136,54 +141,54 @@ class NestedTLSSocket:
 
     @property
     def context(self) -> ssl.SSLContext:
-        return self._tls.context
+        return self._layers.innermost.context
 
     @property
     def server_hostname(self) -> str | None:
-        return self._tls.server_hostname
+        return self._layers.innermost.server_hostname
 
     def getpeercert(self, binary_form: bool = False) -> Any:
-        return self._tls.getpeercert(binary_form)
+        return self._layers.innermost.getpeercert(binary_form)
 
     def cipher(self) -> tuple[str, str, int] | None:
-        return self._tls.cipher()
+        return self._layers.innermost.cipher()
 
     def version(self) -> str | None:
-        return self._tls.version()
+        return self._layers.innermost.version()
 
     def selected_alpn_protocol(self) -> str | None:
-        return self._tls.selected_alpn_protocol()
+        return self._layers.innermost.selected_alpn_protocol()
 
     # -- the socket underneath -----------------------------------------------------------------
 
     @property
     def family(self) -> int:
-        return self._outer.family
+        return self._sock.family
 
     @property
     def type(self) -> int:
-        return self._outer.type
+        return self._sock.type
 
     @property
     def proto(self) -> int:
-        return self._outer.proto
+        return self._sock.proto
 
     def fileno(self) -> int:
-        return self._outer.fileno()
+        return self._sock.fileno()
 
     def getpeername(self) -> Any:
-        return self._outer.getpeername()
+        return self._sock.getpeername()
 
     def getsockname(self) -> Any:
-        return self._outer.getsockname()
+        return self._sock.getsockname()
 
     def setsockopt(self, level: int, option: int, value: Any) -> None:
-        self._outer.setsockopt(level, option, value)
+        self._sock.setsockopt(level, option, value)
 
     def getsockopt(self, level: int, option: int, buflen: int = 0) -> Any:
         if buflen:
-            return self._outer.getsockopt(level, option, buflen)
-        return self._outer.getsockopt(level, option)
+            return self._sock.getsockopt(level, option, buflen)
+        return self._sock.getsockopt(level, option)
 
     def settimeout(self, value: float | None) -> None:
         if value is not None and value <= 0:
@@ -199,19 +204,19 @@ class NestedTLSSocket:
         self._timeout = None
 
     def shutdown(self, how: int) -> None:
-        self._outer.shutdown(how)
+        self._sock.shutdown(how)
 
     def close(self) -> None:
         self._closed = True
         if self._makefile_refs == 0:
-            self._outer.close()
+            self._sock.close()
 
     def _decref_socketios(self) -> None:
         """Called by ``socket.SocketIO.close``: the last file closed after ``close()`` closes
         the connection, as with a real socket."""
         self._makefile_refs -= 1
         if self._closed and self._makefile_refs <= 0:
-            self._outer.close()
+            self._sock.close()
 
     def __enter__(self) -> NestedTLSSocket:
         return self
@@ -220,12 +225,12 @@ class NestedTLSSocket:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<NestedTLSSocket {self._tls.server_hostname!r} inside {self._outer!r}>"
+        return f"<NestedTLSSocket {', '.join(self._layers.labels)} on {self._sock!r}>"
 
     # -- moving records --------------------------------------------------------------------------
 
     def _run(self, operation: Any, *args: Any) -> Any:
-        """Run one inner-session call to completion, reading records from the proxy session
+        """Run one call into the innermost session to completion, reading from the wire
         whenever it needs more and sending every record it makes."""
         while True:
             self._session_lock.acquire()
@@ -243,7 +248,7 @@ class NestedTLSSocket:
             return result
 
     def _send_made_records(self) -> None:
-        records = self._outgoing.read()
+        records = self._layers.wire_out()
         if not records:
             self._session_lock.release()
             return
@@ -251,29 +256,22 @@ class NestedTLSSocket:
             self._session_lock.release()
             view = memoryview(records)
             while view:
-                # A write that could not go out must be retried with the same bytes (OpenSSL).
-                view = view[self._outer_call(self._outer.send, view) :]
+                view = view[self._socket_call(self._sock.send, view, select.POLLOUT) :]
 
     def _read_records(self) -> None:
-        records = self._outer_call(self._outer.recv, RECORD_READ_BYTES)
+        records = self._socket_call(self._sock.recv, RECORD_READ_BYTES, select.POLLIN)
         with self._session_lock:
-            if records:
-                self._incoming.write(records)
-            else:
-                self._incoming.write_eof()
+            self._layers.feed(records)
 
-    def _outer_call(self, operation: Any, argument: Any) -> Any:
-        """One call into the outer session, waiting (unlocked) for the network as it asks."""
+    def _socket_call(self, operation: Any, argument: Any, events: int) -> Any:
+        """One call on the socket, waiting (unlocked) for it to be ready."""
         while True:
-            with self._outer_lock:
-                try:
-                    return operation(argument)
-                except ssl.SSLWantReadError:
-                    events = select.POLLIN
-                except ssl.SSLWantWriteError:
-                    events = select.POLLOUT
+            try:
+                return operation(argument)
+            except BlockingIOError:
+                pass
             poller = select.poll()
-            poller.register(self._outer.fileno(), events)
+            poller.register(self._sock.fileno(), events)
             timeout_ms = None if self._timeout is None else int(self._timeout * 1000) + 1
             if not poller.poll(timeout_ms):
                 raise TimeoutError("timed out")

@@ -9,7 +9,8 @@ Each direction is a Flow that moves bytes one of three ways, chosen per directio
   our own sits in the middle: socket -> pipe, pipe -> socket.
 * ``copy``: anything else (a tty, a regular file, a platform without splice, or a kernel that
   refuses the first splice: see ``hopcat.relay.splice``): read into a 256 KiB buffer, write it
-  out.
+  out. Through TLS (a TLS hop, ``--tls``) the network side is a ``TLSWire``: records are
+  decrypted and encrypted on memory BIOs (``hopcat.net.tls``), up to 256 KiB per wakeup.
 
 A download spliced from a socket coalesces its wakeups once it is a bulk transfer: after one
 wakeup moved ``COALESCE_TRIGGER_BYTES``, the socket's SO_RCVLOWAT makes poll wait for
@@ -22,7 +23,11 @@ End-of-stream policy (the reason this tool exists; nc and ncat get parts of it w
 
 * stdin EOF: once every byte read from stdin has been sent, ``shutdown(SHUT_WR)`` the socket so
   the peer sees our FIN, and keep delivering socket -> stdout, so a request/response exchange
-  still gets its answer. ``no_shutdown`` skips the FIN (microsocks and tinyproxy tear the whole
+  still gets its answer. Through TLS, the innermost session's close_notify instead (a FIN under
+  a TLS hop's session would be a protocol violation): the TLS 1.3 half-close; a TLS 1.2 peer
+  answers with its own close_notify after what it still had to send. A peer's FIN without
+  close_notify ends the stream too (``-v`` says it may be truncated: only the protocol inside
+  can tell); an alert or a bad record is an error (exit 82). ``no_shutdown`` skips the FIN (microsocks and tinyproxy tear the whole
   tunnel down on a client FIN). ``quit_after_eof_s`` (nc's -q) exits that long after stdin EOF.
 * peer FIN: once every byte received has reached stdout, close stdout, then keep sending stdin
   for as long as it has data ready, and exit as soon as it is idle or at its EOF. ssh never
@@ -70,7 +75,7 @@ import select
 import stat
 import time
 
-from hopcat.errors import HopcatTimeoutError, RelayError
+from hopcat.errors import HopcatError, HopcatTimeoutError, RelayError
 from hopcat.relay.splice import (
     HAVE_SPLICE,
     MAX_SPLICE_BYTES,
@@ -82,9 +87,9 @@ from hopcat.relay.splice import (
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import ssl
     from collections.abc import Callable, Sequence
-    from typing import Any
+
+    from hopcat.net.tls import TLSLayers
 
 COPY_BUFFER_BYTES = 256 * 1024
 # Coalescing a bulk download (see Flow.coalesce_from): once one wakeup finds
@@ -174,11 +179,11 @@ class Flow:
     """
 
     def __init__(
-        self, name: str, src: int, dst: int, mode: str, tls: ssl.SSLSocket | None = None
+        self, name: str, src: int, dst: int, mode: str, tls: TLSWire | None = None
     ) -> None:
         self.name = name
-        # An ssl.SSLSocket for the network side of an https:// proxy tunnel ("up" writes to it,
-        # "down" reads from it): those bytes must go through the TLS object, so both flows copy.
+        # The network side through TLS sessions ("up" writes to it, "down" reads from it):
+        # those bytes go through the sessions, so both flows copy.
         self.tls = tls
         self.src = src
         self.dst = dst
@@ -234,7 +239,7 @@ class Flow:
         if self.mode == "splice":
             return self._wants_dst if self.waiting_for_dst else self._wants_src
         wanted: list[tuple[int, int]] = []
-        if self.buffered:
+        if self.buffered or (self.tls is not None and self.name == "up" and self.tls.out):
             wanted.append((self.dst, select.POLLOUT))
         has_room = not self.buffered if self.mode == "copy" else not self.pipe_full
         if not self.src_eof and has_room:
@@ -243,7 +248,11 @@ class Flow:
 
     def holds_bytes(self) -> bool:
         """True while bytes of src's wait for room in dst (so src is not idle)."""
-        return bool(self.buffered) or self.waiting_for_dst
+        return bool(self.buffered) or self.waiting_for_dst or self._records_held()
+
+    def _records_held(self) -> bool:
+        """Up through TLS: records made from src's bytes wait for room in the socket."""
+        return self.tls is not None and self.name == "up" and bool(self.tls.out)
 
     def on_ready(self, fd: int) -> None:
         """Move what can be moved without blocking. Raises OSError from the side that failed."""
@@ -252,6 +261,8 @@ class Flow:
         if self.mode == "splice":
             self._splice_direct()
         elif self.mode == "copy":
+            if fd == self.dst and self._records_held():
+                self.tls.flush()  # type: ignore[union-attr]
             if fd == self.src and not self.buffered and not self.src_eof:
                 self._copy_read()
             if self.buffered:
@@ -261,7 +272,7 @@ class Flow:
                 self._splice_in()
             if self.buffered:
                 self._splice_out()
-        if self.src_eof and not self.buffered:
+        if self.src_eof and not self.buffered and not self._records_held():
             self.finished = True
 
     # -- splice: one end is a pipe --------------------------------------------------------------
@@ -343,7 +354,7 @@ class Flow:
         assert self._view is not None
         try:
             if self.tls is not None and self.name == "down":
-                count = _tls_recv_into(self.tls, self._view)
+                count = self.tls.recv_into(self._view)
             else:
                 count = os.readv(self.src, [self._view])
         except BlockingIOError:
@@ -364,7 +375,7 @@ class Flow:
             chunk = self._view[self._start : self._start + self.buffered]
             try:
                 if self.tls is not None and self.name == "up":
-                    count = _tls_send(self.tls, chunk)
+                    count = self.tls.send(chunk)
                 else:
                     count = os.write(self.dst, chunk)
             except BlockingIOError:
@@ -374,31 +385,71 @@ class Flow:
             self.moved += count
 
 
-def _tls_recv_into(tls: ssl.SSLSocket, view: memoryview) -> int:
-    import ssl
-
-    try:
-        return tls.recv_into(view)
-    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-        raise BlockingIOError from None
-    except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-        return 0  # close_notify, or a TCP FIN without one: either way the stream ended
-    except ssl.SSLError as exc:
-        # An SSLError's errno is an SSL_ERROR_* code, not an errno: give it a real one.
-        raise OSError(errno.EPROTO, f"TLS: {exc.reason or exc}") from None
+class TLSStreamError(OSError):
+    """A TLS session failed mid-stream (an alert, a bad record): exit 82, not 74."""
 
 
-def _tls_send(tls: ssl.SSLSocket, view: memoryview) -> int:
-    import ssl
+class TLSWire:
+    """The network side of a relay through TLS sessions: ``recv_into`` gives plaintext,
+    ``send`` takes it; records the socket could not take yet wait in ``out`` (one chunk's worth
+    at most: ``send`` takes nothing more until they are gone)."""
 
-    try:
-        return tls.send(view)
-    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-        raise BlockingIOError from None
-    except ssl.SSLEOFError:
-        raise BrokenPipeError(errno.EPIPE, "TLS session closed by the proxy") from None
-    except ssl.SSLError as exc:
-        raise OSError(errno.EPROTO, f"TLS: {exc.reason or exc}") from None
+    __slots__ = ("_ssl", "layers", "more", "out", "sock")
+
+    def __init__(self, sock: socket.socket, layers: TLSLayers) -> None:
+        import ssl
+
+        self._ssl = ssl  # for its exceptions; imported only for a TLS relay
+        self.sock = sock
+        self.layers = layers
+        self.out = memoryview(b"")
+        self.more = False  # the last read filled its buffer: records may wait in the sessions
+
+    def recv_into(self, view: memoryview) -> int:
+        ssl = self._ssl
+        self.more = False
+        try:
+            while True:
+                try:
+                    count = self.layers.read_into(view)
+                    break
+                except ssl.SSLWantReadError:
+                    self.layers.feed(self.sock.recv(COPY_BUFFER_BYTES))  # BlockingIOError: wait
+            if out := self.layers.wire_out():  # a read can owe the peer an answer (KeyUpdate)
+                self.out = memoryview(bytes(self.out) + out)
+                self.flush()
+        except ssl.SSLError as exc:
+            raise TLSStreamError(errno.EPROTO, f"TLS: {exc.reason or exc}") from None
+        # A full buffer may leave records behind; an end seen after some bytes is told next.
+        self.more = count == len(view) or self.layers.ended
+        return count
+
+    def send(self, view: memoryview) -> int:
+        if self.out:
+            self.flush()
+            if self.out:
+                raise BlockingIOError
+        try:
+            count = self.layers.write(view)
+            self.out = memoryview(self.layers.wire_out())
+        except self._ssl.SSLError as exc:
+            raise TLSStreamError(errno.EPROTO, f"TLS: {exc.reason or exc}") from None
+        self.flush()
+        return count
+
+    def flush(self) -> None:
+        """Send what the socket takes now of the records waiting."""
+        try:
+            while self.out:
+                self.out = self.out[self.sock.send(self.out) :]
+        except BlockingIOError:
+            pass
+
+    def close_notify(self) -> None:
+        """The half-close: the innermost session's close_notify, after every record before it."""
+        self.layers.close_notify()
+        self.out = memoryview(bytes(self.out) + self.layers.wire_out())
+        self.flush()
 
 
 def choose_mode(src_kind: str, dst_kind: str, allow_splice: bool = True) -> str:
@@ -431,8 +482,12 @@ def relay(
     initial_down: bytes = b"",
     trace: Callable[[str], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
+    layers: TLSLayers | None = None,
 ) -> RelayStats:
     """Relay in_fd -> sock and sock -> out_fd under the module's end-of-stream policy.
+
+    ``layers``: the TLS sessions on ``sock`` (TLS hops, TLS to the target); the relay reads and
+    writes through the innermost.
 
     ``initial_down`` holds bytes the peer sent before the relay started (a proxy's trailing data);
     they reach out_fd before anything else. Returns byte counts; raises RelayError or
@@ -455,8 +510,7 @@ def relay(
             write_all(out_fd, initial_down)
         except OSError as exc:
             raise RelayError(f"writing to stdout: {os.strerror(exc.errno or 0).lower()}") from None
-    # An ssl.SSLSocket, recognised without importing ssl on the plain path.
-    tls: Any = sock if hasattr(sock, "cipher") else None
+    tls = TLSWire(sock, layers) if layers else None
     net_kind = "tls" if tls is not None else "socket"
     up = Flow("up", in_fd, sock_fd, choose_mode(in_kind, net_kind, opts.splice), tls)
     try:
@@ -552,8 +606,8 @@ def relay(
                 if deadlines:
                     wait_ms = (min(deadlines) - now) * 1000
                     timeout_ms = 0 if wait_ms <= 0 else int(min(wait_ms, MAX_POLL_MS) + 0.999)
-            # Decrypted bytes already inside the TLS object: poll cannot see them.
-            tls_pending = tls is not None and not down.finished and not down.buffered and tls.pending()
+            # Records already inside the TLS sessions: poll cannot see them.
+            tls_pending = tls is not None and not down.finished and not down.buffered and tls.more
             if tls_pending:
                 timeout_ms = 0
             if down.coalescing:
@@ -616,6 +670,9 @@ def relay(
                         break
                 if flow.finished:
                     handle_transitions(last_activity if timers else 0.0)
+        if trace and tls is not None and tls.layers.ragged_end:
+            trace("the peer closed without a TLS close_notify: what came may be truncated "
+                  "(only the protocol inside can tell)")  # fmt: skip
     finally:
         stats.bytes_up, stats.bytes_down = up.moved, down.moved
         stats.path_up, stats.path_down = up.mode, down.mode  # a splice may have fallen back
@@ -659,7 +716,12 @@ def _bytes_ready(fd: int) -> int:
         return 0
 
 
-def _relay_error(flow: Flow, exc: OSError) -> RelayError:
+def _relay_error(flow: Flow, exc: OSError) -> HopcatError:
+    if isinstance(exc, TLSStreamError):
+        from hopcat.net.tls import TLSError
+
+        counts = f"{flow.moved} bytes {'sent' if flow.name == 'up' else 'received'}"
+        return TLSError(f"{exc.strerror} mid-stream (after {counts})")
     reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
     if exc.errno == errno.EPROTO and exc.strerror:
         reason = exc.strerror  # TLS: the library's reason says more than "protocol error"
@@ -691,10 +753,19 @@ def _after_stdin_eof(
             trace(f"stdin EOF after {up.moved} bytes; not sending FIN (--no-shutdown)")
         return
     if up.tls is not None:
-        # A bare FIN inside TLS is a protocol violation (proxies answer with an alert and tear
-        # the tunnel down), and Python cannot send a one-way close_notify and keep reading.
+        # A bare FIN under a TLS hop's session is a protocol violation (proxies answer with an
+        # alert and tear the tunnel down): the innermost session's close_notify says it.
+        try:
+            up.tls.close_notify()
+        except OSError as exc:
+            if exc.errno not in _GONE:
+                raise RelayError(
+                    f"half-closing the TLS session: {os.strerror(exc.errno or 0).lower()}"
+                ) from None
+        if up.tls.out:
+            up.finished = False  # until the socket has taken the close_notify
         if trace:
-            trace(f"stdin EOF after {up.moved} bytes; not half-closing a TLS tunnel (-q to quit)")
+            trace(f"stdin EOF after {up.moved} bytes; sent TLS close_notify to the peer")
         return
     try:
         # The base class's shutdown, not the SSLSocket override: that one discards the TLS
