@@ -20,7 +20,7 @@ import pytest
 from hopcat.cli._args import OPTION_TABLE
 from support import clean_env, closed_port, run_hopcat
 
-DOCUMENTED = {0, 64, 68, 69, 74, 75, 76, 77, 80, 81}
+DOCUMENTED = {0, 64, 68, 69, 74, 75, 76, 77, 80, 81, 82}
 
 
 class ScriptedServer:
@@ -97,6 +97,19 @@ OPTION_CASES: dict[str, tuple[list[str | None], list[str]]] = {
     "--max-parallel": (["4"], []),
     "--proxy-cacert": (["/nonexistent/ca.pem"], []),
     "--proxy-insecure": ([None], []),
+    # --tls against the plain target: the handshake fails (82). The other TLS options alone are
+    # usage errors (they need --tls); tests/integration/test_tls.py checks their values.
+    "-c": ([None], []),
+    "--tls-ca": ([], ["/etc/hostname"]),
+    "--tls-servername": ([], ["example.org"]),
+    "--tls-cert": ([], ["/etc/hostname"]),
+    "--tls-key": ([], ["/etc/hostname"]),
+    "--tls-alpn": ([], ["h2"]),
+    "--tls-pin": ([], ["sha256:00"]),
+    "--tls-min-version": ([], ["1.3"]),
+    "--tls-insecure": ([], [None]),
+    "--tls-verify-client": ([], [None]),
+    "--ssl-verify": ([None], []),
     # Listen mode (tests/integration/test_listen.py has its own cases): -l on the target's own
     # port is in use (69); the listen-only flags without -l are usage errors. The socket
     # options' effects are checked in test_socket_options.py.
