@@ -1,0 +1,137 @@
+"""The library through several TLS hops: an https:// proxy (socat's TLS in front of tinyproxy)
+and a SOCKS5-over-TLS one (socat's TLS in front of Dante), then TLS to the target inside both:
+three sessions, each inside the one before, in the blocking API and on asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import peers
+import pytest
+
+import hopcat
+import hopcat.aio
+from hopcat.net.nested_tls import NestedTLSSocket
+from support import Certificates, make_certificates
+
+PAYLOAD = os.urandom(3 << 20)
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    if not shutil.which("openssl"):
+        pytest.skip("openssl needed (apt-get install openssl)")
+    return make_certificates(tmp_path_factory.mktemp("tls-hops"))
+
+
+@pytest.fixture(scope="module")
+def tls_hops(
+    certificates: Certificates, danted: peers.Daemon, tinyproxy_shared: peers.Daemon,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[list[str]]:  # fmt: skip
+    """[https://..., socks5h+tls://...]: two independent TLS terminators in front of real proxies."""
+    directory = tmp_path_factory.mktemp("tls-fronts")
+    try:
+        https = peers.start_socat_tls(directory / "a", tinyproxy_shared, certificates.cert,
+                                      certificates.key)  # fmt: skip
+    except peers.PeerUnavailable as exc:
+        pytest.skip(str(exc))
+    socks = peers.start_socat_tls(directory / "b", danted, certificates.cert, certificates.key)
+    try:
+        yield [f"https://127.0.0.1:{https.port}", f"socks5h+tls://127.0.0.1:{socks.port}"]
+    finally:
+        socks.stop()
+        https.stop()
+
+
+@pytest.fixture
+def tls_echo(certificates: Certificates) -> Iterator[int]:
+    """A TLS echo server on loopback (one connection); its port."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certificates.cert, certificates.key)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        try:
+            with context.wrap_socket(conn, server_side=True) as tls:
+                while data := tls.recv(1 << 16):
+                    tls.sendall(data)
+        except OSError:  # a test that never reaches it knocks without TLS to end it
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    thread.join(30)
+    listener.close()
+
+
+def _client_context(certificates: Certificates) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(certificates.ca))
+
+
+def test_blocking_api_three_sessions_deep(
+    tls_hops: list[str], tls_echo: int, certificates: Certificates
+) -> None:
+    context = _client_context(certificates)
+    sock = hopcat.create_connection(("127.0.0.1", tls_echo), 30, via=tls_hops, proxy_ssl=context,
+                                    ssl=context)  # fmt: skip
+    assert isinstance(sock, NestedTLSSocket)
+    assert sock.getpeercert()["subject"] == ((("commonName", "127.0.0.1"),),)
+    received = hashlib.sha256()
+    count = 0
+
+    def read_all() -> None:
+        nonlocal count
+        while count < len(PAYLOAD) and (data := sock.recv(1 << 16)):
+            received.update(data)
+            count += len(data)
+
+    reader = threading.Thread(target=read_all)
+    reader.start()
+    sock.sendall(PAYLOAD)
+    reader.join(60)
+    sock.close()
+    assert count == len(PAYLOAD) and received.digest() == hashlib.sha256(PAYLOAD).digest()
+
+
+def test_asyncio_three_sessions_deep(
+    tls_hops: list[str], tls_echo: int, certificates: Certificates
+) -> None:
+    context = _client_context(certificates)
+
+    async def exchange() -> bytes:
+        reader, writer = await hopcat.aio.open_connection(
+            "127.0.0.1", tls_echo, via=tls_hops, proxy_ssl=context, ssl=context, timeout=30
+        )
+        writer.write(PAYLOAD)
+        echoed = await reader.readexactly(len(PAYLOAD))
+        writer.close()
+        await writer.wait_closed()
+        return echoed
+
+    assert hashlib.sha256(asyncio.run(exchange())).digest() == hashlib.sha256(PAYLOAD).digest()
+
+
+def test_untrusted_second_hop_names_that_hop(
+    tls_hops: list[str], tls_echo: int, certificates: Certificates, tmp_path: Path
+) -> None:
+    """The first hop trusted, the second not (a context without the CA for it): the error is
+    the second hop's, and nothing reaches the target."""
+    other = make_certificates(tmp_path)
+    wrong = ssl.create_default_context(cafile=str(other.ca))
+    with pytest.raises(ConnectionError) as caught:
+        hopcat.create_connection(("127.0.0.1", tls_echo), 30, via=tls_hops, proxy_ssl=wrong)
+    assert caught.value.hop == 1  # type: ignore[attr-defined]
+    assert "certificate not trusted" in str(caught.value)
+    # Unblock the echo server's accept.
+    socket.create_connection(("127.0.0.1", tls_echo)).close()
