@@ -544,6 +544,12 @@ def _connect_unix(options: Options, trace: Timeline) -> int:
     from hopcat.cli._exec import exec_argv
 
     argv = exec_argv(options)
+    target_tls = None
+    if options.tls:
+        from hopcat.cli import _tls
+
+        target_tls = _tls.connect_context(options)
+        _tls.warn_insecure(options)
     sock = _unix_socket(socket_tuning(options))
     try:
         try:
@@ -552,10 +558,23 @@ def _connect_unix(options: Options, trace: Timeline) -> int:
             raise ConnectError(f"connect to {path}: {describe_oserror(exc)}",
                                errno=exc.errno) from None  # fmt: skip
         trace(f"connected to {path}")
+        layers = None
+        if target_tls is not None:
+            import time
+
+            from hopcat.cli._args import DEFAULT_CONNECT_TIMEOUT_S
+            from hopcat.net.chain import Tunnel
+
+            timeout_s = options.connect_timeout_s
+            timeout_s = DEFAULT_CONNECT_TIMEOUT_S if timeout_s is None else timeout_s
+            deadline = time.monotonic() + timeout_s if timeout_s > 0 else float("inf")
+            tunnel = Tunnel(sock, b"", None)
+            _tls.start_client(tunnel, *target_tls, path, None, deadline=deadline, trace=trace)
+            layers = tunnel.layers
         if argv is not None:
             from hopcat.cli._exec import run_child
 
-            return run_child(argv, sock)
-        return relay_connected(sock, options, trace)
+            return run_child(argv, sock, layers)
+        return relay_connected(sock, options, trace, layers=layers)
     finally:
         sock.close()

@@ -58,17 +58,21 @@ def connect_context(options: Options) -> tuple[ssl.SSLContext, TLSSettings]:
 
 
 def start_client(
-    tunnel: Tunnel, context: ssl.SSLContext, tls: TLSSettings, host: str, port: int, *,
+    tunnel: Tunnel, context: ssl.SSLContext, tls: TLSSettings, host: str, port: int | None, *,
     deadline: float, trace: Timeline,
 ) -> None:  # fmt: skip
     """TLS with the target over ``tunnel`` (inside its TLS hops' sessions); raises TLSError or
-    HopcatTimeoutError naming the target."""
+    HopcatTimeoutError naming the target. ``port`` None: ``host`` is a Unix socket's path, and
+    the name checked is --tls-servername's, else localhost."""
     from hopcat._endpoint import format_hostport, split_scope
     from hopcat.errors import HopcatTimeoutError, UsageError
     from hopcat.net.chain import start_target_tls
 
-    who = f"the target {format_hostport(host, port)}"
-    name = tls.servername or split_scope(host)[0] or host
+    if port is None:
+        who, name = f"the target {host}", tls.servername or "localhost"
+    else:
+        who = f"the target {format_hostport(host, port)}"
+        name = tls.servername or split_scope(host)[0] or host
     started = time.monotonic()
     try:
         session = start_target_tls(tunnel, context, name, deadline=deadline)
