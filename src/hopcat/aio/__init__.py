@@ -8,7 +8,7 @@ The same engine as the command line and ``hopcat.create_connection``, awaited:
 
 Target bytes that arrived glued to the last proxy reply reach the reader, or the protocol's
 ``data_received``, first; the socket from ``connect_socket`` still holds them (exact reads). An
-https:// proxy keeps its TLS session on the transport, so ``connect_socket`` refuses one, and
+TLS proxy (https://, socks5+tls://) keeps its TLS session on the transport, so ``connect_socket`` refuses one, and
 ``ssl=`` (TLS to the target) layers TLS inside it. ``via``, ``timeout``, errors and the default
 deadline are as in ``hopcat.client``; a cancellation at any await closes what was opened and stays
 a cancellation (never a TimeoutError). ``hopcat.Chain`` is also an asyncssh tunnel
@@ -56,8 +56,8 @@ async def connect_socket(
     deadline = _deadline(loop, timeout)
     if any(proxy.tls for proxy in chain):
         raise UsageError(
-            "an https:// proxy keeps its TLS session inside hopcat, so a bare socket cannot be "
-            "handed out through it: use hopcat.aio.open_connection or create_connection"
+            "a TLS proxy (https://, socks5+tls://) keeps its TLS session inside hopcat, so a bare "
+            "socket cannot be handed out through it: use hopcat.aio.open_connection or create_connection"
         )
     if len(chain) == 0:
         return await _dial_direct(host, port, family, deadline)
@@ -93,7 +93,7 @@ async def create_connection(
     transport, then any target bytes that came with the last proxy reply.
 
     ``ssl`` (an SSLContext) starts TLS to the target (``server_hostname`` defaults to ``host``);
-    ``proxy_ssl`` is the context for an https:// proxy (default: the system's CAs). Other
+    ``proxy_ssl`` is the context for TLS proxies (https://, socks5+tls://) (default: the system's CAs). Other
     keyword arguments, which asyncssh passes to a tunnel, are ignored.
     """
     from hopcat.aio._driver import TransportIO, run_plan

@@ -360,8 +360,8 @@ class SocketIO(_IO):
             return await self.probe(step.data)
         if isinstance(step, StartTLS):
             raise UsageError(
-                "an https:// proxy keeps its TLS session inside hopcat, so a bare socket cannot be "
-                "handed out through it: use hopcat.aio.open_connection or create_connection"
+                "a TLS proxy (https://, socks5+tls://) keeps its TLS session inside hopcat, so a bare "
+                "socket cannot be handed out through it: use hopcat.aio.open_connection or create_connection"
             )
         assert isinstance(step, Dial)
         self.sock = await self.dial(step)

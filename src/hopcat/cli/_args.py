@@ -88,8 +88,8 @@ OPTION_TABLE: tuple[tuple[str, str, str, str, str], ...] = (
      "wait SECS after each line sent (nc); with -z between ports, one at a time"),
     ("", "max-parallel", "N", "max_parallel",
      "-z: at most N connects in flight (default 512 within the fd limit; 32 through proxies)"),
-    ("", "proxy-cacert", "FILE", "proxy_cacert", "CA bundle to verify an https:// proxy's certificate"),
-    ("", "proxy-insecure", "", "proxy_insecure", "do not verify an https:// proxy's certificate"),
+    ("", "proxy-cacert", "FILE", "proxy_cacert", "CA bundle to verify TLS proxies' certificates (https://, socks5+tls://)"),
+    ("", "proxy-insecure", "", "proxy_insecure", "do not verify TLS proxies' certificates"),
     ("c", "tls", "", "tls",
      "TLS to the target once the tunnel is open, through any chain (nc -c; ncat --ssl); with -l: "
      "a TLS listener"),

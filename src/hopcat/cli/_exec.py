@@ -8,7 +8,8 @@ hopcat's. ``--exec`` splits CMD on blanks and runs it without a shell, as ncat d
 (128 + N when signal N ended it).
 
 In connect mode the tunnel is opened with exact reads, as for ``-F``, so no byte of the target's
-is read by hopcat; an https:// hop is refused (its TLS session cannot be handed to a program).
+is read by hopcat. Through TLS (a TLS hop, --tls) the session lives in hopcat: the child gets
+two pipes and hopcat relays between them and the session until the child's output ends.
 In listen mode, without ``-k`` one connection gets one child and hopcat exits with its status;
 with ``-k`` every connection gets its own child at once, at most ``--max-conns`` of them
 (default 100, ncat's); at the limit the listener is not read, so further clients wait in the

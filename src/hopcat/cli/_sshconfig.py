@@ -5,7 +5,7 @@
 
 The stanza names this very hopcat by absolute path (ssh runs ProxyCommand through the user's
 shell, whose PATH may differ), passes ``%h %p``, and uses ``-F`` with ``ProxyUseFdpass yes``
-whenever the chain allows it (no https:// hop), so nothing stays in the data path. Passwords are
+whenever the chain allows it (no TLS hop, no --tls), so nothing stays in the data path. Passwords are
 never written into the file: the stanza relies on HOPCAT_PROXY_PASSWORD (or a prompt) instead.
 
 What ssh does with a ProxyCommand line, and so what the stanza must survive (OpenSSH readconf.c,
