@@ -192,7 +192,7 @@ def test_check_reads_the_stanza_back_through_ssh(tmp_path: Path) -> None:
         ("{hopcat} -x socks5h://127.0.0.1:1080 -F %h %p", "", "-F without ProxyUseFdpass"),
         ("{hopcat} -x socks5h://127.0.0.1:1080 #-F %h %p", "", "operands [] instead of"),
         ("{hopcat} -x socks5h://127.0.0.1:1080 %h", "", "operands ['x'] instead of"),
-        ("{hopcat} -x https://127.0.0.1 -F %h %p", "ProxyUseFdpass yes", "https:// hop"),
+        ("{hopcat} -x https://127.0.0.1 -F %h %p", "ProxyUseFdpass yes", "-F with a TLS hop"),
         ("{hopcat} --proxy-dns nowhere -x socks5h://127.0.0.1:1080 %h %p", "", "would refuse"),
     ],
 )

@@ -43,7 +43,7 @@ def test_https_hop_cannot_be_handed_over() -> None:
         proc = subprocess.run([*HOPCAT, "-F", "-x", "https://127.0.0.1:9", "127.0.0.1", "22"],
                               stdout=theirs, stderr=subprocess.PIPE, timeout=30, env=clean_env())
     assert proc.returncode == 64
-    assert b"an https:// proxy keeps the TLS session inside hopcat" in proc.stderr
+    assert b"a TLS proxy (https://, socks5+tls://) keeps its TLS session inside hopcat" in proc.stderr
 
 
 def test_pass_fd_leaves_the_channel_non_blocking_as_found() -> None:

@@ -254,7 +254,7 @@ def stanza(pattern: str, no_fdpass: bool, options: Options) -> tuple[str, list[s
     command += _carried_options(options)
     use_fdpass = not no_fdpass and not tls
     if tls and not no_fdpass:
-        notes.append("no ProxyUseFdpass: TLS (a TLS hop or --tls) keeps its session inside hopcat")
+        notes.append("no ProxyUseFdpass: TLS (a TLS hop or --tls) keeps its TLS session inside hopcat")
     if options.idle_timeout_s and not use_fdpass:
         notes.append(f"-w {_seconds_text(options.idle_timeout_s)}: hopcat will end an ssh session "
                      "quiet for that long (ssh's ServerAliveInterval keeps one busy)")
