@@ -439,7 +439,8 @@ def help_text(prog: str = "hopcat") -> str:
     lines += [
         "",
         "Proxy URLs: socks4|socks4a|socks5|socks5h|http|https://[USER[:PASS]@]HOST[:PORT]",
-        "(names go to the proxy, remote DNS, for every type but socks4).",
+        "(names go to the proxy, remote DNS, for every type but socks4); socks5+tls:// and the",
+        "other SOCKS schemes with +tls speak SOCKS over TLS.",
         "",
         "In ~/.ssh/config:",
         "  Host *.internal",
@@ -452,6 +453,6 @@ def help_text(prog: str = "hopcat") -> str:
         "Exit codes: 0 ok (-z: a port open), 1 no port open (-z), 64 usage, 68 name not resolved,",
         "69 refused/unreachable, 70 internal error, 74 I/O error while relaying, 75 timeout,",
         "76 proxy protocol error, 77 proxy authentication failed, 80 proxy unreachable,",
-        "81 proxy refused the target, 130 interrupted.",
+        "81 proxy refused the target, 82 TLS with the target or client failed, 130 interrupted.",
     ]
     return "\n".join(lines) + "\n"
