@@ -16,6 +16,8 @@ ProxyError, ProxyAuthError   ConnectionError     a proxy answered and refused (s
 RemoteProtocolError          ConnectionError     a peer sent malformed bytes or closed too early
 HopcatTimeoutError           TimeoutError        the deadline passed
 RelayError                   OSError             reading or writing failed while relaying
+TLSError                     ConnectionError     TLS with the target or a listener's client
+                                                 failed (certificate, pin, handshake, alert)
 ===========================  ==================  ===============================================
 
 So ``except OSError`` catches every failure on the network side, as it does around a socket.
@@ -223,3 +225,11 @@ class ProxyUnreachableError(ConnectError):
     """Could not open the TCP connection to a proxy (as opposed to the proxy refusing the target)."""
 
     exit_code = ExitCode.PROXY_UNREACHABLE
+
+
+class TLSError(HopcatError, ConnectionError):
+    """TLS with the target (``--tls``, ``ssl=``) or a listener's client failed: an untrusted or
+    mismatched certificate, a pin mismatch, a failed handshake, an alert mid-stream. (TLS with a
+    proxy hop is a RemoteProtocolError: the proxy broke its protocol.)"""
+
+    exit_code = ExitCode.TLS

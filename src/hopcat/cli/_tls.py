@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 from hopcat.net.tls import (
-    TLSError,
     TLSSettings,
     check_pin,
     client_context,
@@ -125,6 +124,3 @@ def accept_tls(
     assert tunnel.layers is not None
     return tunnel.layers
 
-
-__all__ = ["TLSError", "accept_tls", "connect_context", "listen_context", "settings",
-           "start_client", "warn_insecure"]  # fmt: skip

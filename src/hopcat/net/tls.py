@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import ssl
 
-from hopcat.errors import ExitCode, HopcatError, UsageError
+from hopcat.errors import HopcatError, TLSError, UsageError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -35,13 +35,6 @@ if TYPE_CHECKING:
 # A read takes whole records: 16 KiB each at most, several per call.
 RECORD_BYTES = 16 * 1024 + 256
 MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
-
-
-class TLSError(HopcatError, ConnectionError):
-    """TLS with the target (or a listener's client) failed: an untrusted or mismatched
-    certificate, a pin mismatch, a failed handshake, an alert mid-stream."""
-
-    exit_code = ExitCode.TLS
 
 
 class TLSLayers:

@@ -718,7 +718,7 @@ def _bytes_ready(fd: int) -> int:
 
 def _relay_error(flow: Flow, exc: OSError) -> HopcatError:
     if isinstance(exc, TLSStreamError):
-        from hopcat.net.tls import TLSError
+        from hopcat.errors import TLSError
 
         counts = f"{flow.moved} bytes {'sent' if flow.name == 'up' else 'received'}"
         return TLSError(f"{exc.strerror} mid-stream (after {counts})")
