@@ -86,6 +86,16 @@ MODES = ("up", "down", "latency")
 WARMUP_BYTES = 16 * MiB
 HANDSHAKE_TIMEOUT_S = 10.0
 QUICK = {"size": 32 * MiB, "reps": 1, "latency_runs": 5, "speed_seconds": 1}
+# What each peer needs to be a relay here, printed under its command line.
+PEER_NOTES = {
+    "ncat": "ncat 7.93 checks DNS names only, not IP addresses: it connects to 127.0.0.1 and "
+    "checks the certificate's DNS name localhost (`--ssl-servername localhost`, also its SNI); "
+    "at stdin EOF (`--send-only`) it closes without a close_notify",
+    "s_client": "as a relay s_client needs `-quiet` (no session dump on stdout), `-no_ign_eof` "
+    "to end an upload at stdin EOF (`-quiet` implies `-ign_eof`), `-nocommands` (else a line of "
+    "data starting with Q, R or K quits, renegotiates or sends a KeyUpdate) and "
+    "`-verify_return_error` (else it goes on after a failed verification)",
+}
 # The negotiated TLS 1.3 suite -> the EVP cipher `openssl speed` measures for the floor.
 SPEED_CIPHERS = {
     "TLS_AES_256_GCM_SHA384": "aes-256-gcm",
@@ -108,14 +118,14 @@ class Tool:
     def name(self) -> str:
         return NAMES[self.key]
 
-    def command(self, mode: str, port: int, ca: str) -> list[str]:
+    def command(self, mode: str, port: int | str, ca: str) -> list[str]:
         """The tool as a stdio relay to the TLS server, the CA as its only trust anchor and the
         server's name checked: one form per direction, as relay.py runs the plain tools."""
         assert self.argv is not None
         base, target = self.argv, [HOST, str(port)]
         if self.key == "hopcat":  # one command in every direction, as ssh would run it
             return [*base, "--tls", "--tls-ca", ca, *target]
-        if self.key == "ncat":  # 7.93 checks DNS names only, not the certificate's IP address
+        if self.key == "ncat":  # --ssl-servername: PEER_NOTES
             only = {"up": ["--send-only"], "down": ["--recv-only"]}.get(mode, [])
             return [*base, "--ssl", "--ssl-verify", "--ssl-trustfile", ca, "--ssl-servername",
                     "localhost", *only, *target]  # fmt: skip
@@ -124,13 +134,9 @@ class Tool:
             if mode == "up":
                 return [*base, "-u", "STDIN", tls]
             return [*base, "-u", tls, "STDOUT"] if mode == "down" else [*base, "STDIO", tls]
-        # -quiet implies -ign_eof (stdin EOF would leave it connected forever): an upload needs
-        # -no_ign_eof. -nocommands: else a line of data starting with Q, R or K quits,
-        # renegotiates (an error under TLS 1.3) or sends a KeyUpdate. Without
-        # -verify_return_error s_client goes on after a failed verification.
-        eof = ["-no_ign_eof"] if mode == "up" else []
-        return [*base, "s_client", "-quiet", *eof, "-nocommands", "-verify_return_error", "-CAfile", ca,
-                "-verify_ip", HOST, "-connect", f"{HOST}:{port}"]  # fmt: skip
+        eof = ["-no_ign_eof"] if mode == "up" else []  # why each option: PEER_NOTES
+        return [*base, "s_client", "-quiet", *eof, "-nocommands", "-verify_return_error",
+                "-CAfile", ca, "-verify_ip", HOST, "-connect", f"{HOST}:{port}"]  # fmt: skip
 
     def version(self) -> str | None:
         if self.argv is None:
@@ -244,8 +250,9 @@ class TLSSource(TLSServerEndpoint):
             tls.sendall(view[:k])
             self.count += k
         close_notify(tls, self.accept_timeout)
-        tls.shutdown(socket.SHUT_WR)  # also drops the TLS layer: what follows reads raw bytes
         self.t_done = time.perf_counter()
+        with contextlib.suppress(OSError):  # a client gone already has had every byte
+            tls.shutdown(socket.SHUT_WR)  # also drops the TLS layer: what follows reads raw bytes
         tls.settimeout(self.accept_timeout)
         with contextlib.suppress(OSError):
             while tls.recv(65536):
@@ -676,12 +683,13 @@ def report(args: argparse.Namespace, meta: dict[str, Any], tools: list[Tool],
                                    or "nothing"))  # fmt: skip
     for t in tools:
         version = meta["versions"].get(t.name)
-        cmds = sorted({shlex.join(t.command(m, 0, "CA")) for m in args.modes}, key=len)
+        cmds = sorted({shlex.join(t.command(m, "PORT", "CA")) for m in args.modes}, key=len)
         out.append(
-            f"- {t.name}: " + " / ".join(f"`{c}`" for c in cmds).replace(" 0`", " PORT`")
-            .replace(":0`", ":PORT`").replace(":0,", ":PORT,")
+            f"- {t.name}: " + " / ".join(f"`{c}`" for c in cmds)
             + (f" (env {t.env})" if t.env else "") + (f" — {version}" if version else "")
         )  # fmt: skip
+        if note := PEER_NOTES.get(t.key):
+            out.append(f"  - {note}")
     out += [f"- SKIPPED {t.name}: {t.missing}" for t in skipped]
     out += ["", "## Throughput (medians)", ""]
     out.append(
