@@ -493,7 +493,7 @@ class Bench:
             errors += [ep.error for ep in endpoints if ep.error]
             if run.count != run.nbytes:
                 errors.append(f"received {run.count} bytes, expected {run.nbytes}")
-            if check:
+            if check and run.count == run.nbytes:  # else the count says it already
                 got = server.hash.hexdigest() if isinstance(server, TLSSink) and server.hash else (
                     pipe.digest if isinstance(pipe, HashReader) else None
                 )
@@ -774,7 +774,7 @@ def report(args: argparse.Namespace, meta: dict[str, Any], tools: list[Tool],
                 failures.append(f"- {NAMES[r.tool]} {r.mode} (check run): {r.error}")
         out += [md_table(["tool", "dir", "size", "bytes received", "SHA-256",
                           "the client ended its upload with", "ok"], rows, {2, 3}), ""]  # fmt: skip
-    else:
+    elif thr:
         out += ["- content check: skipped (--no-warmup); the timed runs count bytes only", ""]
     if failures:
         out += ["## Failures", "", *failures, ""]
@@ -872,6 +872,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.close()
     summary = summarize(bench.runs, tools, args.modes)
     negotiated = collections.Counter(r.cipher for r in bench.runs + bench.checks if r.cipher)
+    if bench.banner is not None:
+        negotiated.update(bench.banner.ciphers)
     cipher = negotiated.most_common(1)[0][0] if negotiated else "TLS_AES_256_GCM_SHA384"
     log(f"the floor: openssl speed for {cipher} ...")
     fl = floor(cipher, args.speed_seconds)
