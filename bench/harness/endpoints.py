@@ -190,7 +190,9 @@ class Sink(ServerEndpoint):
 
 
 class Feeder(Endpoint):
-    """Upload feeder: splice ``total`` zero bytes into a pipe's write end, then close it."""
+    """Upload feeder: splice ``total`` bytes of a ZERO_BYTES memfd (the zeros, or any other
+    content: its bytes in order, from its start again at its end) into a pipe's write end, then
+    close it."""
 
     def __init__(self, wfd: int, total: int, zero_fd: int) -> None:
         super().__init__("feeder")
@@ -201,16 +203,22 @@ class Feeder(Endpoint):
         try:
             try:
                 while remaining:
-                    k = os.splice(self.zero_fd, self.wfd, min(remaining, ZERO_BYTES), offset_src=0)
+                    offset = (self.total - remaining) % ZERO_BYTES
+                    k = os.splice(
+                        self.zero_fd, self.wfd, min(remaining, ZERO_BYTES - offset),
+                        offset_src=offset,
+                    )  # fmt: skip
                     if not k:
                         raise RuntimeError("splice returned 0")
                     remaining -= k
             except OSError as e:
                 if e.errno not in _NO_SPLICE:
                     raise
-                block = memoryview(bytes(IO_CHUNK))
                 while remaining:
-                    remaining -= os.write(self.wfd, block[: min(remaining, IO_CHUNK)])
+                    offset = (self.total - remaining) % ZERO_BYTES
+                    block = os.pread(self.zero_fd, min(remaining, IO_CHUNK, ZERO_BYTES - offset),
+                                     offset)  # fmt: skip
+                    remaining -= os.write(self.wfd, block)
         finally:
             self.count = self.total - remaining
             os.close(self.wfd)
