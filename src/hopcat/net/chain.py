@@ -2,8 +2,10 @@
 library's way to open a tunnel.
 
 Each step the plan yields is carried out on one socket (blocking once the tunnel is open), every
-wait bounded by the one deadline (capped per call at ``dial.MAX_WAIT_S`` and waited again, so any deadline is safe). An
-``https://`` hop wraps the socket in TLS; everything after it rides inside that session.
+wait bounded by the one deadline (capped per call at ``dial.MAX_WAIT_S`` and waited again, so
+any deadline is safe). A TLS hop (``https://``, ``socks5+tls://``) starts a TLS session on
+memory BIOs (``hopcat.net.tls.TLSLayers``); everything after it rides inside that session, a
+later TLS hop's session and the target's (``start_target_tls``) included.
 
 TCP acknowledgements: around every exchange the socket is in quick-ACK mode (a proxy without
 TCP_NODELAY holds the target's first bytes behind its own unacknowledged reply, and our delayed
