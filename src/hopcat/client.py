@@ -459,8 +459,6 @@ def _wrap_target(
 
     context = context or ssl_module.create_default_context()
     if isinstance(sock, NestedTLSSocket):
-        if "target" in sock._layers.labels:
-            raise ValueError("TLS is already running to the target")
         sock.start_tls(context, server_hostname)
         return sock
     if isinstance(sock, ssl_module.SSLSocket):

@@ -51,6 +51,8 @@ class NestedTLSSocket:
 
     def start_tls(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
         """A TLS session with the peer at the end of the tunnel, inside the current ones."""
+        if "target" in self._layers.labels:
+            raise ValueError("TLS is already running to the target")
         with self._session_lock:
             self._layers.push(context, server_hostname, label="target")
         self._run(self._handshake_step)

@@ -142,11 +142,6 @@ class TLSLayers:
             total += count
         return total
 
-    def buffered(self) -> bool:
-        """Whether the innermost session may have plaintext, or its end, without another byte
-        from the wire (a poll on the socket cannot see it)."""
-        return self.ended or bool(self.sessions[-1].pending() or self._incoming[-1].pending)
-
     def write(self, data: bytes | memoryview) -> int:
         """Encrypt ``data`` in the innermost session (all of it: BIOs never refuse)."""
         written: int = self.sessions[-1].write(data)
