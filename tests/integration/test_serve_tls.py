@@ -27,6 +27,7 @@ from support import Certificates, clean_env, make_certificates, pattern, run_hop
 USER, PASSWORD = "alice", "s3cret"
 BULK = 4 << 20
 HANDSHAKE_TIMEOUT_S = 1.5
+SOCKETS_AT_START: dict[str, int] = {}  # the module's servers' sockets once listening
 
 
 def tls_hostport(server: ServeProcess) -> str:
@@ -61,6 +62,8 @@ def servers(
             workdir, *tls, "--auth", f"{USER}:{PASSWORD}", listen=("tls://127.0.0.1:0",),
             name="auth",
         )  # fmt: skip
+        for name, server in started.items():
+            SOCKETS_AT_START[name] = server.count_fds()[1]
         yield started
     finally:
         for server in started.values():
@@ -173,6 +176,30 @@ def test_auth_over_tls(servers: dict[str, ServeProcess], certs: Certificates,
     assert wrong.returncode != 0
     assert wrong.stderr.decode().count("\n") == 1, wrong.stderr
     server.wait_log("result=auth-failed")
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3],
+                         ids=["tls1.2", "tls1.3"])
+def test_download_ends_with_close_notify(servers: dict[str, ServeProcess], certs: Certificates,
+                                         source: tuple[peers.SourceServer, bytes],
+                                         version: ssl.TLSVersion) -> None:  # fmt: skip
+    """The target's FIN arrives as close_notify after its last byte (OpenSSL's client: a
+    clean EOF, no SSLEOFError), with TLS 1.2 as with 1.3."""
+    target, data = source
+    server = servers["open"]
+    context = ssl.create_default_context(cafile=str(certs.ca))
+    context.maximum_version = version
+    host, _, port = tls_hostport(server).rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=20) as raw, \
+            context.wrap_socket(raw, server_hostname=host) as tls:  # fmt: skip
+        assert tls.version() == {ssl.TLSVersion.TLSv1_2: "TLSv1.2"}.get(version, "TLSv1.3")
+        tls.sendall(f"CONNECT {target.hostport} HTTP/1.1\r\nHost: {target.hostport}\r\n\r\n".encode())
+        received = bytearray()
+        while chunk := tls.recv(1 << 20):
+            received += chunk
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert sha256(body) == sha256(data)
 
 
 # --------------------------------------------------------------------------- curl
@@ -339,3 +366,13 @@ def test_sighup_reloads_the_certificate(tmp_path: Path, digest: peers.DigestServ
     finally:
         server.stop()
     assert re.search(r"reload result=error reason=.*--tls-cert", server.log()), server.log()
+
+
+def test_no_socket_left(servers: dict[str, ServeProcess]) -> None:
+    """After every test above (pytest runs them in order), each TLS client's socket and
+    socketpair are gone."""
+    for name, server in servers.items():
+        deadline = time.monotonic() + 5
+        while server.count_fds()[1] != SOCKETS_AT_START[name]:
+            assert time.monotonic() < deadline, (server.fds(), server.log())
+            time.sleep(0.05)

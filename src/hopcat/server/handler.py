@@ -126,7 +126,8 @@ _CONNECT_ERRORS = {
     errno.EADDRNOTAVAIL: "no-resources",  # out of ephemeral ports
 }
 _FIRST_BYTE_HINTS = {
-    0x16: " (a TLS handshake: is the client configured for an https:// proxy?)",
+    0x16: " (a TLS handshake: an https:// or +tls client on a plain listener? TLS clients "
+    "need a tls:// listen address)",
 }
 
 
