@@ -202,6 +202,35 @@ def test_download_ends_with_close_notify(servers: dict[str, ServeProcess], certs
     assert sha256(body) == sha256(data)
 
 
+def test_target_half_closes_first(servers: dict[str, ServeProcess], certs: Certificates) -> None:
+    """The target sends, FINs, then reads: its FIN reaches the client as close_notify after the
+    last byte, and the client's upload still flows afterwards, ended by its close_notify."""
+    server = servers["open"]
+    down, up = pattern(1 << 20, 11), pattern(2 << 20, 12)
+    before = ok_lines(server)
+    with peers.SourceServer(down, half_close_only=True).start() as target:
+        context = ssl.create_default_context(cafile=str(certs.ca))
+        host, _, port = tls_hostport(server).rpartition(":")
+        with socket.create_connection((host, int(port)), timeout=20) as raw:
+            tls = context.wrap_socket(raw, server_hostname=host)
+            tls.sendall(b"\x05\x01\x00")
+            assert tls.recv(2) == b"\x05\x00"
+            tls.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(target.host)
+                        + target.port.to_bytes(2, "big"))  # fmt: skip
+            received = bytearray()
+            while chunk := tls.recv(1 << 20):
+                received += chunk
+            assert received[:2] == b"\x05\x00" and bytes(received[10:]) == down
+            tls.sendall(up)  # after the server's close_notify: the TLS 1.3 half-close
+            with tls.unwrap() as plain:
+                plain.shutdown(socket.SHUT_WR)
+                assert plain.recv(10) == b""
+        record = target.last
+    assert record.received_len == len(up) and record.received_sha256 == sha256(up)
+    wait_ok_lines(server, before + 1)
+    assert f"up={len(up)} down={len(down)} " in server.tunnel_lines()[-1]
+
+
 # --------------------------------------------------------------------------- curl
 
 
