@@ -53,7 +53,6 @@ if TYPE_CHECKING:
 READ_BYTES = 256 * 1024  # plaintext from the pair per wakeup; records from the client per read
 CLIENT_READ_BYTES = 64 * 1024
 OUT_LIMIT = 256 * 1024  # records waiting for the client before the pair stops being read
-PAIR_BUFFER_BYTES = 1 << 20  # each way: fewer wakeups per MiB than the default 208 KiB
 _TLS_RECORD = 0x16  # the first byte of a TLS handshake record
 
 
@@ -105,12 +104,8 @@ class Terminator:
         self.fd = sock.fileno()
         self.cap = cap
         inner, outer = socket.socketpair()
-        for end in (inner, outer):
-            end.setblocking(False)
-            try:
-                end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, PAIR_BUFFER_BYTES)
-            except OSError:
-                pass  # above net.core.wmem_max it is clamped, not refused; anything else: default
+        inner.setblocking(False)
+        outer.setblocking(False)
         self.inner = inner
         self.outer = outer
         self.layers = TLSLayers()
@@ -283,9 +278,21 @@ class Terminator:
         records = layers.wire_out()
         if not count:
             self.notify = len(records)
-        self.out += records
+        if self.out:
+            self.out += records
+        else:
+            self._send_first(records)
         self._flush_out()
         self._update()
+
+    def _send_first(self, records: bytes) -> None:
+        """Records when none wait before them: sent as they are, only what the socket did not
+        take is copied into ``out`` (a bulk download saves a copy of every byte)."""
+        try:
+            sent = self.sock.send(records)
+        except OSError:
+            sent = 0  # full, or failing: _flush_out says which
+        self.out += memoryview(records)[sent:]
 
     @_guarded
     def _on_client_writable(self) -> None:
