@@ -49,7 +49,8 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
 def servers(
     certs: Certificates, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, ServeProcess]]:
-    """"open": a plain and a TLS listener, no auth; "auth": a TLS listener needing a user."""
+    """"open": a plain and a TLS listener, no auth; "auth": a TLS listener needing a user,
+    on asyncio's loop."""
     workdir = tmp_path_factory.mktemp("serve-tls")
     tls = ("--tls-cert", str(certs.cert), "--tls-key", str(certs.key))
     started = {}
@@ -58,9 +59,10 @@ def servers(
             workdir, *tls, "--handshake-timeout", str(HANDSHAKE_TIMEOUT_S),
             listen=("127.0.0.1:0", "tls://127.0.0.1:0"), name="open",
         )  # fmt: skip
+        # On asyncio's own loop: the other runs on uvloop where it is installed.
         started["auth"] = ServeProcess(
-            workdir, *tls, "--auth", f"{USER}:{PASSWORD}", listen=("tls://127.0.0.1:0",),
-            name="auth",
+            workdir, *tls, "--auth", f"{USER}:{PASSWORD}", "--event-loop", "asyncio",
+            listen=("tls://127.0.0.1:0",), name="auth",
         )  # fmt: skip
         for name, server in started.items():
             SOCKETS_AT_START[name] = server.count_fds()[1]
