@@ -44,8 +44,8 @@ Signals: SIGTERM or SIGINT closes the listeners and the connections still in the
 lets established tunnels finish for up to ``--grace`` seconds, then closes what is left and
 exits 0; a second signal ends everything at once. SIGHUP rereads ``--auth-file``, ``--rules``
 and the TLS listeners' certificate files; on an error the old configuration stays and the error
-is logged. Rule changes apply
-to connections accepted (client rules) or requesting (destination rules) afterwards.
+is logged. Rule changes apply to connections accepted (client rules) or requesting (destination
+rules) afterwards, a certificate to TLS clients accepted afterwards.
 """
 
 from __future__ import annotations

@@ -29,8 +29,12 @@ closes, so the target's last bytes reach the client before the connection goes.
 Failures: a TLS handshake that fails ends the connection with one log line (result
 ``tls-error``; ``client-closed`` for a client that leaves during it); the handshake deadline of
 the Conn counts from the accept, so a client that never completes the TLS handshake is dropped
-by the sweep like any slow one. A bad record or an alert later is a reset of the client, as a
-TCP reset is. A Conn that ends in any other way than cleanly resets the client too.
+by the sweep like any slow one; a first byte that starts no TLS record (a plain client) is
+refused at once, naming the protocol it starts. A bad record or an alert later is a reset of the
+client, as a TCP reset is, except a reset once the client had every byte but our close_notify:
+clients that close as soon as they have their answer reset the connection when our close_notify
+comes in, and that lost nothing (``client_failed``). A Conn that ends in any other way than
+cleanly resets the client too.
 """
 
 from __future__ import annotations
