@@ -233,6 +233,26 @@ def test_target_half_closes_first(servers: dict[str, ServeProcess], certs: Certi
     assert f"up={len(up)} down={len(down)} " in server.tunnel_lines()[-1]
 
 
+def test_client_that_pauses_loses_nothing(servers: dict[str, ServeProcess],
+                                          certs: Certificates) -> None:  # fmt: skip
+    """A client that stops reading mid-download: the records for it, then the pair, then the
+    target wait (backpressure); once it reads again every byte arrives, in order."""
+    server = servers["open"]
+    data = pattern(16 << 20, 13)
+    with peers.SourceServer(data).start() as target:
+        context = ssl.create_default_context(cafile=str(certs.ca))
+        host, _, port = tls_hostport(server).rpartition(":")
+        with socket.create_connection((host, int(port)), timeout=20) as raw, \
+                context.wrap_socket(raw, server_hostname=host) as tls:  # fmt: skip
+            tls.sendall(f"CONNECT {target.hostport} HTTP/1.1\r\n\r\n".encode())
+            received = bytearray(tls.recv(65536))
+            time.sleep(1.0)
+            while chunk := tls.recv(1 << 20):
+                received += chunk
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and sha256(body) == sha256(data)
+
+
 # --------------------------------------------------------------------------- curl
 
 
