@@ -238,3 +238,27 @@ def test_max_receive_buffer_sizes(text: str, size: int) -> None:
 def test_max_receive_buffer_refuses_what_is_not_a_size(text: str) -> None:
     with pytest.raises(UsageError, match="--max-receive-buffer takes a size"):
         parse_args(["--max-receive-buffer", text])
+
+
+def test_tls_listen_addresses_are_kept_apart() -> None:
+    options = finish(parse_args(["127.0.0.1:1080", "TLS://127.0.0.1:8443", "tls://[::1]:8443",
+                                 "tls://8444", "--tls-cert", "cert.pem"]))  # fmt: skip
+    assert [sockaddr[1] for _family, sockaddr in options.bind_addresses] == [1080]
+    assert [(sockaddr[0], sockaddr[1]) for _family, sockaddr in options.tls_addresses] == [
+        ("127.0.0.1", 8443), ("::1", 8443), ("127.0.0.1", 8444)
+    ]
+    assert options.loopback_only
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["tls://127.0.0.1:8443"], "needs --tls-cert"),
+        (["127.0.0.1:1080", "--tls-verify-client"], "--tls-verify-client is for tls://"),
+        (["https://127.0.0.1:8443"], "the only scheme is tls://"),
+        (["tls://0.0.0.0:8443", "--tls-cert", "c.pem"], "without authentication"),
+    ],
+)
+def test_tls_listen_usage_errors(argv: list[str], message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        finish(parse_args(argv))

@@ -8,7 +8,8 @@ Refused before binding: a listen address beyond loopback without ``--auth``/``--
 unless ``--allow-open`` (an open proxy is a gift to anyone who finds it).
 
 Readiness for scripts and tests: ``--ready-fd N`` writes the bound addresses (``HOST:PORT``, one a
-line, ``[v6]:port`` for IPv6) to fd N and closes it, so the parent reads until EOF;
+line, ``[v6]:port`` for IPv6, ``tls://`` before a TLS listener's) to fd N and closes it, so the
+parent reads until EOF;
 ``--ready-file PATH`` writes the same lines to PATH atomically (rename), so a shell can poll for
 the file. Both happen after every listener is listening. Port 0 picks a free port.
 """
@@ -168,6 +169,34 @@ OPTION_TABLE: tuple[tuple[str, str, str, object, str], ...] = (
         "auto",
         "event loop (default auto: uvloop when installed)",
     ),
+    (
+        "tls-cert",
+        "FILE",
+        "tls_cert",
+        None,
+        "the certificate (PEM, its chain after it) of the tls:// listeners; reread on SIGHUP",
+    ),
+    (
+        "tls-key",
+        "FILE",
+        "tls_key",
+        None,
+        "its private key (PEM), unless it is in the --tls-cert file",
+    ),
+    (
+        "tls-ca",
+        "FILE",
+        "tls_ca",
+        None,
+        "CA certificates (PEM) that client certificates must be signed by",
+    ),
+    (
+        "tls-verify-client",
+        "",
+        "tls_verify_client",
+        False,
+        "require a client certificate signed by --tls-ca on the tls:// listeners",
+    ),
     ("no-splice", "", "no_splice", False, "relay by copying instead of splice(2)"),
     (
         "max-receive-buffer",
@@ -207,6 +236,10 @@ class ServeOptions:
     ready_fd: int | None
     ready_file: str | None
     event_loop: str
+    tls_cert: str | None
+    tls_key: str | None
+    tls_ca: str | None
+    tls_verify_client: bool
     no_splice: bool
     max_receive_buffer: int
     help: bool
@@ -224,6 +257,7 @@ class ServeOptions:
         self.rules = RuleSet()
         self.via: list[ProxyURL] = []
         self.bind_addresses: list[tuple[int, SockAddr]] = []
+        self.tls_addresses: list[tuple[int, SockAddr]] = []  # tls:// listeners
         self.loopback_only = True
 
     @property
@@ -357,15 +391,21 @@ def finish(options: ServeOptions) -> ServeOptions:
         from hopcat._ready import check_ready_fd
 
         check_ready_fd(options.ready_fd)
-    addresses: list[tuple[int, SockAddr]] = []
+    plain: list[tuple[int, SockAddr]] = []
+    tls: list[tuple[int, SockAddr]] = []
     for text in options.listen or [DEFAULT_LISTEN]:
-        for item in _listen_addresses(text):
+        scheme, sep, rest = text.partition("://")
+        if sep and scheme.lower() != "tls":
+            raise UsageError(f"listen address {text!r}: the only scheme is tls://")
+        addresses = tls if sep else plain
+        for item in _listen_addresses(rest if sep else text):
             if item not in addresses:
                 addresses.append(item)
-    options.bind_addresses = addresses
+    options.bind_addresses, options.tls_addresses = plain, tls
+    _check_tls(options)
     exposed = [
         format_hostport(str(sockaddr[0]), int(sockaddr[1]))
-        for _family, sockaddr in addresses
+        for _family, sockaddr in plain + tls
         if not _is_loopback(sockaddr)
     ]
     options.loopback_only = not exposed
@@ -377,6 +417,23 @@ def finish(options: ServeOptions) -> ServeOptions:
             "with --allow-client/--deny-client or a firewall)"
         )
     return options
+
+
+def _check_tls(options: ServeOptions) -> None:
+    """TLS options go with tls:// listeners, both ways (the files are read by ``serve.run``,
+    still before anything listens)."""
+    given = [
+        f"--{name}" for name, attr in (("tls-cert", "tls_cert"), ("tls-key", "tls_key"),
+                                       ("tls-ca", "tls_ca"), ("tls-verify-client",
+                                       "tls_verify_client"))
+        if getattr(options, attr)
+    ]  # fmt: skip
+    if options.tls_addresses and options.tls_cert is None:
+        raise UsageError("a tls:// listen address needs --tls-cert FILE (and --tls-key FILE "
+                         "unless the key is in it)")  # fmt: skip
+    if given and not options.tls_addresses:
+        raise UsageError(f"{given[0]} is for tls:// listen addresses, and none is given "
+                         "(e.g. tls://127.0.0.1:8443)")  # fmt: skip
 
 
 def _fill_via_passwords(options: ServeOptions) -> None:
@@ -420,6 +477,13 @@ def help_text() -> str:
         "picks a free port. Only CONNECT is served: SOCKS5 BIND and UDP ASSOCIATE get reply 7,",
         "SOCKS4 BIND reply 91, other HTTP methods 405.",
         "",
+        "tls://LISTEN is the same proxy inside TLS (needs --tls-cert): an HTTPS proxy and SOCKS",
+        "over TLS (curl --proxy https://..., hopcat -x https://... or -x socks5h+tls://...).",
+        "Plain and tls:// addresses may be mixed; --ready-fd/--ready-file write a TLS listener's",
+        "address as tls://HOST:PORT.",
+        "A TLS client's close_notify is passed on as a FIN and a FIN as close_notify (the TLS 1.3",
+        "half-close); the TLS handshake counts against --handshake-timeout.",
+        "",
         "options:",
     ]
     import textwrap
@@ -449,8 +513,9 @@ def help_text() -> str:
         "",
         "Logs (stderr): one line per connection at its end: client, user, proto, dest, result,",
         "reason, up and down bytes (client->target, target->client), duration in seconds.",
+        "TLS clients' lines say tls=VERSION; a failed TLS handshake is result=tls-error.",
         "Signals: SIGTERM/SIGINT stop accepting and drain for --grace; SIGHUP rereads",
-        "--auth-file and --rules.",
+        "--auth-file, --rules and the --tls-cert/--tls-key/--tls-ca files.",
         "",
         "Example: hopcat serve 127.0.0.1:0 --ready-file /tmp/hopcat.addr",
         '         then: curl --socks5-hostname "$(head -1 /tmp/hopcat.addr)" https://example.com/',

@@ -75,6 +75,7 @@ if TYPE_CHECKING:
     from hopcat.net.dial import SockAddr
     from hopcat.proto._machine import ServerMachine
     from hopcat.server.serve import Server
+    from hopcat.server.tls import Terminator
     from hopcat.server.upstream import Upstream
 
     # A dial's outcome: a connected socket, or the errno of every failed attempt.
@@ -125,7 +126,8 @@ _CONNECT_ERRORS = {
     errno.EADDRNOTAVAIL: "no-resources",  # out of ephemeral ports
 }
 _FIRST_BYTE_HINTS = {
-    0x16: " (a TLS handshake: is the client configured for an https:// proxy?)",
+    0x16: " (a TLS handshake: an https:// or +tls client on a plain listener? TLS clients "
+    "need a tls:// listen address)",
 }
 
 
@@ -215,15 +217,22 @@ class Conn:
         "sock",
         "started",
         "target",
+        "tls",
         "up",
         "upstream",
         "upstream_code",
         "user",
     )
 
-    def __init__(self, server: Server, sock: socket.socket, peer: str, client_ip: str) -> None:
+    def __init__(
+        self, server: Server, sock: socket.socket, peer: str, client_ip: str,
+        tls: Terminator | None = None,
+    ) -> None:  # fmt: skip
+        """``sock``: the client's socket, or with ``tls`` the Conn's end of its pair (see
+        ``hopcat.server.tls``); ``peer``/``client_ip`` are the client's, from the accept."""
         self.server = server
         self.sock = sock
+        self.tls = tls
         self.fd = sock.fileno()
         self.peer = peer
         self.client_ip = client_ip
@@ -572,7 +581,11 @@ class Conn:
         self.up = Half(engine, self, "up", self.sock, target, early)
         engine.watch(self.fd, self)
         engine.watch(target.fileno(), self)
-        bound_buffers(self.sock)
+        if self.tls is not None:
+            engine.watch(self.tls.fd, self)
+            self.up.uncapped = False  # its source is the pair; the terminator caps the client
+        else:
+            bound_buffers(self.sock)
         bound_buffers(target)
         self.down.start()
         if self.phase == RELAY:
@@ -648,6 +661,9 @@ class Conn:
         """Called by the server's sweep once ``deadline`` has passed."""
         if self.phase == HANDSHAKE:
             timeout = self.server.handshake_timeout
+            if self.tls is not None and not self.tls.established:
+                self.close("handshake-timeout", f"no TLS handshake within {timeout:g} s")
+                return
             self._send_abort_reply(_ABORT_STATUS["handshake-timeout"])
             self.linger("handshake-timeout", f"no complete request within {timeout:g} s")
         elif self.phase == CONNECTING:
@@ -660,10 +676,17 @@ class Conn:
             self.close(self.result or "error", self.reason or "")
 
     # -- relay callbacks ---------------------------------------------------------------------
-    def half_done(self, half: Half) -> None:
+    def half_done(self, half: Half | None) -> None:
         assert self.up is not None and self.down is not None
-        if self.up.state == DONE and self.down.state == DONE and self.phase == RELAY:
+        # Through TLS, the clean end waits for the last records to reach the client too.
+        tls_done = self.tls is None or self.tls.finished
+        if self.up.state == DONE and self.down.state == DONE and self.phase == RELAY and tls_done:
             self.close("ok", None)
+
+    def tls_done(self) -> None:
+        """The terminator passed both ends on (see ``hopcat.server.tls``)."""
+        if self.phase == RELAY:
+            self.half_done(None)
 
     def half_failed(self, half: Half, exc: OSError, side: str) -> None:
         failed = half.src if side == "src" else half.dst
@@ -673,7 +696,12 @@ class Conn:
     def socket_failed(self, fd: int) -> None:
         """The engine's error watch saw POLLERR/POLLHUP on one of our sockets, whatever the
         relay was waiting for (a stalled direction does not watch its source)."""
-        sock = self.sock if fd == self.fd else self.target
+        if fd == self.fd:
+            sock: _socket.socket | None = self.sock
+        elif self.tls is not None and fd == self.tls.fd:
+            sock = self.tls.sock
+        else:
+            sock = self.target
         if sock is None or self.phase != RELAY:
             return
         code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -681,8 +709,12 @@ class Conn:
             # Both directions shut down cleanly: nothing to abort, the relay sees the rest.
             self.server.engine.unwatch(fd)
             return
+        if self.tls is not None and sock is self.tls.sock:
+            self.server.engine.unwatch(fd)
+            self.tls.client_failed(OSError(code, os.strerror(code)))
+            return
         self.active = True
-        who = "client" if sock is self.sock else "target"
+        who = "target" if sock is self.target else "client"
         self.close("reset", f"{who}: {os.strerror(code).lower()}")
 
     def crashed(self, exc: Exception) -> None:
@@ -704,9 +736,12 @@ class Conn:
         self._abandon_connect()
         if self.machine is not None and result != "client-closed":
             self._send_abort_reply(_ABORT_STATUS.get(result, 500))
-        if self.phase == RELAY:
+        relayed = self.phase == RELAY
+        if relayed:
             self._end_relay(result == "ok")
         self.sock.close()
+        if self.tls is not None:
+            self.tls.close(abort=relayed and result != "ok")
         if self.target is not None:
             self.target.close()
         self.phase = CLOSED
@@ -723,6 +758,8 @@ class Conn:
             if half is not None:
                 half.unregister()
         engine.unwatch(self.fd)
+        if self.tls is not None:
+            engine.unwatch(self.tls.fd)
         if self.target is not None:
             engine.unwatch(self.target.fileno())
         if not complete:

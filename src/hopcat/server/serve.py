@@ -37,11 +37,15 @@ Limits:
 * Deadlines (handshake, connect, linger) and the idle timeout are checked by one sweep every
   ``SWEEP_INTERVAL_S``, not by a timer per connection.
 
+TLS listeners (``tls://``) put a ``hopcat.server.tls.Terminator`` between the client and its
+Conn; everything else is the same.
+
 Signals: SIGTERM or SIGINT closes the listeners and the connections still in their handshake,
 lets established tunnels finish for up to ``--grace`` seconds, then closes what is left and
-exits 0; a second signal ends everything at once. SIGHUP rereads ``--auth-file`` and
-``--rules``; on an error the old configuration stays and the error is logged. Rule changes apply
-to connections accepted (client rules) or requesting (destination rules) afterwards.
+exits 0; a second signal ends everything at once. SIGHUP rereads ``--auth-file``, ``--rules``
+and the TLS listeners' certificate files; on an error the old configuration stays and the error
+is logged. Rule changes apply to connections accepted (client rules) or requesting (destination
+rules) afterwards, a certificate to TLS clients accepted afterwards.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ from hopcat._accept import OUT_OF_RESOURCES, next_backoff
 from hopcat._endpoint import format_hostport
 from hopcat._ready import announce_ready
 from hopcat.errors import ExitCode, HopcatError, UsageError
-from hopcat.server.handler import CONNECTING, Conn
+from hopcat.server.handler import CONNECTING, Conn, strerror
 from hopcat.server.ifaddrs import host_addresses
 from hopcat.server.log import Logger
 from hopcat.server.policy import (
@@ -82,6 +86,7 @@ if TYPE_CHECKING:
     from hopcat._url import ProxyURL
     from hopcat.net.dial import SockAddr
     from hopcat.server.cli import ServeOptions
+    from hopcat.server.tls import TLSFront
 
     P = ParamSpec("P")
     T = TypeVar("T")
@@ -398,9 +403,15 @@ class Server:
         policy: Policy,
         *,
         resolver: Resolver = getaddrinfo,
+        tls: TLSFront | None = None,
+        tls_listeners: Sequence[socket.socket] = (),
     ) -> None:
+        """``listeners``: every listener, ``tls_listeners`` among them those whose clients
+        speak TLS (``tls``: their certificate)."""
         self.options = options
         self.listeners = listeners
+        self.tls = tls
+        self.tls_fds = frozenset(sock.fileno() for sock in tls_listeners)
         self.loop = loop
         self.logger = logger
         self.credentials = credentials
@@ -479,7 +490,7 @@ class Server:
                     return
                 continue  # ECONNABORTED, EPROTO, EPERM...: that connection is gone, not us
             self._backoff_s = 0.0
-            self._admit(sock, address)
+            self._admit(sock, address, listener.fileno() in self.tls_fds)
             if not self.accepting:
                 return
 
@@ -501,7 +512,7 @@ class Server:
         else:
             self.paused_for = "max-conns"  # release() resumes once a connection ends
 
-    def _admit(self, sock: socket.socket, address: SockAddr) -> None:
+    def _admit(self, sock: socket.socket, address: SockAddr, tls: bool = False) -> None:
         ip = str(address[0])
         peer = format_hostport(ip, int(address[1]))
         if not self.policy.client_allowed(ip):
@@ -521,7 +532,20 @@ class Server:
         except OSError:
             sock.close()  # reset before we got to it
             return
-        conn = Conn(self, sock, peer, ip)
+        terminator = None
+        if tls:
+            assert self.tls is not None
+            from hopcat.server.tls import Terminator
+
+            try:
+                terminator = Terminator(self.loop, self.tls, sock, self.engine.receive_cap)
+            except OSError as exc:  # no descriptors for its socketpair
+                sock.close()
+                self._log_refusal(peer, "no-resources", f"TLS: {strerror(exc)}")
+                return
+            conn = Conn(self, terminator.outer, peer, ip, terminator)
+        else:
+            conn = Conn(self, sock, peer, ip)
         self.per_client[ip] = have + 1
         self.count += 1
         self.served += 1
@@ -532,6 +556,8 @@ class Server:
                 "limit", reason=f"{self.count} connections (--max-conns); accepting paused"
             )
         conn.start()
+        if terminator is not None:
+            terminator.start(conn)
 
     def _log_refusal(self, peer: str, result: str, reason: str) -> None:
         """One line per refused connection, but at most one a second: a flood of refusals
@@ -578,6 +604,7 @@ class Server:
             up=conn.bytes_up,
             down=conn.bytes_down,
             duration=self.loop.time() - conn.started,
+            tls=conn.tls.version if conn.tls is not None else None,
         )
         if self.paused_for == "max-conns" and self.count < self.max_conns:
             self._resume_accepting()
@@ -670,6 +697,12 @@ class Server:
         except HopcatError as exc:
             self.logger.log("reload", result="error", reason=str(exc))
             return
+        if self.tls is not None:
+            try:
+                self.tls.reload()
+            except HopcatError as exc:
+                self.logger.log("reload", result="error", reason=str(exc))
+                return
         self._refresh_host(self.loop.time())
         self.credentials, self.policy = credentials, self._placed(policy)
         self.rules_file_empty = _rules_file_empty(self.options, policy)
@@ -742,8 +775,18 @@ def report_ready(options: ServeOptions, addresses: list[str]) -> None:
 def run(options: ServeOptions, *, resolver: Resolver = getaddrinfo) -> int:
     """Bind, serve until stopped by a signal, return the exit code."""
     credentials, policy, warnings = load_config(options)
+    tls = None
+    if options.tls_addresses:
+        from hopcat.net.tls import TLSSettings
+        from hopcat.server.tls import TLSFront
+
+        tls = TLSFront(TLSSettings(
+            cert=options.tls_cert, key=options.tls_key, ca=options.tls_ca,
+            verify_client=options.tls_verify_client,
+        ))  # fmt: skip
     fd_limit = raise_fd_limit()
-    listeners = bind_listeners(options.bind_addresses)
+    listeners = bind_listeners(options.bind_addresses + options.tls_addresses)
+    tls_listeners = listeners[len(options.bind_addresses) :]
     logger = Logger(fmt=options.log_format, quiet=options.quiet)
     try:
         loop, loop_name = new_event_loop(options.event_loop)
@@ -752,11 +795,15 @@ def run(options: ServeOptions, *, resolver: Resolver = getaddrinfo) -> int:
             sock.close()
         raise
     try:
-        server = Server(options, listeners, loop, logger, credentials, policy, resolver=resolver)
+        server = Server(
+            options, listeners, loop, logger, credentials, policy, resolver=resolver, tls=tls,
+            tls_listeners=tls_listeners,
+        )  # fmt: skip
         addresses = []
         for sock in listeners:
             name = sock.getsockname()
-            addresses.append(format_hostport(str(name[0]), int(name[1])))
+            scheme = "tls://" if sock in tls_listeners else ""
+            addresses.append(scheme + format_hostport(str(name[0]), int(name[1])))
         logger.attach(loop)
         for address in addresses:
             logger.log(
@@ -774,7 +821,7 @@ def run(options: ServeOptions, *, resolver: Resolver = getaddrinfo) -> int:
                 f"{options.max_receive_buffer} is over twice net.core.rmem_max and this process "
                 "lacks CAP_NET_ADMIN (raise net.core.rmem_max, or lower the option)",
             )
-        needed = 2 * options.max_conns + 64
+        needed = (4 if tls_listeners else 2) * options.max_conns + 64  # TLS: and a socketpair
         if 0 < fd_limit < needed:
             logger.log(
                 "warning",
