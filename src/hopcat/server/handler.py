@@ -166,9 +166,10 @@ def _literal_family(host: str) -> int | None:
     return None
 
 
-def _guarded(method: Callable[..., None]) -> Callable[..., None]:
-    """For Conn's event-loop callbacks: an exception (a bug) ends that connection with a log
-    line instead of leaving it registered, where a level-triggered fd would call it again."""
+def guarded(method: Callable[..., None]) -> Callable[..., None]:
+    """For a connection's event-loop callbacks (Conn's, the TLS terminator's): an exception (a
+    bug) ends that connection with a log line instead of leaving it registered, where a
+    level-triggered fd would call it again."""
 
     def callback(self: Conn, *args: object) -> None:
         try:
@@ -274,7 +275,7 @@ class Conn:
             self.reading = False
             self.server.loop.remove_reader(self.fd)
 
-    @_guarded
+    @guarded
     def _on_handshake_readable(self) -> None:
         if self.phase != HANDSHAKE:
             self._on_connecting_readable()
@@ -468,7 +469,7 @@ class Conn:
             self._future = future
             future.add_done_callback(self._on_resolved)
 
-    @_guarded
+    @guarded
     def _on_resolved(self, future: asyncio.Future[Sequence[tuple[Any, ...]]]) -> None:
         if self._future is not future or self.phase != CONNECTING:
             return  # timed out or closed meanwhile
@@ -525,7 +526,7 @@ class Conn:
         self.dialer = Dialer(self.server.loop, candidates, self._on_dialed)
         self.dialer.start()
 
-    @_guarded
+    @guarded
     def _on_dialed(self, sock: socket.socket | None, failures: list[tuple[Any, int]]) -> None:
         self.dialer = None
         if sock is None:
@@ -547,14 +548,14 @@ class Conn:
         deadline = self.deadline - VIA_GRACE_S
         self.upstream = self.server.opens.open(self, host, port, deadline)
 
-    @_guarded
+    @guarded
     def upstream_opened(self, sock: socket.socket, trailing: bytes) -> None:
         """The --via chain is open (called by ``self.upstream``, which nothing cancelled):
         ``trailing`` holds the target's bytes that came with the last proxy reply."""
         self.upstream = None
         self._established(sock, None, None, trailing)
 
-    @_guarded
+    @guarded
     def upstream_failed(self, result: str, reason: str, upstream_code: int | None) -> None:
         self.upstream = None
         self.upstream_code = upstream_code
@@ -645,7 +646,7 @@ class Conn:
         self.server.to_pending(self)
         self._read_client(self._on_linger_readable)
 
-    @_guarded
+    @guarded
     def _on_linger_readable(self) -> None:
         try:
             data = self.sock.recv(65536)

@@ -44,7 +44,7 @@ import ssl
 
 from hopcat.net.tls import TLSLayers, TLSSettings, failure, server_context
 from hopcat.proto.detect import detect
-from hopcat.server.handler import _guarded, strerror
+from hopcat.server.handler import guarded, strerror
 from hopcat.server.relay import bound_buffers, reset_on_close
 
 TYPE_CHECKING = False
@@ -141,7 +141,7 @@ class Terminator:
             self.conn.crashed(exc)
 
     # -- client -> pair -------------------------------------------------------------------
-    @_guarded
+    @guarded
     def _on_client_readable(self) -> None:
         try:
             data = self.sock.recv(CLIENT_READ_BYTES)
@@ -244,7 +244,7 @@ class Terminator:
             pass  # the Conn closed its end: it is ending us too
         self._check_finished()
 
-    @_guarded
+    @guarded
     def _on_inner_writable(self) -> None:
         try:
             sent = self.inner.send(self.held)
@@ -259,7 +259,7 @@ class Terminator:
         self._update()
 
     # -- pair -> client -------------------------------------------------------------------
-    @_guarded
+    @guarded
     def _on_inner_readable(self) -> None:
         view = self.front.view
         try:
@@ -298,7 +298,7 @@ class Terminator:
             sent = 0  # full, or failing: _flush_out says which
         self.out += memoryview(records)[sent:]
 
-    @_guarded
+    @guarded
     def _on_client_writable(self) -> None:
         self._flush_out()
         self._update()
