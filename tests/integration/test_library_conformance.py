@@ -418,7 +418,7 @@ def test_banner_and_both_directions_arrive_whole(
     urls = _urls(request, kind)
     options = _tls_options(kind, certificates)
     if entry == "aio.connect_socket" and options:
-        with pytest.raises(ValueError, match="https:// proxy"):
+        with pytest.raises(ValueError, match="a TLS proxy"):
             _on_loop(hopcat.aio.connect_socket)(TARGET_HOST, target.port, via=_via(urls))
         return
     ENTRIES[entry](TARGET_HOST, target.port, urls, **options)

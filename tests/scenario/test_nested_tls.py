@@ -78,7 +78,7 @@ def through_relay(certificate: tuple[Path, Path]) -> Iterator[NestedTLSSocket]:
         outer = NestedTLSSocket(
             socket.create_connection(("127.0.0.1", relay_port), timeout=10), TLSLayers()
         )
-        outer.start_tls(_client_context(certificate), "localhost")
+        outer.start_tls(_client_context(certificate), "localhost", label="proxy socat")
         yield outer
     finally:
         if outer is not None:

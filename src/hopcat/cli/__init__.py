@@ -337,6 +337,10 @@ def relay_connected(
     finally:
         if own_pipe is not None:
             os.close(own_pipe)
+        if layers:
+            from hopcat.relay.pump import close_tls
+
+            close_tls(sock, layers)
     if trace.enabled:
         seconds = max(stats.seconds, 1e-9)
         trace(

@@ -124,7 +124,7 @@ def run_child(
 def _run_child_over_tls(
     argv: list[str], conn: _socket.socket, layers: TLSLayers, initial_down: bytes
 ) -> int:
-    from hopcat.relay.pump import RelayOptions, relay
+    from hopcat.relay.pump import RelayOptions, close_tls, relay
 
     to_child_r, to_child_w = os.pipe()
     from_child_r, from_child_w = os.pipe()
@@ -142,6 +142,7 @@ def _run_child_over_tls(
         relay(conn, from_child_r, to_child_w, layers=layers, initial_down=initial_down,
               options=RelayOptions(keep_sending=True))  # fmt: skip
     finally:
+        close_tls(conn, layers)
         os.close(from_child_r)
         try:
             os.close(to_child_w)  # closed by the relay at the peer's end already

@@ -49,12 +49,15 @@ class NestedTLSSocket:
         self._makefile_refs = 0
         self._closed = False
 
-    def start_tls(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
-        """A TLS session with the peer at the end of the tunnel, inside the current ones."""
+    def start_tls(
+        self, context: ssl.SSLContext, server_hostname: str | None, *, label: str = "target"
+    ) -> None:
+        """A TLS session with the peer at the end of the tunnel (``label``: whose it is, for
+        errors), inside the current ones."""
         if "target" in self._layers.labels:
             raise ValueError("TLS is already running to the target")
         with self._session_lock:
-            self._layers.push(context, server_hostname, label="target")
+            self._layers.push(context, server_hostname, label=label)
         self._run(self._handshake_step)
 
     def _handshake_step(self) -> None:
@@ -211,14 +214,25 @@ class NestedTLSSocket:
     def close(self) -> None:
         self._closed = True
         if self._makefile_refs == 0:
-            self._sock.close()
+            self._close_connection()
 
     def _decref_socketios(self) -> None:
         """Called by ``socket.SocketIO.close``: the last file closed after ``close()`` closes
         the connection, as with a real socket."""
         self._makefile_refs -= 1
         if self._closed and self._makefile_refs <= 0:
-            self._sock.close()
+            self._close_connection()
+
+    def _close_connection(self) -> None:
+        """Every session's close_notify if the socket takes it now (so no peer takes the end
+        for a truncation), then the socket."""
+        if self._sock.fileno() < 0:
+            return
+        from hopcat.relay.pump import close_tls
+
+        with self._session_lock:
+            close_tls(self._sock, self._layers)
+        self._sock.close()
 
     def __enter__(self) -> NestedTLSSocket:
         return self

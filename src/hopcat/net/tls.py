@@ -156,6 +156,21 @@ class TLSLayers:
         except ssl.SSLError:
             pass  # the session already failed or ended: nothing to say any more
 
+    def close_all(self) -> bytes:
+        """Every session's close_notify, innermost first, wrapped by the ones around it: what
+        to send before the connection closes, so no peer takes the end for a truncation."""
+        for index in range(len(self.sessions) - 1, -1, -1):
+            try:
+                self.sessions[index].unwrap()
+            except ssl.SSLError:
+                pass  # sent, not answered (the usual case), or the session already failed
+            if index and (records := self._outgoing[index].read()):
+                try:
+                    self.sessions[index - 1].write(records)
+                except ssl.SSLError:
+                    pass  # that session failed: nothing more can go through it
+        return self._outgoing[0].read()
+
     def wire_out(self) -> bytes:
         """Every record made so far, wrapped by the sessions around it: what goes to the wire."""
         for index in range(len(self.sessions) - 1, 0, -1):

@@ -452,6 +452,15 @@ class TLSWire:
         self.flush()
 
 
+def close_tls(sock: socket.socket, layers: TLSLayers) -> None:
+    """Before ``sock`` closes: every TLS session's close_notify, if the socket takes it now."""
+    try:
+        sock.setblocking(False)
+        sock.send(layers.close_all())
+    except OSError:
+        pass  # the peer is gone or not reading: it learns of the end from the close anyway
+
+
 def choose_mode(src_kind: str, dst_kind: str, allow_splice: bool = True) -> str:
     if not (HAVE_SPLICE and allow_splice):
         return "copy"
