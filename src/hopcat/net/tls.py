@@ -253,10 +253,15 @@ def _load(context: ssl.SSLContext, settings: TLSSettings, *, ca_flag: str, cert_
         try:
             context.load_cert_chain(settings.cert, settings.key)
         except ssl.SSLError as exc:
-            raise UsageError(
-                f"{cert_flag} {settings.cert}: not a PEM certificate with its key "
-                f"({exc.reason or exc})"
-            ) from None
+            key_flag = cert_flag.replace("cert", "key")
+            if exc.reason == "KEY_VALUES_MISMATCH":
+                why = "the private key does not belong to the certificate"
+            elif settings.key:
+                why = f"no PEM certificate in it, or no PEM private key in {settings.key}"
+            else:
+                why = (f"it needs a PEM certificate and its private key (or the key in "
+                       f"{key_flag} FILE)")  # fmt: skip
+            raise UsageError(f"{cert_flag} {settings.cert}: {why}") from None
         except OSError as exc:
             raise UsageError(f"{cert_flag} {settings.cert}: {_describe(exc)}") from None
     if settings.ca:
