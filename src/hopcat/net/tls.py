@@ -40,7 +40,8 @@ MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 class TLSLayers:
     """TLS sessions on one connection, outermost first; see the module docstring."""
 
-    __slots__ = ("_incoming", "_outgoing", "ended", "labels", "ragged_end", "sessions")
+    __slots__ = ("_held", "_held_end", "_incoming", "_outgoing", "ended", "labels", "ragged_end",
+                 "sessions")  # fmt: skip
 
     def __init__(self) -> None:
         self.sessions: list[ssl.SSLObject] = []
@@ -49,6 +50,10 @@ class TLSLayers:
         self._outgoing: list[ssl.MemoryBIO] = []
         self.ended = False  # the innermost session's stream ended (what is left reads as b"")
         self.ragged_end = False  # ... by a FIN without close_notify
+        # Plaintext decrypted before our close_notify (see there), read before anything else;
+        # then the end found behind it, if any: "clean", "ragged", or the failure to raise.
+        self._held = bytearray()
+        self._held_end: str | ssl.SSLError | None = None
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -118,11 +123,27 @@ class TLSLayers:
         """Plaintext of the innermost session into ``view``: as many records as are here and
         fit. 0 at the end of the stream (see ``ragged_end``). ``ssl.SSLWantReadError`` when no
         byte is here yet; ``ssl.SSLError`` on a failure."""
+        size = len(view)
+        total = 0
+        if self._held:
+            total = min(size, len(self._held))
+            view[:total] = self._held[:total]
+            del self._held[:total]
+            if self._held:
+                return total
+        if self._held_end is not None:
+            end, self._held_end = self._held_end, None
+            if isinstance(end, ssl.SSLError):
+                if total:
+                    self._held_end = end  # the bytes before it first
+                    return total
+                raise end
+            self.ended = True
+            self.ragged_end = end == "ragged"
+            return total
         if self.ended:
             return 0
         session = self.sessions[-1]
-        total = 0
-        size = len(view)
         while total < size:
             try:
                 # With a buffer, read returns a count (typeshed says bytes); 0 at close_notify.
@@ -142,6 +163,12 @@ class TLSLayers:
             total += count
         return total
 
+    def buffered(self) -> bool:
+        """Whether the innermost session may have plaintext, or its end, without another byte
+        from the wire (a poll on the socket cannot see it)."""
+        return self.ended or bool(self._held or self._held_end is not None
+                                  or self.sessions[-1].pending() or self._incoming[-1].pending)
+
     def write(self, data: bytes | memoryview) -> int:
         """Encrypt ``data`` in the innermost session (all of it: BIOs never refuse)."""
         written: int = self.sessions[-1].write(data)
@@ -149,6 +176,13 @@ class TLSLayers:
 
     def close_notify(self) -> None:
         """Send the innermost session's close_notify and keep reading (the half-close)."""
+        # unwrap() calls SSL_shutdown twice, and the second call reads on for the peer's
+        # close_notify: application data it meets there fails the session (OpenSSL's
+        # APPLICATION_DATA_AFTER_CLOSE_NOTIFY), its bytes lost and the stream then read as a
+        # ragged end: silent truncation of whatever the peer had sent and we had not read yet
+        # (a request that came with the handshake's last flight). So what is here is
+        # decrypted first and held for read_into, and the second call finds nothing to read.
+        self._hold_plaintext()
         try:
             self.sessions[-1].unwrap()
         except ssl.SSLWantReadError:
@@ -170,6 +204,28 @@ class TLSLayers:
                 except ssl.SSLError:
                     pass  # that session failed: nothing more can go through it
         return self._outgoing[0].read()
+
+    def _hold_plaintext(self) -> None:
+        if self.ended or self._held_end is not None:
+            return
+        session = self.sessions[-1]
+        while True:
+            try:
+                chunk = session.read(RECORD_BYTES * 4)
+            except ssl.SSLWantReadError:
+                return
+            except ssl.SSLZeroReturnError:
+                chunk = b""
+            except ssl.SSLEOFError:
+                self._held_end = "ragged"
+                return
+            except ssl.SSLError as exc:
+                self._held_end = exc
+                return
+            if not chunk:
+                self._held_end = "clean"
+                return
+            self._held += chunk
 
     def wire_out(self) -> bytes:
         """Every record made so far, wrapped by the sessions around it: what goes to the wire."""

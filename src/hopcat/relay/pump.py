@@ -403,7 +403,9 @@ class TLSWire:
         self.sock = sock
         self.layers = layers
         self.out = memoryview(b"")
-        self.more = False  # the last read filled its buffer: records may wait in the sessions
+        # Records may wait in the sessions, where poll cannot see them: the last read filled
+        # its buffer, or they came with the handshake's last flight (a client's request).
+        self.more = layers.buffered()
 
     def recv_into(self, view: memoryview) -> int:
         ssl = self._ssl
@@ -448,6 +450,7 @@ class TLSWire:
     def close_notify(self) -> None:
         """The half-close: the innermost session's close_notify, after every record before it."""
         self.layers.close_notify()
+        self.more = self.more or self.layers.buffered()  # it decrypts what was here: see there
         self.out = memoryview(bytes(self.out) + self.layers.wire_out())
         self.flush()
 
