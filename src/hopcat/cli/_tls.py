@@ -75,13 +75,13 @@ def start_client(
     started = time.monotonic()
     try:
         session = start_target_tls(tunnel, context, name, deadline=deadline)
+    except TimeoutError:
+        raise HopcatTimeoutError(f"TLS with {who}: no handshake before the connect timeout") from None
+    except OSError as exc:  # before ValueError: ssl.SSLCertVerificationError is both
+        raise failure(exc, who) from None
     except ValueError as exc:
         raise UsageError(f"{name}: cannot be used as a TLS server name ({exc}); "
                          "give --tls-servername NAME") from None  # fmt: skip
-    except TimeoutError:
-        raise HopcatTimeoutError(f"TLS with {who}: no handshake before the connect timeout") from None
-    except OSError as exc:
-        raise failure(exc, who) from None
     if tls.pin is not None:
         check_pin(session, tls.pin, who)
     if trace.enabled:
