@@ -438,7 +438,7 @@ def failure(exc: BaseException, who: str) -> HopcatError:
     verify_message = getattr(exc, "verify_message", None)
     if verify_message:
         hint = " (--tls-ca FILE to trust its CA, --tls-insecure to skip the check)"
-        if "hostname mismatch" in verify_message or "IP address mismatch" in verify_message:
+        if "mismatch" in verify_message.lower():  # OpenSSL: "Hostname mismatch", "IP address mismatch"
             hint = " (--tls-servername NAME for the name it has)"
         return TLSError(f"TLS with {who}: certificate not trusted: {verify_message}{hint}")
     if isinstance(exc, (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError)):
