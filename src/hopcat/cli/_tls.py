@@ -74,7 +74,7 @@ def start_client(
         name = tls.servername or split_scope(host)[0] or host
     started = time.monotonic()
     try:
-        session = start_target_tls(tunnel, context, name, deadline=deadline)
+        session = start_target_tls(tunnel, context, name, deadline=deadline, label=who)
     except TimeoutError:
         raise HopcatTimeoutError(f"TLS with {who}: no handshake before the connect timeout") from None
     except OSError as exc:  # before ValueError: ssl.SSLCertVerificationError is both
@@ -113,7 +113,7 @@ def accept_tls(
     deadline = started + timeout_s if timeout_s > 0 else float("inf")
     tunnel = Tunnel(conn, b"", None)
     try:
-        session = accept_target_tls(tunnel, context, deadline=deadline)
+        session = accept_target_tls(tunnel, context, deadline=deadline, label=who)
     except TimeoutError:
         raise HopcatTimeoutError(f"TLS with {who}: no handshake in {timeout_s:g} s") from None
     except OSError as exc:

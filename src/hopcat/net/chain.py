@@ -71,20 +71,21 @@ class Tunnel:
 
 def start_target_tls(
     tunnel: Tunnel, context: ssl.SSLContext, server_name: str | None, *, deadline: float,
-    clock: Callable[[], float] = time.monotonic,
+    clock: Callable[[], float] = time.monotonic, label: str = "the target",
 ) -> ssl.SSLObject:  # fmt: skip
     """TLS to the target over an open tunnel (inside the TLS hops' sessions, if any), within
     ``deadline``. Raises the handshake's ``ssl.SSLError``/OSError/TimeoutError for the caller to
-    name (``hopcat.net.tls.failure``); ValueError for a name SNI cannot carry."""
-    return _handshake_on(tunnel, context, server_name, "target", deadline, clock, tunnel.trailing)
+    name (``hopcat.net.tls.failure``); ValueError for a name SNI cannot carry. ``label`` names
+    the session in errors later on (``TLSLayers.labels``)."""
+    return _handshake_on(tunnel, context, server_name, label, deadline, clock, tunnel.trailing)
 
 
 def accept_target_tls(
     tunnel: Tunnel, context: ssl.SSLContext, *, deadline: float,
-    clock: Callable[[], float] = time.monotonic,
+    clock: Callable[[], float] = time.monotonic, label: str = "the client",
 ) -> ssl.SSLObject:  # fmt: skip
     """The server side of a TLS handshake on an accepted connection (a listener's)."""
-    return _handshake_on(tunnel, context, None, "client", deadline, clock, b"", server_side=True)
+    return _handshake_on(tunnel, context, None, label, deadline, clock, b"", server_side=True)
 
 
 def _handshake_on(

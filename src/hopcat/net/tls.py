@@ -40,12 +40,13 @@ MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 class TLSLayers:
     """TLS sessions on one connection, outermost first; see the module docstring."""
 
-    __slots__ = ("_held", "_held_end", "_incoming", "_outgoing", "ended", "labels", "ragged_end",
-                 "sessions")  # fmt: skip
+    __slots__ = ("_held", "_held_end", "_incoming", "_outgoing", "ended", "failed", "labels",
+                 "ragged_end", "sessions")  # fmt: skip
 
     def __init__(self) -> None:
         self.sessions: list[ssl.SSLObject] = []
         self.labels: list[str] = []  # whose session each is, for errors ("proxy ...", "target")
+        self.failed: str | None = None  # the label of the session whose record or alert failed
         self._incoming: list[ssl.MemoryBIO] = []
         self._outgoing: list[ssl.MemoryBIO] = []
         self.ended = False  # the innermost session's stream ended (what is left reads as b"")
@@ -114,6 +115,9 @@ class TLSLayers:
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                     inner.write_eof()
                     break
+                except ssl.SSLError:
+                    self.failed = self.labels[index]
+                    raise
                 if not chunk:
                     inner.write_eof()
                     break
@@ -157,11 +161,22 @@ class TLSLayers:
             except ssl.SSLEOFError:
                 self.ragged_end = True
                 count = 0
+            except ssl.SSLError as exc:
+                self.failed = self.labels[-1]
+                if not total:
+                    raise
+                self._held_end = exc  # an alert or a bad record: the bytes before it first
+                return total
             if not count:
                 self.ended = True  # the next call says so: the bytes before come first
                 return total
             total += count
         return total
+
+    def end_pending(self) -> bool:
+        """Whether the next ``read_into`` tells an end or a failure without another byte from
+        the wire (it was found behind the bytes the last one returned)."""
+        return self.ended or self._held_end is not None
 
     def buffered(self) -> bool:
         """Whether the innermost session may have plaintext, or its end, without another byte
@@ -220,6 +235,7 @@ class TLSLayers:
                 self._held_end = "ragged"
                 return
             except ssl.SSLError as exc:
+                self.failed = self.labels[-1]
                 self._held_end = exc
                 return
             if not chunk:
@@ -444,13 +460,25 @@ def failure(exc: BaseException, who: str) -> HopcatError:
     if isinstance(exc, (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError)):
         return TLSError(f"TLS with {who}: the peer closed during the handshake (not a TLS server?)")
     if isinstance(exc, ssl.SSLError):
-        reason = exc.reason or str(exc)
-        if reason == "WRONG_VERSION_NUMBER":
-            reason = "wrong version number (not a TLS server?)"
+        reason = reason_text(exc)
+        if reason == "wrong version number":
+            reason += " (not a TLS server?)"
         return TLSError(f"TLS with {who}: handshake failed: {reason}")
     if isinstance(exc, HopcatError):
         return exc
     return TLSError(f"TLS with {who}: handshake failed: {_describe(exc)}")
+
+
+def reason_text(exc: ssl.SSLError) -> str:
+    """OpenSSL's reason as words ("DECRYPTION_FAILED_OR_BAD_RECORD_MAC": "decryption failed or
+    bad record mac"; "TLSV1_ALERT_PROTOCOL_VERSION": "alert protocol version")."""
+    reason = exc.reason
+    if not reason:
+        return str(exc)
+    words = reason.lower().replace("_", " ")
+    for prefix in ("sslv3 ", "tlsv1 ", "tlsv13 "):
+        words = words.removeprefix(prefix)
+    return words
 
 
 def _describe(exc: BaseException) -> str:

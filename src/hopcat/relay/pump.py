@@ -386,7 +386,10 @@ class Flow:
 
 
 class TLSStreamError(OSError):
-    """A TLS session failed mid-stream (an alert, a bad record): exit 82, not 74."""
+    """A TLS session failed mid-stream (an alert, a bad record): exit 82 (76 for a TLS
+    proxy's session), not 74. ``who``: whose session it was (``TLSLayers.labels``)."""
+
+    who = ""
 
 
 class TLSWire:
@@ -421,9 +424,9 @@ class TLSWire:
                 self.out = memoryview(bytes(self.out) + out)
                 self.flush()
         except ssl.SSLError as exc:
-            raise TLSStreamError(errno.EPROTO, f"TLS: {exc.reason or exc}") from None
+            raise self._failure(exc) from None
         # A full buffer may leave records behind; an end seen after some bytes is told next.
-        self.more = count == len(view) or self.layers.ended
+        self.more = count == len(view) or self.layers.end_pending()
         return count
 
     def send(self, view: memoryview) -> int:
@@ -435,9 +438,17 @@ class TLSWire:
             count = self.layers.write(view)
             self.out = memoryview(self.layers.wire_out())
         except self._ssl.SSLError as exc:
-            raise TLSStreamError(errno.EPROTO, f"TLS: {exc.reason or exc}") from None
+            raise self._failure(exc) from None
         self.flush()
         return count
+
+    def _failure(self, exc: BaseException) -> TLSStreamError:
+        from hopcat.net.tls import reason_text
+
+        reason = reason_text(exc) if isinstance(exc, self._ssl.SSLError) else str(exc)
+        error = TLSStreamError(errno.EPROTO, reason)
+        error.who = self.layers.failed or self.layers.labels[-1]
+        return error
 
     def flush(self) -> None:
         """Send what the socket takes now of the records waiting."""
@@ -730,10 +741,12 @@ def _bytes_ready(fd: int) -> int:
 
 def _relay_error(flow: Flow, exc: OSError) -> HopcatError:
     if isinstance(exc, TLSStreamError):
-        from hopcat.errors import TLSError
+        from hopcat.errors import RemoteProtocolError, TLSError
 
         counts = f"{flow.moved} bytes {'sent' if flow.name == 'up' else 'received'}"
-        return TLSError(f"{exc.strerror} mid-stream (after {counts})")
+        message = f"TLS with {exc.who}: {exc.strerror} mid-stream (after {counts})"
+        # A TLS proxy's session is the chain's, like a TLS failure in its handshake (exit 76).
+        return RemoteProtocolError(message) if exc.who.startswith("proxy ") else TLSError(message)
     reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
     if exc.errno == errno.EPROTO and exc.strerror:
         reason = exc.strerror  # TLS: the library's reason says more than "protocol error"
