@@ -239,7 +239,9 @@ class Flow:
         if self.mode == "splice":
             return self._wants_dst if self.waiting_for_dst else self._wants_src
         wanted: list[tuple[int, int]] = []
-        if self.buffered or (self.tls is not None and self.name == "up" and self.tls.out):
+        tls = self.tls if self.name == "up" else None
+        # A write stalled by a TLS 1.2 renegotiation waits for the down flow's reads, not POLLOUT.
+        if (self.buffered and not (tls and tls.stalled)) or (tls and tls.out):
             wanted.append((self.dst, select.POLLOUT))
         has_room = not self.buffered if self.mode == "copy" else not self.pipe_full
         if not self.src_eof and has_room:
@@ -397,7 +399,7 @@ class TLSWire:
     ``send`` takes it; records the socket could not take yet wait in ``out`` (one chunk's worth
     at most: ``send`` takes nothing more until they are gone)."""
 
-    __slots__ = ("_ssl", "layers", "more", "out", "sock")
+    __slots__ = ("_ssl", "layers", "more", "out", "sock", "stalled")
 
     def __init__(self, sock: socket.socket, layers: TLSLayers) -> None:
         import ssl
@@ -409,20 +411,24 @@ class TLSWire:
         # Records may wait in the sessions, where poll cannot see them: the last read filled
         # its buffer, or they came with the handshake's last flight (a client's request).
         self.more = layers.buffered()
+        # A write refused until the peer's handshake messages are read: a TLS 1.2 peer
+        # renegotiating (SSL_write wants to read). Cleared by every read.
+        self.stalled = False
 
     def recv_into(self, view: memoryview) -> int:
         ssl = self._ssl
-        self.more = False
+        self.more = self.stalled = False
         try:
             while True:
                 try:
                     count = self.layers.read_into(view)
                     break
                 except ssl.SSLWantReadError:
+                    # A read can owe the peer an answer (a renegotiation's next message): it
+                    # goes out before we wait for the peer, or both sides would wait.
+                    self._queue(self.layers.wire_out())
                     self.layers.feed(self.sock.recv(COPY_BUFFER_BYTES))  # BlockingIOError: wait
-            if out := self.layers.wire_out():  # a read can owe the peer an answer (KeyUpdate)
-                self.out = memoryview(bytes(self.out) + out)
-                self.flush()
+            self._queue(self.layers.wire_out())  # ... or an answer to a KeyUpdate
         except ssl.SSLError as exc:
             raise self._failure(exc) from None
         # A full buffer may leave records behind; an end seen after some bytes is told next.
@@ -437,10 +443,19 @@ class TLSWire:
         try:
             count = self.layers.write(view)
             self.out = memoryview(self.layers.wire_out())
+        except self._ssl.SSLWantReadError:
+            self.stalled = True  # the same bytes are offered again after the next read
+            self._queue(self.layers.wire_out())
+            raise BlockingIOError from None
         except self._ssl.SSLError as exc:
             raise self._failure(exc) from None
         self.flush()
         return count
+
+    def _queue(self, records: bytes) -> None:
+        if records:
+            self.out = memoryview(bytes(self.out) + records)
+            self.flush()
 
     def _failure(self, exc: BaseException) -> TLSStreamError:
         from hopcat.net.tls import reason_text
