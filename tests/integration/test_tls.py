@@ -11,11 +11,15 @@ everything has arrived (see tls_peers).
 
 from __future__ import annotations
 
+import base64
+import calendar
 import hashlib
 import re
 import socket
 import ssl
 import subprocess
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -174,6 +178,37 @@ def test_a_request_glued_to_the_finished_is_served(tls: TLSFiles, tmp_path: Path
         assert listener.wait() == 0, listener.stderr()
     finally:
         listener.stop()
+
+
+@pytest.mark.parametrize(("version", "command"), [("-tls1_2", "r"), ("-tls1_2", "R"), ("-tls1_3", "K")],
+                         ids=["TLSv1.2-renegotiation", "TLSv1.2-renegotiation-for-a-cert",
+                              "TLSv1.3-key-update-requested"])  # fmt: skip
+def test_the_server_renegotiates_or_updates_keys_mid_stream(
+    tls: TLSFiles, need: Callable[..., str], tmp_path: Path, version: str, command: str
+) -> None:
+    """openssl s_server's commands: the handshake messages it sends mid-stream need answers
+    from hopcat's reads (a renegotiation's ClientHello), and a write of ours during the
+    renegotiation has to wait for it."""
+    openssl = need("openssl")
+    with program("s_server", tmp_path, lambda port: [
+        openssl, "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(tls.cert), "-key",
+        str(tls.key), version, "-naccept", "1"]) as server:  # fmt: skip
+        client = hopcat(tmp_path, "--tls", "--tls-ca", str(tls.ca), "127.0.0.1", str(server.port))
+        try:
+            client.feed(b"first\n").join(10)
+            peers.wait_until(lambda: b"first" in server.out.read_bytes(), 10, "first")
+            server.feed(f"{command}\n".encode()).join(10)
+            time.sleep(0.2)  # its message reaches hopcat before our next write
+            client.feed(b"second\n").join(10)
+            peers.wait_until(lambda: b"second" in server.out.read_bytes(), 10, "second")
+            server.feed(b"from the server\n").join(10)
+            wait_for_size(client.out, len(b"from the server\n"), "hopcat's stdout")
+            client.close_stdin()
+            assert client.wait() == 0, client.stderr()
+        finally:
+            client.stop()
+    assert client.out.read_bytes() == b"from the server\n"
+    assert client.stderr() == ""
 
 
 # -- the TLS half-close --------------------------------------------------------------------------
@@ -370,8 +405,6 @@ def test_a_server_that_closes_at_once(tls: TLSFiles) -> None:
         conn.recv(100)
         conn.close()
 
-    import threading
-
     thread = threading.Thread(target=close_at_once, daemon=True)
     thread.start()
     try:
@@ -510,14 +543,9 @@ def test_verbose_describes_the_session_and_its_pin_works(tls: TLSFiles, tmp_path
     version, cipher, subject, issuer, when, shown = match.groups()
     assert version == "TLSv1.3" and cipher.startswith("TLS_"), line
     assert (subject, issuer) == ("CN=127.0.0.1", "CN=hopcat test CA")
-    import calendar
-    import time
-
     assert calendar.timegm(time.strptime(when, "%Y-%m-%d %H:%M:%S")) == expires
     assert shown == fingerprint
     # The pin as -v shows it, with colons (as nc -H takes it), and in base64, without a CA.
-    import base64
-
     for pin in (shown, ":".join(shown[i : i + 2] for i in range(0, 64, 2)),
                 base64.b64encode(bytes.fromhex(shown)).decode()):  # fmt: skip
         with py_tls_server(tls.server_context(), _digest_handler) as server:
