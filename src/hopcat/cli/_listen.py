@@ -264,7 +264,8 @@ def serve_connections(
                 raise
             from hopcat.cli import _fail
 
-            code = _fail(f"{who}: {exc}", exc.exit_code)
+            message = str(exc)  # a TLS failure names the client itself
+            code = _fail(message if who in message else f"{who}: {message}", exc.exit_code)
         finally:
             conn.close()
         if not options.keep_open:

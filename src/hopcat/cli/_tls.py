@@ -117,7 +117,7 @@ def accept_tls(
     except TimeoutError:
         raise HopcatTimeoutError(f"TLS with {who}: no handshake in {timeout_s:g} s") from None
     except OSError as exc:
-        raise failure(exc, who) from None
+        raise failure(exc, who, peer="client") from None
     if trace.enabled:
         trace(f"TLS with {who} in {(time.monotonic() - started) * 1000:.1f} ms: "
               f"{describe(session)}")  # fmt: skip

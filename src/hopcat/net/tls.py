@@ -449,20 +449,23 @@ def describe(session: ssl.SSLObject) -> str:
     return "; ".join(parts)
 
 
-def failure(exc: BaseException, who: str) -> HopcatError:
-    """A handshake's failure as one line naming ``who`` ("the target example.org:443")."""
+def failure(exc: BaseException, who: str, *, peer: str = "server") -> HopcatError:
+    """A handshake's failure as one line naming ``who`` ("the target example.org:443");
+    ``peer``: what the other side should have been ("server", or a listener's "client")."""
     verify_message = getattr(exc, "verify_message", None)
     if verify_message:
         hint = " (--tls-ca FILE to trust its CA, --tls-insecure to skip the check)"
-        if "mismatch" in verify_message.lower():  # OpenSSL: "Hostname mismatch", "IP address mismatch"
+        if peer == "client":
+            hint = " (--tls-ca FILE: the CA that signs client certificates)"
+        elif "mismatch" in verify_message.lower():  # "Hostname mismatch", "IP address mismatch"
             hint = " (--tls-servername NAME for the name it has)"
         return TLSError(f"TLS with {who}: certificate not trusted: {verify_message}{hint}")
     if isinstance(exc, (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError)):
-        return TLSError(f"TLS with {who}: the peer closed during the handshake (not a TLS server?)")
+        return TLSError(f"TLS with {who}: the peer closed during the handshake (not a TLS {peer}?)")
     if isinstance(exc, ssl.SSLError):
         reason = reason_text(exc)
-        if reason == "wrong version number":
-            reason += " (not a TLS server?)"
+        if reason in ("wrong version number", "http request", "https proxy request"):
+            reason += f" (not a TLS {peer}?)"
         return TLSError(f"TLS with {who}: handshake failed: {reason}")
     if isinstance(exc, HopcatError):
         return exc
