@@ -487,6 +487,40 @@ def test_listener_requires_a_client_certificate(tls: TLSFiles, tmp_path: Path) -
     assert result.stdout == b""
 
 
+def test_keep_open_listener_survives_clients_that_fail_tls(tls: TLSFiles, tmp_path: Path) -> None:
+    """-l -k --tls: a silent client (the handshake's time limit), a plain-TCP one and one whose
+    handshake fails are each one line naming the client once; the next TLS client is served."""
+    listener, port = listen_hopcat(tmp_path, "-k", "--tls", "--tls-cert", str(tls.cert),
+                                   "--tls-key", str(tls.key), "--connect-timeout", "1",
+                                   "127.0.0.1", "0", stdin=Path("/dev/null"))  # fmt: skip
+    try:
+        assert run_hopcat("--tls", "--tls-ca", str(tls.ca), "127.0.0.1", str(port),
+                          input=b"one\n").returncode == 0  # fmt: skip
+        with socket.create_connection(("127.0.0.1", port)) as silent:
+            silent_port = silent.getsockname()[1]
+            peers.wait_until(lambda: "no handshake" in listener.stderr(), 10, "the time limit")
+        with socket.create_connection(("127.0.0.1", port)) as plain:
+            plain_port = plain.getsockname()[1]
+            plain.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            peers.wait_until(lambda: "not a TLS client" in listener.stderr(), 10, "the refusal")
+        refused = run_hopcat("--tls", "127.0.0.1", str(port), input=b"x")  # no --tls-ca
+        assert refused.returncode == 82
+        peers.wait_until(lambda: "unknown ca" in listener.stderr(), 10, "the client's alert")
+        assert run_hopcat("--tls", "--tls-ca", str(tls.ca), "127.0.0.1", str(port),
+                          input=b"two\n").returncode == 0  # fmt: skip
+        assert listener.proc.poll() is None
+    finally:
+        listener.stop()
+    assert listener.out.read_bytes() == b"one\ntwo\n"
+    lines = listener.stderr().splitlines()
+    assert lines[0] == (f"hopcat: TLS with client 127.0.0.1:{silent_port}: no handshake in 1 s")
+    assert lines[1] == (f"hopcat: TLS with client 127.0.0.1:{plain_port}: handshake failed: "
+                        "http request (not a TLS client?)")  # fmt: skip
+    assert lines[2].startswith("hopcat: TLS with client 127.0.0.1:") and lines[2].endswith(
+        ": handshake failed: alert unknown ca"), lines[2]
+    assert lines[3:] == ["hopcat: terminated (SIGTERM)"]
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--tls", "--tls-ca", "/nonexistent/ca.pem"], "--tls-ca /nonexistent/ca.pem: "),
     (["--tls", "--tls-ca", "BAD"], "--tls-ca BAD: not a PEM CA bundle"),
