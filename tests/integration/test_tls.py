@@ -528,7 +528,7 @@ def test_keep_open_listener_survives_clients_that_fail_tls(tls: TLSFiles, tmp_pa
     (["--tls", "-F"], "-F hands ssh the socket, but with --tls"),
     (["--tls", "--tls-pin", "md5:00"], "--tls-pin takes sha256:HEX or sha256:BASE64"),
     (["--tls", "--tls-min-version", "1.1"], "--tls-min-version takes 1.2 or 1.3"),
-    (["--tls", "--tls-cert", "BAD"], "--tls-cert BAD: not a PEM certificate with its key"),
+    (["--tls", "--tls-cert", "BAD"], "--tls-cert BAD: it needs a PEM certificate and its private key"),
 ])  # fmt: skip
 def test_usage_errors(tmp_path: Path, args: list[str], message: str) -> None:
     bad = tmp_path / "bad.pem"
@@ -547,7 +547,7 @@ def test_listener_usage_errors(tmp_path: Path) -> None:
     bad = tmp_path / "bad.pem"
     bad.write_text("not a PEM file\n")
     for args, message in (
-        (["--tls-cert", str(bad)], f"--tls-cert {bad}: not a PEM certificate with its key"),
+        (["--tls-cert", str(bad)], f"--tls-cert {bad}: it needs a PEM certificate and its private"),
         (["--tls-verify-client"], "--tls-verify-client needs --tls-ca FILE"),
         (["--tls-pin", "sha256:" + "00" * 32], "--tls-pin is for a TLS client"),
     ):
