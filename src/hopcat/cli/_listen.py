@@ -455,12 +455,13 @@ def main(options: Options, trace: Timeline) -> int:
     try:
         name = bound_name(listener, unix_path)
         trace(f"listening on {name}")
+        # Before readiness: a certificate that will not load fails the start, not a client.
+        tls = _tls_for_listener(listener, options, trace) if options.tls else None
         if ready_fd is not None or options.ready_file is not None:
             from hopcat._ready import announce_ready
 
             announce_ready([name], ready_fd=ready_fd, ready_file=options.ready_file)
 
-        tls = _tls_for_listener(listener, options, trace) if options.tls else None
         if argv is not None and options.keep_open:
             serve_children(listener, argv, limit, policy, trace, options, tls)
         if argv is not None:
