@@ -551,10 +551,13 @@ def test_listener_usage_errors(tmp_path: Path) -> None:
         (["--tls-verify-client"], "--tls-verify-client needs --tls-ca FILE"),
         (["--tls-pin", "sha256:" + "00" * 32], "--tls-pin is for a TLS client"),
     ):
-        result = run_hopcat("-l", "--tls", *args, "127.0.0.1", "0", timeout=30)
+        ready = tmp_path / "ready"
+        result = run_hopcat("-l", "--ready-file", str(ready), "--tls", *args, "127.0.0.1", "0",
+                            timeout=30)  # fmt: skip
         err = _one_line(result)
         assert result.returncode == 64, err
         assert err.startswith(f"hopcat: {message}"), err
+        assert not ready.exists()  # never said it was ready
 
 
 # -- -v ------------------------------------------------------------------------------------------
