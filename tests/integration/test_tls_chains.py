@@ -149,6 +149,29 @@ def test_tls_hops(
         assert "TLS with the target" in err
 
 
+def test_hopcat_serve_tls_listener_among_independent_tls_hops(
+    tls: TLSFiles, echo_targets: dict[str, int], tls_hops: dict[str, int], tmp_path: Path
+) -> None:
+    """hopcat serve's tls:// listener as the middle of three TLS hops (socat, serve, stunnel),
+    TLS to the target inside all of them: four sessions."""
+    from test_serve_support import ServeProcess
+
+    server = ServeProcess(tmp_path / "serve", "--tls-cert", str(tls.cert), "--tls-key",
+                          str(tls.key), listen=("tls://127.0.0.1:0",))  # fmt: skip
+    try:
+        serve_hop = server.addresses[0].removeprefix("tls://")
+        args = ["--proxy-cacert", str(tls.ca),
+                "-x", f"https://127.0.0.1:{tls_hops['socat-tinyproxy']}",
+                "-x", f"socks5h+tls://{serve_hop}",
+                "-x", f"socks5+tls://127.0.0.1:{tls_hops['stunnel-dante']}",
+                "--tls", "--tls-ca", str(tls.ca)]  # fmt: skip
+        err = _echo_through(args, echo_targets["tls"], tmp_path, verbose=True)
+        assert "hop 3/3: TLS TLSv1.3" in err and "TLS with the target" in err, err
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log()
+
+
 # -- ssh through TLS hops ------------------------------------------------------------------------
 
 
