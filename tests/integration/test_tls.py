@@ -295,6 +295,24 @@ def test_server_ends_first_while_the_upload_goes_on(
     assert "truncated" not in err
 
 
+def test_a_fin_without_close_notify_ends_the_stream_quietly(tls: TLSFiles) -> None:
+    """Not an error (only the protocol inside can tell a truncation): exit 0, and -v says so."""
+
+    def send_then_fin(session: BioSession) -> None:
+        session.send(b"z" * 1000)
+        session.sock.shutdown(socket.SHUT_WR)  # a FIN, no close_notify
+        while session.sock.recv(65536):  # until hopcat's close_notify and FIN
+            pass
+
+    with py_tls_server(tls.server_context(), send_then_fin) as server:
+        result = run_hopcat("-v", "--tls", "--tls-ca", str(tls.ca), "127.0.0.1", str(server.port),
+                            input=b"")  # fmt: skip
+        server.wait()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"z" * 1000
+    assert b"closed without a TLS close_notify: what came may be truncated" in result.stderr
+
+
 @pytest.mark.parametrize("version", TLS_VERSIONS)
 def test_listener_answers_a_client_that_half_closed(
     tls: TLSFiles, need: Callable[..., str], tmp_path: Path, version: ssl.TLSVersion
