@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import calendar
+import contextlib
 import hashlib
 import re
 import socket
@@ -285,10 +286,10 @@ def test_server_ends_first_while_the_upload_goes_on(
         assert _file_sha(peer.out) == sha256(up)
     else:
         with py_tls_server(tls.server_context(maximum=version),
-                           _send_then_close_handler(down)) as peer:  # fmt: skip
-            client = hopcat(tmp_path, *args, str(peer.port), stdin=source)
+                           _send_then_close_handler(down)) as python:  # fmt: skip
+            client = hopcat(tmp_path, *args, str(python.port), stdin=source)
             assert client.wait() == 0, client.stderr()
-            assert peer.wait() == sha256(up)
+            assert python.wait() == sha256(up)
     assert client.out.read_bytes() == down
     err = client.stderr()
     assert err.index("peer closed") < err.index("sent TLS close_notify"), err
@@ -355,7 +356,9 @@ def _tls_error(*args: str) -> str:
     return err
 
 
-def _py_server(tls: TLSFiles, cert: tuple[Path, Path] | None = None) -> py_tls_server:  # type: ignore[valid-type]
+def _py_server(
+    tls: TLSFiles, cert: tuple[Path, Path] | None = None
+) -> contextlib.AbstractContextManager[tls_peers.PyTLSServer]:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(*(cert or (tls.cert, tls.key)))
     return py_tls_server(context, _failing_handshake)
@@ -608,6 +611,49 @@ def test_verbose_describes_the_session_and_its_pin_works(tls: TLSFiles, tmp_path
                                 str(server.port), input=b"pinned")  # fmt: skip
         assert result.returncode == 0, result.stderr
         assert result.stdout == f"6 {sha256(b'pinned')}\n".encode()
+
+
+def test_sni_and_alpn(tls: TLSFiles) -> None:
+    """The name sent (SNI) is the host, or --tls-servername; none for an address. -v shows the
+    protocol --tls-alpn agreed on."""
+    seen: list[str | None] = []
+    context = _context((tls.cert, tls.key))
+
+    def record(_session: ssl.SSLObject, name: str | None, _context: ssl.SSLContext) -> None:
+        seen.append(name)
+
+    context.sni_callback = record
+    context.set_alpn_protocols(["h2"])
+    with py_tls_server(context, _digest_handler) as server:
+        for args in (["localhost"], ["--tls-servername", "localhost", "127.0.0.1"], ["127.0.0.1"]):
+            result = run_hopcat("-v", "--tls", "--tls-ca", str(tls.ca), "--tls-alpn",
+                                "http/1.1,h2", *args, str(server.port), input=b"x")  # fmt: skip
+            assert result.returncode == 0, result.stderr
+            assert b"; ALPN h2; subject CN=127.0.0.1" in result.stderr, result.stderr
+    assert seen == ["localhost", "localhost", None]
+
+
+def test_client_certificate_to_openssl_s_server(
+    tls: TLSFiles, need: Callable[..., str], tmp_path: Path
+) -> None:
+    """--tls-cert/--tls-key with a server that demands one (s_server -Verify)."""
+    openssl = need("openssl")
+    with program("s_server", tmp_path, lambda port: [
+        openssl, "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(tls.cert), "-key",
+        str(tls.key), "-Verify", "1", "-verify_return_error", "-CAfile", str(tls.ca),
+        "-naccept", "1"]) as server:  # fmt: skip
+        client = hopcat(tmp_path, "--tls", "--tls-ca", str(tls.ca), "--tls-cert",
+                        str(tls.client[0]), "--tls-key", str(tls.client[1]), "127.0.0.1",
+                        str(server.port))  # fmt: skip
+        try:
+            client.feed(b"with my certificate\n")
+            peers.wait_until(lambda: b"with my certificate" in server.out.read_bytes(), 10,
+                             "the line at s_server")  # fmt: skip
+            client.close_stdin()
+            assert client.wait() == 0, client.stderr()
+        finally:
+            client.stop()
+        assert b"subject=CN = hopcat test client" in server.out.read_bytes()
 
 
 def test_throwaway_certificate_fingerprint_pins_the_listener(tmp_path: Path) -> None:
