@@ -438,6 +438,17 @@ def test_a_server_that_closes_at_once(tls: TLSFiles) -> None:
         listener.close()
 
 
+def test_a_silent_server_times_the_handshake_out(tls: TLSFiles) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:  # accepts (backlog), never answers
+        port = listener.getsockname()[1]
+        result = run_hopcat("--connect-timeout", "1", "--tls", "--tls-ca", str(tls.ca),
+                            "127.0.0.1", str(port), timeout=30)  # fmt: skip
+    err = _one_line(result)
+    assert result.returncode == 75, err
+    assert err == (f"hopcat: TLS with the target 127.0.0.1:{port}: no handshake before the "
+                   "connect timeout\n")  # fmt: skip
+
+
 def test_tls12_server_with_min_version_13(
     tls: TLSFiles, need: Callable[..., str], tmp_path: Path
 ) -> None:
