@@ -644,6 +644,18 @@ def test_sni_and_alpn(tls: TLSFiles) -> None:
     assert seen == ["localhost", "localhost", None]
 
 
+@pytest.mark.parametrize("spelling", [
+    ["--ssl", "--ssl-verify", "--ssl-trustfile", "CA", "--ssl-servername", "localhost"],  # ncat
+    ["-c", "--tls-ca", "CA"],  # OpenBSD nc's -c
+])  # fmt: skip
+def test_other_tools_spellings(tls: TLSFiles, spelling: list[str]) -> None:
+    with py_tls_server(tls.server_context(), _digest_handler) as server:
+        args = [str(tls.ca) if arg == "CA" else arg for arg in spelling]
+        result = run_hopcat(*args, "127.0.0.1", str(server.port), input=b"spelt")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"5 {sha256(b'spelt')}\n".encode()
+
+
 def test_client_certificate_to_openssl_s_server(
     tls: TLSFiles, need: Callable[..., str], tmp_path: Path
 ) -> None:
