@@ -369,7 +369,7 @@ def test_plain_and_tls_listeners_side_by_side(servers: dict[str, ServeProcess],
     [
         (["tls://127.0.0.1:0"], "needs --tls-cert"),
         (["tls://127.0.0.1:0", "--tls-cert", "/nonexistent.pem"], "no such file"),
-        (["tls://127.0.0.1:0", "--tls-cert", "KEY"], "not a PEM certificate"),
+        (["tls://127.0.0.1:0", "--tls-cert", "KEY"], "needs a PEM certificate and its private key"),
         (["127.0.0.1:0", "--tls-cert", "CERT"], "for tls:// listen addresses"),
         (["tls://127.0.0.1:0", "--tls-cert", "CERT", "--tls-key", "KEY", "--tls-verify-client"],
          "needs --tls-ca"),
