@@ -135,3 +135,57 @@ def test_untrusted_second_hop_names_that_hop(
     assert "certificate not trusted" in str(caught.value)
     # Unblock the echo server's accept.
     socket.create_connection(("127.0.0.1", tls_echo)).close()
+
+
+def test_shutdown_write_half_closes_inside_the_sessions(
+    tls_hops: list[str], certificates: Certificates
+) -> None:
+    """``shutdown(SHUT_WR)`` on the blocking API's TLS socket is the target session's
+    close_notify: the target reads to its end, answers, and the answer still arrives through
+    both TLS hops (a TCP FIN would have ended the hops' sessions)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certificates.cert, certificates.key)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def digest_server() -> None:
+        conn, _ = listener.accept()
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = context.wrap_bio(incoming, outgoing, server_side=True)
+        digest = hashlib.sha256()
+        with conn:
+            while True:
+                try:
+                    data = tls.read(1 << 16)
+                except ssl.SSLWantReadError:
+                    conn.sendall(outgoing.read())
+                    chunk = conn.recv(1 << 16)
+                    if not chunk:
+                        return
+                    incoming.write(chunk)
+                    continue
+                except ssl.SSLZeroReturnError:
+                    break
+                if not data:  # close_notify, when this side has not sent its own
+                    break
+                digest.update(data)
+            tls.write(digest.hexdigest().encode())
+            try:
+                tls.unwrap()
+            except ssl.SSLError:
+                pass
+            conn.sendall(outgoing.read())
+
+    thread = threading.Thread(target=digest_server, daemon=True)
+    thread.start()
+    client = _client_context(certificates)
+    sock = hopcat.create_connection(("127.0.0.1", listener.getsockname()[1]), 30, via=tls_hops,
+                                    proxy_ssl=client, ssl=client)  # fmt: skip
+    sock.sendall(PAYLOAD)
+    sock.shutdown(socket.SHUT_WR)
+    answer = b""
+    while data := sock.recv(1 << 16):
+        answer += data
+    sock.close()
+    thread.join(30)
+    listener.close()
+    assert answer == hashlib.sha256(PAYLOAD).hexdigest().encode()

@@ -209,7 +209,15 @@ class NestedTLSSocket:
         self._timeout = None
 
     def shutdown(self, how: int) -> None:
-        self._sock.shutdown(how)
+        """SHUT_WR is the innermost session's close_notify, the TLS half-close (reading goes
+        on); a TCP FIN would end the TLS hops' sessions under it. SHUT_RDWR also ends the
+        connection for both directions."""
+        if how in (socket.SHUT_WR, socket.SHUT_RDWR):
+            self._session_lock.acquire()
+            self._layers.close_notify()
+            self._send_made_records()  # releases the session lock
+        if how != socket.SHUT_WR:
+            self._sock.shutdown(how)
 
     def close(self) -> None:
         self._closed = True
