@@ -272,8 +272,8 @@ class Bridge:
         """Both streams ended: every session's close_notify, then ``finished`` once sent."""
         if self.up_done and self.down_done and not self.closing:
             self.closing = True
-            self.layers.close_all()
             self.out += self.layers.wire_out()
+            self.out += self.layers.close_all()
             self._flush_out()
             if not self.out and not self.finished:
                 self._finish()
