@@ -227,6 +227,7 @@ def test_untrusted_certificate_is_the_hops_refusal(
         assert len(lines) == 2, lines
         for line in lines:
             assert f"proxy {hop} (hop 1/1)" in line and "certificate not trusted" in line, line
+            assert "--via-cacert FILE" in line and "--via-insecure" in line, line
     finally:
         server.stop()
 

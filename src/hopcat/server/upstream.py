@@ -66,6 +66,7 @@ if TYPE_CHECKING:
     _Opened = tuple[socket.socket, TLSLayers | None, bytes]
 
 UPSTREAM_OPENS = 1024
+VIA_TLS_OPTIONS = "--via-cacert FILE to trust its CA, --via-insecure to skip the check"
 UPSTREAM_OPENS_PER_CLIENT = 8  # well below UPSTREAM_OPENS: one client cannot take every slot
 
 # How upstream SOCKS5 reply codes and HTTP statuses read as our results (a SOCKS5 code is passed
@@ -164,7 +165,7 @@ class Upstream:
         opens = self.opens
         io = ServerIO(opens.loop, self.conn, opens.context)
         plan = tunnel_plan(opens.hops, self.host, self.port, clock=opens.loop.time,
-                           timeout_label=opens.timeout_label)  # fmt: skip
+                           timeout_label=opens.timeout_label, tls_options=VIA_TLS_OPTIONS)  # fmt: skip
         try:
             opened = await run_plan(plan, io, self.deadline)
         except BaseException:
