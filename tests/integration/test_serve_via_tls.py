@@ -12,13 +12,21 @@ downloads are checked.
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import peers
 import pytest
-from test_serve_support import ServeProcess, connect, http_connect, socks5_connect
+from test_serve_support import (
+    ServeProcess,
+    connect,
+    http_connect,
+    recv_until_eof,
+    socks5_connect,
+)
 
 from support import (
     HOPCAT,
@@ -188,6 +196,29 @@ def test_target_half_closes_first(certs: Certificates, workdir: Path, tls_proxy:
             server.wait_log("result=ok")
         finally:
             server.stop()
+
+
+def test_a_paused_client_loses_nothing(certs: Certificates, workdir: Path, tls_proxy: int,
+                                       source: tuple[peers.SourceServer, bytes]) -> None:  # fmt: skip
+    """A client that stops reading fills the pair, then the bridge holds the upstream (its
+    records wait in the kernel): nothing is lost when it reads again, and no socket is left."""
+    target, expected = source
+    server = via_server(workdir, certs, f"https://localhost:{tls_proxy}", name="via-paused")
+    try:
+        sockets = server.count_fds()[1]
+        with connect(server) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+            assert socks5_connect(sock, target.host, target.port) == 0
+            time.sleep(1.0)
+            received = recv_until_eof(sock, limit=BULK + 1)
+        assert sha256(received) == sha256(expected)
+        server.wait_log("result=ok")
+        deadline = time.monotonic() + 5
+        while server.count_fds()[1] != sockets and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.count_fds()[1] == sockets
+    finally:
+        server.stop()
 
 
 def test_curl_through_serve_via_tls(certs: Certificates, workdir: Path, tls_proxy: int) -> None:
