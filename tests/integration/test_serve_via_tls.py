@@ -263,6 +263,24 @@ def test_untrusted_certificate_is_the_hops_refusal(
         server.stop()
 
 
+def test_a_silent_tls_hop_times_out_naming_it(workdir: Path) -> None:
+    """A first hop that accepts and never answers the ClientHello: the handshake waits quietly,
+    a probe looks at the hop, the handshake goes on, and the connect timeout names the hop."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # never accepts: the kernel does
+        hop = f"https://127.0.0.1:{silent.getsockname()[1]}"
+        # 5 s: past the quiet wait and the probe (1.5 s each), so the handshake's wait ends it.
+        server = ServeProcess(workdir, "--via", hop, "--connect-timeout", "5", name="via-silent")
+        try:
+            started = time.monotonic()
+            with connect(server) as sock:
+                assert socks5_connect(sock, "127.0.0.1", 9) == 4
+            assert 4.5 < time.monotonic() - started < 7
+            line = server.wait_log("result=timeout")
+            assert f"proxy {hop} (hop 1/1): no TLS handshake before the connect timeout" in line
+        finally:
+            server.stop()
+
+
 def test_via_cacert_missing_file_is_a_usage_error(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-ca.pem"
     result = subprocess.run(
