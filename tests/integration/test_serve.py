@@ -381,7 +381,8 @@ def test_exposed_listener_with_auth_denies_local_destinations(
 
 def test_bad_options_exit_64() -> None:
     for args in (["--deny", "10.0.0.0/40"], ["--auth", "nopassword"], ["--via", "ftp://x"],
-                 ["--max-conns", "x"], ["--bogus"], ["--via", "https://proxy:443"]):  # fmt: skip
+                 ["--max-conns", "x"], ["--bogus"], ["--via-insecure"],
+                 ["--via", "https://proxy:443", "--via-cacert", "/nonexistent/ca.pem"]):  # fmt: skip
         result = subprocess.run([sys.executable, "-m", "hopcat", "serve", "127.0.0.1:0", *args],
                                 capture_output=True, timeout=30, env=clean_env())  # fmt: skip
         assert result.returncode == 64, (args, result.stderr)

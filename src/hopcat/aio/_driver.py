@@ -7,8 +7,10 @@ Two ways to carry the steps out:
   exact (peeking for an HTTP head) when the plan asks for it, so the socket can be handed over
   with the target's first byte still in it (``connect_socket``; ``hopcat serve --via`` reads
   freely and relays the bytes that came with the last reply first). Quick-ACK on every read,
-  as in the blocking driver. It cannot carry TLS: a socket leaves hopcat without its
-  TLS session.
+  as in the blocking driver. TLS hops run on memory BIOs over the socket, as in the blocking
+  driver, when the IO has a context: the sessions then go with the socket to whoever takes it
+  (``hopcat serve --via`` bridges them to its relay). ``connect_socket`` gives none and refuses
+  TLS hops: its caller gets a bare socket, which cannot carry a session out of hopcat.
 * ``TransportIO``: on an asyncio transport whose protocol buffers what arrives; ``start_tls``
   upgrades it in place for an https:// hop (and for TLS to the target after it: TLS inside TLS).
   At the end the caller's protocol takes the transport over and gets the buffered bytes first
@@ -24,21 +26,23 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 
 from hopcat._endpoint import format_hostport, is_ip_literal
 from hopcat.errors import HopcatError, ResolveError, UsageError
 from hopcat.net import engine
 from hopcat.net.chain import set_quickack
 from hopcat.net.dial import connect_failed, describe_oserror, interleave_families, sockaddr_text
-from hopcat.net.engine import Dial, Probe, Receive, Resolve, Send, StartTLS
+from hopcat.net.engine import READ_BYTES, Dial, Probe, Receive, Resolve, Send, StartTLS
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import ssl
+    from collections.abc import Callable
     from typing import Any
 
     from hopcat.aio._dial import Dialer
     from hopcat.net.engine import Opened, Plan, Step
+    from hopcat.net.tls import TLSLayers
 
 PROBE_ANSWER_BYTES = 16
 
@@ -97,21 +101,29 @@ async def _run_steps(plan: Plan, io: TransportIO) -> Opened:
 
 class _SocketRunner:
     """Runs a plan over a ``SocketIO`` in loop callbacks, as ``hopcat serve`` drives its
-    connections: a send or a receive is tried at once and waits only when the socket would
-    block, a wait is one reader (or writer) callback, and one future stands for the whole open.
-    Awaiting each step instead costs a future, a task wakeup and a loop iteration per step; a
-    SOCKS5 open has five or six of them. The other steps (dial, lookup, probe) run as tasks of
-    ``io.carry_out``, so a subclass's lookup (``hopcat serve``'s) still applies."""
+    connections: a send, a receive or a TLS handshake step is tried at once and waits only when
+    the socket would block, a wait is one reader (or writer) callback that tries again, and one
+    future stands for the whole open. Awaiting each step instead costs a future, a task wakeup
+    and a loop iteration per step; a SOCKS5 open has five or six of them. The other steps (dial,
+    lookup, probe) run as tasks of ``io.carry_out``, so a subclass's lookup (``hopcat serve``'s)
+    still applies.
 
-    __slots__ = ("dialer", "done", "io", "loop", "plan", "reading", "task", "timer", "unsent")
+    TLS hops run as in the blocking driver (``hopcat.net.chain``): sessions on memory BIOs
+    (``io.layers``), each send encrypted through all of them, each receive decrypted, a
+    handshake step fed what the socket has until it completes or its peer was quiet for
+    ``quiet_s`` (None; the plan's next StartTLS with ``again`` goes on with it)."""
+
+    __slots__ = ("attempt", "dialer", "done", "io", "loop", "plan", "task", "timer", "unsent",
+                 "waiting")  # fmt: skip
 
     def __init__(self, plan: Plan, io: SocketIO) -> None:
         self.plan = plan
         self.io = io
         self.loop = io.loop
         self.done: asyncio.Future[Opened] = io.loop.create_future()
-        self.reading: Receive | None = None  # the step waiting for the socket to be readable
-        self.unsent: memoryview | None = None  # bytes waiting for it to be writable
+        self.attempt: Callable[[], object] | None = None  # tried again when the socket is ready
+        self.waiting = 0  # what the attempt waits for: _READABLE or _WRITABLE
+        self.unsent: memoryview | None = None  # bytes the socket did not take yet
         self.task: asyncio.Task[object] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.dialer: Dialer | None = None
@@ -132,18 +144,18 @@ class _SocketRunner:
             try:
                 if type(step) is Receive:
                     outcome = self._receive(step)
-                    if outcome is _WAITING:
-                        return
                 elif type(step) is Send:
-                    if not self._send(memoryview(step.data)):
-                        return
-                    outcome = None
+                    outcome = self._send(step.data)
+                elif type(step) is StartTLS:
+                    outcome = self._start_tls(step)
                 elif type(step) is Dial and is_ip_literal(step.host):
                     self._dial(step)
                     return
                 else:
                     self.task = self.loop.create_task(self.io.carry_out(step))
                     self.task.add_done_callback(self._on_task_done)
+                    return
+                if outcome is _WAITING:
                     return
             except (HopcatError, OSError) as exc:
                 failure = exc
@@ -178,42 +190,101 @@ class _SocketRunner:
         self.dialer = Dialer(self.loop, candidates, on_done)
         self.dialer.start()
 
-    def _receive(self, step: Receive) -> object:
+    # -- waiting ---------------------------------------------------------------------------
+    def _wait(self, events: int, attempt: Callable[[], object], quiet_s: float = 0.0) -> object:
+        """Try ``attempt`` again once the socket is ready for ``events``; given ``quiet_s``, the
+        step answers None if it stays unready that long."""
         sock = self.io.sock
         assert sock is not None
-        set_quickack(sock, 1)  # as the blocking driver does: see hopcat.net.chain
-        try:
-            return sock.recv(step.size, socket.MSG_PEEK if step.peek else 0)
-        except BlockingIOError:
-            pass
-        self.reading = step
-        self.loop.add_reader(sock.fileno(), self._on_readable)
-        if step.quiet_s:
-            self.timer = self.loop.call_later(step.quiet_s, self._on_quiet)
+        self.attempt = attempt
+        self.waiting = events
+        if events == _READABLE:
+            self.loop.add_reader(sock.fileno(), self._on_ready)
+        else:
+            self.loop.add_writer(sock.fileno(), self._on_ready)
+        if quiet_s:
+            self.timer = self.loop.call_later(quiet_s, self._on_quiet)
         return _WAITING
 
-    def _on_readable(self) -> None:
-        step = self.reading
-        sock = self.io.sock
-        assert step is not None and sock is not None
+    def _on_ready(self) -> None:
+        attempt = self.attempt
+        assert attempt is not None
+        self._stop_waiting()
         try:
-            data = sock.recv(step.size, socket.MSG_PEEK if step.peek else 0)
-        except BlockingIOError:
-            return  # woken for nothing: keep waiting
-        except OSError as exc:
-            self._stop_waiting()
+            outcome = attempt()
+        except (HopcatError, OSError) as exc:
             self.advance(None, exc)
             return
-        self._stop_waiting()
-        self.advance(data, None)
+        if outcome is not _WAITING:
+            self.advance(outcome, None)
 
     def _on_quiet(self) -> None:
         self.timer = None
         self._stop_waiting()
-        self.advance(None, None)  # a quiet read answers None
+        self.advance(None, None)  # a quiet read (or handshake step) answers None
 
-    def _send(self, view: memoryview) -> bool:
-        """Send it all now (True) or wait for the socket to take the rest."""
+    def _stop_waiting(self) -> None:
+        if self.waiting:
+            sock = self.io.sock
+            if sock is not None:
+                if self.waiting == _READABLE:
+                    self.loop.remove_reader(sock.fileno())
+                else:
+                    self.loop.remove_writer(sock.fileno())
+            self.waiting = 0
+            self.attempt = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    # -- steps on the socket ---------------------------------------------------------------
+    def _receive(self, step: Receive) -> object:
+        sock = self.io.sock
+        assert sock is not None
+        set_quickack(sock, 1)  # as the blocking driver does: see hopcat.net.chain
+        if self.io.layers is not None:
+            return self._receive_tls(step, bytearray(step.size))
+        try:
+            return sock.recv(step.size, socket.MSG_PEEK if step.peek else 0)
+        except BlockingIOError:
+            return self._wait(_READABLE, lambda: self._receive(step), step.quiet_s)
+
+    def _receive_tls(self, step: Receive, buffer: bytearray) -> object:
+        """Plaintext from the innermost session, feeding the sessions what the socket has. A
+        record a read makes (a KeyUpdate's answer) goes out with the next send."""
+        layers = self.io.layers
+        assert layers is not None
+        while True:
+            try:
+                count = layers.read_into(memoryview(buffer))
+            except ssl.SSLWantReadError:
+                if not self._pull():
+                    return self._wait(
+                        _READABLE, lambda: self._receive_tls(step, buffer), step.quiet_s
+                    )
+                continue
+            return bytes(buffer[:count])
+
+    def _pull(self) -> bool:
+        """Feed the TLS sessions what the socket has now (False: nothing yet)."""
+        sock, layers = self.io.sock, self.io.layers
+        assert sock is not None and layers is not None
+        try:
+            data = sock.recv(READ_BYTES)
+        except BlockingIOError:
+            return False
+        layers.feed(data)
+        return True
+
+    def _send(self, data: bytes) -> object:
+        layers = self.io.layers
+        if layers is not None:
+            layers.write(data)
+            data = layers.wire_out()
+        return None if self._flush(memoryview(data)) else self._wait(_WRITABLE, self._sent)
+
+    def _flush(self, view: memoryview) -> bool:
+        """Send it all now (True) or keep the rest in ``unsent``."""
         sock = self.io.sock
         assert sock is not None
         while view:
@@ -221,19 +292,65 @@ class _SocketRunner:
                 view = view[sock.send(view) :]
             except BlockingIOError:
                 self.unsent = view
-                self.loop.add_writer(sock.fileno(), self._on_writable)
                 return False
+        self.unsent = None
         return True
 
-    def _on_writable(self) -> None:
-        view = self.unsent
-        assert view is not None
-        self._stop_waiting()
+    def _sent(self) -> object:
+        assert self.unsent is not None
+        return None if self._flush(self.unsent) else self._wait(_WRITABLE, self._sent)
+
+    def _start_tls(self, step: StartTLS) -> object:
+        """A TLS session with the hop, inside the ones before it (``again``: go on with the
+        handshake of the last one)."""
+        from hopcat.net.tls import TLSLayers
+
+        io = self.io
+        if io.context is None:
+            raise UsageError(
+                "a TLS proxy (https://, socks5+tls://) keeps its TLS session inside hopcat, so a bare "
+                "socket cannot be handed out through it: use hopcat.aio.open_connection or create_connection"
+            )
+        if io.layers is None:
+            io.layers = TLSLayers()
+        if not step.again:
+            try:
+                io.layers.push(io.context, step.server_name, label=step.label)
+            except ValueError as exc:  # a name the ssl module will not put into SNI
+                raise UsageError(
+                    f"{step.server_name}: cannot be used as a TLS server name ({exc})"
+                ) from None
+        return self._handshake(step.quiet_s)
+
+    def _handshake(self, quiet_s: float) -> object:
+        """Steps of the innermost session's handshake until it is complete (its TLS version) or
+        waits for the socket."""
+        layers = self.io.layers
+        assert layers is not None
+        while True:
+            if self.unsent is not None and not self._flush(self.unsent):
+                return self._wait(_WRITABLE, lambda: self._handshake(quiet_s))
+            try:
+                done = layers.handshake()
+            except OSError:
+                self._send_alert()
+                raise
+            if not self._flush(memoryview(layers.wire_out())):
+                return self._wait(_WRITABLE, lambda: self._handshake(quiet_s))
+            if done:
+                version: str = layers.innermost.version() or "TLS"
+                return version
+            if not self._pull():
+                return self._wait(_READABLE, lambda: self._handshake(quiet_s), quiet_s)
+
+    def _send_alert(self) -> None:
+        """The alert a failed handshake makes tells the peer why: sent if it fits now."""
+        sock, layers = self.io.sock, self.io.layers
+        assert sock is not None and layers is not None
         try:
-            if self._send(view):
-                self.advance(None, None)
-        except OSError as exc:
-            self.advance(None, exc)
+            sock.send(layers.wire_out())
+        except OSError:
+            pass
 
     def _on_task_done(self, task: asyncio.Task[object]) -> None:
         self.task = None
@@ -246,20 +363,6 @@ class _SocketRunner:
             self.advance(None, exc)
         elif not self.done.done():
             self.done.set_exception(exc)
-
-    def _stop_waiting(self) -> None:
-        sock = self.io.sock
-        if self.reading is not None:
-            self.reading = None
-            if sock is not None:
-                self.loop.remove_reader(sock.fileno())
-        if self.unsent is not None:
-            self.unsent = None
-            if sock is not None:
-                self.loop.remove_writer(sock.fileno())
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
 
     def stop(self) -> asyncio.Task[object] | None:
         """The open is over (done, failed, timed out or cancelled): no callback may follow.
@@ -275,6 +378,8 @@ class _SocketRunner:
 
 
 _WAITING = object()  # a step that waits for the socket; the runner carries on from a callback
+_READABLE = 1
+_WRITABLE = 2
 
 
 async def resolve(
@@ -346,23 +451,26 @@ class _IO:
 
 
 class SocketIO(_IO):
-    """Steps on a bare non-blocking socket; exact reads; no TLS."""
+    """Steps on a bare non-blocking socket; exact reads. TLS hops need a ``context``: their
+    sessions (``layers``) stay with the socket, so whoever takes the socket over takes them too
+    (``hopcat serve --via``); without one a TLS hop is refused, as for ``connect_socket``, whose
+    caller gets a bare socket."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, family: int = 0) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, family: int = 0,
+        context: ssl.SSLContext | None = None,
+    ) -> None:  # fmt: skip
         super().__init__(loop, family)
+        self.context = context
         self.sock: socket.socket | None = None
+        self.layers: TLSLayers | None = None  # after a TLS hop: its session, and any inside it
 
     async def carry_out(self, step: Step) -> object:
-        """The steps other than sends and receives, which ``_SocketRunner`` does itself."""
+        """The steps other than sends, receives and TLS, which ``_SocketRunner`` does itself."""
         if isinstance(step, Resolve):
             return await self.lookup(step.host, step.port, step.family)
         if isinstance(step, Probe):
             return await self.probe(step.data)
-        if isinstance(step, StartTLS):
-            raise UsageError(
-                "a TLS proxy (https://, socks5+tls://) keeps its TLS session inside hopcat, so a bare "
-                "socket cannot be handed out through it: use hopcat.aio.open_connection or create_connection"
-            )
         assert isinstance(step, Dial)
         self.sock = await self.dial(step)
         return None

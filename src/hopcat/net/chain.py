@@ -109,15 +109,16 @@ def _handshake_on(
     return session
 
 
-def tls_context(cafile: str | None, insecure: bool) -> ssl.SSLContext:
+def tls_context(cafile: str | None, insecure: bool, *, flag: str = "--proxy-cacert") -> ssl.SSLContext:
+    """TLS hops' context; ``flag`` names the CA option in a usage error."""
     import ssl
 
     try:
         context = ssl.create_default_context(cafile=cafile)
     except ssl.SSLError as exc:
-        raise UsageError(f"--proxy-cacert {cafile}: not a PEM CA bundle ({exc.reason or exc})") from None
+        raise UsageError(f"{flag} {cafile}: not a PEM CA bundle ({exc.reason or exc})") from None
     except OSError as exc:
-        raise UsageError(f"--proxy-cacert {cafile}: {describe_oserror(exc)}") from None
+        raise UsageError(f"{flag} {cafile}: {describe_oserror(exc)}") from None
     if insecure:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE

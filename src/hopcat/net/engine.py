@@ -83,6 +83,8 @@ if TYPE_CHECKING:
 AF_UNSPEC = 0
 AF_INET = 2
 READ_BYTES = 65536
+# How to get past an untrusted TLS hop certificate: the client's options.
+TLS_OPTIONS = "--proxy-cacert FILE to trust its CA, --proxy-insecure to skip the check"
 # Any SOCKS5 proxy answers a greeting, and any TLS server a ClientHello, without asking anyone
 # else: silence this long is worth a look on a second connection (which costs the proxy nothing).
 SILENT_PROXY_PROBE_S = 1.5
@@ -204,9 +206,12 @@ def tunnel_plan(
     trace: Callable[[str], None] | None = None,
     clock: Callable[[], float],
     timeout_label: str = "",
+    tls_options: str = TLS_OPTIONS,
 ) -> Plan:
     """Steps that open host:port through ``hops``; see the module docstring. ``trace`` gets the
-    -v timeline's lines (None: nothing is formatted, which a library's opens care about)."""
+    -v timeline's lines (None: nothing is formatted, which a library's opens care about).
+    ``tls_options``: the caller's options to trust a TLS hop's CA or skip the check (a
+    certificate failure's hint: the client's by default, ``hopcat serve`` has its own)."""
     check_chain(hops, proxy_dns)
     count = len(hops)
     infos = tuple(HopInfo(hop.label()) for hop in hops)
@@ -257,7 +262,7 @@ def tunnel_plan(
             carry = yield from _cross_hop(
                 hops, infos[index], index, host, port, carry, proxy_dns=proxy_dns,
                 family=family, numeric_only=numeric_only, exact=exact, tls=tls, headers=headers,
-                trace=trace, clock=clock,
+                trace=trace, clock=clock, tls_options=tls_options,
             )  # fmt: skip
         except (HopcatError, TimeoutError) as caught:
             # A bare TimeoutError is a driver's deadline at a step no phase below turns into
@@ -287,7 +292,7 @@ def _cross_hop(
     hops: Sequence[ProxyURL], info: HopInfo, index: int, host: str, port: int, carry: bytes, *,
     proxy_dns: str, family: int, numeric_only: bool, exact: bool, tls: bool,
     headers: list[tuple[str, str]] | None, trace: Callable[[str], None] | None,
-    clock: Callable[[], float],
+    clock: Callable[[], float], tls_options: str,
 ) -> SubPlan:  # fmt: skip
     """Ask hop ``index`` for the next hop (or the target); return the bytes that came after."""
     count = len(hops)
@@ -301,7 +306,7 @@ def _cross_hop(
     expected = ("tls" if hop.tls else hop.protocol) if index == 0 else None
     step_started = clock()
     if hop.tls:
-        info.tls_version = yield from _start_tls(hop, expected)
+        info.tls_version = yield from _start_tls(hop, expected, tls_options)
         info.tls_ms = (clock() - step_started) * 1000
         if trace is not None:
             trace(f"{prefix}: TLS {info.tls_version} in {info.tls_ms:.1f} ms")
@@ -343,7 +348,7 @@ def _cross_hop(
     return machine.trailing_data
 
 
-def _start_tls(hop: ProxyURL, expected: str | None) -> SubPlan:
+def _start_tls(hop: ProxyURL, expected: str | None, tls_options: str) -> SubPlan:
     # A certificate names the address, never this host's zone of it.
     name = split_scope(hop.host)[0] or hop.host
     quiet_s = SILENT_PROXY_PROBE_S if expected else 0.0
@@ -358,8 +363,7 @@ def _start_tls(hop: ProxyURL, expected: str | None) -> SubPlan:
             verify_message = getattr(exc, "verify_message", None)
             if verify_message is not None:
                 raise RemoteProtocolError(
-                    f"TLS certificate not trusted: {verify_message} "
-                    "(--proxy-cacert FILE to trust its CA, --proxy-insecure to skip the check)"
+                    f"TLS certificate not trusted: {verify_message} ({tls_options})"
                 ) from None
             # A reset, an EOF or garbage where a ServerHello belongs: perhaps not a TLS server.
             if expected:

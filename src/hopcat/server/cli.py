@@ -33,6 +33,7 @@ from hopcat.server.policy import (
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import ssl
     from collections.abc import Sequence
 
     from hopcat._url import ProxyURL
@@ -93,7 +94,8 @@ OPTION_TABLE: tuple[tuple[str, str, str, object, str], ...] = (
         "via",
         None,
         "reach destinations through this proxy (repeatable: a chain, first hop first); "
-        "URL is socks4, socks4a, socks5, socks5h or http://[USER[:PASS]@]HOST[:PORT]; give "
+        "URL is socks4, socks4a, socks5, socks5h, http or https://[USER[:PASS]@]HOST[:PORT] "
+        "(socks5+tls://, socks5h+tls://: SOCKS over TLS); give "
         "USER without :PASS and the password comes from --via-password-file or "
         "HOPCAT_PROXY_PASSWORD, not the command line",
     ),
@@ -104,6 +106,15 @@ OPTION_TABLE: tuple[tuple[str, str, str, object, str], ...] = (
         None,
         "the password for --via hops with a user and no password: the first line of FILE",
     ),
+    (
+        "via-cacert",
+        "FILE",
+        "via_cacert",
+        None,
+        "CA certificates (PEM) to verify the TLS --via hops' certificates (https://, "
+        "socks5+tls://) instead of the system's",
+    ),
+    ("via-insecure", "", "via_insecure", False, "do not verify the TLS --via hops' certificates"),
     (
         "max-conns",
         "N",
@@ -225,6 +236,8 @@ class ServeOptions:
     allow_open: bool
     rules_file: str | None
     via_password_file: str | None
+    via_cacert: str | None
+    via_insecure: bool
     max_conns: int
     max_conns_per_client: int
     handshake_timeout_s: float
@@ -256,6 +269,7 @@ class ServeOptions:
         self.auth: list[tuple[str, str]] = []
         self.rules = RuleSet()
         self.via: list[ProxyURL] = []
+        self.via_context: ssl.SSLContext | None = None  # for TLS --via hops
         self.bind_addresses: list[tuple[int, SockAddr]] = []
         self.tls_addresses: list[tuple[int, SockAddr]] = []  # tls:// listeners
         self.loopback_only = True
@@ -374,11 +388,9 @@ def finish(options: ServeOptions) -> ServeOptions:
             destinations.append(parse_dest_rule(value, name == "allow"))
     options.rules = RuleSet(clients, destinations)
     for index, text in enumerate(options.raw_via, 1):
-        hop = parse_proxy_url(text, origin=f"--via #{index}")
-        if hop.tls:
-            raise UsageError("--via: https:// upstreams are not supported by hopcat serve")
-        options.via.append(hop)
+        options.via.append(parse_proxy_url(text, origin=f"--via #{index}"))
     _fill_via_passwords(options)
+    _via_context(options)
     if options.log_format not in ("text", "json"):
         raise UsageError("--log-format takes text or json")
     if options.event_loop not in ("auto", "asyncio", "uvloop"):
@@ -434,6 +446,22 @@ def _check_tls(options: ServeOptions) -> None:
     if given and not options.tls_addresses:
         raise UsageError(f"{given[0]} is for tls:// listen addresses, and none is given "
                          "(e.g. tls://127.0.0.1:8443)")  # fmt: skip
+
+
+def _via_context(options: ServeOptions) -> None:
+    """The TLS --via hops' context, made once here: a bad --via-cacert is a usage error before
+    anything is bound."""
+    given = options.via_cacert is not None or options.via_insecure
+    if not any(hop.tls for hop in options.via):
+        if given:
+            flag = "--via-cacert" if options.via_cacert is not None else "--via-insecure"
+            raise UsageError(f"{flag} is for TLS --via hops (https://, socks5+tls://), and "
+                             "none is given")  # fmt: skip
+        return
+    from hopcat.net.chain import tls_context
+
+    options.via_context = tls_context(options.via_cacert, options.via_insecure,
+                                      flag="--via-cacert")  # fmt: skip
 
 
 def _fill_via_passwords(options: ServeOptions) -> None:

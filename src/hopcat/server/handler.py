@@ -77,6 +77,7 @@ if TYPE_CHECKING:
     from hopcat.server.serve import Server
     from hopcat.server.tls import Terminator
     from hopcat.server.upstream import Upstream
+    from hopcat.server.via_tls import Bridge
 
     # A dial's outcome: a connected socket, or the errno of every failed attempt.
     OnDialed = Callable[[socket.socket | None, list[int] | None], None]
@@ -223,6 +224,7 @@ class Conn:
         "upstream",
         "upstream_code",
         "user",
+        "via",
     )
 
     def __init__(
@@ -251,6 +253,7 @@ class Conn:
         self.target: _socket.socket | None = None
         self.dialer: Dialer | None = None
         self.upstream: Upstream | None = None  # the --via open under way
+        self.via: Bridge | None = None  # a --via chain through TLS hops: target is its pair's end
         self._future: asyncio.Future[Any] | None = None  # the lookup under way
         self._name: str | None = None  # the destination name as rules compare it, once known
         self.up: Half | None = None
@@ -549,11 +552,16 @@ class Conn:
         self.upstream = self.server.opens.open(self, host, port, deadline)
 
     @guarded
-    def upstream_opened(self, sock: socket.socket, trailing: bytes) -> None:
+    def upstream_opened(self, sock: socket.socket, trailing: bytes, via: Bridge | None) -> None:
         """The --via chain is open (called by ``self.upstream``, which nothing cancelled):
-        ``trailing`` holds the target's bytes that came with the last proxy reply."""
+        ``trailing`` holds the target's bytes that came with the last proxy reply; through TLS
+        hops ``sock`` is the end of ``via``'s pair (see ``hopcat.server.via_tls``)."""
         self.upstream = None
+        self.via = via
         self._established(sock, None, None, trailing)
+        if via is not None and self.phase == RELAY:
+            self.server.engine.watch(via.fd, self)
+            via.start(self)
 
     @guarded
     def upstream_failed(self, result: str, reason: str, upstream_code: int | None) -> None:
@@ -680,12 +688,15 @@ class Conn:
     def half_done(self, half: Half | None) -> None:
         assert self.up is not None and self.down is not None
         # Through TLS, the clean end waits for the last records to reach the client too.
-        tls_done = self.tls is None or self.tls.finished
+        tls_done = (self.tls is None or self.tls.finished) and (
+            self.via is None or self.via.finished
+        )
         if self.up.state == DONE and self.down.state == DONE and self.phase == RELAY and tls_done:
             self.close("ok", None)
 
     def tls_done(self) -> None:
-        """The terminator passed both ends on (see ``hopcat.server.tls``)."""
+        """The terminator, or the --via bridge, passed both ends on (see ``hopcat.server.tls``,
+        ``hopcat.server.via_tls``)."""
         if self.phase == RELAY:
             self.half_done(None)
 
@@ -701,6 +712,8 @@ class Conn:
             sock: _socket.socket | None = self.sock
         elif self.tls is not None and fd == self.tls.fd:
             sock = self.tls.sock
+        elif self.via is not None and fd == self.via.fd:
+            sock = self.via.sock
         else:
             sock = self.target
         if sock is None or self.phase != RELAY:
@@ -713,6 +726,10 @@ class Conn:
         if self.tls is not None and sock is self.tls.sock:
             self.server.engine.unwatch(fd)
             self.tls.client_failed(OSError(code, os.strerror(code)))
+            return
+        if self.via is not None and sock is self.via.sock:
+            self.server.engine.unwatch(fd)
+            self.via.upstream_failed(OSError(code, os.strerror(code)))
             return
         self.active = True
         who = "target" if sock is self.target else "client"
@@ -743,6 +760,8 @@ class Conn:
         self.sock.close()
         if self.tls is not None:
             self.tls.close(abort=relayed and result != "ok")
+        if self.via is not None:
+            self.via.close(abort=result != "ok")
         if self.target is not None:
             self.target.close()
         self.phase = CLOSED
@@ -761,6 +780,8 @@ class Conn:
         engine.unwatch(self.fd)
         if self.tls is not None:
             engine.unwatch(self.tls.fd)
+        if self.via is not None:
+            engine.unwatch(self.via.fd)
         if self.target is not None:
             engine.unwatch(self.target.fileno())
         if not complete:

@@ -454,7 +454,7 @@ class Server:
         self._limit_logged_at = -1e9
         self._suppressed: dict[str, int] = {}  # refusals not logged one by one, by result
         self.resolving = FairPool(loop, RESOLVER_WORKERS, LOOKUPS_PER_CLIENT, "hopcat-resolve")
-        self.opens = Opens(loop, self.via, options.connect_timeout_s)
+        self.opens = Opens(loop, self.via, options.connect_timeout_s, context=options.via_context)
         self.done: asyncio.Future[int] = loop.create_future()
 
     # -- accepting ------------------------------------------------------------------------

@@ -9,7 +9,11 @@ needs (the first hop's, a SOCKS4 hop's next hop or target) goes through the serv
 literal, which is parsed here without a lookup; and the upstream socket gets TCP_NODELAY, as the
 server's direct dials do. Reads are not exact: the bytes that came with the last proxy reply (a
 target that speaks first, such as an SSH server) come back as ``trailing``, and the relay sends
-them to the client before anything else.
+them to the client before anything else. TLS hops run in the driver too, with the context
+made once at start (``--via-cacert``, ``--via-insecure``); their sessions stay with the socket,
+and ``hopcat.server.via_tls.Bridge`` puts them between it and a socketpair whose other end the
+relay takes for the upstream. A TLS failure at a hop is that hop's protocol error, reported as
+the other upstream failures are.
 
 Deadline: the server's --connect-timeout, counted from the client's request, bounds the whole
 open (queueing included); the plan labels a timeout with the hop and the phase.
@@ -49,13 +53,20 @@ from hopcat.net.engine import tunnel_plan
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import ssl
     from collections.abc import Sequence
     from typing import Any
 
     from hopcat._url import ProxyURL
+    from hopcat.net.tls import TLSLayers
     from hopcat.server.handler import Conn
 
+    # The open chain: the upstream socket, its TLS hops' sessions (None for none), and the
+    # target's bytes that came with the last proxy reply.
+    _Opened = tuple[socket.socket, TLSLayers | None, bytes]
+
 UPSTREAM_OPENS = 1024
+VIA_TLS_OPTIONS = "--via-cacert FILE to trust its CA, --via-insecure to skip the check"
 UPSTREAM_OPENS_PER_CLIENT = 8  # well below UPSTREAM_OPENS: one client cannot take every slot
 
 # How upstream SOCKS5 reply codes and HTTP statuses read as our results (a SOCKS5 code is passed
@@ -100,8 +111,10 @@ def failure(exc: BaseException, hops: int) -> tuple[str, str, int | None]:
 class ServerIO(SocketIO):
     """The driver's socket-level IO, resolving through the server; see the module docstring."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, conn: Conn) -> None:
-        super().__init__(loop)
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, conn: Conn, context: ssl.SSLContext | None
+    ) -> None:
+        super().__init__(loop, context=context)
         self.conn = conn
 
     async def lookup(self, host: str, port: int, family: int) -> list[tuple[Any, ...]]:
@@ -141,26 +154,27 @@ class Upstream:
         self.port = port
         self.deadline = deadline  # loop.time()
         self.state = _QUEUED
-        self.task: asyncio.Task[tuple[socket.socket, bytes]] | None = None
+        self.task: asyncio.Task[_Opened] | None = None
 
     def start(self) -> None:
         self.state = _RUNNING
         self.task = self.opens.loop.create_task(self._open())
         self.task.add_done_callback(self._done)
 
-    async def _open(self) -> tuple[socket.socket, bytes]:
+    async def _open(self) -> _Opened:
         opens = self.opens
-        io = ServerIO(opens.loop, self.conn)
+        io = ServerIO(opens.loop, self.conn, opens.context)
         plan = tunnel_plan(opens.hops, self.host, self.port, clock=opens.loop.time,
-                           timeout_label=opens.timeout_label)  # fmt: skip
+                           timeout_label=opens.timeout_label, tls_options=VIA_TLS_OPTIONS)  # fmt: skip
         try:
             opened = await run_plan(plan, io, self.deadline)
         except BaseException:
             io.close()
             raise
-        return io.hand_over(delayed_acks=True), opened.trailing
+        layers = io.layers
+        return io.hand_over(delayed_acks=True), layers, opened.trailing
 
-    def _done(self, task: asyncio.Task[tuple[socket.socket, bytes]]) -> None:
+    def _done(self, task: asyncio.Task[_Opened]) -> None:
         self.opens.finished(self, task)
         if task.cancelled():
             return
@@ -172,9 +186,20 @@ class Upstream:
         self.state = _DONE
         if exc is not None:
             self.conn.upstream_failed(*failure(exc, len(self.opens.hops)))
-        else:
-            sock, trailing = task.result()
-            self.conn.upstream_opened(sock, trailing)
+            return
+        sock, layers, trailing = task.result()
+        if layers is None:
+            self.conn.upstream_opened(sock, trailing, None)
+            return
+        from hopcat.server.via_tls import Bridge
+
+        try:
+            bridge = Bridge(self.opens.loop, sock, layers)
+        except OSError as error:  # out of descriptors for the pair
+            sock.close()
+            self.conn.upstream_failed("error", f"socketpair: {describe_oserror(error)}", None)
+            return
+        self.conn.upstream_opened(bridge.outer, trailing, bridge)
 
     def cancel(self) -> None:
         """Give the open up: nothing reaches the Conn afterwards, and every socket it holds or
@@ -193,9 +218,12 @@ class Opens:
     def __init__(
         self, loop: asyncio.AbstractEventLoop, hops: Sequence[ProxyURL], connect_timeout: float,
         *, limit: int = UPSTREAM_OPENS, per_client: int = UPSTREAM_OPENS_PER_CLIENT,
+        context: ssl.SSLContext | None = None,
     ) -> None:  # fmt: skip
+        """``context``: the TLS hops' (``--via-cacert``, ``--via-insecure``), made once."""
         self.loop = loop
         self.hops = hops
+        self.context = context
         self.timeout_label = f"--connect-timeout {connect_timeout:g} s"
         self.limit = limit
         self.per_client = per_client
