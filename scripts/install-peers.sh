@@ -8,7 +8,7 @@ set -euo pipefail
 wanted=(
   openssh-server:/usr/sbin/sshd openssh-client:ssh dante-server:danted microsocks:microsocks
   tinyproxy:tinyproxy ncat:ncat netcat-openbsd:nc.openbsd socat:socat connect-proxy:connect-proxy
-  curl:curl git:git iproute2:ip nmap:nmap proxychains4:proxychains4
+  curl:curl git:git iproute2:ip nmap:nmap proxychains4:proxychains4 stunnel4:stunnel4
 )
 missing=()
 for pair in "${wanted[@]}"; do
