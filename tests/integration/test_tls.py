@@ -46,14 +46,6 @@ SOCAT_VERSION = {ssl.TLSVersion.TLSv1_3: "", ssl.TLSVersion.TLSv1_2: ",openssl-m
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 6\r\nConnection: close\r\n\r\nhello\n"
 
 
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
-    try:
-        return tls_peers.make_tls_files(tmp_path_factory.mktemp("tls"))
-    except peers.PeerUnavailable as exc:
-        pytest.skip(str(exc))
-
-
 def _file_sha(path: Path) -> str:
     return sha256(path.read_bytes())
 

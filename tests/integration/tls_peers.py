@@ -24,7 +24,7 @@ from typing import IO, Any, NamedTuple
 
 import peers
 
-from support import HOPCAT, Certificates, clean_env, make_certificates
+from support import HOPCAT, Certificates, clean_env
 
 READY_TIMEOUT_S = 10.0
 RUN_TIMEOUT_S = 30.0
@@ -32,7 +32,7 @@ START_ATTEMPTS = 5
 
 
 class TLSFiles(NamedTuple):
-    """Everything a TLS test trusts or presents, made once per module."""
+    """Everything a TLS test trusts or presents, made once per session (conftest ``tls``)."""
 
     ca: Path  # the test CA (hopcat --tls-ca)
     cert: Path  # 127.0.0.1 and localhost, signed by ca
@@ -111,9 +111,10 @@ def _expired(directory: Path) -> tuple[Path, Path]:
     return crt_path, key_path
 
 
-def make_tls_files(directory: Path) -> TLSFiles:
+def make_tls_files(certificates: Certificates) -> TLSFiles:
+    """The other files, signed by (or next to) the CA of ``certificates``, in its directory."""
     peers.require_program("openssl", "openssl")
-    certificates = make_certificates(directory)
+    directory = certificates.ca.parent
     wrong_name = _signed(directory, "other", "/CN=other.example", "subjectAltName=DNS:other.example\n")
     client = _signed(directory, "client", "/CN=hopcat test client", "extendedKeyUsage=clientAuth\n")
     other = directory / "other-ca"
