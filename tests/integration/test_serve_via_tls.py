@@ -11,6 +11,7 @@ downloads are checked.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -48,8 +49,9 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def tls_proxy(certificates: Certificates, workdir: Path) -> Iterator[int]:
     """A ``hopcat serve`` on a tls:// listener: its port (the certificate names localhost)."""
-    server = ServeProcess(workdir, "--tls-cert", str(certificates.cert), "--tls-key", str(certificates.key),
-                          listen=("tls://127.0.0.1:0",), name="tls-proxy")  # fmt: skip
+    server = ServeProcess(workdir, "--tls-cert", str(certificates.cert), "--tls-key",
+                          str(certificates.key), listen=("tls://127.0.0.1:0",),
+                          name="tls-proxy")  # fmt: skip
     try:
         yield int(server.addresses[0].rpartition(":")[2])
     finally:
@@ -58,11 +60,18 @@ def tls_proxy(certificates: Certificates, workdir: Path) -> Iterator[int]:
         assert "Traceback" not in server.log()
 
 
-def via_server(workdir: Path, certificates: Certificates, *args: str, name: str) -> ServeProcess:
+@contextlib.contextmanager
+def via_server(workdir: Path, certificates: Certificates, *args: str,
+               name: str) -> Iterator[ServeProcess]:  # fmt: skip
     """``hopcat serve`` trusting the test CA for its hops: each URL in ``args`` is a --via hop,
-    any other argument is passed as it is."""
+    any other argument is passed as it is. Stopped at the end; its log has no traceback."""
     argv = [part for arg in args for part in (("--via", arg) if "://" in arg else (arg,))]
-    return ServeProcess(workdir, *argv, "--via-cacert", str(certificates.ca), name=name)
+    server = ServeProcess(workdir, *argv, "--via-cacert", str(certificates.ca), name=name)
+    try:
+        yield server
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log()
 
 
 def check_both_ways(server: ServeProcess, digest_target: peers.DigestServer,
@@ -90,22 +99,17 @@ def test_via_a_serve_tls_listener(certificates: Certificates, workdir: Path, tls
                                   bulk_source: tuple[peers.SourceServer, bytes], scheme: str,
                                   loop: str) -> None:  # fmt: skip
     """On asyncio's loop and on uvloop where it is installed."""
-    server = via_server(workdir, certificates, f"{scheme}://localhost:{tls_proxy}", "--event-loop",
-                        loop, name=f"via-{scheme}")  # fmt: skip
-    try:
+    with via_server(workdir, certificates, f"{scheme}://localhost:{tls_proxy}", "--event-loop",
+                    loop, name=f"via-{scheme}") as server:  # fmt: skip
         check_both_ways(server, digest_target, bulk_source)
-    finally:
-        server.stop()
-    assert "Traceback" not in server.log()
 
 
 def test_via_socat_https_in_front_of_tinyproxy(
     certificates: Certificates, workdir: Path, socat_https: peers.Daemon,
     bulk_source: tuple[peers.SourceServer, bytes],
 ) -> None:  # fmt: skip
-    server = via_server(workdir, certificates, socat_https.url, name="via-socat-https")
     target, expected = bulk_source
-    try:
+    with via_server(workdir, certificates, socat_https.url, name="via-socat-https") as server:
         proxy = f"socks5h://{server.host}:{server.port}"
         # --no-shutdown: tinyproxy drops the tunnel at the client's FIN (PEERS.md).
         result = run_hopcat("--no-shutdown", "-x", proxy, target.host, str(target.port),
@@ -113,20 +117,15 @@ def test_via_socat_https_in_front_of_tinyproxy(
         assert result.returncode == 0, result.stderr
         assert sha256(result.stdout) == sha256(expected)
         server.wait_log("result=ok")
-    finally:
-        server.stop()
 
 
 def test_via_socks_over_tls_to_dante(
     certificates: Certificates, workdir: Path, socat_socks_tls: peers.Daemon,
     digest_target: peers.DigestServer, bulk_source: tuple[peers.SourceServer, bytes],
 ) -> None:  # fmt: skip
-    server = via_server(workdir, certificates, socat_socks_tls.url_as("socks5h+tls"),
-                        name="via-socat-dante")  # fmt: skip
-    try:
+    with via_server(workdir, certificates, socat_socks_tls.url_as("socks5h+tls"),
+                    name="via-socat-dante") as server:  # fmt: skip
         check_both_ways(server, digest_target, bulk_source)
-    finally:
-        server.stop()
 
 
 def test_two_tls_hops(
@@ -134,31 +133,28 @@ def test_two_tls_hops(
     digest_target: peers.DigestServer, bulk_source: tuple[peers.SourceServer, bytes],
 ) -> None:  # fmt: skip
     """serve's HTTPS proxy, then SOCKS over TLS to Dante inside it: TLS inside TLS."""
-    server = via_server(workdir, certificates, f"https://localhost:{tls_proxy}",
-                        socat_socks_tls.url_as("socks5h+tls"), name="via-two")  # fmt: skip
-    try:
+    with via_server(workdir, certificates, f"https://localhost:{tls_proxy}",
+                    socat_socks_tls.url_as("socks5h+tls"), name="via-two") as server:  # fmt: skip
         check_both_ways(server, digest_target, bulk_source)
-    finally:
-        server.stop()
 
 
 def test_target_half_closes_first(certificates: Certificates, workdir: Path, tls_proxy: int) -> None:
     """The target's FIN crosses the TLS hop (close_notify from the proxy, then a FIN to the
     client) while the client's upload goes on, and the upload's end still reaches the target."""
     down, up = pattern(BULK, 13), pattern(BULK, 17)
-    with peers.SourceServer(down, half_close_only=True).start() as target:
-        server = via_server(workdir, certificates, f"https://localhost:{tls_proxy}", name="via-half")
-        try:
-            result = run_hopcat("--keep-sending", "-x", f"socks5h://{server.host}:{server.port}",
-                                target.host, str(target.port), input=up, timeout=60)  # fmt: skip
-            assert result.returncode == 0, result.stderr
-            assert sha256(result.stdout) == sha256(down)
-            record = target.wait_records(1)[0]
-            record.done.wait(10)
-            assert record.received_len == BULK and record.received_sha256 == sha256(up)
-            server.wait_log("result=ok")
-        finally:
-            server.stop()
+    with (
+        peers.SourceServer(down, half_close_only=True).start() as target,
+        via_server(workdir, certificates, f"https://localhost:{tls_proxy}",
+                   name="via-half") as server,
+    ):  # fmt: skip
+        result = run_hopcat("--keep-sending", "-x", f"socks5h://{server.host}:{server.port}",
+                            target.host, str(target.port), input=up, timeout=60)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert sha256(result.stdout) == sha256(down)
+        record = target.wait_records(1)[0]
+        record.done.wait(10)
+        assert record.received_len == BULK and record.received_sha256 == sha256(up)
+        server.wait_log("result=ok")
 
 
 def test_a_paused_client_loses_nothing(certificates: Certificates, workdir: Path, tls_proxy: int,
@@ -166,8 +162,8 @@ def test_a_paused_client_loses_nothing(certificates: Certificates, workdir: Path
     """A client that stops reading fills the pair, then the bridge holds the upstream (its
     records wait in the kernel): nothing is lost when it reads again, and no socket is left."""
     target, expected = bulk_source
-    server = via_server(workdir, certificates, f"https://localhost:{tls_proxy}", name="via-paused")
-    try:
+    with via_server(workdir, certificates, f"https://localhost:{tls_proxy}",
+                    name="via-paused") as server:  # fmt: skip
         sockets = server.count_fds()[1]
         with connect(server) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
@@ -180,8 +176,6 @@ def test_a_paused_client_loses_nothing(certificates: Certificates, workdir: Path
         while server.count_fds()[1] != sockets and time.monotonic() < deadline:
             time.sleep(0.02)
         assert server.count_fds()[1] == sockets
-    finally:
-        server.stop()
 
 
 def test_curl_through_serve_via_tls(certificates: Certificates, workdir: Path, tls_proxy: int) -> None:
@@ -189,19 +183,19 @@ def test_curl_through_serve_via_tls(certificates: Certificates, workdir: Path, t
     if curl is None:
         pytest.skip("curl not installed (apt-get install curl)")
     body = pattern(BULK, 9)
-    with peers.HttpTarget(body).start() as target:
-        server = via_server(workdir, certificates, f"https://localhost:{tls_proxy}", name="via-curl")
-        try:
-            fetched = subprocess.run(
-                [curl, "-sS", "--max-time", "60", "--socks5-hostname",
-                 f"{server.host}:{server.port}", target.url],
-                capture_output=True, timeout=90, env=clean_env(),
-            )  # fmt: skip
-            assert fetched.returncode == 0, fetched.stderr
-            assert sha256(fetched.stdout) == sha256(body)
-            server.wait_log("result=ok")
-        finally:
-            server.stop()
+    with (
+        peers.HttpTarget(body).start() as target,
+        via_server(workdir, certificates, f"https://localhost:{tls_proxy}",
+                   name="via-curl") as server,
+    ):  # fmt: skip
+        fetched = subprocess.run(
+            [curl, "-sS", "--max-time", "60", "--socks5-hostname",
+             f"{server.host}:{server.port}", target.url],
+            capture_output=True, timeout=90, env=clean_env(),
+        )  # fmt: skip
+        assert fetched.returncode == 0, fetched.stderr
+        assert sha256(fetched.stdout) == sha256(body)
+        server.wait_log("result=ok")
 
 
 def test_untrusted_certificate_is_the_hops_refusal(
