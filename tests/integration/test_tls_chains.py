@@ -42,9 +42,8 @@ def echo_targets(tls: TLSFiles, tmp_path_factory: pytest.TempPathFactory) -> Ite
     """{"tls": port, "plain": port}: echo servers (socat forking a cat per connection)."""
     socat = peers.require_program("socat", "socat")
     directory = tmp_path_factory.mktemp("echo")
-    secure = _start("echo-tls", directory, lambda port: [
-        socat, f"OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,cert={tls.cert},"
-        f"key={tls.key},verify=0", "EXEC:cat"])  # fmt: skip
+    secure = _start("echo-tls", directory,
+                    lambda port: [socat, tls.socat_listen(port, "fork"), "EXEC:cat"])
     plain = _start("echo-plain", directory, lambda port: [
         socat, f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork", "EXEC:cat"])  # fmt: skip
     yield {"tls": secure.port, "plain": plain.port}

@@ -56,6 +56,12 @@ class TLSFiles(NamedTuple):
     def client_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.ca))
 
+    def socat_listen(self, port: int, *options: str) -> str:
+        """socat's address for a TLS server on 127.0.0.1:port with ``cert`` (clients not
+        verified), and ``options``."""
+        return ",".join([f"OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,cert={self.cert},"
+                         f"key={self.key},verify=0", *options])  # fmt: skip
+
 
 def _openssl(*args: str) -> None:
     subprocess.run(["openssl", *args], check=True, capture_output=True)
