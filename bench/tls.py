@@ -293,28 +293,6 @@ class TLSSink(TLSServerEndpoint):
         tls.close()
 
 
-class HashReader(Endpoint):
-    """Download check: read the tool's stdout pipe and hash it (the timed runs splice it into
-    /dev/null instead: harness Reader)."""
-
-    def __init__(self, rfd: int) -> None:
-        super().__init__("reader")
-        self.rfd = rfd
-        self.digest: str | None = None
-
-    def work(self) -> None:
-        h, buf = hashlib.sha256(), bytearray(IO_CHUNK)
-        view = memoryview(buf)
-        try:
-            while k := os.readv(self.rfd, [buf]):
-                self.count += k
-                h.update(view[:k])
-        finally:
-            os.close(self.rfd)
-        self.digest = h.hexdigest()
-        self.t_done = time.perf_counter()
-
-
 class TLSBannerServer(BannerServer):
     """First-byte target: handshake, then the banner in one record."""
 
@@ -384,7 +362,7 @@ class Bench:
         else:
             out_r, out_w = os.pipe()
             server = TLSSource(lst, timeout, self.ctx, run.nbytes, self.pattern)
-            pipe = HashReader(out_r) if check else Reader(out_r, self.devnull_w)  # owns out_r
+            pipe = Reader(out_r, self.devnull_w, check)  # owns out_r
             stdout, close = out_w, (in_r, out_w)
         endpoints = (server, pipe)
         with tempfile.TemporaryFile() as errf:
@@ -398,7 +376,7 @@ class Bench:
                 errors.append(f"received {run.count} bytes, expected {run.nbytes}")
             if check and run.count == run.nbytes:  # else the count says it already
                 got = server.hash.hexdigest() if isinstance(server, TLSSink) and server.hash else (
-                    pipe.digest if isinstance(pipe, HashReader) else None
+                    pipe.digest if isinstance(pipe, Reader) else None
                 )
                 run.sha256_ok = got == expected_sha256(self.pattern, run.nbytes)
                 if not run.sha256_ok:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import select
 import socket
@@ -250,28 +251,43 @@ class Source(ServerEndpoint):
 
 
 class Reader(Endpoint):
-    """Download reader: splice the tool's stdout pipe into /dev/null until EOF."""
+    """Download reader: splice the tool's stdout pipe into /dev/null until EOF; with ``check``,
+    read it through Python instead and keep its SHA-256 (``digest``)."""
 
-    def __init__(self, rfd: int, devnull_w: int) -> None:
+    def __init__(self, rfd: int, devnull_w: int, check: bool = False) -> None:
         super().__init__("reader")
         self.rfd, self.devnull_w = rfd, devnull_w
+        self.hash = hashlib.sha256() if check else None
+        self.digest: str | None = None
 
     def work(self) -> None:
-        count = 0
         try:
-            try:
-                while k := os.splice(self.rfd, self.devnull_w, IO_CHUNK):
-                    count += k
-            except OSError as e:
-                if e.errno not in _NO_SPLICE:
-                    raise
-                buf = bytearray(IO_CHUNK)
-                while k := os.readv(self.rfd, [buf]):
-                    count += k
+            if self.hash is not None or not self._spliced():
+                self._copied()
         finally:
-            self.count = count
             os.close(self.rfd)
+        if self.hash is not None:
+            self.digest = self.hash.hexdigest()
         self.t_done = time.perf_counter()
+
+    def _spliced(self) -> bool:
+        """False where the pipe cannot be spliced: the rest is to be copied."""
+        try:
+            while k := os.splice(self.rfd, self.devnull_w, IO_CHUNK):
+                self.count += k
+        except OSError as e:
+            if e.errno not in _NO_SPLICE:
+                raise
+            return False
+        return True
+
+    def _copied(self) -> None:
+        buf = bytearray(IO_CHUNK)
+        view = memoryview(buf)
+        while k := os.readv(self.rfd, [buf]):
+            self.count += k
+            if self.hash is not None:
+                self.hash.update(view[:k])
 
 
 class BannerServer(threading.Thread):
