@@ -256,11 +256,7 @@ class TLSSource(TLSServerEndpoint):
         self.t_done = time.perf_counter()
         with contextlib.suppress(OSError):  # a client gone already has had every byte
             tls.shutdown(socket.SHUT_WR)  # also drops the TLS layer: what follows reads raw bytes
-        tls.settimeout(self.accept_timeout)
-        with contextlib.suppress(OSError):
-            while tls.recv(65536):
-                pass
-        tls.close()
+        self.linger(tls)
 
 
 class TLSSink(TLSServerEndpoint):

@@ -170,6 +170,14 @@ class ServerEndpoint(Endpoint):
             raise RuntimeError("aborted")
         return conn
 
+    def linger(self, conn: socket.socket) -> None:
+        """Close for good once the client has gone (no RST if it sent anything), bounded."""
+        conn.settimeout(self.accept_timeout)
+        with contextlib.suppress(OSError):
+            while conn.recv(65536):
+                pass
+        conn.close()
+
     def abort(self, reason: str = "aborted") -> None:
         super().abort(reason)
         self._aborted = True
@@ -242,12 +250,7 @@ class Source(ServerEndpoint):
         self.count = send_zeros(conn.fileno(), self.zero_fd, self.total)
         conn.shutdown(socket.SHUT_WR)  # FIN now: "the server closes"
         self.t_done = time.perf_counter()
-        # Close for good once the client has gone (no RST if it sent anything), bounded.
-        conn.settimeout(self.accept_timeout)
-        with contextlib.suppress(OSError):
-            while conn.recv(65536):
-                pass
-        conn.close()
+        self.linger(conn)
 
 
 class Reader(Endpoint):
