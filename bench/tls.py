@@ -37,8 +37,8 @@ import ssl
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,13 +67,16 @@ from harness.endpoints import (
     BANNER,
     IO_CHUNK,
     ZERO_BYTES,
+    BannerServer,
     Endpoint,
     Feeder,
     Reader,
     ServerEndpoint,
+    first_byte,
     make_listener,
+    run_tool,
 )
-from harness.procs import kill_and_reap, read_tail, reap_all, self_cpu, spawn, wait_exit
+from harness.procs import ToolRun, reap_all
 from harness.tools import hopcat_command
 
 sys.path.insert(0, str(REPO / "tests"))
@@ -253,11 +256,7 @@ class TLSSource(TLSServerEndpoint):
         self.t_done = time.perf_counter()
         with contextlib.suppress(OSError):  # a client gone already has had every byte
             tls.shutdown(socket.SHUT_WR)  # also drops the TLS layer: what follows reads raw bytes
-        tls.settimeout(self.accept_timeout)
-        with contextlib.suppress(OSError):
-            while tls.recv(65536):
-                pass
-        tls.close()
+        self.linger(tls)
 
 
 class TLSSink(TLSServerEndpoint):
@@ -290,124 +289,40 @@ class TLSSink(TLSServerEndpoint):
         tls.close()
 
 
-class HashReader(Endpoint):
-    """Download check: read the tool's stdout pipe and hash it (the timed runs splice it into
-    /dev/null instead: harness Reader)."""
-
-    def __init__(self, rfd: int) -> None:
-        super().__init__("reader")
-        self.rfd = rfd
-        self.digest: str | None = None
-
-    def work(self) -> None:
-        h, buf = hashlib.sha256(), bytearray(IO_CHUNK)
-        view = memoryview(buf)
-        try:
-            while k := os.readv(self.rfd, [buf]):
-                self.count += k
-                h.update(view[:k])
-        finally:
-            os.close(self.rfd)
-        self.digest = h.hexdigest()
-        self.t_done = time.perf_counter()
-
-
-class TLSBannerServer(threading.Thread):
-    """First-byte target: handshake, then the banner in one record; keeps the connection until
-    ``drop_conns``. One client at a time, as the runs come."""
+class TLSBannerServer(BannerServer):
+    """First-byte target: handshake, then the banner in one record."""
 
     def __init__(self, ctx: ssl.SSLContext) -> None:
-        super().__init__(name="TLS banner", daemon=True)
+        super().__init__("TLS banner")
         self.ctx = ctx
-        self.lst = make_listener()
-        self.port: int = self.lst.getsockname()[1]
-        self.stop = threading.Event()
-        self.conns: list[socket.socket] = []
-        self.lock = threading.Lock()
         self.ciphers: collections.Counter[str] = collections.Counter()
-        self.error: str | None = None
 
-    def run(self) -> None:
-        self.lst.settimeout(0.2)
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.lst.accept()
-            except OSError:  # including the timeout that lets it see stop
-                continue
-            with self.lock:
-                self.conns.append(conn)
-            nodelay(conn)
-            conn.settimeout(HANDSHAKE_TIMEOUT_S)
-            try:
-                tls = self.ctx.wrap_socket(conn, server_side=True)
-                with self.lock:
-                    self.conns.append(tls)
-                tls.sendall(BANNER)
-                self.ciphers[(tls.cipher() or ("?",))[0]] += 1
-            except OSError as e:
-                self.error = f"{type(e).__name__}: {e}"
-
-    def take_error(self) -> str | None:
-        error, self.error = self.error, None
-        return error
-
-    def drop_conns(self) -> None:
-        with self.lock:
-            conns, self.conns = self.conns, []
-        for c in conns:
-            c.close()
-
-    def close(self) -> None:
-        self.stop.set()
-        self.join(2)
-        self.lst.close()
-        self.drop_conns()
+    def greet(self, conn: socket.socket) -> None:
+        nodelay(conn)
+        conn.settimeout(HANDSHAKE_TIMEOUT_S)
+        tls = self.ctx.wrap_socket(conn, server_side=True)
+        self.keep(tls)
+        tls.sendall(BANNER)
+        self.ciphers[(tls.cipher() or ("?",))[0]] += 1
 
 
 # --------------------------------------------------------------------------- runs
 
 
 @dataclass
-class Run:
-    tool: str  # key
-    mode: str
-    rep: int  # 0: the warm-up / check run
-    nbytes: int
-    ok: bool = False
-    error: str | None = None
-    wall: float | None = None
-    exit_status: int | None = None
-    tool_user: float | None = None
-    tool_sys: float | None = None
+class Run(ToolRun):
     server_cpu: float | None = None  # the TLS source (down) / sink (up) thread
     pipe_cpu: float | None = None  # the feeder (up) / stdout reader (down) thread
-    harness_cpu: float | None = None
     count: int | None = None  # bytes that arrived (sink / reader)
     cipher: str | None = None
     tls_version: str | None = None
     ended: str | None = None  # upload: how the client ended its stream
     sha256_ok: bool | None = None  # None: not checked (timed runs count bytes only)
-    argv: list[str] = field(default_factory=list)
 
-    @property
-    def tool_cpu(self) -> float | None:
-        if self.tool_user is None or self.tool_sys is None:
-            return None
-        return self.tool_user + self.tool_sys
-
-    def describe(self) -> str:
-        if not self.ok:
-            return f"FAIL: {self.error}"
-        assert self.wall is not None
-        if self.mode == "latency":
-            return f"{self.wall * 1e3:8.2f} ms"
-        gib = self.nbytes / GiB
+    def cpu_detail(self, gib: float) -> str:
         check = {None: "", True: "  sha256 ok"}.get(self.sha256_ok, "  SHA-256 MISMATCH")
-        return (
-            f"{self.nbytes / self.wall / MB:8.0f} MB/s  wall {self.wall:7.3f}s  "
-            f"tool {(self.tool_cpu or 0) / gib:.3f}  server {(self.server_cpu or 0) / gib:.3f}  "
-            f"pipe {(self.pipe_cpu or 0) / gib:.3f} CPU-s/GiB  {self.cipher}{check}"
-        )
+        server, pipe = (self.server_cpu or 0) / gib, (self.pipe_cpu or 0) / gib
+        return f"server {server:.3f}  pipe {pipe:.3f} CPU-s/GiB  {self.cipher}{check}"
 
 
 class Bench:
@@ -443,112 +358,37 @@ class Bench:
         else:
             out_r, out_w = os.pipe()
             server = TLSSource(lst, timeout, self.ctx, run.nbytes, self.pattern)
-            pipe = HashReader(out_r) if check else Reader(out_r, self.devnull_w)  # owns out_r
+            pipe = Reader(out_r, self.devnull_w, check)  # owns out_r
             stdout, close = out_w, (in_r, out_w)
         endpoints = (server, pipe)
-        ex = None
         with tempfile.TemporaryFile() as errf:
-            for ep in endpoints:
-                ep.start()
-            h0, t0 = self_cpu(), time.perf_counter()
-            try:
-                pid: int | None = spawn(run.argv, tool.env, in_r, stdout, errf.fileno())
-            except OSError as e:
-                pid, server.error = None, f"spawn failed: {e}"
-                server.abort("spawn failed")
-            for fd in close:  # the tool holds them now: EOF and EPIPE reach the endpoints
-                os.close(fd)
-            if pid is not None:
-                ex = wait_exit(pid, timeout)
-                if ex.timed_out:
-                    server.abort("tool timed out")
-                elif server.conn is None:  # it exited: a connection would be queued by now
-                    deadline = time.perf_counter() + 1.0
-                    while server.conn is None and server.is_alive():
-                        if time.perf_counter() > deadline:
-                            server.abort("the tool never connected")
-                            break
-                        time.sleep(0.005)
-            for ep in endpoints:
-                ep.join(10)
-                if ep.is_alive():
-                    ep.abort("still running 10s after the tool exited")
-                    ep.join(5)
-            run.harness_cpu = self_cpu() - h0
-            errors: list[str] = []
-            if ex is not None:
-                run.exit_status = ex.status
-                run.tool_user, run.tool_sys = ex.rusage.ru_utime, ex.rusage.ru_stime
-                run.wall = max([ex.t_exit] + [ep.t_done or ex.t_exit for ep in endpoints]) - t0
-                if ex.timed_out:
-                    errors.append(f"timeout after {run.wall:.1f}s (killed)")
-                elif ex.status != 0:
-                    errors.append(f"exit status {ex.status}")
+            errors = run_tool(run, tool.env, in_r, stdout, close, endpoints, server, timeout, errf)
             run.server_cpu, run.pipe_cpu = server.cpu, pipe.cpu
             run.cipher, run.tls_version = server.cipher, server.tls_version
             run.count = (server if up else pipe).count
             if isinstance(server, TLSSink):
                 run.ended = server.ended
-            errors += [f"{ep.name} still running" for ep in endpoints if ep.is_alive()]
-            errors += [ep.error for ep in endpoints if ep.error]
             if run.count != run.nbytes:
                 errors.append(f"received {run.count} bytes, expected {run.nbytes}")
             if check and run.count == run.nbytes:  # else the count says it already
                 got = server.hash.hexdigest() if isinstance(server, TLSSink) and server.hash else (
-                    pipe.digest if isinstance(pipe, HashReader) else None
+                    pipe.digest if isinstance(pipe, Reader) else None
                 )
                 run.sha256_ok = got == expected_sha256(self.pattern, run.nbytes)
                 if not run.sha256_ok:
                     errors.append("SHA-256 of the received bytes differs from the sent ones")
-            if errors and (tail := read_tail(errf)):
-                errors.append(f"stderr: {tail}")
-            run.error = "; ".join(errors) or None
-            run.ok = not errors
+            run.conclude(errors, errf)
         if not up:
             os.close(in_w)
         lst.close()
 
     def latency(self, tool: Tool, run: Run) -> None:
-        server = self.banner
-        assert server is not None
-        run.argv = tool.command("latency", server.port, self.ca)
-        in_r, in_w = os.pipe()
-        out_r, out_w = os.pipe()
-        timeout = min(self.args.timeout, 20.0)
-        with tempfile.TemporaryFile() as errf:
-            t0 = time.perf_counter()
-            try:
-                pid: int | None = spawn(run.argv, tool.env, in_r, out_w, errf.fileno())
-            except OSError as e:
-                run.error, pid = f"spawn failed: {e}", None
-            os.close(in_r)
-            os.close(out_w)
-            if pid is not None:
-                p = select.poll()
-                p.register(out_r, select.POLLIN)
-                ready = p.poll(int(timeout * 1000))
-                t1 = time.perf_counter()
-                data = os.read(out_r, 4096) if ready else b""
-                kill_and_reap(pid)
-                if not ready:
-                    run.error = f"no output within {timeout:.0f}s"
-                elif not data:
-                    run.error = "stdout closed without output"
-                elif not BANNER.startswith(data[: len(BANNER)]):
-                    run.error = f"unexpected output {data[:40]!r}"
-                else:
-                    run.wall, run.ok = t1 - t0, True
-                if run.error:
-                    if server_error := server.take_error():
-                        run.error += f"; server: {server_error}"
-                    if tail := read_tail(errf):
-                        run.error += f"; stderr: {tail}"
-            os.close(in_w)
-            os.close(out_r)
-        server.drop_conns()
+        assert self.banner is not None
+        run.argv = tool.command("latency", self.banner.port, self.ca)
+        first_byte(run, tool.env, self.banner, min(self.args.timeout, 20.0))
 
     def run(self, tool: Tool, mode: str, rep: int, size: int, label: str) -> Run:
-        run = Run(tool.key, mode, rep, size if mode != "latency" else len(BANNER))
+        run = Run(tool.key, mode, rep, nbytes=size if mode != "latency" else len(BANNER))
         if hung := self.hung.get((tool.key, mode)):
             run.error = f"not run, an earlier run timed out ({hung})"
             return run
@@ -665,6 +505,24 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
 
+def table_rows(summary: dict[str, dict[str, Any]], cells: list[tuple[Tool, str]], keys: int,
+               width: int, measured: str, failures: list[str],
+               row: Callable[[str, dict[str, Any]], list[str]]) -> list[list[str]]:  # fmt: skip
+    """A report table's rows: the first ``keys`` of (tool, mode), ``row``'s cells (FAIL where no
+    run passed) up to ``width``, the ok count; each first error goes to ``failures``."""
+    rows = []
+    for t, mode in cells:
+        s = summary.get(f"{t.key}/{mode}")
+        if s is None:
+            continue
+        if err := s.get("first_error"):
+            failures.append(f"- {t.name} {mode}: {err}")
+        lead = [t.name, mode][:keys]
+        body = row(mode, s) if measured in s else ["FAIL", *[""] * (width - keys - 1)]
+        rows.append([*lead, *body, f"{s['ok']}/{s['runs']}"])
+    return rows
+
+
 def report(args: argparse.Namespace, meta: dict[str, Any], tools: list[Tool],
            skipped: list[Tool], bench: Bench, summary: dict[str, dict[str, Any]],
            fl: dict[str, Any]) -> str:  # fmt: skip
@@ -702,46 +560,25 @@ def report(args: argparse.Namespace, meta: dict[str, Any], tools: list[Tool],
     headers = ["tool", "dir", "MB/s", "MB/s min-max", "wall s", "tool CPU-s/GiB (%core)",
                "tool usr/sys", "vs floor", "server CPU-s/GiB (%core)", "pipe CPU-s/GiB (%core)",
                "ok"]  # fmt: skip
-    rows = []
-    failures = []
+    failures: list[str] = []
     thr = [m for m in args.modes if m != "latency"]
-    for mode in thr:
-        for t in tools:
-            s = summary.get(f"{t.key}/{mode}")
-            if s is None:
-                continue
-            if err := s.get("first_error"):
-                failures.append(f"- {t.name} {mode}: {err}")
-            ok = f"{s['ok']}/{s['runs']}"
-            if "mb_s" not in s:
-                rows.append([t.name, mode, "FAIL", *[""] * 7, ok])
-                continue
-            rows.append([
-                t.name, mode, f"{s['mb_s']:.0f}", f"{s['mb_s_min']:.0f}-{s['mb_s_max']:.0f}",
+    rows = table_rows(summary, [(t, m) for m in thr for t in tools], 2, 10, "mb_s", failures,
+                      lambda mode, s: [
+                f"{s['mb_s']:.0f}", f"{s['mb_s_min']:.0f}-{s['mb_s_max']:.0f}",
                 f"{s['wall_s']:.3f}", f"{s['tool_cpu_gib']:.3f} ({pct(s['tool_cpu_core'])})",
                 f"{s['tool_user_gib']:.2f}/{s['tool_sys_gib']:.2f}",
                 ratio(s["tool_cpu_gib"], fl.get(f"{mode}_cpu_gib")),
                 f"{s['server_cpu_gib']:.3f} ({pct(s['server_cpu_core'])})",
-                f"{s['pipe_cpu_gib']:.3f} ({pct(s['pipe_cpu_core'])})", ok,
+                f"{s['pipe_cpu_gib']:.3f} ({pct(s['pipe_cpu_core'])})",
             ])  # fmt: skip
     if rows:
         out += [md_table(headers, rows, {2, 3, 4, 5, 6, 7, 8, 9}), ""]
     if "latency" in args.modes:
         out += ["## Spawn to first byte (the server sends a banner right after the handshake)",
                 ""]  # fmt: skip
-        rows = []
-        for t in tools:
-            s = summary.get(f"{t.key}/latency")
-            if s is None:
-                continue
-            if err := s.get("first_error"):
-                failures.append(f"- {t.name} latency: {err}")
-            ok = f"{s['ok']}/{s['runs']}"
-            if "median_ms" not in s:
-                rows.append([t.name, "FAIL", "", "", ok])
-                continue
-            rows.append([t.name, f"{s['median_ms']:.2f}", f"{s['p90_ms']:.2f}",
-                         f"{s['min_ms']:.2f}-{s['max_ms']:.2f}", ok])  # fmt: skip
+        rows = table_rows(summary, [(t, "latency") for t in tools], 1, 4, "median_ms", failures,
+                          lambda mode, s: [f"{s['median_ms']:.2f}", f"{s['p90_ms']:.2f}",
+                                           f"{s['min_ms']:.2f}-{s['max_ms']:.2f}"])  # fmt: skip
         out += [md_table(["tool", "first byte median ms", "p90 ms", "min-max ms", "ok"], rows,
                          {1, 2, 3}), ""]  # fmt: skip
     out += ["## The floor: the cipher alone (openssl speed, one core, 16 KiB blocks)", ""]

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
+import select
 import socket
+import tempfile
 import threading
 import time
+from collections.abc import Sequence
+from typing import IO
 
 from .common import HOST, MiB
-from .procs import thread_cpu
+from .procs import ToolRun, kill_and_reap, read_tail, self_cpu, spawn, thread_cpu, wait_exit
 
 ZERO_BYTES = 8 * MiB  # size of the zero memfd; every send starts at its offset 0
 IO_CHUNK = 1 * MiB  # receive / splice request size
@@ -165,6 +170,14 @@ class ServerEndpoint(Endpoint):
             raise RuntimeError("aborted")
         return conn
 
+    def linger(self, conn: socket.socket) -> None:
+        """Close for good once the client has gone (no RST if it sent anything), bounded."""
+        conn.settimeout(self.accept_timeout)
+        with contextlib.suppress(OSError):
+            while conn.recv(65536):
+                pass
+        conn.close()
+
     def abort(self, reason: str = "aborted") -> None:
         super().abort(reason)
         self._aborted = True
@@ -237,50 +250,61 @@ class Source(ServerEndpoint):
         self.count = send_zeros(conn.fileno(), self.zero_fd, self.total)
         conn.shutdown(socket.SHUT_WR)  # FIN now: "the server closes"
         self.t_done = time.perf_counter()
-        # Close for good once the client has gone (no RST if it sent anything), bounded.
-        conn.settimeout(self.accept_timeout)
-        with contextlib.suppress(OSError):
-            while conn.recv(65536):
-                pass
-        conn.close()
+        self.linger(conn)
 
 
 class Reader(Endpoint):
-    """Download reader: splice the tool's stdout pipe into /dev/null until EOF."""
+    """Download reader: splice the tool's stdout pipe into /dev/null until EOF; with ``check``,
+    read it through Python instead and keep its SHA-256 (``digest``)."""
 
-    def __init__(self, rfd: int, devnull_w: int) -> None:
+    def __init__(self, rfd: int, devnull_w: int, check: bool = False) -> None:
         super().__init__("reader")
         self.rfd, self.devnull_w = rfd, devnull_w
+        self.hash = hashlib.sha256() if check else None
+        self.digest: str | None = None
 
     def work(self) -> None:
-        count = 0
         try:
-            try:
-                while k := os.splice(self.rfd, self.devnull_w, IO_CHUNK):
-                    count += k
-            except OSError as e:
-                if e.errno not in _NO_SPLICE:
-                    raise
-                buf = bytearray(IO_CHUNK)
-                while k := os.readv(self.rfd, [buf]):
-                    count += k
+            if self.hash is not None or not self._spliced():
+                self._copied()
         finally:
-            self.count = count
             os.close(self.rfd)
+        if self.hash is not None:
+            self.digest = self.hash.hexdigest()
         self.t_done = time.perf_counter()
+
+    def _spliced(self) -> bool:
+        """False where the pipe cannot be spliced: the rest is to be copied."""
+        try:
+            while k := os.splice(self.rfd, self.devnull_w, IO_CHUNK):
+                self.count += k
+        except OSError as e:
+            if e.errno not in _NO_SPLICE:
+                raise
+            return False
+        return True
+
+    def _copied(self) -> None:
+        buf = bytearray(IO_CHUNK)
+        view = memoryview(buf)
+        while k := os.readv(self.rfd, [buf]):
+            self.count += k
+            if self.hash is not None:
+                self.hash.update(view[:k])
 
 
 class BannerServer(threading.Thread):
-    """First-byte target: sends BANNER as soon as it accepts a connection, keeps it until
-    ``drop_conns``."""
+    """First-byte target: greets each connection it accepts with BANNER (``greet``), keeps it
+    until ``drop_conns``. One client at a time, as the runs come."""
 
-    def __init__(self) -> None:
-        super().__init__(name="banner", daemon=True)
+    def __init__(self, name: str = "banner") -> None:
+        super().__init__(name=name, daemon=True)
         self.lst = make_listener()
         self.port: int = self.lst.getsockname()[1]
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.conns: list[socket.socket] = []
+        self.error: str | None = None
 
     def run(self) -> None:
         self.lst.settimeout(0.2)
@@ -289,10 +313,22 @@ class BannerServer(threading.Thread):
                 conn, _ = self.lst.accept()
             except OSError:  # including the timeout that lets it see stop
                 continue
-            with self.lock:
-                self.conns.append(conn)
-            with contextlib.suppress(OSError):
-                conn.sendall(BANNER)
+            self.keep(conn)
+            try:
+                self.greet(conn)
+            except OSError as e:
+                self.error = f"{type(e).__name__}: {e}"
+
+    def keep(self, conn: socket.socket) -> None:
+        with self.lock:
+            self.conns.append(conn)
+
+    def greet(self, conn: socket.socket) -> None:
+        conn.sendall(BANNER)
+
+    def take_error(self) -> str | None:
+        error, self.error = self.error, None
+        return error
 
     def drop_conns(self) -> None:
         with self.lock:
@@ -305,3 +341,86 @@ class BannerServer(threading.Thread):
         self.join(2)
         self.lst.close()
         self.drop_conns()
+
+
+# --------------------------------------------------------------------------- running the tool
+
+
+def run_tool(
+    run: ToolRun, env: dict[str, str], stdin: int, stdout: int, close: Sequence[int],
+    endpoints: Sequence[Endpoint], server: ServerEndpoint, timeout: float, errf: IO[bytes],
+) -> list[str]:  # fmt: skip
+    """Start the endpoints, spawn ``run.argv`` (stderr into errf), close the fds in ``close``
+    (the tool holds them now: EOF and EPIPE reach the endpoints), wait at most ``timeout`` for it
+    (then kill it) and for the endpoints; record its exit in the run. Returns the errors so far:
+    the exit's and the endpoints'."""
+    for ep in endpoints:
+        ep.start()
+    h0, t0 = self_cpu(), time.perf_counter()
+    try:
+        pid: int | None = spawn(run.argv, env, stdin, stdout, errf.fileno())
+    except OSError as e:
+        pid, server.error = None, f"spawn failed: {e}"
+        server.abort("spawn failed")
+    for fd in close:
+        os.close(fd)
+    ex = None
+    if pid is not None:
+        ex = wait_exit(pid, timeout)
+        if ex.timed_out:
+            server.abort("tool timed out")
+        # The tool has exited: a connection it made is already in the accept queue, so a server
+        # still waiting in accept() will never get one.
+        deadline = time.perf_counter() + 1.0
+        for ep in endpoints:
+            if isinstance(ep, ServerEndpoint):
+                while ep.conn is None and ep.is_alive() and time.perf_counter() < deadline:
+                    time.sleep(0.005)
+                if ep.conn is None and ep.is_alive():
+                    ep.abort("the tool never connected")
+    for ep in endpoints:
+        ep.join(10)
+        if ep.is_alive():
+            ep.abort("still running 10s after the tool exited")
+            ep.join(5)
+    run.harness_cpu = self_cpu() - h0
+    errors = [] if ex is None else run.record_exit(ex, t0, [ep.t_done for ep in endpoints])
+    errors += [f"{ep.name} still running" for ep in endpoints if ep.is_alive()]
+    return errors + [ep.error for ep in endpoints if ep.error]
+
+
+def first_byte(run: ToolRun, env: dict[str, str], server: BannerServer, timeout: float) -> None:
+    """A latency run: spawn ``run.argv`` and time it to the first bytes of the banner on its
+    stdout; its stdin stays open until it is killed."""
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    with tempfile.TemporaryFile() as errf:
+        t0 = time.perf_counter()
+        try:
+            pid: int | None = spawn(run.argv, env, in_r, out_w, errf.fileno())
+        except OSError as e:
+            run.error, pid = f"spawn failed: {e}", None
+        os.close(in_r)
+        os.close(out_w)
+        if pid is not None:
+            p = select.poll()
+            p.register(out_r, select.POLLIN)
+            ready = p.poll(int(timeout * 1000))
+            t1 = time.perf_counter()
+            data = os.read(out_r, 4096) if ready else b""
+            kill_and_reap(pid)
+            if not ready:
+                run.error = f"no output within {timeout:.0f}s"
+            elif not data:
+                run.error = "stdout closed without output"
+            elif not BANNER.startswith(data[: len(BANNER)]):
+                run.error = f"unexpected output {data[:40]!r}"
+            else:
+                run.wall, run.ok = t1 - t0, True
+            if run.error and (server_error := server.take_error()):
+                run.error += f"; server: {server_error}"
+            if run.error and (tail := read_tail(errf)):
+                run.error += f"; stderr: {tail}"
+        os.close(in_w)
+        os.close(out_r)
+    server.drop_conns()

@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import select
 import shlex
 import shutil
 import signal
 import tempfile
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from . import daemons
 from .common import (
@@ -62,10 +60,12 @@ from .endpoints import (
     ServerEndpoint,
     Sink,
     Source,
+    first_byte,
     make_listener,
+    run_tool,
     zero_memfd,
 )
-from .procs import Exit, kill_and_reap, read_tail, reap_all, self_cpu, spawn, wait_exit
+from .procs import ToolRun, reap_all
 from .tools import BASELINE, TOOL_ALIASES, TOOL_KINDS, Proxy, Tool, resolve_tool
 
 MODES = ("up", "down", "latency")
@@ -102,46 +102,19 @@ class Route:
 
 
 @dataclass
-class Run:
-    tool: str
-    mode: str
-    rep: int
+class Run(ToolRun):
     route: str = DIRECT
     scheme: str = "-"  # protocol the tool spoke to the proxy
-    ok: bool = False
-    error: str | None = None
-    nbytes: int = 0
-    wall: float | None = None
-    exit_status: int | None = None
-    tool_user: float | None = None
-    tool_sys: float | None = None
     src_cpu: float | None = None  # feeder (up) / source server (down)
     dst_cpu: float | None = None  # sink server (up) / stdout reader (down)
     proxy_cpu: float | None = None  # the proxy's process group during the run
-    harness_cpu: float | None = None  # the whole benchmark process (all threads)
     src_count: int | None = None
     dst_count: int | None = None
-    argv: list[str] = field(default_factory=list)
 
-    @property
-    def tool_cpu(self) -> float | None:
-        if self.tool_user is None or self.tool_sys is None:
-            return None
-        return self.tool_user + self.tool_sys
-
-    def describe(self) -> str:
-        if not self.ok:
-            return f"FAIL: {self.error}"
-        assert self.wall is not None
-        if self.mode == "latency":
-            return f"{self.wall * 1e3:8.2f} ms"
-        gib = self.nbytes / GiB
+    def cpu_detail(self, gib: float) -> str:
         extra = "" if self.proxy_cpu is None else f"  proxy {self.proxy_cpu / gib:.3f}"
-        return (
-            f"{self.nbytes / self.wall / 1e6:8.0f} MB/s  wall {self.wall:7.3f}s  "
-            f"tool {(self.tool_cpu or 0) / gib:.3f}  src {(self.src_cpu or 0) / gib:.3f}  "
-            f"dst {(self.dst_cpu or 0) / gib:.3f} CPU-s/GiB{extra}"
-        )
+        src, dst = (self.src_cpu or 0) / gib, (self.dst_cpu or 0) / gib
+        return f"src {src:.3f}  dst {dst:.3f} CPU-s/GiB{extra}"
 
 
 class Ctx:
@@ -155,46 +128,6 @@ class Ctx:
 
 
 # --------------------------------------------------------------------------- one run
-
-
-def _finish(
-    run: Run, ex: Exit | None, t0: float, h0: float, endpoints: Sequence[Endpoint], errf: IO[bytes]
-) -> None:
-    if ex is not None:
-        # The tool has exited: a connection it made is already in the accept queue, so a server
-        # still waiting in accept() will never get one.
-        deadline = time.perf_counter() + 1.0
-        for ep in endpoints:
-            if isinstance(ep, ServerEndpoint):
-                while ep.conn is None and ep.is_alive() and time.perf_counter() < deadline:
-                    time.sleep(0.005)
-                if ep.conn is None and ep.is_alive():
-                    ep.abort("the tool never connected")
-    for ep in endpoints:
-        ep.join(10)
-        if ep.is_alive():
-            ep.abort("still running 10s after the tool exited")
-            ep.join(5)
-    run.harness_cpu = self_cpu() - h0
-    errors = []
-    if ex is not None:
-        run.exit_status = ex.status
-        run.tool_user, run.tool_sys = ex.rusage.ru_utime, ex.rusage.ru_stime
-        run.wall = max([ex.t_exit] + [ep.t_done or ex.t_exit for ep in endpoints]) - t0
-        if ex.timed_out:
-            errors.append(f"timeout after {run.wall:.1f}s (killed)")
-        elif ex.status != 0:
-            errors.append(f"exit status {ex.status}")
-    src, dst = endpoints
-    run.src_cpu, run.dst_cpu, run.src_count, run.dst_count = src.cpu, dst.cpu, src.count, dst.count
-    errors += [f"{ep.name} still running" for ep in endpoints if ep.is_alive()]
-    errors += [ep.error for ep in endpoints if ep.error]
-    if run.dst_count != run.nbytes:
-        errors.append(f"received {run.dst_count} bytes, expected {run.nbytes}")
-    if errors and (tail := read_tail(errf)):
-        errors.append(f"stderr: {tail}")
-    run.error = "; ".join(errors) or None
-    run.ok = not errors
 
 
 def run_throughput(ctx: Ctx, tool: Tool, run: Run, proxy: Proxy | None) -> None:
@@ -224,23 +157,14 @@ def run_throughput(ctx: Ctx, tool: Tool, run: Run, proxy: Proxy | None) -> None:
         server = Source(lst, ctx.timeout, run.nbytes, ctx.zero_fd)
         endpoints = (server, Reader(out_r, ctx.devnull_w))  # the reader owns out_r
         stdout, close = out_w, (in_r, out_w)
-    ex = None
     with tempfile.TemporaryFile() as errf:
-        for ep in endpoints:
-            ep.start()
-        h0, t0 = self_cpu(), time.perf_counter()
-        try:
-            pid: int | None = spawn(argv, tool.env, in_r, stdout, errf.fileno())
-        except OSError as e:
-            pid, server.error = None, f"spawn failed: {e}"
-            server.abort("spawn failed")
-        for fd in close:  # the tool holds them now: EOF and EPIPE reach the endpoints
-            os.close(fd)
-        if pid is not None:
-            ex = wait_exit(pid, ctx.timeout)
-            if ex.timed_out:
-                server.abort("tool timed out")
-        _finish(run, ex, t0, h0, endpoints, errf)
+        errors = run_tool(run, tool.env, in_r, stdout, close, endpoints, server, ctx.timeout, errf)
+        src, dst = endpoints
+        run.src_cpu, run.dst_cpu = src.cpu, dst.cpu
+        run.src_count, run.dst_count = src.count, dst.count
+        if run.dst_count != run.nbytes:
+            errors.append(f"received {run.dst_count} bytes, expected {run.nbytes}")
+        run.conclude(errors, errf)
     if not up:
         os.close(in_w)
     lst.close()
@@ -252,38 +176,7 @@ def run_latency(ctx: Ctx, tool: Tool, run: Run, proxy: Proxy | None, server: Ban
         run.error = "mode not supported by tool"
         return
     run.argv = argv
-    in_r, in_w = os.pipe()
-    out_r, out_w = os.pipe()
-    timeout = min(ctx.timeout, 20.0)
-    with tempfile.TemporaryFile() as errf:
-        t0 = time.perf_counter()
-        try:
-            pid: int | None = spawn(argv, tool.env, in_r, out_w, errf.fileno())
-        except OSError as e:
-            run.error = f"spawn failed: {e}"
-            pid = None
-        os.close(in_r)
-        os.close(out_w)
-        if pid is not None:
-            p = select.poll()
-            p.register(out_r, select.POLLIN)
-            ready = p.poll(int(timeout * 1000))
-            t1 = time.perf_counter()
-            data = os.read(out_r, 4096) if ready else b""
-            kill_and_reap(pid)
-            if not ready:
-                run.error = f"no output within {timeout:.0f}s"
-            elif not data:
-                run.error = "stdout closed without output"
-            elif not BANNER.startswith(data[: len(BANNER)]):
-                run.error = f"unexpected output {data[:40]!r}"
-            else:
-                run.wall, run.ok = t1 - t0, True
-            if run.error and (tail := read_tail(errf)):
-                run.error += f"; stderr: {tail}"
-        os.close(in_w)
-        os.close(out_r)
-    server.drop_conns()
+    first_byte(run, tool.env, server, min(ctx.timeout, 20.0))
 
 
 # --------------------------------------------------------------------------- interleaving
@@ -313,7 +206,7 @@ class Matrix:
 
     def run(self, route: Route, tool: Tool, mode: str, rep: int, size: int, label: str) -> Run:
         scheme = self.schemes[(tool.key, route.key)] or "-"
-        run = Run(tool.name, mode, rep, route.key, scheme, nbytes=size)
+        run = Run(tool.name, mode, rep, nbytes=size, route=route.key, scheme=scheme)
         hung = self.hung.get((route.key, tool.key, mode))
         if hung:
             run.error = f"not run, an earlier run timed out ({hung})"

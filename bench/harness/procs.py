@@ -8,8 +8,10 @@ import resource
 import select
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO
+
+from .common import MB, GiB
 
 # Children spawned and not reaped yet: killed at the end of a run, on Ctrl-C or a crash.
 LIVE_PIDS: set[int] = set()
@@ -94,3 +96,60 @@ def read_tail(f: IO[bytes], limit: int = 400) -> str:
     if len(text) > limit:
         text = "..." + text[-limit:]
     return " | ".join(text.splitlines())
+
+
+@dataclass
+class ToolRun:
+    """One run of the tool under test: what every benchmark records of it."""
+
+    tool: str
+    mode: str  # up, down, latency
+    rep: int  # 0: the warm-up run
+    ok: bool = False
+    error: str | None = None
+    nbytes: int = 0
+    wall: float | None = None
+    exit_status: int | None = None
+    tool_user: float | None = None
+    tool_sys: float | None = None
+    harness_cpu: float | None = None  # the whole benchmark process (all threads)
+    argv: list[str] = field(default_factory=list)
+
+    @property
+    def tool_cpu(self) -> float | None:
+        if self.tool_user is None or self.tool_sys is None:
+            return None
+        return self.tool_user + self.tool_sys
+
+    def cpu_detail(self, gib: float) -> str:
+        """The other threads' and processes' CPU per GiB, for the progress line."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        if not self.ok:
+            return f"FAIL: {self.error}"
+        assert self.wall is not None
+        if self.mode == "latency":
+            return f"{self.wall * 1e3:8.2f} ms"
+        gib = self.nbytes / GiB
+        return (
+            f"{self.nbytes / self.wall / MB:8.0f} MB/s  wall {self.wall:7.3f}s  "
+            f"tool {(self.tool_cpu or 0) / gib:.3f}  {self.cpu_detail(gib)}"
+        )
+
+    def record_exit(self, ex: Exit, t0: float, t_done: list[float | None]) -> list[str]:
+        """The tool's exit, CPU and wall time (to the last of its exit and the endpoints' jobs
+        done); returns what was wrong with the exit."""
+        self.exit_status = ex.status
+        self.tool_user, self.tool_sys = ex.rusage.ru_utime, ex.rusage.ru_stime
+        self.wall = max([ex.t_exit] + [t or ex.t_exit for t in t_done]) - t0
+        if ex.timed_out:
+            return [f"timeout after {self.wall:.1f}s (killed)"]
+        return [f"exit status {ex.status}"] if ex.status != 0 else []
+
+    def conclude(self, errors: list[str], errf: IO[bytes]) -> None:
+        """Passed without errors; else failed with them and the tool's stderr."""
+        if errors and (tail := read_tail(errf)):
+            errors.append(f"stderr: {tail}")
+        self.error = "; ".join(errors) or None
+        self.ok = not errors

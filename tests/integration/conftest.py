@@ -26,6 +26,13 @@ Daemons (each a peers.Daemon: .host .port .hostport .url .url_as(scheme) .userna
     ncat_http, ncat_http_auth, ncat_http_v6         function  http (CONNECT)
     sshd                                  session  peers.SshServer: .ssh_argv(*opts) .destination
     ssh_socks                             session  ssh -N -D against sshd: socks5/socks4/socks4a
+    socat_https, socat_socks_tls          session  socat's TLS (``certificates``) in front of
+                                          tinyproxy_shared (https) and danted (socks5h+tls)
+
+TLS (session): ``certificates`` (support.Certificates: a test CA, a certificate it signed for
+127.0.0.1 and localhost, its key) and ``tls`` (tls_peers.TLSFiles: the same, and the wrong-name,
+expired, client and other-CA files). Module-scoped targets for tests that share them:
+``digest_target`` (DigestServer) and ``bulk_source`` ((SourceServer, its 4 MiB)).
 
 Our own server: ``serve`` (function) is a factory: ``serve(*args)`` starts ``hopcat serve
 127.0.0.1:0 *args`` and returns a ``test_serve_support.ServeProcess``.
@@ -36,13 +43,17 @@ Helpers: ``peer_env`` (environment without proxy variables), ``need(program)`` (
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import peers
 import pytest
+import tls_peers
 from test_serve_support import ServeProcess, serve_factory
+
+from support import Certificates, make_certificates, pattern
 
 # --------------------------------------------------------------------------- helpers
 
@@ -279,6 +290,55 @@ def ssh_socks(
     """``ssh -N -D 127.0.0.1:PORT`` against ``sshd``: SOCKS5 (url), socks4 and socks4a too."""
     with _daemon(peers.start_ssh_socks, sshd, _session_dir(tmp_path_factory, "ssh-D")) as d:
         yield d
+
+
+@pytest.fixture(scope="session")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    if not shutil.which("openssl"):
+        pytest.skip("openssl needed to make certificates (apt-get install openssl)")
+    return make_certificates(_session_dir(tmp_path_factory, "certificates"))
+
+
+@pytest.fixture(scope="session")
+def tls(certificates: Certificates) -> tls_peers.TLSFiles:
+    try:
+        return tls_peers.make_tls_files(certificates)
+    except peers.PeerUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def socat_https(
+    certificates: Certificates, tinyproxy_shared: peers.Daemon,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[peers.Daemon]:  # fmt: skip
+    """socat's TLS in front of tinyproxy: an https:// proxy made of two independent programs."""
+    with _daemon(peers.start_socat_tls, _session_dir(tmp_path_factory, "socat-https"),
+                 tinyproxy_shared, certificates.cert, certificates.key) as d:  # fmt: skip
+        yield d
+
+
+@pytest.fixture(scope="session")
+def socat_socks_tls(
+    certificates: Certificates, danted: peers.Daemon, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[peers.Daemon]:
+    """socat's TLS in front of Dante: SOCKS5 over TLS (its URL: ``.url_as("socks5h+tls")``)."""
+    with _daemon(peers.start_socat_tls, _session_dir(tmp_path_factory, "socat-socks"), danted,
+                 certificates.cert, certificates.key) as d:  # fmt: skip
+        yield d
+
+
+@pytest.fixture(scope="module")
+def digest_target() -> Iterator[peers.DigestServer]:
+    with peers.DigestServer().start() as target:
+        yield target
+
+
+@pytest.fixture(scope="module")
+def bulk_source() -> Iterator[tuple[peers.SourceServer, bytes]]:
+    data = pattern(4 << 20, 7)
+    with peers.SourceServer(data).start() as target:
+        yield target, data
 
 
 @pytest.fixture

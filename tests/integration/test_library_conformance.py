@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
-import shutil
 import socket
 import ssl
 import threading
@@ -44,7 +43,6 @@ from support import (
     Certificates,
     ScriptedServer,
     http_accept,
-    make_certificates,
     pattern,
     recv_exact,
     recv_until,
@@ -103,13 +101,6 @@ def _serve_target(conn: socket.socket, context: ssl.SSLContext | None) -> None:
         conn.sendall(digest.digest() + DOWN)
         while conn.recv(65536):
             pass
-
-
-@pytest.fixture(scope="module")
-def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
-    if not shutil.which("openssl"):
-        pytest.skip("openssl needed (apt-get install openssl)")
-    return make_certificates(tmp_path_factory.mktemp("conformance-tls"))
 
 
 @pytest.fixture(scope="module")
@@ -187,24 +178,6 @@ def split() -> Iterator[Endpoint]:
         yield Endpoint(server)
 
 
-@pytest.fixture(scope="module")
-def https_socat(
-    tmp_path_factory: pytest.TempPathFactory,
-    tinyproxy_shared: peers.Daemon,
-    certificates: Certificates,
-) -> Iterator[peers.Daemon]:
-    """socat's TLS in front of tinyproxy: an https:// proxy."""
-    try:
-        daemon = peers.start_socat_tls(tmp_path_factory.mktemp("socat-tls"), tinyproxy_shared,
-                                       certificates.cert, certificates.key)  # fmt: skip
-    except peers.PeerUnavailable as exc:
-        pytest.skip(str(exc))
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
-
-
 # Each hop: (fixture, scheme). The fixture is fetched only by the cases that use it, so a
 # missing program skips those cases alone.
 HOP_KINDS: dict[str, list[tuple[str, str]]] = {
@@ -217,9 +190,9 @@ HOP_KINDS: dict[str, list[tuple[str, str]]] = {
     "socks5h-microsocks": [("microsocks_shared", "socks5h")],
     "http": [("tinyproxy_shared", "http")],
     "http-auth": [("tinyproxy_auth_shared", "http")],
-    "https": [("https_socat", "https")],
+    "https": [("socat_https", "https")],
     "chain2": [("danted", "socks5h"), ("tinyproxy_shared", "http")],
-    "chain3": [("https_socat", "https"), ("danted_auth", "socks5h"), ("microsocks_shared", "socks5")],
+    "chain3": [("socat_https", "https"), ("danted_auth", "socks5h"), ("microsocks_shared", "socks5")],
     "glued-socks5": [("glued", "socks5")],
     "glued-http": [("glued", "http")],
     "split-socks5": [("split", "socks5")],

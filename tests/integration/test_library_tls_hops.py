@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import shutil
 import socket
 import ssl
 import threading
@@ -26,30 +25,9 @@ PAYLOAD = os.urandom(3 << 20)
 
 
 @pytest.fixture(scope="module")
-def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
-    if not shutil.which("openssl"):
-        pytest.skip("openssl needed (apt-get install openssl)")
-    return make_certificates(tmp_path_factory.mktemp("tls-hops"))
-
-
-@pytest.fixture(scope="module")
-def tls_hops(
-    certificates: Certificates, danted: peers.Daemon, tinyproxy_shared: peers.Daemon,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[list[str]]:  # fmt: skip
+def tls_hops(socat_https: peers.Daemon, socat_socks_tls: peers.Daemon) -> list[str]:
     """[https://..., socks5h+tls://...]: two independent TLS terminators in front of real proxies."""
-    directory = tmp_path_factory.mktemp("tls-fronts")
-    try:
-        https = peers.start_socat_tls(directory / "a", tinyproxy_shared, certificates.cert,
-                                      certificates.key)  # fmt: skip
-    except peers.PeerUnavailable as exc:
-        pytest.skip(str(exc))
-    socks = peers.start_socat_tls(directory / "b", danted, certificates.cert, certificates.key)
-    try:
-        yield [f"https://127.0.0.1:{https.port}", f"socks5h+tls://127.0.0.1:{socks.port}"]
-    finally:
-        socks.stop()
-        https.stop()
+    return [socat_https.url, socat_socks_tls.url_as("socks5h+tls")]
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ downloads are checked.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -32,7 +33,6 @@ from support import (
     HOPCAT,
     Certificates,
     clean_env,
-    make_certificates,
     pattern,
     run_hopcat,
     sha256,
@@ -42,22 +42,16 @@ BULK = 4 << 20
 
 
 @pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
-    if not shutil.which("openssl"):
-        pytest.skip("openssl needed to make certificates (apt-get install openssl)")
-    return make_certificates(tmp_path_factory.mktemp("certs"))
-
-
-@pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("serve-via-tls")
 
 
 @pytest.fixture(scope="module")
-def tls_proxy(certs: Certificates, workdir: Path) -> Iterator[int]:
+def tls_proxy(certificates: Certificates, workdir: Path) -> Iterator[int]:
     """A ``hopcat serve`` on a tls:// listener: its port (the certificate names localhost)."""
-    server = ServeProcess(workdir, "--tls-cert", str(certs.cert), "--tls-key", str(certs.key),
-                          listen=("tls://127.0.0.1:0",), name="tls-proxy")  # fmt: skip
+    server = ServeProcess(workdir, "--tls-cert", str(certificates.cert), "--tls-key",
+                          str(certificates.key), listen=("tls://127.0.0.1:0",),
+                          name="tls-proxy")  # fmt: skip
     try:
         yield int(server.addresses[0].rpartition(":")[2])
     finally:
@@ -66,84 +60,56 @@ def tls_proxy(certs: Certificates, workdir: Path) -> Iterator[int]:
         assert "Traceback" not in server.log()
 
 
-@pytest.fixture(scope="module")
-def socat_fronts(
-    certs: Certificates, workdir: Path, danted: peers.Daemon, tinyproxy_shared: peers.Daemon
-) -> Iterator[dict[str, str]]:
-    """socat's TLS in front of tinyproxy (https://) and of Dante (socks5h+tls://): their URLs."""
-    try:
-        https = peers.start_socat_tls(workdir / "socat-https", tinyproxy_shared, certs.cert,
-                                      certs.key)  # fmt: skip
-    except peers.PeerUnavailable as exc:
-        pytest.skip(str(exc))
-    socks = peers.start_socat_tls(workdir / "socat-socks", danted, certs.cert, certs.key)
-    try:
-        yield {"https": https.url_as("https"), "socks5h+tls": socks.url_as("socks5h+tls")}
-    finally:
-        socks.stop()
-        https.stop()
-
-
-@pytest.fixture(scope="module")
-def digest() -> Iterator[peers.DigestServer]:
-    with peers.DigestServer().start() as target:
-        yield target
-
-
-@pytest.fixture(scope="module")
-def source() -> Iterator[tuple[peers.SourceServer, bytes]]:
-    data = pattern(BULK, 11)
-    with peers.SourceServer(data).start() as target:
-        yield target, data
-
-
-def via_server(workdir: Path, certs: Certificates, *args: str, name: str) -> ServeProcess:
+@contextlib.contextmanager
+def via_server(workdir: Path, certificates: Certificates, *args: str,
+               name: str) -> Iterator[ServeProcess]:  # fmt: skip
     """``hopcat serve`` trusting the test CA for its hops: each URL in ``args`` is a --via hop,
-    any other argument is passed as it is."""
+    any other argument is passed as it is. Stopped at the end; its log has no traceback."""
     argv = [part for arg in args for part in (("--via", arg) if "://" in arg else (arg,))]
-    return ServeProcess(workdir, *argv, "--via-cacert", str(certs.ca), name=name)
-
-
-def check_both_ways(server: ServeProcess, digest: peers.DigestServer,
-                    source: tuple[peers.SourceServer, bytes]) -> None:  # fmt: skip
-    """hopcat through ``server``: an upload whose half-close brings the target's digest back,
-    and a download; then both tunnels ended cleanly."""
-    proxy = f"socks5h://{server.host}:{server.port}"
-    data = pattern(BULK, 5)
-    result = run_hopcat("-x", proxy, digest.host, str(digest.port), input=data, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == peers.DigestServer.answer_for(data)
-    target, expected = source
-    result = run_hopcat("-x", proxy, target.host, str(target.port), timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert sha256(result.stdout) == sha256(expected)
-    server.wait_log("result=ok", count=2)
-    lines = server.tunnel_lines()
-    assert f"up={BULK} " in lines[0] and f"down={BULK} " in lines[1], lines
-
-
-@pytest.mark.parametrize(("scheme", "loop"), [("https", "asyncio"), ("socks5h+tls", "auto")])
-def test_via_a_serve_tls_listener(certs: Certificates, workdir: Path, tls_proxy: int,
-                                  digest: peers.DigestServer,
-                                  source: tuple[peers.SourceServer, bytes], scheme: str,
-                                  loop: str) -> None:  # fmt: skip
-    """On asyncio's loop and on uvloop where it is installed."""
-    server = via_server(workdir, certs, f"{scheme}://localhost:{tls_proxy}", "--event-loop",
-                        loop, name=f"via-{scheme}")  # fmt: skip
+    server = ServeProcess(workdir, *argv, "--via-cacert", str(certificates.ca), name=name)
     try:
-        check_both_ways(server, digest, source)
+        yield server
     finally:
         server.stop()
     assert "Traceback" not in server.log()
 
 
+def check_both_ways(server: ServeProcess, digest_target: peers.DigestServer,
+                    bulk_source: tuple[peers.SourceServer, bytes]) -> None:  # fmt: skip
+    """hopcat through ``server``: an upload whose half-close brings the target's digest back,
+    and a download; then both tunnels ended cleanly."""
+    proxy = f"socks5h://{server.host}:{server.port}"
+    data = pattern(BULK, 5)
+    result = run_hopcat("-x", proxy, digest_target.host, str(digest_target.port), input=data,
+                        timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == peers.DigestServer.answer_for(data)
+    target, expected = bulk_source
+    result = run_hopcat("-x", proxy, target.host, str(target.port), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert sha256(result.stdout) == sha256(expected)
+    server.wait_log("result=ok", count=2)
+    lines = server.tunnel_lines()
+    assert f"up={BULK} " in lines[0] and f"down={len(expected)} " in lines[1], lines
+
+
+@pytest.mark.parametrize(("scheme", "loop"), [("https", "asyncio"), ("socks5h+tls", "auto")])
+def test_via_a_serve_tls_listener(certificates: Certificates, workdir: Path, tls_proxy: int,
+                                  digest_target: peers.DigestServer,
+                                  bulk_source: tuple[peers.SourceServer, bytes], scheme: str,
+                                  loop: str) -> None:  # fmt: skip
+    """On asyncio's loop and on uvloop where it is installed."""
+    with via_server(workdir, certificates, f"{scheme}://localhost:{tls_proxy}", "--event-loop",
+                    loop, name=f"via-{scheme}") as server:  # fmt: skip
+        check_both_ways(server, digest_target, bulk_source)
+
+
 def test_via_socat_https_in_front_of_tinyproxy(
-    certs: Certificates, workdir: Path, socat_fronts: dict[str, str],
-    source: tuple[peers.SourceServer, bytes],
+    certificates: Certificates, workdir: Path, socat_https: peers.Daemon,
+    bulk_source: tuple[peers.SourceServer, bytes],
 ) -> None:  # fmt: skip
-    server = via_server(workdir, certs, socat_fronts["https"], name="via-socat-https")
-    target, expected = source
-    try:
+    target, expected = bulk_source
+    with via_server(workdir, certificates, socat_https.url, name="via-socat-https") as server:
         proxy = f"socks5h://{server.host}:{server.port}"
         # --no-shutdown: tinyproxy drops the tunnel at the client's FIN (PEERS.md).
         result = run_hopcat("--no-shutdown", "-x", proxy, target.host, str(target.port),
@@ -151,98 +117,89 @@ def test_via_socat_https_in_front_of_tinyproxy(
         assert result.returncode == 0, result.stderr
         assert sha256(result.stdout) == sha256(expected)
         server.wait_log("result=ok")
-    finally:
-        server.stop()
 
 
 def test_via_socks_over_tls_to_dante(
-    certs: Certificates, workdir: Path, socat_fronts: dict[str, str],
-    digest: peers.DigestServer, source: tuple[peers.SourceServer, bytes],
+    certificates: Certificates, workdir: Path, socat_socks_tls: peers.Daemon,
+    digest_target: peers.DigestServer, bulk_source: tuple[peers.SourceServer, bytes],
 ) -> None:  # fmt: skip
-    server = via_server(workdir, certs, socat_fronts["socks5h+tls"], name="via-socat-dante")
-    try:
-        check_both_ways(server, digest, source)
-    finally:
-        server.stop()
+    with via_server(workdir, certificates, socat_socks_tls.url_as("socks5h+tls"),
+                    name="via-socat-dante") as server:  # fmt: skip
+        check_both_ways(server, digest_target, bulk_source)
 
 
 def test_two_tls_hops(
-    certs: Certificates, workdir: Path, tls_proxy: int, socat_fronts: dict[str, str],
-    digest: peers.DigestServer, source: tuple[peers.SourceServer, bytes],
+    certificates: Certificates, workdir: Path, tls_proxy: int, socat_socks_tls: peers.Daemon,
+    digest_target: peers.DigestServer, bulk_source: tuple[peers.SourceServer, bytes],
 ) -> None:  # fmt: skip
     """serve's HTTPS proxy, then SOCKS over TLS to Dante inside it: TLS inside TLS."""
-    server = via_server(workdir, certs, f"https://localhost:{tls_proxy}",
-                        socat_fronts["socks5h+tls"], name="via-two")  # fmt: skip
-    try:
-        check_both_ways(server, digest, source)
-    finally:
-        server.stop()
+    with via_server(workdir, certificates, f"https://localhost:{tls_proxy}",
+                    socat_socks_tls.url_as("socks5h+tls"), name="via-two") as server:  # fmt: skip
+        check_both_ways(server, digest_target, bulk_source)
 
 
-def test_target_half_closes_first(certs: Certificates, workdir: Path, tls_proxy: int) -> None:
+def test_target_half_closes_first(certificates: Certificates, workdir: Path, tls_proxy: int) -> None:
     """The target's FIN crosses the TLS hop (close_notify from the proxy, then a FIN to the
     client) while the client's upload goes on, and the upload's end still reaches the target."""
     down, up = pattern(BULK, 13), pattern(BULK, 17)
-    with peers.SourceServer(down, half_close_only=True).start() as target:
-        server = via_server(workdir, certs, f"https://localhost:{tls_proxy}", name="via-half")
-        try:
-            result = run_hopcat("--keep-sending", "-x", f"socks5h://{server.host}:{server.port}",
-                                target.host, str(target.port), input=up, timeout=60)  # fmt: skip
-            assert result.returncode == 0, result.stderr
-            assert sha256(result.stdout) == sha256(down)
-            record = target.wait_records(1)[0]
-            record.done.wait(10)
-            assert record.received_len == BULK and record.received_sha256 == sha256(up)
-            server.wait_log("result=ok")
-        finally:
-            server.stop()
+    with (
+        peers.SourceServer(down, half_close_only=True).start() as target,
+        via_server(workdir, certificates, f"https://localhost:{tls_proxy}",
+                   name="via-half") as server,
+    ):  # fmt: skip
+        result = run_hopcat("--keep-sending", "-x", f"socks5h://{server.host}:{server.port}",
+                            target.host, str(target.port), input=up, timeout=60)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert sha256(result.stdout) == sha256(down)
+        record = target.wait_records(1)[0]
+        record.done.wait(10)
+        assert record.received_len == BULK and record.received_sha256 == sha256(up)
+        server.wait_log("result=ok")
 
 
-def test_a_paused_client_loses_nothing(certs: Certificates, workdir: Path, tls_proxy: int,
-                                       source: tuple[peers.SourceServer, bytes]) -> None:  # fmt: skip
+def test_a_paused_client_loses_nothing(certificates: Certificates, workdir: Path, tls_proxy: int,
+                                       bulk_source: tuple[peers.SourceServer, bytes]) -> None:  # fmt: skip
     """A client that stops reading fills the pair, then the bridge holds the upstream (its
     records wait in the kernel): nothing is lost when it reads again, and no socket is left."""
-    target, expected = source
-    server = via_server(workdir, certs, f"https://localhost:{tls_proxy}", name="via-paused")
-    try:
+    target, expected = bulk_source
+    with via_server(workdir, certificates, f"https://localhost:{tls_proxy}",
+                    name="via-paused") as server:  # fmt: skip
         sockets = server.count_fds()[1]
         with connect(server) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
             assert socks5_connect(sock, target.host, target.port) == 0
             time.sleep(1.0)
-            received = recv_until_eof(sock, limit=BULK + 1)
+            received = recv_until_eof(sock, limit=len(expected) + 1)
         assert sha256(received) == sha256(expected)
         server.wait_log("result=ok")
         deadline = time.monotonic() + 5
         while server.count_fds()[1] != sockets and time.monotonic() < deadline:
             time.sleep(0.02)
         assert server.count_fds()[1] == sockets
-    finally:
-        server.stop()
 
 
-def test_curl_through_serve_via_tls(certs: Certificates, workdir: Path, tls_proxy: int) -> None:
+def test_curl_through_serve_via_tls(certificates: Certificates, workdir: Path, tls_proxy: int) -> None:
     curl = shutil.which("curl")
     if curl is None:
         pytest.skip("curl not installed (apt-get install curl)")
     body = pattern(BULK, 9)
-    with peers.HttpTarget(body).start() as target:
-        server = via_server(workdir, certs, f"https://localhost:{tls_proxy}", name="via-curl")
-        try:
-            fetched = subprocess.run(
-                [curl, "-sS", "--max-time", "60", "--socks5-hostname",
-                 f"{server.host}:{server.port}", target.url],
-                capture_output=True, timeout=90, env=clean_env(),
-            )  # fmt: skip
-            assert fetched.returncode == 0, fetched.stderr
-            assert sha256(fetched.stdout) == sha256(body)
-            server.wait_log("result=ok")
-        finally:
-            server.stop()
+    with (
+        peers.HttpTarget(body).start() as target,
+        via_server(workdir, certificates, f"https://localhost:{tls_proxy}",
+                   name="via-curl") as server,
+    ):  # fmt: skip
+        fetched = subprocess.run(
+            [curl, "-sS", "--max-time", "60", "--socks5-hostname",
+             f"{server.host}:{server.port}", target.url],
+            capture_output=True, timeout=90, env=clean_env(),
+        )  # fmt: skip
+        assert fetched.returncode == 0, fetched.stderr
+        assert sha256(fetched.stdout) == sha256(body)
+        server.wait_log("result=ok")
 
 
 def test_untrusted_certificate_is_the_hops_refusal(
-    workdir: Path, tls_proxy: int, digest: peers.DigestServer
+    workdir: Path, tls_proxy: int, digest_target: peers.DigestServer
 ) -> None:
     """No --via-cacert: the system CAs do not know the test CA. The client gets the upstream
     failure's refusal and the log one line naming the hop."""
@@ -250,9 +207,9 @@ def test_untrusted_certificate_is_the_hops_refusal(
     server = ServeProcess(workdir, "--via", hop, name="via-untrusted")
     try:
         with connect(server) as sock:
-            assert socks5_connect(sock, digest.host, digest.port) == 1
+            assert socks5_connect(sock, digest_target.host, digest_target.port) == 1
         with connect(server) as sock:
-            assert http_connect(sock, digest.host, digest.port)[0] == 502
+            assert http_connect(sock, digest_target.host, digest_target.port)[0] == 502
         server.wait_log("result=upstream-error", count=2)
         lines = server.tunnel_lines()
         assert len(lines) == 2, lines

@@ -42,16 +42,8 @@ from support import pattern, run_hopcat, sha256
 SIZE = 4 << 20
 TLS_VERSIONS = [pytest.param(ssl.TLSVersion.TLSv1_3, id="TLSv1.3"),
                 pytest.param(ssl.TLSVersion.TLSv1_2, id="TLSv1.2")]  # fmt: skip
-SOCAT_VERSION = {ssl.TLSVersion.TLSv1_3: "", ssl.TLSVersion.TLSv1_2: ",openssl-max-proto-version=TLS1.2"}
+SOCAT_VERSION = {ssl.TLSVersion.TLSv1_3: (), ssl.TLSVersion.TLSv1_2: ("openssl-max-proto-version=TLS1.2",)}
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 6\r\nConnection: close\r\n\r\nhello\n"
-
-
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
-    try:
-        return tls_peers.make_tls_files(tmp_path_factory.mktemp("tls"))
-    except peers.PeerUnavailable as exc:
-        pytest.skip(str(exc))
 
 
 def _file_sha(path: Path) -> str:
@@ -76,8 +68,7 @@ def _server_argv(name: str, tls: TLSFiles, need: Callable[..., str]) -> Callable
     if name == "ncat":
         return lambda port: [need("ncat"), "--ssl", "-l", "127.0.0.1", str(port), "--ssl-cert",
                              cert, "--ssl-key", key]  # fmt: skip
-    return lambda port: [need("socat"), f"OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,"
-                         f"cert={cert},key={key},verify=0", "STDIO"]  # fmt: skip
+    return lambda port: [need("socat"), tls.socat_listen(port), "STDIO"]
 
 
 @pytest.mark.parametrize("server", ["openssl s_server", "ncat", "socat"])
@@ -229,13 +220,13 @@ def test_request_then_eof_gets_the_answer(
     tls: TLSFiles, need: Callable[..., str], tmp_path: Path, version: ssl.TLSVersion, server: str
 ) -> None:
     up = pattern(SIZE, 5)
-    source = tmp_path / "up"
-    source.write_bytes(up)
     if server == "socat":
         socat = need("socat")
-        argv = [socat, f"OPENSSL-LISTEN:{{port}},bind=127.0.0.1,reuseaddr,cert={tls.cert},"
-                f"key={tls.key},verify=0{SOCAT_VERSION[version]}", "EXEC:sha256sum"]  # fmt: skip
-        with program("socat", tmp_path, lambda port: [a.format(port=port) for a in argv]) as peer:
+
+        def make_argv(port: int) -> list[str]:
+            return [socat, tls.socat_listen(port, *SOCAT_VERSION[version]), "EXEC:sha256sum"]
+
+        with program("socat", tmp_path, make_argv) as peer:
             result = run_hopcat("-v", "--tls", "--tls-ca", str(tls.ca), "127.0.0.1",
                                 str(peer.port), input=up)  # fmt: skip
         answer = f"{sha256(up)}  -\n".encode()
@@ -272,12 +263,10 @@ def test_server_ends_first_while_the_upload_goes_on(
     args = ["-v", "--tls", "--tls-ca", str(tls.ca), "127.0.0.1"]
     if server == "socat":
         (tmp_path / "down").write_bytes(down)
-        argv = [need("socat"), "-t", "10", "", "STDIO"]
+        socat = need("socat")
 
         def make_argv(port: int) -> list[str]:
-            argv[3] = (f"OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,cert={tls.cert},"
-                       f"key={tls.key},verify=0{SOCAT_VERSION[version]}")  # fmt: skip
-            return argv
+            return [socat, "-t", "10", tls.socat_listen(port, *SOCAT_VERSION[version]), "STDIO"]
 
         with program("socat", tmp_path, make_argv, stdin=tmp_path / "down") as peer:
             client = hopcat(tmp_path, *args, str(peer.port), stdin=source)

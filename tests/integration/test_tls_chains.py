@@ -30,14 +30,6 @@ SIZE = 2 << 20
 ECHO = pattern(SIZE, 21)
 
 
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
-    try:
-        return tls_peers.make_tls_files(tmp_path_factory.mktemp("tls-chains"))
-    except peers.PeerUnavailable as exc:
-        pytest.skip(str(exc))
-
-
 def _start(name: str, directory: Path, make_argv: Callable[[int], list[str]]) -> tls_peers.Program:
     try:
         return tls_peers.Program(name, directory, make_argv, stdin=Path("/dev/null"))
@@ -50,9 +42,8 @@ def echo_targets(tls: TLSFiles, tmp_path_factory: pytest.TempPathFactory) -> Ite
     """{"tls": port, "plain": port}: echo servers (socat forking a cat per connection)."""
     socat = peers.require_program("socat", "socat")
     directory = tmp_path_factory.mktemp("echo")
-    secure = _start("echo-tls", directory, lambda port: [
-        socat, f"OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,cert={tls.cert},"
-        f"key={tls.key},verify=0", "EXEC:cat"])  # fmt: skip
+    secure = _start("echo-tls", directory,
+                    lambda port: [socat, tls.socat_listen(port, "fork"), "EXEC:cat"])
     plain = _start("echo-plain", directory, lambda port: [
         socat, f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork", "EXEC:cat"])  # fmt: skip
     yield {"tls": secure.port, "plain": plain.port}
@@ -62,7 +53,7 @@ def echo_targets(tls: TLSFiles, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 @pytest.fixture(scope="module")
 def tls_hops(
-    tls: TLSFiles, danted: peers.Daemon, tinyproxy_shared: peers.Daemon,
+    tls: TLSFiles, danted: peers.Daemon, socat_https: peers.Daemon,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[dict[str, int]]:  # fmt: skip
     """{"stunnel-dante": port, "socat-tinyproxy": port}: TLS terminators in front of proxies."""
@@ -79,11 +70,9 @@ def tls_hops(
         return [stunnel, str(config)]
 
     in_front_of_dante = _start("stunnel", directory, stunnel_argv)
-    in_front_of_tinyproxy = peers.start_socat_tls(directory / "socat", tinyproxy_shared, tls.cert,
-                                                  tls.key)  # fmt: skip
-    yield {"stunnel-dante": in_front_of_dante.port, "socat-tinyproxy": in_front_of_tinyproxy.port}
+    yield {"stunnel-dante": in_front_of_dante.port,
+           "socat-tinyproxy": socat_https.port}  # fmt: skip
     in_front_of_dante.stop()
-    in_front_of_tinyproxy.stop()
 
 
 def _echo_through(args: list[str], port: int, tmp_path: Path, *, verbose: bool = False) -> str:

@@ -24,7 +24,7 @@ from typing import IO, Any, NamedTuple
 
 import peers
 
-from support import HOPCAT, Certificates, clean_env, make_certificates
+from support import HOPCAT, Certificates, ScriptedServer, clean_env
 
 READY_TIMEOUT_S = 10.0
 RUN_TIMEOUT_S = 30.0
@@ -32,7 +32,7 @@ START_ATTEMPTS = 5
 
 
 class TLSFiles(NamedTuple):
-    """Everything a TLS test trusts or presents, made once per module."""
+    """Everything a TLS test trusts or presents, made once per session (conftest ``tls``)."""
 
     ca: Path  # the test CA (hopcat --tls-ca)
     cert: Path  # 127.0.0.1 and localhost, signed by ca
@@ -55,6 +55,12 @@ class TLSFiles(NamedTuple):
 
     def client_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.ca))
+
+    def socat_listen(self, port: int, *options: str) -> str:
+        """socat's address for a TLS server on 127.0.0.1:port with ``cert`` (clients not
+        verified), and ``options``."""
+        return ",".join([f"OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,cert={self.cert},"
+                         f"key={self.key},verify=0", *options])  # fmt: skip
 
 
 def _openssl(*args: str) -> None:
@@ -111,9 +117,10 @@ def _expired(directory: Path) -> tuple[Path, Path]:
     return crt_path, key_path
 
 
-def make_tls_files(directory: Path) -> TLSFiles:
+def make_tls_files(certificates: Certificates) -> TLSFiles:
+    """The other files, signed by (or next to) the CA of ``certificates``, in its directory."""
     peers.require_program("openssl", "openssl")
-    certificates = make_certificates(directory)
+    directory = certificates.ca.parent
     wrong_name = _signed(directory, "other", "/CN=other.example", "subjectAltName=DNS:other.example\n")
     client = _signed(directory, "client", "/CN=hopcat test client", "extendedKeyUsage=clientAuth\n")
     other = directory / "other-ca"
@@ -141,29 +148,50 @@ def feed(stdin: IO[bytes] | None, data: bytes) -> threading.Thread:
     return thread
 
 
-class Program:
-    """A listening program started with ``make_argv(port)``; stdin a pipe (``.stdin``) or a file,
-    stdout and stderr files. ``stop()`` ends it by pid."""
+class Piped:
+    """A subprocess with stdin a pipe (``.stdin``) or a file, stdout and stderr files in
+    ``workdir``; ``stop()`` ends it by pid."""
+
+    stdin: IO[bytes] | None
+
+    def spawn(self, workdir: Path, name: str, argv: list[str], stdin: Path | None,
+              env: dict[str, str]) -> None:  # fmt: skip
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.out = workdir / f"{name}.out"
+        self.err = workdir / f"{name}.err"
+        with contextlib.ExitStack() as files:
+            source = files.enter_context(open(stdin, "rb")) if stdin else subprocess.PIPE
+            self.proc = subprocess.Popen(
+                argv, stdin=source, stdout=files.enter_context(open(self.out, "wb")),
+                stderr=files.enter_context(open(self.err, "wb")), env=env,
+                start_new_session=True,
+            )  # fmt: skip
+        self.stdin = self.proc.stdin
+
+    def feed(self, data: bytes) -> threading.Thread:
+        return feed(self.stdin, data)
+
+    def close_stdin(self) -> None:
+        if self.stdin is not None and not self.stdin.closed:
+            with contextlib.suppress(OSError):
+                self.stdin.close()
+
+    def stop(self) -> None:
+        self.close_stdin()
+        peers._stop_process(self.proc)  # SIGTERM, then SIGKILL; by pid
+
+
+class Program(Piped):
+    """A listening program started with ``make_argv(port)``, with peer_env()."""
 
     def __init__(self, name: str, workdir: Path, make_argv: Callable[[int], list[str]], *,
                  stdin: Path | None = None, host: str = peers.LOOPBACK_V4) -> None:  # fmt: skip
-        workdir.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.host = host
-        self.out = workdir / f"{name}.out"
-        self.err = workdir / f"{name}.err"
-        self.stdin: IO[bytes] | None = None
         for _attempt in range(START_ATTEMPTS):
             self.port = peers.pick_port(host)
             argv = make_argv(self.port)
-            with contextlib.ExitStack() as files:
-                source = files.enter_context(open(stdin, "rb")) if stdin else subprocess.PIPE
-                self.proc = subprocess.Popen(
-                    argv, stdin=source, stdout=files.enter_context(open(self.out, "wb")),
-                    stderr=files.enter_context(open(self.err, "wb")), env=peers.peer_env(),
-                    start_new_session=True,
-                )  # fmt: skip
-            self.stdin = self.proc.stdin
+            self.spawn(workdir, name, argv, stdin, peers.peer_env())
             deadline = time.monotonic() + READY_TIMEOUT_S
             while self.proc.poll() is None and time.monotonic() < deadline:
                 if peers.listening(self.proc.pid, host, self.port):
@@ -179,20 +207,8 @@ class Program:
     def hostport(self) -> str:
         return peers.format_hostport(self.host, self.port)
 
-    def feed(self, data: bytes) -> threading.Thread:
-        return feed(self.stdin, data)
-
-    def close_stdin(self) -> None:
-        if self.stdin is not None and not self.stdin.closed:
-            with contextlib.suppress(OSError):
-                self.stdin.close()
-
     def wait(self, timeout: float = RUN_TIMEOUT_S) -> int:
         return self.proc.wait(timeout)
-
-    def stop(self) -> None:
-        self.close_stdin()
-        peers._stop_process(self.proc)  # SIGTERM, then SIGKILL; by pid
 
 
 @contextlib.contextmanager
@@ -205,30 +221,12 @@ def program(name: str, workdir: Path, make_argv: Callable[[int], list[str]],
         started.stop()
 
 
-class Background:
-    """A subprocess (hopcat by default) with stdin a pipe or a file, stdout and stderr files."""
+class Background(Piped):
+    """A subprocess (hopcat by default) with clean_env()."""
 
     def __init__(self, workdir: Path, name: str, argv: list[str], *,
                  stdin: Path | None = None) -> None:  # fmt: skip
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.out = workdir / f"{name}.out"
-        self.err = workdir / f"{name}.err"
-        with contextlib.ExitStack() as files:
-            source = files.enter_context(open(stdin, "rb")) if stdin else subprocess.PIPE
-            self.proc = subprocess.Popen(
-                argv, stdin=source, stdout=files.enter_context(open(self.out, "wb")),
-                stderr=files.enter_context(open(self.err, "wb")), env=clean_env(),
-                start_new_session=True,
-            )  # fmt: skip
-        self.stdin = self.proc.stdin
-
-    def feed(self, data: bytes) -> threading.Thread:
-        return feed(self.stdin, data)
-
-    def close_stdin(self) -> None:
-        if self.stdin is not None and not self.stdin.closed:
-            with contextlib.suppress(OSError):
-                self.stdin.close()
+        self.spawn(workdir, name, argv, stdin, clean_env())
 
     def wait(self, timeout: float = RUN_TIMEOUT_S) -> int:
         try:
@@ -239,10 +237,6 @@ class Background:
 
     def stderr(self) -> str:
         return self.err.read_text(errors="replace")
-
-    def stop(self) -> None:
-        self.close_stdin()
-        peers._stop_process(self.proc)
 
 
 def hopcat(workdir: Path, *args: str, name: str = "hopcat", stdin: Path | None = None) -> Background:
@@ -358,53 +352,36 @@ class BioSession:
         self.flush()
 
 
-class PyTLSServer:
+class PyTLSServer(ScriptedServer):
     """A loopback TLS server running ``handler(session)`` (a BioSession, handshake done) for each
-    connection, on a thread each; ``results`` holds what handlers return, ``errors`` what they
-    raised."""
+    connection, on a thread each; ``results`` holds what handlers return, ``failures`` what they
+    raised (``wait()`` raises the first; ``close()`` does not: many tests fail the handshake on
+    purpose)."""
 
     def __init__(self, context: ssl.SSLContext, handler: Callable[[BioSession], object]) -> None:
         self.context = context
-        self.handler = handler
-        self.listener = socket.create_server((peers.LOOPBACK_V4, 0))
-        self.port: int = self.listener.getsockname()[1]
+        self.session_handler = handler
         self.results: list[object] = []
-        self.errors: list[BaseException] = []
+        self.failures: list[BaseException] = []
         self.done = threading.Event()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
+        super().__init__(self._session, host=peers.LOOPBACK_V4)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
-
-    def _run(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(RUN_TIMEOUT_S)
-            try:
-                session = BioSession(conn, self.context, server_side=True)
-                session.handshake()
-                self.results.append(self.handler(session))
-            except BaseException as exc:
-                self.errors.append(exc)
-            finally:
-                self.done.set()
+    def _session(self, conn: socket.socket) -> None:
+        conn.settimeout(RUN_TIMEOUT_S)
+        try:
+            session = BioSession(conn, self.context, server_side=True)
+            session.handshake()
+            self.results.append(self.session_handler(session))
+        except BaseException as exc:
+            self.failures.append(exc)
+        finally:
+            self.done.set()
 
     def wait(self, timeout: float = RUN_TIMEOUT_S) -> object:
         assert self.done.wait(timeout), "the TLS server's handler did not finish"
-        if self.errors:
-            raise self.errors[0]
+        if self.failures:
+            raise self.failures[0]
         return self.results[0]
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.listener.shutdown(socket.SHUT_RDWR)  # wakes accept(), which close() does not
-        self.listener.close()
-        self._thread.join(5)
 
 
 @contextlib.contextmanager
