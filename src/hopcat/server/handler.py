@@ -75,9 +75,8 @@ if TYPE_CHECKING:
     from hopcat.net.dial import SockAddr
     from hopcat.proto._machine import ServerMachine
     from hopcat.server.serve import Server
-    from hopcat.server.tls import Terminator
+    from hopcat.server.tls import Bridge, Terminator
     from hopcat.server.upstream import Upstream
-    from hopcat.server.via_tls import Bridge
 
     # A dial's outcome: a connected socket, or the errno of every failed attempt.
     OnDialed = Callable[[socket.socket | None, list[int] | None], None]
@@ -168,7 +167,7 @@ def _literal_family(host: str) -> int | None:
 
 
 def guarded(method: Callable[..., None]) -> Callable[..., None]:
-    """For a connection's event-loop callbacks (Conn's, the TLS terminator's): an exception (a
+    """For a connection's event-loop callbacks (Conn's, the TLS pumps'): an exception (a
     bug) ends that connection with a log line instead of leaving it registered, where a
     level-triggered fd would call it again."""
 
@@ -555,7 +554,7 @@ class Conn:
     def upstream_opened(self, sock: socket.socket, trailing: bytes, via: Bridge | None) -> None:
         """The --via chain is open (called by ``self.upstream``, which nothing cancelled):
         ``trailing`` holds the target's bytes that came with the last proxy reply; through TLS
-        hops ``sock`` is the end of ``via``'s pair (see ``hopcat.server.via_tls``)."""
+        hops ``sock`` is the end of ``via``'s pair (see ``hopcat.server.tls``)."""
         self.upstream = None
         self.via = via
         self._established(sock, None, None, trailing)
@@ -695,8 +694,7 @@ class Conn:
             self.close("ok", None)
 
     def tls_done(self) -> None:
-        """The terminator, or the --via bridge, passed both ends on (see ``hopcat.server.tls``,
-        ``hopcat.server.via_tls``)."""
+        """The terminator, or the --via bridge, passed both ends on (see ``hopcat.server.tls``)."""
         if self.phase == RELAY:
             self.half_done(None)
 
@@ -723,14 +721,11 @@ class Conn:
             # Both directions shut down cleanly: nothing to abort, the relay sees the rest.
             self.server.engine.unwatch(fd)
             return
-        if self.tls is not None and sock is self.tls.sock:
-            self.server.engine.unwatch(fd)
-            self.tls.client_failed(OSError(code, os.strerror(code)))
-            return
-        if self.via is not None and sock is self.via.sock:
-            self.server.engine.unwatch(fd)
-            self.via.upstream_failed(OSError(code, os.strerror(code)))
-            return
+        for pump in (self.tls, self.via):
+            if pump is not None and sock is pump.sock:
+                self.server.engine.unwatch(fd)
+                pump.sock_failed(OSError(code, os.strerror(code)))
+                return
         self.active = True
         who = "target" if sock is self.target else "client"
         self.close("reset", f"{who}: {os.strerror(code).lower()}")

@@ -11,7 +11,7 @@ server's direct dials do. Reads are not exact: the bytes that came with the last
 target that speaks first, such as an SSH server) come back as ``trailing``, and the relay sends
 them to the client before anything else. TLS hops run in the driver too, with the context
 made once at start (``--via-cacert``, ``--via-insecure``); their sessions stay with the socket,
-and ``hopcat.server.via_tls.Bridge`` puts them between it and a socketpair whose other end the
+and ``hopcat.server.tls.Bridge`` puts them between it and a socketpair whose other end the
 relay takes for the upstream. A TLS failure at a hop is that hop's protocol error, reported as
 the other upstream failures are.
 
@@ -191,7 +191,7 @@ class Upstream:
         if layers is None:
             self.conn.upstream_opened(sock, trailing, None)
             return
-        from hopcat.server.via_tls import Bridge
+        from hopcat.server.tls import Bridge
 
         try:
             bridge = Bridge(self.opens.loop, sock, layers)
