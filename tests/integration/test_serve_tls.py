@@ -213,6 +213,65 @@ def test_target_half_closes_first(servers: dict[str, ServeProcess], certificates
     assert f"up={len(up)} down={len(down)} " in server.tunnel_lines()[-1]
 
 
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3],
+                         ids=["tls1.2", "tls1.3"])
+def test_bare_fin_after_our_close_notify(servers: dict[str, ServeProcess],
+                                         certificates: Certificates,
+                                         version: ssl.TLSVersion) -> None:  # fmt: skip
+    """The target ends first (our close_notify reaches the client), then the client ends its
+    upload with a bare FIN, which the session reads as its close_notify: the upload reaches the
+    target whole, and nothing follows our close_notify (a second shutdown of the session at the
+    end would send a second one)."""
+    server = servers["open"]
+    down, up = pattern(1 << 16, 15), pattern(1 << 16, 16)
+    before = ok_lines(server)
+    with peers.SourceServer(down, half_close_only=True).start() as target:
+        context = ssl.create_default_context(cafile=str(certificates.ca))
+        context.maximum_version = version
+        host, _, port = tls_hostport(server).rpartition(":")
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = context.wrap_bio(incoming, outgoing, server_hostname=host)
+        with socket.create_connection((host, int(port)), timeout=20) as raw:
+
+            def receive() -> None:
+                raw.sendall(outgoing.read())
+                chunk = raw.recv(1 << 20)
+                assert chunk, "the connection ended before our close_notify"
+                incoming.write(chunk)
+
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    receive()
+            tls.write(f"CONNECT {target.hostport} HTTP/1.1\r\n\r\n".encode())
+            received = bytearray()
+            while True:
+                try:
+                    chunk = tls.read(1 << 20)
+                except ssl.SSLWantReadError:
+                    receive()
+                    continue
+                except ssl.SSLZeroReturnError:
+                    break
+                if not chunk:  # close_notify, as SSLObject may say it
+                    break
+                received += chunk
+            tls.write(up)
+            raw.sendall(outgoing.read())
+            raw.shutdown(socket.SHUT_WR)  # no close_notify before it
+            after = incoming.pending
+            while chunk := raw.recv(1 << 20):
+                after += len(chunk)
+        record = target.last
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and body == down
+    assert after == 0, f"{after} bytes after our close_notify"
+    assert record.received_len == len(up) and record.received_sha256 == sha256(up)
+    wait_ok_lines(server, before + 1)
+
+
 def test_client_that_pauses_loses_nothing(servers: dict[str, ServeProcess],
                                           certificates: Certificates) -> None:  # fmt: skip
     """A client that stops reading mid-download: the records for it, then the pair, then the
