@@ -149,7 +149,11 @@ class TLSPump(abc.ABC):
             return
         if not data:
             self.tls_ended = True
-        self.layers.feed(data)
+        try:
+            self.layers.feed(data)
+        except ssl.SSLError as exc:  # an outer session's bad record or alert (a TLS hop's)
+            self._fail("reset", f"{self.who}: TLS: {exc.reason or exc}")
+            return
         if self._took(data):
             self._pump_plain()
             self._flush_out()
