@@ -27,8 +27,9 @@ End-of-stream policy (the reason this tool exists; nc and ncat get parts of it w
   a TLS hop's session would be a protocol violation): the TLS 1.3 half-close; a TLS 1.2 peer
   answers with its own close_notify after what it still had to send. A peer's FIN without
   close_notify ends the stream too (``-v`` says it may be truncated: only the protocol inside
-  can tell); an alert or a bad record is an error (exit 82). ``no_shutdown`` skips the FIN (microsocks and tinyproxy tear the whole
-  tunnel down on a client FIN). ``quit_after_eof_s`` (nc's -q) exits that long after stdin EOF.
+  can tell); an alert or a bad record is an error (exit 82). ``no_shutdown`` skips the FIN
+  (microsocks and tinyproxy tear the whole tunnel down on a client FIN). ``quit_after_eof_s``
+  (nc's -q) exits that long after stdin EOF.
 * peer FIN: once every byte received has reached stdout, close stdout, then keep sending stdin
   for as long as it has data ready, and exit as soon as it is idle or at its EOF. ssh never
   closes our stdin, and waiting for its EOF is the ProxyCommand hang people hit with nc and old
