@@ -353,6 +353,11 @@ class _Driver:
                     raise TimeoutError
                 return None
         self._send_wire(layers.wire_out())
+        if self.trace is not no_trace:
+            # -v: what a TLS hop's certificate says (the CLI describes the target's itself).
+            from hopcat.net.tls import describe
+
+            self.trace(f"{layers.labels[-1]}: {describe(layers.innermost)}")
         version: str = layers.innermost.version() or "TLS"
         return version
 
