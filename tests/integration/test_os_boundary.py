@@ -8,6 +8,7 @@ import pty
 import select
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import termios
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from support import HOPCAT, clean_env, closed_port, exchange, pattern
+from support import HOPCAT, Certificates, clean_env, closed_port, exchange, pattern
 
 
 def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 15) -> None:
@@ -252,4 +253,44 @@ def test_socket_stdin_to_a_peer_that_does_not_read_costs_no_cpu() -> None:
         listener.close()
         feeder.close()
         stdin.close()
+    assert share < 0.1, f"{share:.0%} CPU while waiting"
+
+
+@pytest.mark.parametrize("direction", ["down", "up"])
+def test_tls_relay_stuck_either_way_costs_no_cpu(
+    direction: str, certificates: Certificates
+) -> None:
+    """Through TLS (records decrypted in hopcat, where poll cannot see them): a full stdout
+    pipe while the peer sends, or a peer that stops reading while stdin has more."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certificates.cert, certificates.key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(30)
+    out_r, out_w = os.pipe()
+    in_r, in_w = os.pipe()
+    os.set_blocking(in_w, False)
+    proc = subprocess.Popen(
+        [*HOPCAT, "--tls", "--tls-ca", str(certificates.ca), "127.0.0.1",
+         str(listener.getsockname()[1])], stdin=in_r, stdout=out_w, stderr=subprocess.PIPE,
+        env=clean_env(),
+    )  # fmt: skip
+    try:
+        conn, _ = listener.accept()
+        with context.wrap_socket(conn, server_side=True) as tls:
+            if direction == "down":
+                _send_until_stuck(tls, pattern(200, 22))
+            else:
+                try:  # stdin's pipe full behind a socket the peer does not read
+                    while True:
+                        os.write(in_w, pattern(65536, 23))
+                except BlockingIOError:
+                    time.sleep(0.3)  # let the relay fill the socket and settle
+            share = _cpu_share_over(proc.pid, 1.0)
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+        listener.close()
+        for fd in (out_r, out_w, in_r, in_w):
+            os.close(fd)
     assert share < 0.1, f"{share:.0%} CPU while waiting"
