@@ -136,6 +136,9 @@ def _run_child_over_tls(
         raise
     os.close(to_child_r)
     os.close(from_child_w)
+    # The relay closes the child's stdin at the peer's end (its EOF); otherwise it is closed
+    # here, but only if the number is still that pipe and not a descriptor opened since.
+    to_child = os.fstat(to_child_w)
     try:
         # The child may answer after the peer's end (a request, then its reply): wait for its
         # output's end, not only while it is busy.
@@ -145,9 +148,11 @@ def _run_child_over_tls(
         close_tls(conn, layers)
         os.close(from_child_r)
         try:
-            os.close(to_child_w)  # closed by the relay at the peer's end already
+            still_ours = os.path.samestat(os.fstat(to_child_w), to_child)
         except OSError:
-            pass
+            still_ours = False
+        if still_ours:
+            os.close(to_child_w)
     return _wait(pid)
 
 
