@@ -47,18 +47,15 @@ async def connect_socket(
     proxy_headers: Iterable[tuple[str, str]] = (),
 ) -> socket.socket:
     """A connected non-blocking socket to host:port through ``via``; its next byte is the
-    target's first. An https:// hop cannot be handed out this way (ValueError)."""
-    from hopcat.aio._driver import SocketIO, run_plan
+    target's first. A TLS hop cannot be handed out this way (ValueError)."""
+    from hopcat.aio._driver import TLS_HOP_REFUSED, SocketIO, run_plan
     from hopcat.net.engine import tunnel_plan
 
     chain = as_chain(via)
     loop = asyncio.get_running_loop()
     deadline = _deadline(loop, timeout)
     if any(proxy.tls for proxy in chain):
-        raise UsageError(
-            "a TLS proxy (https://, socks5+tls://) keeps its TLS session inside hopcat, so a bare "
-            "socket cannot be handed out through it: use hopcat.aio.open_connection or create_connection"
-        )
+        raise UsageError(TLS_HOP_REFUSED)
     if len(chain) == 0:
         return await _dial_direct(host, port, family, deadline)
     io = SocketIO(loop, family)

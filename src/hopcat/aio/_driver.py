@@ -45,6 +45,10 @@ if TYPE_CHECKING:
     from hopcat.net.tls import TLSLayers
 
 PROBE_ANSWER_BYTES = 16
+TLS_HOP_REFUSED = (
+    "a TLS proxy (https://, socks5+tls://) keeps its TLS session inside hopcat, so a bare socket "
+    "cannot be handed out through it: use hopcat.aio.open_connection or create_connection"
+)
 
 
 async def run_plan(plan: Plan, io: SocketIO | TransportIO, deadline: float) -> Opened:
@@ -307,10 +311,7 @@ class _SocketRunner:
 
         io = self.io
         if io.context is None:
-            raise UsageError(
-                "a TLS proxy (https://, socks5+tls://) keeps its TLS session inside hopcat, so a bare "
-                "socket cannot be handed out through it: use hopcat.aio.open_connection or create_connection"
-            )
+            raise UsageError(TLS_HOP_REFUSED)
         if io.layers is None:
             io.layers = TLSLayers()
         if not step.again:
