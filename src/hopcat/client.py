@@ -263,6 +263,10 @@ class Tunnel:
         """TLS to the target over the tunnel; the TLS socket replaces ``sock`` and is returned.
         After a TLS hop it is a ``NestedTLSSocket`` (TLS inside the proxy's TLS)."""
         sock = self._socket()
+        if server_hostname is not None:  # it goes into SNI: checked before any wire format
+            from hopcat._endpoint import validate_host
+
+            server_hostname = validate_host(server_hostname, what="server_hostname")
         self.sock = _wrap_target(sock, context, server_hostname)
         return self.sock
 

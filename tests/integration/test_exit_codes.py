@@ -310,3 +310,21 @@ def test_password_from_the_environment_that_is_not_utf8() -> None:
                             env=clean_env(HOPCAT_PROXY_PASSWORD=BAD_UTF8))
     err = assert_documented(result)
     assert result.returncode == 64 and "HOPCAT_PROXY_PASSWORD is not valid UTF-8" in err, err
+
+
+@pytest.mark.parametrize("name", ["", "a\nb", "a b", "x" * 300, "x:y"])
+def test_tls_servername_is_checked_before_it_reaches_sni(target: HelloTarget, name: str) -> None:
+    """A name for SNI is refused like a host (exit 64), before anything is dialled; and the
+    library's server_hostname alike (ValueError; an empty one there means the host's)."""
+    result = run_hopcat("--tls", "--tls-servername", name, "127.0.0.1", str(target.port))
+    assert result.returncode == 64, result.stderr
+    assert result.stderr.startswith(b"hopcat: --tls-servername")
+    if not name:
+        return
+    import ssl
+
+    import hopcat
+
+    with pytest.raises(ValueError, match="server_hostname"):
+        hopcat.create_connection(("127.0.0.1", target.port), 10, via=hopcat.Chain(),
+                                 ssl=ssl.create_default_context(), server_hostname=name)  # fmt: skip

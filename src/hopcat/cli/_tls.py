@@ -32,9 +32,14 @@ INSECURE_WARNING = ("--tls-insecure: the peer's certificate is not checked; anyo
 
 
 def settings(options: Options) -> TLSSettings:
+    servername = options.tls_servername
+    if servername is not None:
+        # It goes into SNI: refused here like any name before it reaches a wire format.
+        from hopcat._endpoint import validate_host
+
+        servername = validate_host(servername, what="--tls-servername")
     return TLSSettings(
-        ca=options.tls_ca, cert=options.tls_cert, key=options.tls_key,
-        servername=options.tls_servername,
+        ca=options.tls_ca, cert=options.tls_cert, key=options.tls_key, servername=servername,
         alpn=parse_alpn(options.tls_alpn) if options.tls_alpn is not None else (),
         pin=parse_pin(options.tls_pin) if options.tls_pin is not None else None,
         min_version=(parse_min_version(options.tls_min_version)
