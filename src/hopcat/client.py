@@ -317,6 +317,10 @@ def open_tunnel(
     from hopcat.net.dial import dial_tcp
 
     chain = as_chain(via)
+    if ssl is not None and server_hostname:  # it goes into SNI: checked before anything is sent
+        from hopcat._endpoint import validate_host
+
+        server_hostname = validate_host(server_hostname, what="server_hostname")
     limit = DEFAULT_TIMEOUT_S if timeout is _DEFAULT else timeout
     deadline = float("inf") if limit is None else time.monotonic() + limit
     source, source_port = None, 0

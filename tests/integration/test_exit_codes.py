@@ -328,3 +328,11 @@ def test_tls_servername_is_checked_before_it_reaches_sni(target: HelloTarget, na
     with pytest.raises(ValueError, match="server_hostname"):
         hopcat.create_connection(("127.0.0.1", target.port), 10, via=hopcat.Chain(),
                                  ssl=ssl.create_default_context(), server_hostname=name)  # fmt: skip
+    import asyncio
+
+    import hopcat.aio
+
+    with pytest.raises(ValueError, match="server_hostname"):
+        asyncio.run(hopcat.aio.open_connection("127.0.0.1", target.port, via=hopcat.Chain(),
+                                               ssl=ssl.create_default_context(),
+                                               server_hostname=name))  # fmt: skip

@@ -21,6 +21,7 @@ import asyncio
 import socket
 from typing import TYPE_CHECKING, Any
 
+from hopcat._endpoint import validate_host
 from hopcat.client import _DEFAULT, DEFAULT_TIMEOUT_S, _target_tls_timeout, as_chain
 from hopcat.errors import HopcatTimeoutError, UsageError
 from hopcat.net.dial import interleave_families
@@ -97,6 +98,8 @@ async def create_connection(
     from hopcat.net.engine import tunnel_plan
 
     chain = as_chain(via)
+    if ssl is not None and server_hostname:
+        server_hostname = validate_host(server_hostname, what="server_hostname")  # for SNI
     loop = asyncio.get_running_loop()
     deadline = _deadline(loop, timeout)
     if proxy_ssl is None and any(proxy.tls for proxy in chain):
