@@ -24,6 +24,7 @@ verification on by default; ``check_pin`` and ``describe`` run after a handshake
 
 from __future__ import annotations
 
+import os
 import ssl
 
 from hopcat.errors import HopcatError, TLSError, UsageError
@@ -320,12 +321,18 @@ def _load(context: ssl.SSLContext, settings: TLSSettings, *, ca_flag: str, cert_
     if settings.alpn:
         context.set_alpn_protocols(list(settings.alpn))
     if settings.cert or settings.key:
+        key_flag = cert_flag.replace("cert", "key")
         if not settings.cert:
-            raise UsageError(f"{cert_flag.replace('cert', 'key')} needs {cert_flag} too")
+            raise UsageError(f"{key_flag} needs {cert_flag} too")
+        # OpenSSL's error does not say which of the two files it could not read. Looked at,
+        # not opened: a key from a pipe (``--tls-key <(...)``) can be read only once.
+        for flag, path in ((cert_flag, settings.cert), (key_flag, settings.key)):
+            if path is not None and not os.access(path, os.R_OK):
+                why = "no such file" if not os.path.exists(path) else "not readable"
+                raise UsageError(f"{flag} {path}: {why}")
         try:
             context.load_cert_chain(settings.cert, settings.key)
         except ssl.SSLError as exc:
-            key_flag = cert_flag.replace("cert", "key")
             if exc.reason == "KEY_VALUES_MISMATCH":
                 why = "the private key does not belong to the certificate"
             elif settings.key:
