@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import os
 import resource
@@ -99,8 +100,9 @@ def read_tail(f: IO[bytes], limit: int = 400) -> str:
 
 
 @dataclass
-class ToolRun:
-    """One run of the tool under test: what every benchmark records of it."""
+class ToolRun(abc.ABC):
+    """One run of the tool under test: what every benchmark records of it. Each benchmark's
+    run says what else it measured (``cpu_detail``)."""
 
     tool: str
     mode: str  # up, down, latency
@@ -121,9 +123,9 @@ class ToolRun:
             return None
         return self.tool_user + self.tool_sys
 
+    @abc.abstractmethod
     def cpu_detail(self, gib: float) -> str:
         """The other threads' and processes' CPU per GiB, for the progress line."""
-        raise NotImplementedError
 
     def describe(self) -> str:
         if not self.ok:
