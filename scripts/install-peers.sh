@@ -9,6 +9,9 @@ wanted=(
   openssh-server:/usr/sbin/sshd openssh-client:ssh dante-server:danted microsocks:microsocks
   tinyproxy:tinyproxy ncat:ncat netcat-openbsd:nc.openbsd socat:socat connect-proxy:connect-proxy
   curl:curl git:git iproute2:ip nmap:nmap proxychains4:proxychains4 stunnel4:stunnel4
+  squid:/usr/sbin/squid apache2-utils:htpasswd winbind:ntlm_auth samba-common-bin:smbpasswd
+  krb5-kdc:/usr/sbin/krb5kdc krb5-admin-server:/usr/sbin/kadmin.local krb5-user:kinit
+  apache2:/usr/sbin/apache2 cntlm:/usr/sbin/cntlm proxytunnel:proxytunnel
 )
 missing=()
 for pair in "${wanted[@]}"; do
