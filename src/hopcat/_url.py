@@ -51,9 +51,11 @@ PROTOCOL_OF_SCHEME = {"socks4": "socks4", "socks4a": "socks4", "socks5": "socks5
 
 
 class ProxyURL:
-    """One hop of a chain. ``origin`` says where it came from, for -v (e.g. "-x", "ALL_PROXY")."""
+    """One hop of a chain. ``origin`` says where it came from, for -v (e.g. "-x", "ALL_PROXY").
+    ``auth_schemes``: for an HTTP proxy, the authentication schemes to answer a 407 with, in
+    order (``hopcat.net.proxy_auth.SCHEMES``); None for all in hopcat's order."""
 
-    __slots__ = ("host", "origin", "password", "port", "scheme", "username")
+    __slots__ = ("auth_schemes", "host", "origin", "password", "port", "scheme", "username")
 
     def __init__(
         self, scheme: str, host: str, port: int, username: str | None = None,
@@ -65,6 +67,7 @@ class ProxyURL:
         self.username = username
         self.password = password
         self.origin = origin
+        self.auth_schemes: tuple[str, ...] | None = None
 
     @property
     def protocol(self) -> str:

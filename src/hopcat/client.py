@@ -60,10 +60,20 @@ class Proxy:
         self._url = url
 
     @classmethod
-    def from_url(cls, url: str) -> Proxy:
-        """Parse ``scheme://[user[:password]@]host[:port]``; ValueError when it is not one."""
+    def from_url(cls, url: str, *, auth_schemes: str | None = None) -> Proxy:
+        """Parse ``scheme://[user[:password]@]host[:port]``; ValueError when it is not one.
+
+        ``auth_schemes`` (HTTP proxies): the schemes a 407 may be answered with, in order, as
+        the CLI's ``--proxy-auth-scheme`` takes them (``"ntlm,digest"``; ``"basic"`` alone
+        sends Basic with the first request); default: Negotiate, NTLM, Digest, Basic."""
         parsed = parse_proxy_url(url, origin="")
         parsed.origin = ""
+        if auth_schemes is not None:
+            from hopcat.net.proxy_auth import parse_scheme_list
+
+            if parsed.protocol != "http":
+                raise ValueError("auth_schemes is for HTTP proxies")
+            parsed.auth_schemes = parse_scheme_list(auth_schemes)
         return cls(parsed)
 
     @property
@@ -118,7 +128,9 @@ class Proxy:
 
     def _copy(self) -> ProxyURL:
         url = self._url
-        return ProxyURL(url.scheme, url.host, url.port, url.username, url.password, url.origin)
+        copy = ProxyURL(url.scheme, url.host, url.port, url.username, url.password, url.origin)
+        copy.auth_schemes = url.auth_schemes
+        return copy
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Proxy):

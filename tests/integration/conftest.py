@@ -51,6 +51,21 @@ from typing import Any
 import peers
 import pytest
 import tls_peers
+from corporate_peers import (  # noqa: F401  (session fixtures, defined once for every module)
+    AuthProxy,
+    apache_digest,
+    samba_ntlm,
+    samba_winbind,
+    squid_acl_443,
+    squid_basic,
+    squid_digest,
+    squid_multi,
+    squid_negotiate,
+    squid_negotiate_wrapper_only,
+    squid_ntlm_fake,
+    squid_ntlm_fake_close,
+)
+from kdc import krb5_realm  # noqa: F401  (a session fixture, shared by every module)
 from test_serve_support import ServeProcess, serve_factory
 
 from support import Certificates, make_certificates, pattern
@@ -88,6 +103,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         for name, value in item.funcargs.items():
             if isinstance(value, peers.Daemon):
                 report.sections.append((f"{name} log ({value.log_path})", peers._tail(value.log())))
+            elif isinstance(value, AuthProxy):
+                report.sections.extend(value.report_sections())
             elif isinstance(value, peers._Target):
                 report.sections.append((f"{name} connections", "\n".join(map(repr, value.records))))
     return report

@@ -19,35 +19,7 @@ import corporate_peers as cp
 import kdc
 import peers
 import pytest
-from corporate_peers import (
-    AuthProxy,
-    apache_digest,
-    samba_ntlm,
-    samba_winbind,
-    squid_acl_443,
-    squid_basic,
-    squid_digest,
-    squid_multi,
-    squid_negotiate,
-    squid_negotiate_wrapper_only,
-    squid_ntlm_fake,
-    squid_ntlm_fake_close,
-)
-
-__all__ = [  # the fixtures this module uses, imported for pytest
-    "apache_digest",
-    "krb5_realm",
-    "samba_ntlm",
-    "samba_winbind",
-    "squid_acl_443",
-    "squid_basic",
-    "squid_digest",
-    "squid_multi",
-    "squid_negotiate",
-    "squid_negotiate_wrapper_only",
-    "squid_ntlm_fake",
-    "squid_ntlm_fake_close",
-]
+from corporate_peers import AuthProxy
 
 krb5_realm = kdc.krb5_realm
 

@@ -86,6 +86,8 @@ OPTION_CASES: dict[str, tuple[list[str | None], list[str]]] = {
     "--proxy": ([], ["[::1", "h:port"]),
     "--proxy-type": ([], ["gopher"]),
     "--proxy-auth": ([], ["u:p", ":pw"]),
+    # Good values need an HTTP proxy (tests/scenario/test_proxy_auth.py); without one: 64.
+    "--proxy-auth-scheme": ([], ["kerberos", "", "ntlm,,basic", "basic"]),
     "-S": ([], ["@h", "h:0"]),
     "-H": ([], ["h:x"]),
     "--proxy-dns": (["local", "remote", "both", "none"], ["sometimes"]),

@@ -24,8 +24,6 @@ TIMEOUT_S = 30
 SRC = str(Path(hopcat.__file__).resolve().parents[1])
 SQUID_HELPER = "/usr/lib/squid/negotiate_kerberos_auth"
 
-krb5_realm = kdc.krb5_realm
-
 # One leg from the initiator; a second one when the acceptor's token comes back on stdin.
 CLIENT = """\
 import base64, sys

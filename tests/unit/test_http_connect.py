@@ -640,3 +640,93 @@ def test_401_from_a_proxy_is_an_auth_failure() -> None:
         client.next_event()
     assert info.value.code == 401 and info.value.exit_code == 77
     assert str(info.value) == "HTTP 401 Unauthorized (proxy wants Basic; credentials rejected)"
+
+
+# -- the challenge flow (challenges=True, as the tunnel engine uses the machine) ---------------
+
+SQUID_407_HEAD = (
+    b"HTTP/1.1 407 Proxy Authentication Required\r\nServer: squid/5.7\r\n"
+    b'Proxy-Authenticate: NTLM\r\nProxy-Authenticate: Digest realm="r", nonce="n"\r\n'
+    b"Content-Length: 10\r\nConnection: keep-alive\r\n\r\n"
+)
+
+
+def challenged(response: bytes) -> tuple[HttpConnectClient, Any]:
+    client = HttpConnectClient("target.test", 22, challenges=True)
+    assert b"Proxy-Connection: keep-alive\r\n" in client.data_to_send()
+    client.receive_data(response)
+    return client, client.next_event()
+
+
+def test_a_kept_407_is_drained_then_retried_on_the_same_connection() -> None:
+    client, event = challenged(SQUID_407_HEAD + b"0123456789")
+    assert event.status == 407 and event.reusable and client.state is State.RETRY_DECISION
+    assert event.header_values == ["NTLM", 'Digest realm="r", nonce="n"']
+    client.retry("NTLM TlRMTVNTUAAB")
+    assert b"\r\nProxy-Authorization: NTLM TlRMTVNTUAAB\r\n" in client.data_to_send()
+    client.receive_data(SQUID + BANNER)
+    assert isinstance(client.next_event(), Established) and client.trailing_data == BANNER
+
+
+def test_body_bytes_arriving_late_and_exact_prefixes() -> None:
+    client, event = challenged(SQUID_407_HEAD + b"0123")
+    assert event is NEED_DATA and client.state is State.BODY
+    assert client.handshake_prefix_len(b"456789" + SQUID) == 6  # the body's rest, no more
+    client.receive_data(b"456789")
+    assert client.next_event().reusable
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.0 407 Auth\r\nProxy-Authenticate: Basic realm=x\r\n\r\n",  # ncat: 1.0, no length
+        b"HTTP/1.1 407 Auth\r\nProxy-Authenticate: Basic\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 407 Auth\r\nProxy-Authenticate: Basic\r\n\r\n",  # the body runs to the close
+        b"HTTP/1.1 407 Auth\r\nProxy-Authenticate: Basic\r\nContent-Length: 99999999\r\n\r\n",
+        b"HTTP/1.1 407 Auth\r\nProxy-Authenticate: Basic\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        b"HTTP/1.1 407 Auth\r\nProxy-Authenticate: Basic\r\nTransfer-Encoding: gzip\r\n\r\n",
+    ],
+)
+def test_a_407_that_ends_the_connection_closes_the_machine(head: bytes) -> None:
+    client, event = challenged(head)
+    assert not event.reusable and client.state is State.CLOSED
+    with pytest.raises(LocalProtocolError):
+        client.retry("Basic eDp5")
+
+
+def test_http10_keep_alive_and_chunked_bodies_are_reusable() -> None:
+    _, event = challenged(
+        b"HTTP/1.0 407 Auth\nProxy-Authenticate: Basic\nConnection: keep-alive\n"
+        b"Transfer-Encoding: chunked\n\n3\nabc\n0\n\n"
+    )
+    assert event.reusable
+
+
+def test_a_connection_closed_mid_body_needs_a_new_one() -> None:
+    client, event = challenged(SQUID_407_HEAD + b"01")
+    client.receive_data(b"")
+    event = client.next_event()
+    assert not event.reusable and client.state is State.CLOSED
+
+
+@pytest.mark.parametrize("body", [b"zz\r\n", b"1" * 2000, b"7fffffff\r\n"])
+def test_bad_or_huge_chunked_bodies_are_protocol_errors(body: bytes) -> None:
+    client = HttpConnectClient("target.test", 22, challenges=True)
+    client.receive_data(b"HTTP/1.1 407 A\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+    with pytest.raises(RemoteProtocolError):
+        client.next_event()
+
+
+def test_squid_port_rule_is_named_with_its_fix() -> None:
+    client = HttpConnectClient("git.example", 22)
+    client.receive_data(b"HTTP/1.1 403 Forbidden\r\nX-Squid-Error: ERR_ACCESS_DENIED 0\r\n\r\n")
+    with pytest.raises(ProxyError) as info:
+        client.next_event()
+    assert "allow CONNECT only to port 443" in str(info.value) and "add 22 to SSL_ports" in str(
+        info.value
+    )
+    client = HttpConnectClient("git.example", 443)
+    client.receive_data(b"HTTP/1.1 403 Forbidden\r\nX-Squid-Error: ERR_ACCESS_DENIED 0\r\n\r\n")
+    with pytest.raises(ProxyError) as info:
+        client.next_event()
+    assert str(info.value) == "HTTP 403 Forbidden"

@@ -26,7 +26,7 @@ SAMPLES = {
     "recv_buf": "262144", "send_buf": "131072", "tos": "lowdelay", "ttl": "64",
     "tls_ca": "/etc/ca.pem", "tls_servername": "ssh.example", "tls_cert": "/etc/me.pem",
     "tls_key": "/etc/me.key", "tls_alpn": "ssh/2.0", "tls_pin": "sha256:" + "ab" * 32,
-    "tls_min_version": "1.3",
+    "tls_min_version": "1.3", "proxy_auth_scheme": "ntlm,digest",
 }
 
 

@@ -33,7 +33,7 @@ from hopcat.errors import HopcatError, ResolveError, UsageError
 from hopcat.net import engine
 from hopcat.net.chain import set_quickack
 from hopcat.net.dial import connect_failed, describe_oserror, interleave_families, sockaddr_text
-from hopcat.net.engine import READ_BYTES, Dial, Probe, Receive, Resolve, Send, StartTLS
+from hopcat.net.engine import READ_BYTES, Call, Dial, Probe, Receive, Resolve, Send, StartTLS
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -153,6 +153,8 @@ class _SocketRunner:
                 elif type(step) is StartTLS:
                     outcome = self._start_tls(step)
                 elif type(step) is Dial and is_ip_literal(step.host):
+                    self.io.close()  # a new connection for a proxy that closed after its 407
+                    self.io.layers = None
                     self._dial(step)
                     return
                 else:
@@ -472,7 +474,11 @@ class SocketIO(_IO):
             return await self.lookup(step.host, step.port, step.family)
         if isinstance(step, Probe):
             return await self.probe(step.data)
+        if isinstance(step, Call):
+            return await asyncio.to_thread(step.function, *step.args)
         assert isinstance(step, Dial)
+        self.close()  # a new connection for a proxy that closed after its 407
+        self.layers = None
         self.sock = await self.dial(step)
         return None
 
@@ -567,7 +573,13 @@ class TransportIO(_IO):
             return await self.probe(step.data)
         if isinstance(step, StartTLS):
             return await self.start_tls(step)
+        if isinstance(step, Call):
+            return await asyncio.to_thread(step.function, *step.args)
         assert isinstance(step, Dial)
+        if self.transport is not None:  # a new connection for a proxy that closed after its 407
+            self.transport.abort()
+            self.transport = None
+            self.protocol = _Buffering()
         sock = await self.dial(step)
         try:
             self.transport, _ = await self.loop.create_connection(lambda: self.protocol, sock=sock)

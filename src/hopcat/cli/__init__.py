@@ -193,7 +193,7 @@ def _connect_and_relay(options: Options, trace: Timeline) -> int:
     from hopcat._endpoint import format_hostport, parse_port, validate_host
     from hopcat._environment import fill_users, proxies_from_environment
     from hopcat.cli._args import DEFAULT_CONNECT_TIMEOUT_S, address_family, wants_tuning
-    from hopcat.cli._proxy import fill_passwords, proxies_from_command_line
+    from hopcat.cli._proxy import apply_auth_schemes, fill_passwords, proxies_from_command_line
     from hopcat.errors import UsageError
 
     for note in options.notes:
@@ -214,6 +214,7 @@ def _connect_and_relay(options: Options, trace: Timeline) -> int:
         hops, why_direct = proxies_from_environment(os.environ, host)
     for note in fill_users(hops, os.environ):
         trace(note)
+    apply_auth_schemes(hops, options)
     fill_passwords(hops, os.environ)
     exec_argv = None
     if options.exec_cmd is not None or options.sh_exec is not None:

@@ -72,6 +72,9 @@ OPTION_TABLE: tuple[tuple[str, str, str, str, str], ...] = (
     ("", "proxy", "HOST[:PORT]", "proxies", "ncat: proxy (a URL works too); bare = HTTP unless --proxy-type"),
     ("", "proxy-type", "TYPE", "ncat_proxy_type", "ncat: socks4, socks4a, socks5 or http for --proxy"),
     ("", "proxy-auth", "USER[:PASS]", "proxy_auth", "ncat: proxy credentials (prefer the password in the environment)"),
+    ("", "proxy-auth-scheme", "LIST", "proxy_auth_scheme",
+     "HTTP proxies: answer a 407 with these, in order: negotiate,ntlm,digest,basic or any (default); "
+     "basic alone goes up front"),
     ("S", "", "[USER@]HOST[:PORT]", "proxies",
      "connect-proxy: SOCKS5 proxy (port 1080; -4: SOCKS4; user from SOCKS5_USER, SOCKS_USER, CONNECT_USER)"),
     ("H", "", "[USER@]HOST[:PORT]", "proxies",
@@ -178,6 +181,7 @@ class Options:
     nc_proxy_user: str | None
     ncat_proxy_type: str | None
     proxy_auth: str | None
+    proxy_auth_scheme: str | None
     proxy_dns: str | None
     no_proxy: bool
     proxy_cacert: str | None

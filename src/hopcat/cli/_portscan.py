@@ -393,7 +393,7 @@ def run(options: Options) -> int:
     """The scan as the CLI runs it: exit 0 if any port is open, 1 if none (as nc)."""
     from hopcat._endpoint import is_ip_literal, validate_host
     from hopcat._environment import fill_users, proxies_from_environment
-    from hopcat.cli._proxy import fill_passwords, proxies_from_command_line
+    from hopcat.cli._proxy import apply_auth_schemes, fill_passwords, proxies_from_command_line
 
     if len(options.operands) < 2:
         raise UsageError("-z: expected HOST PORTS (e.g. 22, 20-25, 80,443; see hopcat --help)")
@@ -409,6 +409,7 @@ def run(options: Options) -> int:
     if not hops and not options.no_proxy:
         hops, _why = proxies_from_environment(os.environ, host)
     fill_users(hops, os.environ)
+    apply_auth_schemes(hops, options)
     fill_passwords(hops, os.environ)
     timeout_s = options.connect_timeout_s
     if timeout_s is None:

@@ -80,6 +80,23 @@ def proxies_from_command_line(options: Options) -> list[ProxyURL]:
     return hops
 
 
+def apply_auth_schemes(hops: list[ProxyURL], options: Options) -> None:
+    """``--proxy-auth-scheme``: the schemes every HTTP hop may answer a 407 with."""
+    if options.proxy_auth_scheme is None:
+        return
+    from hopcat.net.proxy_auth import parse_scheme_list
+
+    try:
+        schemes = parse_scheme_list(options.proxy_auth_scheme)
+    except ValueError as exc:
+        raise UsageError(f"--proxy-auth-scheme: {exc}") from None
+    http_hops = [hop for hop in hops if hop.protocol == "http"]
+    if not http_hops:
+        raise UsageError("--proxy-auth-scheme is for HTTP proxies, and no hop is one")
+    for hop in http_hops:
+        hop.auth_schemes = schemes
+
+
 def _prompt_on_tty(prompt: str) -> str | None:
     """Read a line from the controlling terminal with echo off; None when there is no terminal."""
     try:

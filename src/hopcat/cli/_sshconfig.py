@@ -72,6 +72,7 @@ _CARRIED = frozenset({
     "proxy_dns", "no_proxy", "proxy_cacert", "proxy_insecure", "verbose", "debug",
     "recv_buf", "send_buf", "tos", "ttl", "so_debug", "tls", "tls_ca", "tls_servername",
     "tls_cert", "tls_key", "tls_alpn", "tls_pin", "tls_min_version", "tls_insecure", "ssl_verify",
+    "proxy_auth_scheme",
 })
 # Files ssh runs hopcat with from the user's working directory: written as absolute paths.
 _PATHS = frozenset({"proxy_cacert", "tls_ca", "tls_cert", "tls_key"})

@@ -28,6 +28,7 @@ from hopcat.net import engine
 from hopcat.net.dial import MAX_WAIT_S, describe_oserror, dial_tcp, no_trace, resolve, wait_s
 from hopcat.net.engine import (
     READ_BYTES,
+    Call,
     Dial,
     HopInfo,
     Probe,
@@ -235,7 +236,11 @@ class _Driver:
             return self.start_tls(step)
         if isinstance(step, Probe):
             return self.probe(step.data)
+        if isinstance(step, Call):
+            return step.function(*step.args)
         assert isinstance(step, Dial)
+        self.close()  # a new connection for a proxy that closed after its 407
+        self.layers = None
         self.sock = dial_tcp(
             step.host, step.port, deadline=self.deadline, trace=self.trace, clock=self.clock,
             timeout_label=self.timeout_label, blocking=False, **self.dial_options,

@@ -19,6 +19,13 @@ kind is recognised) and yields *steps* for a driver to carry out on its own I/O 
                                 handshake begun by the last StartTLS)
     Probe(data)                 a second connection to the first hop: the first bytes it
                                 answers to ``data`` (b"" when none; never an error)
+    Call(function, args)        ``function(*args)`` where blocking is allowed (the asyncio
+                                driver runs it in a thread): GSSAPI, which may ask a KDC;
+                                -> its result (it never raises)
+
+``Dial`` may come again: an HTTP proxy that closes after its 407 gets its answer on a new
+connection (``hopcat.net.proxy_auth``), so the driver closes the old one (TLS sessions included)
+and the plan crosses the hops before that proxy again.
 
 A driver answers with ``generator.send(result)`` and reports a failure by throwing the exception
 into the generator (``TimeoutError`` when its deadline passed, the OSError it got): the plan
@@ -66,7 +73,7 @@ from hopcat.errors import (
     UsageError,
 )
 from hopcat.proto import client_machine
-from hopcat.proto._events import Established, NeedData
+from hopcat.proto._events import AuthChallenge, Established, NeedData
 from hopcat.proto._machine import check_host, check_port
 
 TYPE_CHECKING = False
@@ -75,6 +82,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from hopcat._url import ProxyURL
+    from hopcat.net.proxy_auth import HopAuth
     from hopcat.proto._machine import ClientMachine
 
     Plan = Generator["Step", Any, "Opened"]
@@ -154,6 +162,14 @@ class Probe(Step):
         self.data = data
 
 
+class Call(Step):
+    __slots__ = ("args", "function")
+
+    def __init__(self, function: Callable[..., Any], *args: Any) -> None:
+        self.function = function
+        self.args = args
+
+
 # -- outcome ----------------------------------------------------------------------------------
 class HopInfo:
     """What one hop did: its redacted label, the address it reported binding, ms per phase."""
@@ -230,6 +246,60 @@ def tunnel_plan(
         origin = f" (from {first.origin})" if first.origin else ""
         trace(f"hop 1/{count}: {first.label()}{origin}")
     started = clock()
+    yield from _dial_first(hops, timeout_label)
+    infos[0].connect_ms = (clock() - started) * 1000
+    if trace is not None:
+        trace(f"hop 1/{count}: TCP connected in {infos[0].connect_ms:.1f} ms")
+    auths = _hop_auths(hops, headers, trace, count)
+    connections = 1
+    carry = b""
+    index = 0
+    try:
+        while index < count:
+            tls = any(hop.tls for hop in hops[: index + 1])
+            try:
+                crossed = yield from _cross_hop(
+                    hops, infos[index], index, host, port, carry, proxy_dns=proxy_dns,
+                    family=family, numeric_only=numeric_only, exact=exact, tls=tls,
+                    headers=headers, trace=trace, clock=clock, tls_options=tls_options,
+                    auth=auths[index], connections=connections,
+                )  # fmt: skip
+            except (HopcatError, TimeoutError) as caught:
+                # A bare TimeoutError is a driver's deadline at a step no phase below turns into
+                # its own error (a probe of a proxy silent in its TLS handshake): it still gets
+                # its hop.
+                error = caught if isinstance(caught, HopcatError) else HopcatTimeoutError(
+                    "timed out before the proxy answered"
+                )  # fmt: skip
+                if isinstance(error, HopcatTimeoutError) and timeout_label:
+                    error.message = f"{error.message} ({timeout_label})"
+                _locate(error, hops, index)
+                if error is caught:
+                    raise
+                raise error from None
+            if crossed is not None:
+                carry = crossed
+                index += 1
+                continue
+            # The proxy closed after its 407: its answer goes on a new connection, through the
+            # hops before it again.
+            connections += 1
+            if trace is not None:
+                trace(f"hop {index + 1}/{count}: connecting again for the answer "
+                      f"(TCP connection {connections})")  # fmt: skip
+            yield from _dial_first(hops, timeout_label)
+            carry = b""
+            index = 0
+    finally:
+        for auth in auths:
+            if auth is not None:
+                auth.close()
+    return Opened(carry, any(hop.tls for hop in hops), infos)
+
+
+def _dial_first(hops: Sequence[ProxyURL], timeout_label: str) -> SubPlan:
+    """TCP to the first hop, its failures labelled with it."""
+    first = hops[0]
     try:
         yield Dial(first.host, first.port)
     except ConnectError as exc:
@@ -251,33 +321,30 @@ def tunnel_plan(
         unreachable = ProxyUnreachableError(f"unreachable: {_describe(exc)}", errno=exc.errno)
         _locate(unreachable, hops, 0)
         raise unreachable from None
-    infos[0].connect_ms = (clock() - started) * 1000
-    if trace is not None:
-        trace(f"hop 1/{count}: TCP connected in {infos[0].connect_ms:.1f} ms")
-    carry = b""
-    tls = False
+
+
+def _hop_auths(
+    hops: Sequence[ProxyURL], headers: list[tuple[str, str]] | None,
+    trace: Callable[[str], None] | None, count: int,
+) -> list[HopAuth | None]:  # fmt: skip
+    """An authentication state per HTTP hop; none where the caller sends its own
+    Proxy-Authorization header (its 407 is then the caller's to read)."""
+    own = any(name.lower() == "proxy-authorization" for name, _ in headers or ())
+    if own or not any(hop.protocol == "http" for hop in hops):
+        return [None] * len(hops)
+    from hopcat.net.proxy_auth import HopAuth
+
+    auths: list[HopAuth | None] = []
     for index, hop in enumerate(hops):
-        tls = tls or hop.tls
-        try:
-            carry = yield from _cross_hop(
-                hops, infos[index], index, host, port, carry, proxy_dns=proxy_dns,
-                family=family, numeric_only=numeric_only, exact=exact, tls=tls, headers=headers,
-                trace=trace, clock=clock, tls_options=tls_options,
-            )  # fmt: skip
-        except (HopcatError, TimeoutError) as caught:
-            # A bare TimeoutError is a driver's deadline at a step no phase below turns into
-            # its own error (a probe of a proxy silent in its TLS handshake): it still gets
-            # its hop.
-            error = caught if isinstance(caught, HopcatError) else HopcatTimeoutError(
-                "timed out before the proxy answered"
-            )  # fmt: skip
-            if isinstance(error, HopcatTimeoutError) and timeout_label:
-                error.message = f"{error.message} ({timeout_label})"
-            _locate(error, hops, index)
-            if error is caught:
-                raise
-            raise error from None
-    return Opened(carry, tls, infos)
+        hop_trace = None
+        if trace is not None:
+            hop_trace = _prefixed(trace, f"hop {index + 1}/{count}: ")
+        auths.append(HopAuth(hop, trace=hop_trace) if hop.protocol == "http" else None)
+    return auths
+
+
+def _prefixed(trace: Callable[[str], None], prefix: str) -> Callable[[str], None]:
+    return lambda line: trace(prefix + line)
 
 
 def _locate(exc: HopcatError, hops: Sequence[ProxyURL], index: int) -> None:
@@ -292,9 +359,10 @@ def _cross_hop(
     hops: Sequence[ProxyURL], info: HopInfo, index: int, host: str, port: int, carry: bytes, *,
     proxy_dns: str, family: int, numeric_only: bool, exact: bool, tls: bool,
     headers: list[tuple[str, str]] | None, trace: Callable[[str], None] | None,
-    clock: Callable[[], float], tls_options: str,
+    clock: Callable[[], float], tls_options: str, auth: HopAuth | None, connections: int,
 ) -> SubPlan:  # fmt: skip
-    """Ask hop ``index`` for the next hop (or the target); return the bytes that came after."""
+    """Ask hop ``index`` for the next hop (or the target); return the bytes that came after, or
+    None when the hop's answer to a 407 must go on a new connection (``auth.pending``)."""
     count = len(hops)
     hop = hops[index]
     prefix = f"hop {index + 1}/{count}"
@@ -315,11 +383,20 @@ def _cross_hop(
     wire_host = yield from _target_for_hop(
         hop, next_host, next_port, proxy_dns, family, numeric_only, trace
     )
-    machine = client_machine(
-        "socks4a" if hop.plain_scheme == "socks4a" else hop.protocol, wire_host, next_port,
-        username=hop.username, password=hop.password,
-        headers=headers if hop.protocol == "http" else None,
-    )  # fmt: skip
+    machine: ClientMachine
+    if auth is not None:
+        from hopcat.proto.http_connect import HttpConnectClient
+
+        http = machine = HttpConnectClient(
+            wire_host, next_port, headers=headers, authorization=auth.first_authorization(),
+            challenges=True,
+        )  # fmt: skip
+    else:
+        machine = client_machine(
+            "socks4a" if hop.plain_scheme == "socks4a" else hop.protocol, wire_host, next_port,
+            username=hop.username, password=hop.password,
+            headers=headers if hop.protocol == "http" else None,
+        )  # fmt: skip
     if carry:
         machine.receive_data(carry)
 
@@ -331,19 +408,37 @@ def _cross_hop(
             tracer(f"{prefix}: {description} after {(clock() - step_started) * 1000:.1f} ms")
 
     try:
-        established = yield from _handshake(machine, exact=exact, tls=tls, expected=expected,
+        while True:
+            outcome = yield from _handshake(machine, exact=exact, tls=tls, expected=expected,
                                             on_event=on_event)  # fmt: skip
+            if isinstance(outcome, Established):
+                break
+            assert auth is not None
+            if on_event is not None:
+                on_event(outcome.describe())
+            expected = None  # it answered as an HTTP proxy
+            target = format_hostport(check_host(wire_host)[1], next_port)
+            answer = yield from auth.answer(outcome, target)
+            if not outcome.reusable:
+                auth.pending = answer
+                return None
+            http.retry(answer)
     except ProxyError as exc:
         exc.message = f"{exc.message} for {format_hostport(next_host, next_port)}"
         raise
+    established = outcome
     info.handshake_ms = (clock() - step_started) * 1000
     if established.bound_host is not None:
         info.bound = (established.bound_host, established.bound_port or 0)
     if trace is not None:
         bound = f", bound {format_hostport(*info.bound)}" if info.bound else ""
+        how = ""
+        if auth is not None and auth.current is not None:
+            plural = "s" if connections > 1 else ""
+            how = f" ({auth.succeeded()}, {connections} TCP connection{plural})"
         trace(
             f"{prefix}: CONNECT {format_hostport(wire_host, next_port)}: "
-            f"{established.detail}{bound} in {info.handshake_ms:.1f} ms"
+            f"{established.detail}{bound} in {info.handshake_ms:.1f} ms{how}"
         )
     return machine.trailing_data
 
@@ -382,7 +477,8 @@ def _handshake(
     machine: ClientMachine, *, exact: bool, tls: bool, expected: str | None,
     on_event: Callable[[str], None] | None,
 ) -> SubPlan:  # fmt: skip
-    """Run ``machine`` to Established over the driver's connection; return that event."""
+    """Run ``machine`` to Established (or, for an HTTP hop answering 407s, an AuthChallenge)
+    over the driver's connection; return that event."""
     answered = False
     tail = b""  # the last bytes fed to the machine, for reads that cannot pass an HTTP head
     try:
@@ -406,7 +502,7 @@ def _handshake(
                 tail = (tail + chunk)[-2:]
                 machine.receive_data(chunk)
                 continue
-            if isinstance(event, Established):
+            if isinstance(event, Established | AuthChallenge):
                 return event
             if on_event is not None:
                 on_event(event.describe())

@@ -132,3 +132,27 @@ class Rejected(Event):
     def __init__(self, reason: str, kind: str) -> None:
         self.reason = reason
         self.kind = kind
+
+
+class AuthChallenge(Event):
+    """Client side (HTTP CONNECT made with ``challenges=True``): the proxy asked for credentials.
+
+    ``status`` is 407 (or 401, which from a proxy means the same), ``header_values`` the values of
+    every Proxy-Authenticate (WWW-Authenticate for 401) header in order, ``reusable`` whether the
+    connection can carry the next request (the body was drained and the proxy keeps the
+    connection); when it cannot, the machine is CLOSED and the answer goes on a new connection.
+    While ``reusable`` the machine waits for ``retry(authorization)``.
+    """
+
+    __slots__ = ("header_values", "reason", "reusable", "status")
+    _fields = __slots__
+
+    def __init__(self, status: int, reason: str, header_values: list[str], reusable: bool) -> None:
+        self.status = status
+        self.reason = reason
+        self.header_values = header_values
+        self.reusable = reusable
+
+    def describe(self) -> str:
+        kept = "connection kept" if self.reusable else "connection closed"
+        return f"HTTP {self.status} {self.reason} ({kept})".replace("  ", " ")

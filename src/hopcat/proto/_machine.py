@@ -114,6 +114,8 @@ class State(_Symbol):
     REQUEST: ClassVar[State]  # server waits for the CONNECT/BIND request (or HTTP request head)
     REPLY_DECISION: ClassVar[State]  # server code must call reply_success()/reply_failure()
     REPLY: ClassVar[State]  # client waits for the final reply (or HTTP response head)
+    BODY: ClassVar[State]  # HTTP client drains the body of a 407 before answering it
+    RETRY_DECISION: ClassVar[State]  # HTTP client code must call retry() with credentials
     DONE: ClassVar[State]  # handshake succeeded; the rest is payload
     CLOSED: ClassVar[State]  # a refusal is queued; flush it and close
     ERROR: ClassVar[State]  # poisoned by an exception
@@ -128,6 +130,8 @@ for _name in (
     "REQUEST",
     "REPLY_DECISION",
     "REPLY",
+    "BODY",
+    "RETRY_DECISION",
     "DONE",
     "CLOSED",
     "ERROR",

@@ -5,6 +5,12 @@ The client sends one request head and waits for the response head::
     REPLY --(2xx)--> DONE          1xx (not 101): skipped, stay in REPLY (RFC 9110 section 15.2)
           --(407, 401)--> ProxyAuthError      --(other)--> ProxyError(code=status)
 
+or, made with ``challenges=True`` (the tunnel engine, which answers with
+``hopcat.net.proxy_auth``)::
+
+    REPLY --(407, 401; reusable)--> BODY --(drained)--> RETRY_DECISION --retry()--> REPLY
+          --(407, 401; the proxy closes)--> CLOSED: AuthChallenge(reusable=False)
+
 Empty lines before a status line are skipped, and the status line's parts may be separated by
 several spaces or tabs (lenient as RFC 9112 section 2.2 allows; real proxies send both).
 A head ends at the first empty line. RFC 9112 section 2.2 allows a bare LF as line terminator,
@@ -16,7 +22,9 @@ a 2xx head are tunnel payload (``trailing_data``); RFC 9110 says a 2xx CONNECT r
 body whatever its headers claim, so Content-Length and Transfer-Encoding are ignored.
 
 The request target is the authority form ``host:port`` (``[v6]:port``), validated before any byte
-exists. Credentials use Basic (RFC 7617, UTF-8); a 407 names the schemes the proxy wants.
+exists. Credentials given to the machine go as Basic (RFC 7617, UTF-8) with the first request;
+a 407 names the schemes the proxy wants. A Squid 403 for a port other than 443 names Squid's stock
+"CONNECT only to 443" rule and its fix.
 Peer text (reason phrase, header values) is sanitized before it goes into an error message.
 
 The server parses one request head (``REQUEST``), hands ``Credentials`` from a Basic
@@ -25,8 +33,8 @@ itself when there is none), then a ``Request``; any method other than CONNECT co
 ``host=""`` for the server code to answer ``reply_failure(405)``. Every failure response carries
 ``Connection: close``.
 
-Not done: Digest, NTLM or Negotiate; keep-alive and retrying a 407 on the same connection;
-absolute-form requests (this is a tunnel, not a forwarding proxy); TLS to the proxy.
+The server side answers only Basic. Not done: absolute-form requests (this is a tunnel, not a
+forwarding proxy).
 """
 
 from __future__ import annotations
@@ -34,8 +42,8 @@ from __future__ import annotations
 import _socket as socket  # see _machine.py: no socket module
 
 from ..errors import LocalProtocolError, ProxyAuthError, ProxyError, RemoteProtocolError
-from ._buffer import find_head_end
-from ._events import NEED_DATA, Credentials, Established, Event, Rejected, Request
+from ._buffer import ReceiveBuffer, find_head_end
+from ._events import NEED_DATA, AuthChallenge, Credentials, Established, Event, Rejected, Request
 from ._machine import (
     HostKind,
     Machine,
@@ -54,9 +62,11 @@ if TYPE_CHECKING:
     from ._machine import HandlerTable, Step
 
 __all__ = [
+    "MAX_BODY_BYTES",
     "MAX_HEADER_LINES",
     "MAX_HEAD_BYTES",
     "NEED_DATA",
+    "AuthChallenge",
     "Credentials",
     "Established",
     "HttpConnectClient",
@@ -66,6 +76,9 @@ __all__ = [
 ]
 
 MAX_HEAD_BYTES = 64 * 1024
+# A 407's body is drained to reuse the connection (Squid's error page is about 3 KiB); past this
+# the connection is not worth saving.
+MAX_BODY_BYTES = 64 * 1024
 MAX_HEADER_LINES = 100
 
 # RFC 9110 section 5.6.2 token characters (header names, methods, auth schemes).
@@ -195,10 +208,19 @@ class HttpConnectClient(Machine):
 
     ``headers`` are added to the request after ``Host`` and ``Proxy-Authorization``; a ``Host``
     or ``Proxy-Authorization`` among them replaces ours. A username (password defaults to "")
-    adds Basic credentials.
+    adds Basic credentials up front; ``authorization`` is a ready Proxy-Authorization value
+    instead (what an authentication scheme computed).
+
+    With ``challenges`` a 407 (or 401) is not an error but an ``AuthChallenge`` event: its body
+    is drained first when the connection can carry another request (Content-Length or chunked,
+    at most ``MAX_BODY_BYTES``), and then ``retry(authorization)`` sends the request again on it;
+    otherwise the machine is CLOSED and the caller answers on a new connection. The request then
+    says ``Proxy-Connection: keep-alive``, which HTTP/1.0 proxies need to keep the connection
+    (Squid 2.7 closed it without, and NTLM broke: curl/curl#954).
     """
 
-    __slots__ = ("_head_budget", "_scanned", "_sent_credentials")
+    __slots__ = ("_body_left", "_challenge", "_chunked", "_head_budget", "_port", "_request_lines",
+                 "_scanned", "_sent_credentials", "_want_challenges")  # fmt: skip
     _SIZES: ClassVar[None] = None
 
     def __init__(
@@ -209,6 +231,8 @@ class HttpConnectClient(Machine):
         username: str | None = None,
         password: str | None = None,
         headers: list[tuple[str, str]] | None = None,
+        authorization: str | None = None,
+        challenges: bool = False,
     ) -> None:
         kind, text, _ = check_host(host)
         check_port(port)
@@ -218,18 +242,44 @@ class HttpConnectClient(Machine):
         lines = [f"CONNECT {authority} HTTP/1.1"]
         if "host" not in given:
             lines.append(f"Host: {authority}")
+        if challenges and "proxy-connection" not in given:
+            lines.append("Proxy-Connection: keep-alive")
         if username is not None:
-            if "proxy-authorization" in given:
-                raise LocalProtocolError("credentials and a Proxy-Authorization header both given")
-            lines.append(f"Proxy-Authorization: {_basic_authorization(username, password)}")
+            if authorization is not None:
+                raise LocalProtocolError("credentials and an authorization both given")
+            authorization = _basic_authorization(username, password)
         elif password is not None:
             raise LocalProtocolError("a password was given without a username")
-        lines += extra
+        if authorization is not None and "proxy-authorization" in given:
+            raise LocalProtocolError("credentials and a Proxy-Authorization header both given")
         super().__init__(State.REPLY)
-        self._sent_credentials = username is not None or "proxy-authorization" in given
+        self._port = port
+        self._request_lines = (lines, extra)
+        self._want_challenges = challenges
+        self._sent_credentials = authorization is not None or "proxy-authorization" in given
         self._scanned = 0
         self._head_budget = MAX_HEAD_BYTES
-        self._outbox += ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
+        self._body_left = 0  # Content-Length bytes of a 407 still to drain; -1 while chunked
+        self._chunked = _ChunkedBody() if challenges else None
+        self._challenge: AuthChallenge | None = None
+        self._queue_request(authorization)
+
+    def _queue_request(self, authorization: str | None) -> None:
+        lines, extra = self._request_lines
+        if authorization is not None:
+            _check_header(("Proxy-Authorization", authorization))
+            lines = [*lines, f"Proxy-Authorization: {authorization}"]
+        self._outbox += ("\r\n".join([*lines, *extra]) + "\r\n\r\n").encode("utf-8")
+
+    @_outbound
+    def retry(self, authorization: str) -> None:
+        """Send the request again on this connection with ``authorization`` (after an
+        ``AuthChallenge`` whose ``reusable`` is true)."""
+        self._expect(State.RETRY_DECISION, "retry()")
+        self._sent_credentials = True
+        self._challenge = None
+        self._queue_request(authorization)
+        self._state = State.REPLY
 
     def _on_reply(self) -> Step:
         blank = _leading_blank_len(self._inbox.data)
@@ -262,10 +312,74 @@ class HttpConnectClient(Machine):
         if 200 <= status <= 299:
             detail = sanitize(status_line.replace("\t", " "))
             return self._finish(State.DONE, Established(None, None, detail))
+        if self._want_challenges and status in (401, 407):
+            return self._challenged(status_line, status, reason, headers)
         self._refuse(status, reason, headers)
+
+    def _challenged(
+        self, status_line: str, status: int, reason: str, headers: list[tuple[str, str]]
+    ) -> Step:
+        """Keep the challenge for the caller; drain the body first if the connection can be
+        used again (RFC 9112 section 9.3: a response framed by its close ends the connection)."""
+        values = _header_values(headers, "proxy-authenticate" if status == 407 else "www-authenticate")
+        self._challenge = AuthChallenge(status, sanitize(_as_utf8(reason)), values, True)
+        tokens = {
+            token.strip(" \t").lower()
+            for value in _header_values(headers, "connection") + _header_values(headers, "proxy-connection")
+            for token in value.split(",")
+        }  # fmt: skip
+        keep = "close" not in tokens and (status_line[:8] != "HTTP/1.0" or "keep-alive" in tokens)
+        codings = ",".join(_header_values(headers, "transfer-encoding")).lower()
+        lengths = {value.strip(" \t") for value in _header_values(headers, "content-length")}
+        if codings:
+            # Only chunked as the last coding frames a body; anything else runs to the close.
+            keep = keep and codings.replace(" ", "").replace("\t", "").rsplit(",", 1)[-1] == "chunked"
+            self._body_left = -1
+        elif len(lengths) == 1 and (length := lengths.pop()).isascii() and length.isdigit() and (
+            int(length) <= MAX_BODY_BYTES
+        ):  # fmt: skip
+            self._body_left = int(length)
+        else:  # no length (the body runs to the close), several, or too long to drain
+            keep = False
+        if not keep:
+            self._challenge.reusable = False
+            return self._finish(State.CLOSED, self._challenge)
+        self._state = State.BODY
+        return None
+
+    def _on_body(self) -> Step:
+        assert self._challenge is not None and self._chunked is not None
+        if self._body_left >= 0:
+            taken = min(self._body_left, len(self._inbox))
+            self._inbox.take(taken)
+            self._body_left -= taken
+            done = self._body_left == 0
+        else:
+            done = self._chunked.drain(self._inbox)
+        if done:
+            self._state = State.RETRY_DECISION
+            return self._challenge
+        if self._inbox.eof:  # closed mid-body: the answer needs a new connection
+            self._challenge.reusable = False
+            return self._finish(State.CLOSED, self._challenge)
+        return NEED_DATA
+
+    def _on_retry_decision(self) -> Step:
+        raise LocalProtocolError("call retry() before next_event()")
 
     def _refuse(self, status: int, reason: str, headers: list[tuple[str, str]]) -> NoReturn:
         message = f"HTTP {status} {sanitize(_as_utf8(reason))}".rstrip()
+        if status == 403 and self._port != 443 and any(
+            value.strip(" \t").startswith("ERR_ACCESS_DENIED")
+            for value in _header_values(headers, "x-squid-error")
+        ):  # fmt: skip
+            # Squid's stock squid.conf says "http_access deny CONNECT !SSL_ports" before any
+            # authentication: the commonest reason ssh through a corporate Squid fails.
+            message += (
+                f" (Squid denied it: its default rules allow CONNECT only to port 443; the "
+                f"proxy's admin can add {self._port} to SSL_ports, or reach a service on port "
+                "443, e.g. ssh.github.com:443)"
+            )
         if status not in (401, 407):
             raise ProxyError(message, protocol="http", code=status)
         # 407 is the proxy's own challenge; some proxies (tinyproxy) answer wrong credentials
@@ -293,6 +407,12 @@ class HttpConnectClient(Machine):
             self._refuse(status, reason, [])
 
     def _prefix_len(self, data: bytes) -> int:
+        if self._state is State.BODY:
+            # A proxy sends nothing after its 407 until it has our next request: what comes is
+            # body (exactly counted when it has a length).
+            if self._body_left < 0:
+                return len(data)
+            return min(len(data), max(0, self._body_left - len(self._inbox)))
         if self._state is not State.REPLY:
             return 0
         have = len(self._inbox)
@@ -308,7 +428,55 @@ class HttpConnectClient(Machine):
             if not _is_interim(pending[end - found : end]):
                 return min(len(data), max(0, end - have))
 
-    _HANDLERS: ClassVar[HandlerTable] = {State.REPLY: _on_reply, State.DONE: Machine._on_final}
+    _HANDLERS: ClassVar[HandlerTable] = {
+        State.REPLY: _on_reply,
+        State.BODY: _on_body,
+        State.RETRY_DECISION: _on_retry_decision,
+        State.DONE: Machine._on_final,
+        State.CLOSED: Machine._on_final,
+    }
+
+
+class _ChunkedBody:
+    """Drains a chunked body (RFC 9112 section 7.1) without keeping it: sizes, data, trailers.
+    Line ends may be bare LF; extensions are ignored; at most ``MAX_BODY_BYTES`` in all."""
+
+    __slots__ = ("_budget", "_left", "_trailers")
+
+    def __init__(self) -> None:
+        self._left = 0  # data bytes of the current chunk still to skip
+        self._trailers = False
+        self._budget = MAX_BODY_BYTES
+
+    def drain(self, inbox: ReceiveBuffer) -> bool:
+        """Consume what ``inbox`` has of the body; True once it ended."""
+        while True:
+            if self._left:
+                taken = min(self._left, len(inbox))
+                if not taken:
+                    return False
+                inbox.take(taken)
+                self._left -= taken
+                continue
+            end = inbox.data.find(b"\n")
+            if end == -1:
+                if len(inbox) > 1024:
+                    raise RemoteProtocolError("a chunk size line of the 407 body is too long")
+                return False
+            line = bytes(inbox.take(end + 1)).strip(b"\r\n")
+            self._budget -= end + 1
+            if self._trailers:
+                if not line:
+                    return True
+            elif line:  # empty: the line end after a chunk's data
+                size_text = line.split(b";", 1)[0].strip(b" \t")
+                if not size_text or size_text.strip(b"0123456789abcdefABCDEF") or len(size_text) > 8:
+                    raise RemoteProtocolError("malformed chunk size in the 407 body")
+                self._left = int(size_text, 16)
+                self._budget -= self._left
+                self._trailers = self._left == 0
+            if self._budget < 0:
+                raise RemoteProtocolError(f"the 407 body is larger than {MAX_BODY_BYTES} bytes")
 
 
 def _check_response_start(buf: bytearray) -> None:
