@@ -112,8 +112,10 @@ def _parse_value(text: str, out: list[Challenge]) -> None:
             raise _malformed("expected a scheme or parameter name", start)
         after = _skip(text, pos, _WHITESPACE)
         if after < len(text) and text[after] == "=":
-            if current is None or current.token68 is not None:
-                raise _malformed("parameter without a scheme", start)
+            if current is None:
+                raise _malformed("parameter before any scheme", start)
+            if current.token68 is not None:
+                raise _malformed("parameter after a token68", start)
             pos = _parse_param(text, start, current)
             continue
         if len(out) == MAX_CHALLENGES:
