@@ -116,10 +116,19 @@ class HopAuth:
         request target as sent); raises ProxyAuthError when there is none worth sending."""
         from hopcat.proto.http_auth import parse_challenges
 
-        try:
-            challenges = parse_challenges(event.header_values)
-        except RemoteProtocolError as exc:
-            raise RemoteProtocolError(f"HTTP {event.status}: unreadable challenge: {exc}") from None
+        # Header by header: one the parser cannot read (a vendor's odd Negotiate blob) must not
+        # hide a usable Basic or Digest in the next.
+        challenges: list[Challenge] = []
+        unreadable: list[str] = []
+        for value in event.header_values:
+            try:
+                challenges += parse_challenges([value])
+            except RemoteProtocolError as exc:
+                unreadable.append(str(exc))
+        if unreadable and self.trace is not None:
+            self.trace(f"ignored an unreadable challenge: {unreadable[0]}")
+        if unreadable and not challenges:
+            raise RemoteProtocolError(f"HTTP {event.status}: unreadable challenge: {unreadable[0]}")
         offered: dict[str, list[Challenge]] = {}
         for challenge in challenges:
             offered.setdefault(challenge.name, []).append(challenge)
