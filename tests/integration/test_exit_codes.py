@@ -86,6 +86,9 @@ OPTION_CASES: dict[str, tuple[list[str | None], list[str]]] = {
     "--proxy": ([], ["[::1", "h:port"]),
     "--proxy-type": ([], ["gopher"]),
     "--proxy-auth": ([], ["u:p", ":pw"]),
+    # Unused without a proxy that has a user (tests/integration/test_passwords.py uses them).
+    "--proxy-password-file": (["/nonexistent/password"], [""]),
+    "--proxy-password-command": (["exit 1"], [""]),
     "-S": ([], ["@h", "h:0"]),
     "-H": ([], ["h:x"]),
     "--proxy-dns": (["local", "remote", "both", "none"], ["sometimes"]),

@@ -45,14 +45,14 @@ def test_options_beat_the_environment_and_the_environment_beats_the_prompt(tmp_p
     notes: list[str] = []
     path = _password_file(tmp_path, b"from-file\n")
     sources = PasswordSources(environ, password_file=path, prompt=_no_tty, trace=notes.append)
-    assert sources.password_for(_hop(), WHERE) == "from-file"
+    assert sources.password_for(_hop()) == "from-file"
     sources = PasswordSources(environ, password_command="echo from-command", prompt=_no_tty,
                               trace=notes.append)  # fmt: skip
-    assert sources.password_for(_hop(), WHERE) == "from-command"
+    assert sources.password_for(_hop()) == "from-command"
     sources = PasswordSources(environ, prompt=lambda _p: "typed", trace=notes.append)
-    assert sources.password_for(_hop(), WHERE) == "from-env"
+    assert sources.password_for(_hop()) == "from-env"
     sources = PasswordSources({}, prompt=lambda _p: "typed", trace=notes.append)
-    assert sources.password_for(_hop(), WHERE) == "typed"
+    assert sources.password_for(_hop()) == "typed"
     assert notes == [f"password for http://alice@p:3128 from {source}" for source in (
         "--proxy-password-file", "--proxy-password-command", "HOPCAT_PROXY_PASSWORD",
         "the terminal")]  # fmt: skip
@@ -96,9 +96,10 @@ def test_options_without_a_hop_that_needs_them_are_noted(tmp_path: Path) -> None
 
 def test_no_source_at_all_is_a_usage_error_naming_the_hop_and_the_ways() -> None:
     with pytest.raises(UsageError) as caught:
-        fill_passwords([_hop()], {}, prompt=_no_tty)
+        fill_passwords([_hop("socks5h://bob:pw@a:1080"), _hop()], {}, prompt=_no_tty)
     message = str(caught.value)
-    assert message.startswith("proxy http://alice@p:3128 (hop 1/1): a user is given but no password")
+    assert message.startswith("proxy http://alice@p:3128 (hop 2/2): a user is given but no password")
+    assert (caught.value.hop, caught.value.proxy) == (2, "http://alice@p:3128")
     for way in ("HOPCAT_PROXY_PASSWORD", "--proxy-password-file", "--proxy-password-command",
                 "HOPCAT_ASKPASS"):
         assert way in message
@@ -168,19 +169,24 @@ def test_a_command_that_gives_no_password_is_exit_77(command: str, words: str) -
     sources = PasswordSources({"PATH": os.environ["PATH"]}, password_command=command,
                               prompt=_no_tty)  # fmt: skip
     with pytest.raises(ProxyAuthError) as caught:
-        sources.password_for(_hop(), WHERE)
+        sources.password_for(_hop())
     assert caught.value.exit_code == 77
     message = str(caught.value)
     assert message.startswith(f"{WHERE}: ") and words in message and "s3cret" not in message
 
 
-def test_a_command_that_overruns_is_stopped_with_everything_it_started(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "rest", ["sleep 30; echo late", "sleep 30 & exit 0"],  # the shell waits; the shell is gone
+)
+def test_a_command_that_overruns_is_stopped_with_everything_it_started(
+    tmp_path: Path, rest: str
+) -> None:
     pid_file = tmp_path / "pid"
     sources = PasswordSources({"PATH": os.environ["PATH"]}, prompt=_no_tty, command_timeout_s=0.5,
-                              password_command=f"echo $$ > {pid_file}; sleep 30; echo late")  # fmt: skip
+                              password_command=f"echo $$ > {pid_file}; {rest}")  # fmt: skip
     started = time.monotonic()
     with pytest.raises(ProxyAuthError, match=r"gave no password within 0\.5 s; stopped it"):
-        sources.password_for(_hop(), WHERE)
+        sources.password_for(_hop())
     assert time.monotonic() - started < 10
     group = int(pid_file.read_text())
     # The shell and its sleep, the whole group, got SIGKILL; the orphaned sleep may stay a zombie
@@ -207,7 +213,7 @@ def _live_members(group: int) -> list[str]:
 def test_a_command_gets_no_stdin() -> None:
     sources = PasswordSources({"PATH": os.environ["PATH"]}, prompt=_no_tty,
                               password_command="cat; echo after-eof")  # fmt: skip
-    assert sources.password_for(_hop(), WHERE) == "after-eof"
+    assert sources.password_for(_hop()) == "after-eof"
 
 
 # -- askpass: when, which program, what it is given -----------------------------------------------
@@ -248,7 +254,7 @@ def test_without_a_terminal_the_askpass_answers_and_is_told_only_the_prompt(tmp_
     program = _askpass(tmp_path, "echo s3cret")
     notes: list[str] = []
     sources = PasswordSources({"HOPCAT_ASKPASS": program}, prompt=_no_tty, trace=notes.append)
-    assert sources.password_for(_hop(), WHERE) == "s3cret"
+    assert sources.password_for(_hop()) == "s3cret"
     assert (tmp_path / "prompt").read_text() == "hopcat: password for http://alice@p:3128: "
     assert "HOPCAT_PROXY_URL=http://alice@p:3128\n" in (tmp_path / "env").read_text()
     assert notes == [f"password for http://alice@p:3128 from the askpass program {program}"]
@@ -257,11 +263,11 @@ def test_without_a_terminal_the_askpass_answers_and_is_told_only_the_prompt(tmp_
 def test_with_a_terminal_the_prompt_wins_unless_askpass_is_forced(tmp_path: Path) -> None:
     program = _askpass(tmp_path, "echo from-askpass")
     environ = {"SSH_ASKPASS": program, "DISPLAY": ":0"}
-    assert PasswordSources(environ, prompt=lambda _p: "typed").password_for(_hop(), WHERE) == "typed"
+    assert PasswordSources(environ, prompt=lambda _p: "typed").password_for(_hop()) == "typed"
     environ["SSH_ASKPASS_REQUIRE"] = "force"
     asked: list[str] = []
     sources = PasswordSources(environ, prompt=lambda p: asked.append(p) or "typed")  # type: ignore[func-returns-value]
-    assert sources.password_for(_hop(), WHERE) == "from-askpass"
+    assert sources.password_for(_hop()) == "from-askpass"
     assert asked == []
 
 
@@ -273,14 +279,14 @@ def test_a_cancelled_or_silent_askpass_is_exit_77(tmp_path: Path, body: str, wor
     program = _askpass(tmp_path, body)
     sources = PasswordSources({"HOPCAT_ASKPASS": program}, prompt=_no_tty)
     with pytest.raises(ProxyAuthError) as caught:
-        sources.password_for(_hop(), WHERE)
+        sources.password_for(_hop())
     assert str(caught.value) == f"{WHERE}: the askpass program {program} {words}"
 
 
 def test_an_askpass_that_cannot_run_is_exit_77(tmp_path: Path) -> None:
     sources = PasswordSources({"HOPCAT_ASKPASS": str(tmp_path / "missing")}, prompt=_no_tty)
     with pytest.raises(ProxyAuthError, match="could not be run: no such file or directory"):
-        sources.password_for(_hop(), WHERE)
+        sources.password_for(_hop())
 
 
 # -- ssh-config --check looks at the file as hopcat will ----------------------------------------

@@ -36,6 +36,7 @@ from hopcat.errors import ProxyAuthError, UsageError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import subprocess
     from collections.abc import Callable, Mapping
 
     from hopcat._url import ProxyURL
@@ -176,22 +177,19 @@ def run_for_password(
                                 process_group=0 if own_group else None)  # fmt: skip
     except OSError as exc:
         raise ProxyAuthError(f"{what} could not be run: {os.strerror(exc.errno or 0).lower()}") from None
+    answered = False
     try:
         out, _ = proc.communicate(timeout=timeout_s)
+        answered = True
     except subprocess.TimeoutExpired:
         raise ProxyAuthError(
             f"{what} gave no password within {timeout_s:g} s; stopped it"
         ) from None
     finally:
         # Also reached by a signal ending hopcat (an exception here): leave no program behind.
-        if proc.poll() is None:
-            import signal
-
-            if own_group:
-                os.killpg(proc.pid, signal.SIGKILL)
-            else:
-                proc.kill()
-            proc.wait()
+        # The group goes even when the shell itself is gone: what it started may hold the pipe.
+        if not answered:
+            _stop(proc, own_group)
         if proc.stdout is not None:
             proc.stdout.close()
     if proc.returncode != 0:
@@ -205,6 +203,19 @@ def run_for_password(
         return line.decode("utf-8")
     except UnicodeDecodeError:
         raise ProxyAuthError(f"{what} printed a password that is not valid UTF-8") from None
+
+
+def _stop(proc: subprocess.Popen[bytes], own_group: bool) -> None:
+    import signal
+
+    if own_group:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # the whole group had ended already
+    elif proc.poll() is None:
+        proc.kill()
+    proc.wait()
 
 
 class PasswordSources:
@@ -230,21 +241,22 @@ class PasswordSources:
         self.trace = trace
         self._from_file: str | None = None
 
-    def password_for(self, hop: ProxyURL, where: str) -> str:
-        """The password for ``hop`` (a user and no password); ``where`` is the error's prefix,
-        e.g. ``proxy http://alice@proxy:3128 (hop 1/2)``."""
+    def password_for(self, hop: ProxyURL, index: int = 1, count: int = 1) -> str:
+        """The password for ``hop`` (a user and no password), hop ``index`` (1-based) of
+        ``count``; errors carry the hop as the chain's do (``where``, ``hop``, ``proxy``)."""
         try:
             password, source = self._lookup(hop)
+            if password is None:
+                raise UsageError(
+                    "a user is given but no password; set HOPCAT_PROXY_PASSWORD, use "
+                    "--proxy-password-file or --proxy-password-command, or run where hopcat can "
+                    "prompt on a terminal or run an askpass (HOPCAT_ASKPASS)"
+                )
         except (UsageError, ProxyAuthError) as exc:
-            if exc.where is None:
-                exc.where = where
+            exc.where = f"proxy {hop.label()} (hop {index}/{count})"
+            exc.hop = index
+            exc.proxy = hop.label()
             raise
-        if password is None:
-            raise UsageError(
-                "a user is given but no password; set HOPCAT_PROXY_PASSWORD, use "
-                "--proxy-password-file or --proxy-password-command, or run where hopcat can "
-                "prompt on a terminal or run an askpass (HOPCAT_ASKPASS)", where=where,
-            )
         if self.trace is not None:
             self.trace(f"password for {hop.label()} from {source}")
         return password

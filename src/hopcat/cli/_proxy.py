@@ -102,4 +102,4 @@ def fill_passwords(
     if prompt is not None:
         sources.prompt = prompt
     for index, hop in needy:
-        hop.password = sources.password_for(hop, f"proxy {hop.label()} (hop {index}/{count})")
+        hop.password = sources.password_for(hop, index, count)
