@@ -261,3 +261,31 @@ def test_a_password_file_others_can_read_is_refused_before_any_dial(tmp_path: Pa
     assert code == 64, err
     assert f"--proxy-password-file {path}: permissions 0644 are too open" in err
     assert f"chmod 600 {path}" in err and "s3cret" not in err
+
+
+def test_a_signal_while_the_askpass_is_open_ends_both(tmp_path: Path) -> None:
+    """ssh ends its ProxyCommand with a signal when the user gives up: no dialog stays behind."""
+    pid_file = tmp_path / "askpass-pid"
+    askpass = _answer(tmp_path, f"echo $$ > {pid_file}; exec sleep 30")
+    with closed_port() as port:
+        proc = _start_on(None, ["-x", f"http://alice@127.0.0.1:{port}", "192.0.2.1", "22"],
+                         _env(HOPCAT_ASKPASS=askpass))  # fmt: skip
+        deadline = time.monotonic() + 20
+        while not pid_file.exists() or not pid_file.read_text().strip():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        proc.terminate()
+        _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143 and err.decode().endswith("hopcat: terminated (SIGTERM)\n"), err
+    askpass_pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{askpass_pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            break  # reaped
+        if state == "Z":
+            break
+        time.sleep(0.02)
+    else:
+        pytest.fail(f"the askpass {askpass_pid} outlived hopcat")
