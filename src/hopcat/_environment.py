@@ -103,7 +103,13 @@ def _first_set(environ: Mapping[str, str], variables: Sequence[str]) -> tuple[st
     return None
 
 
+def password_variable(hop: ProxyURL, environ: Mapping[str, str]) -> tuple[str, str] | None:
+    """For a hop with a user and no password: (the variable that holds its password, the
+    password), or None."""
+    return _first_set(environ, PASSWORD_VARIABLES[hop.protocol])
+
+
 def password_from_environment(hop: ProxyURL, environ: Mapping[str, str]) -> str | None:
     """The password variable's value for a hop with a user and no password, or None."""
-    found = _first_set(environ, PASSWORD_VARIABLES[hop.protocol])
+    found = password_variable(hop, environ)
     return None if found is None else found[1]

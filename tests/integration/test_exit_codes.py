@@ -88,6 +88,9 @@ OPTION_CASES: dict[str, tuple[list[str | None], list[str]]] = {
     "--proxy-auth": ([], ["u:p", ":pw"]),
     # Good values need an HTTP proxy (tests/scenario/test_proxy_auth.py); without one: 64.
     "--proxy-auth-scheme": ([], ["kerberos", "", "ntlm,,basic", "basic"]),
+    # Unused without a proxy that has a user (tests/integration/test_passwords.py uses them).
+    "--proxy-password-file": (["/nonexistent/password"], [""]),
+    "--proxy-password-command": (["exit 1"], [""]),
     "-S": ([], ["@h", "h:0"]),
     "-H": ([], ["h:x"]),
     "--proxy-dns": (["local", "remote", "both", "none"], ["sometimes"]),

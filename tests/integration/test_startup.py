@@ -63,6 +63,20 @@ def test_proxy_path_imports_nothing_heavy() -> None:
     assert {"hopcat.net.chain", "hopcat.cli._proxy", "hopcat._environment", "hopcat.proto.socks5"} <= added
 
 
+def test_a_password_from_a_file_imports_nothing_heavy(tmp_path: Path) -> None:
+    """subprocess only comes in when a password command or an askpass runs."""
+    secret = tmp_path / "password"
+    secret.write_text("pw\n")
+    secret.chmod(0o600)
+    baseline = _imported(["-c", "pass"])
+    with exchange(close_after_up=0) as proxy:
+        loaded = _imported(["-m", "hopcat", "-x", f"socks5h://alice@127.0.0.1:{proxy.port}",
+                            "--proxy-password-file", str(secret), "127.0.0.1", "22"])
+    added = loaded - baseline
+    assert not (added & HEAVY), sorted(added & HEAVY)
+    assert "hopcat.cli._password" in added
+
+
 @pytest.mark.skipif(importlib.util.find_spec("hatchling") is None,
                     reason="build backend hatchling not installed (pip install hatchling)")
 def test_installed_command_imports_nothing_heavy(tmp_path: Path) -> None:

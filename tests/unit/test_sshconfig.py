@@ -27,6 +27,8 @@ SAMPLES = {
     "tls_ca": "/etc/ca.pem", "tls_servername": "ssh.example", "tls_cert": "/etc/me.pem",
     "tls_key": "/etc/me.key", "tls_alpn": "ssh/2.0", "tls_pin": "sha256:" + "ab" * 32,
     "tls_min_version": "1.3", "proxy_auth_scheme": "ntlm,digest",
+    "proxy_password_file": "/etc/my proxy's/pass%word",
+    "proxy_password_command": 'secret-tool lookup proxy "$HOPCAT_PROXY_HOST" | tr -d \'\\n\' # 100%',
 }
 
 
@@ -76,7 +78,8 @@ def test_every_option_has_one_decision() -> None:
 def test_every_carried_option_reaches_hopcat_unchanged() -> None:
     argv = ["-x", "socks5h://dom%5Cuser@127.0.0.1:1080"]
     for short, long, metavar, attr, _help in OPTION_TABLE:
-        if attr not in _sshconfig._CARRIED or attr == "ipv6_only":  # -4 and -6 exclude each other
+        # -4 and -6 exclude each other, as the two password options do
+        if attr not in _sshconfig._CARRIED or attr in ("ipv6_only", "proxy_password_command"):
             continue
         argv += [f"--{long}" if long else f"-{short}"] + ([SAMPLES[attr]] if metavar else [])
     argv.append("-v")  # counted: -vv
@@ -89,6 +92,15 @@ def test_every_carried_option_reaches_hopcat_unchanged() -> None:
         assert getattr(carried, attr) == getattr(written, attr), attr
     assert carried.proxies == [("-x", "socks5h://dom%5Cuser@127.0.0.1:1080")]
     assert not carried.fdpass  # --tls: the session lives in hopcat, no socket to pass
+
+
+def test_the_password_command_reaches_hopcat_unchanged() -> None:
+    """A shell command with quotes, $, | and # survives ssh's two readings, to be run by hopcat's
+    own /bin/sh -c; it names where the password is, so it belongs in the file."""
+    command = SAMPLES["proxy_password_command"]
+    words = read_back(proxy_command(stanza_of("-x", "http://alice@127.0.0.1:3128",
+                                              "--proxy-password-command", command)))
+    assert parse_args(words[words.index("hopcat") + 1 :]).proxy_password_command == command
 
 
 def test_without_tls_the_socket_is_passed() -> None:

@@ -203,9 +203,6 @@ def _connect_and_relay(options: Options, trace: Timeline) -> int:
     timeout_s = options.connect_timeout_s
     if timeout_s is None:
         timeout_s = options.idle_timeout_s or DEFAULT_CONNECT_TIMEOUT_S
-    # 0 means no timeout; every wait below is capped on its own (dial.MAX_WAIT_S), so an infinite
-    # or very distant deadline is safe.
-    deadline = time.monotonic() + timeout_s if timeout_s > 0 else float("inf")
     family = address_family(options)
 
     hops = proxies_from_command_line(options)
@@ -215,7 +212,12 @@ def _connect_and_relay(options: Options, trace: Timeline) -> int:
     for note in fill_users(hops, os.environ):
         trace(note)
     apply_auth_schemes(hops, options)
-    fill_passwords(hops, os.environ)
+    fill_passwords(hops, os.environ, password_file=options.proxy_password_file,
+                   password_command=options.proxy_password_command, trace=trace)  # fmt: skip
+    # The clock starts once the passwords are in: a person typing one into a prompt or an
+    # askpass dialog is not the connect being slow. 0 means no timeout; every wait below is
+    # capped on its own (dial.MAX_WAIT_S), so an infinite or very distant deadline is safe.
+    deadline = time.monotonic() + timeout_s if timeout_s > 0 else float("inf")
     exec_argv = None
     if options.exec_cmd is not None or options.sh_exec is not None:
         from hopcat.cli._exec import command_argv

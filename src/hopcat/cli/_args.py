@@ -75,6 +75,11 @@ OPTION_TABLE: tuple[tuple[str, str, str, str, str], ...] = (
     ("", "proxy-auth-scheme", "LIST", "proxy_auth_scheme",
      "HTTP proxies: answer a 407 with these, in order: negotiate,ntlm,digest,basic or any (default); "
      "basic alone goes up front"),
+    ("", "proxy-password-file", "FILE", "proxy_password_file",
+     "proxies' password: FILE's first line (chmod 600; before the environment's)"),
+    ("", "proxy-password-command", "CMD", "proxy_password_command",
+     "proxies' password: the first line /bin/sh -c CMD prints, run per hop (HOPCAT_PROXY_URL "
+     "says which)"),
     ("S", "", "[USER@]HOST[:PORT]", "proxies",
      "connect-proxy: SOCKS5 proxy (port 1080; -4: SOCKS4; user from SOCKS5_USER, SOCKS_USER, CONNECT_USER)"),
     ("H", "", "[USER@]HOST[:PORT]", "proxies",
@@ -182,6 +187,8 @@ class Options:
     ncat_proxy_type: str | None
     proxy_auth: str | None
     proxy_auth_scheme: str | None
+    proxy_password_file: str | None
+    proxy_password_command: str | None
     proxy_dns: str | None
     no_proxy: bool
     proxy_cacert: str | None
@@ -324,6 +331,10 @@ def parse_args(argv: Sequence[str]) -> Options:
             if getattr(options, attr) not in (None, False):
                 raise UsageError(f"-z scans TCP ports from here: it takes no {flag}")
     _check_tls(options)
+    if options.proxy_password_file is not None and options.proxy_password_command is not None:
+        raise UsageError("--proxy-password-file and --proxy-password-command exclude each other")
+    if options.proxy_password_file == "" or options.proxy_password_command == "":
+        raise UsageError("--proxy-password-file and --proxy-password-command take a non-empty value")
     if options.interval_s is not None and options.interval_s < 0:
         raise UsageError("-i must not be negative")
     if options.quit_after_eof_s is not None and options.quit_after_eof_s < 0:
@@ -451,12 +462,15 @@ def help_text(prog: str = "hopcat") -> str:
         "      ProxyCommand hopcat -x socks5h://127.0.0.1:1080 %h %p",
         "",
         "Environment: ALL_PROXY, SOCKS5_SERVER, SOCKS_SERVER, SOCKS4_SERVER, NO_PROXY;",
-        "passwords: HOPCAT_PROXY_PASSWORD, then SOCKS5_PASSWD, SOCKS5_PASSWORD (SOCKS5) or",
-        "HTTP_PROXY_PASSWORD (HTTP), then CONNECT_PASSWORD, else a /dev/tty prompt.",
+        "passwords, after the URL's and the --proxy-password-* options: HOPCAT_PROXY_PASSWORD,",
+        "then SOCKS5_PASSWD, SOCKS5_PASSWORD (SOCKS5) or HTTP_PROXY_PASSWORD (HTTP), then",
+        "CONNECT_PASSWORD, then a /dev/tty prompt or, without a terminal, an askpass program",
+        "(HOPCAT_ASKPASS, or SSH_ASKPASS with DISPLAY as ssh; SSH_ASKPASS_REQUIRE as ssh).",
         "",
         "Exit codes: 0 ok (-z: a port open), 1 no port open (-z), 64 usage, 68 name not resolved,",
         "69 refused/unreachable, 70 internal error, 74 I/O error while relaying, 75 timeout,",
-        "76 proxy protocol error, 77 proxy authentication failed, 80 proxy unreachable,",
-        "81 proxy refused the target, 82 TLS with the target or client failed, 130 interrupted.",
+        "76 proxy protocol error, 77 proxy authentication failed (or no password obtained),",
+        "80 proxy unreachable, 81 proxy refused the target, 82 TLS with the target or client",
+        "failed, 130 interrupted.",
     ]
     return "\n".join(lines) + "\n"

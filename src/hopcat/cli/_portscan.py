@@ -410,7 +410,8 @@ def run(options: Options) -> int:
         hops, _why = proxies_from_environment(os.environ, host)
     fill_users(hops, os.environ)
     apply_auth_schemes(hops, options)
-    fill_passwords(hops, os.environ)
+    fill_passwords(hops, os.environ, password_file=options.proxy_password_file,
+                   password_command=options.proxy_password_command)  # fmt: skip
     timeout_s = options.connect_timeout_s
     if timeout_s is None:
         timeout_s = options.idle_timeout_s

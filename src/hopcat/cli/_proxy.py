@@ -5,16 +5,14 @@ Precedence: any proxy flag on the command line wins and the environment is not r
 ``--no-proxy`` ignores the environment; otherwise the environment's proxy, users and passwords
 apply as ``hopcat._environment`` reads them (shared with ``hopcat.Chain.from_env``).
 
-Passwords never have to be on argv: after the environment's variables comes a prompt on
-/dev/tty. Never from stdin: that is ssh's data.
+Passwords never have to be on argv: ``hopcat.cli._password`` has the sources after the URL's
+(a file, a command, the environment, the terminal, an askpass). Never from stdin: that is ssh's
+data.
 """
 
 from __future__ import annotations
 
-import os
-
 from hopcat._endpoint import check_unicode
-from hopcat._environment import password_from_environment
 from hopcat._url import ProxyURL, parse_proxy_url
 from hopcat.errors import UsageError
 
@@ -97,51 +95,28 @@ def apply_auth_schemes(hops: list[ProxyURL], options: Options) -> None:
         hop.auth_schemes = schemes
 
 
-def _prompt_on_tty(prompt: str) -> str | None:
-    """Read a line from the controlling terminal with echo off; None when there is no terminal."""
-    try:
-        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
-    except OSError:
-        return None
-    import termios
-
-    try:
-        old = termios.tcgetattr(fd)
-        new = list(old)
-        new[3] &= ~termios.ECHO
-        os.write(fd, prompt.encode())
-        # Echo goes off inside the try: a signal (raised as an exception by the CLI) arriving
-        # right after it must still find the finally that turns it back on.
-        try:
-            termios.tcsetattr(fd, termios.TCSAFLUSH, new)
-            line = b""
-            while not line.endswith(b"\n"):
-                chunk = os.read(fd, 1)
-                if not chunk:
-                    break
-                line += chunk
-        finally:
-            termios.tcsetattr(fd, termios.TCSAFLUSH, old)
-            os.write(fd, b"\n")
-        return line.rstrip(b"\r\n").decode("utf-8", "surrogateescape")
-    except termios.error:
-        return None
-    finally:
-        os.close(fd)
-
-
 def fill_passwords(
-    hops: list[ProxyURL], environ: Mapping[str, str],
-    prompt: Callable[[str], str | None] = _prompt_on_tty,
+    hops: list[ProxyURL], environ: Mapping[str, str], *, password_file: str | None = None,
+    password_command: str | None = None, trace: Callable[[str], None] | None = None,
+    prompt: Callable[[str], str | None] | None = None,
 ) -> None:
-    for hop in hops:
-        if hop.username is None or hop.password is not None or hop.protocol == "socks4":
-            continue  # SOCKS4 carries a user id and no password
-        hop.password = password_from_environment(hop, environ)
-        if hop.password is None:
-            hop.password = prompt(f"hopcat: password for {hop.label()}: ")
-            if hop.password is None:
-                raise UsageError(
-                    f"proxy {hop.label()}: a user is given but no password; set "
-                    "HOPCAT_PROXY_PASSWORD (or run where hopcat can prompt on a terminal)"
-                )
+    """Give each hop with a user and no password its own, from the sources in
+    ``hopcat.cli._password`` (``prompt`` replaces the terminal's, for tests)."""
+    count = len(hops)
+    needy = [(index, hop) for index, hop in enumerate(hops, 1)
+             if hop.username is not None and hop.password is None and hop.protocol != "socks4"]  # fmt: skip
+    if not needy:  # SOCKS4 carries a user id and no password
+        given = "--proxy-password-file" if password_file is not None else (
+            "--proxy-password-command" if password_command is not None else None)
+        if trace is not None and given is not None:
+            trace(f"{given} unused: no proxy has a user without a password (write user@ in "
+                  "the proxy URL)")  # fmt: skip
+        return
+    from hopcat.cli._password import PasswordSources
+
+    sources = PasswordSources(environ, password_file=password_file,
+                              password_command=password_command, trace=trace)  # fmt: skip
+    if prompt is not None:
+        sources.prompt = prompt
+    for index, hop in needy:
+        hop.password = sources.password_for(hop, index, count)

@@ -6,7 +6,8 @@
 The stanza names this very hopcat by absolute path (ssh runs ProxyCommand through the user's
 shell, whose PATH may differ), passes ``%h %p``, and uses ``-F`` with ``ProxyUseFdpass yes``
 whenever the chain allows it (no TLS hop, no --tls), so nothing stays in the data path. Passwords are
-never written into the file: the stanza relies on HOPCAT_PROXY_PASSWORD (or a prompt) instead.
+never written into the file: the stanza relies on --proxy-password-file or -command (carried: they
+say where the password is), HOPCAT_PROXY_PASSWORD, a prompt or an askpass instead.
 
 What ssh does with a ProxyCommand line, and so what the stanza must survive (OpenSSH readconf.c,
 misc.c argv_split, sshconnect.c):
@@ -73,9 +74,10 @@ _CARRIED = frozenset({
     "recv_buf", "send_buf", "tos", "ttl", "so_debug", "tls", "tls_ca", "tls_servername",
     "tls_cert", "tls_key", "tls_alpn", "tls_pin", "tls_min_version", "tls_insecure", "ssl_verify",
     "proxy_auth_scheme",
+    "proxy_password_file", "proxy_password_command",  # where the password is, not the password
 })
 # Files ssh runs hopcat with from the user's working directory: written as absolute paths.
-_PATHS = frozenset({"proxy_cacert", "tls_ca", "tls_cert", "tls_key"})
+_PATHS = frozenset({"proxy_cacert", "tls_ca", "tls_cert", "tls_key", "proxy_password_file"})
 # Their values become the -x URLs of the stanza (scheme, user) instead of flags.
 _FOLDED_INTO_URLS = frozenset(
     {"proxies", "nc_proxy_type", "nc_proxy_user", "ncat_proxy_type", "proxy_auth"}
@@ -248,8 +250,9 @@ def stanza(pattern: str, no_fdpass: bool, options: Options) -> tuple[str, list[s
     for hop in hops:
         if hop.password is not None:
             notes.append(
-                f"left the password of {hop.label()} out of the file: export HOPCAT_PROXY_PASSWORD "
-                "for ssh, or let hopcat prompt on the terminal"
+                f"left the password of {hop.label()} out of the file: use --proxy-password-file "
+                "or --proxy-password-command, export HOPCAT_PROXY_PASSWORD for ssh, or let "
+                "hopcat prompt (a terminal, or an askpass for GUI programs)"
             )
         command += ["-x", hop.without_password()]
     command += _carried_options(options)
@@ -419,6 +422,17 @@ def _dry_run(
                        (options.tls_cert, "--tls-cert"), (options.tls_key, "--tls-key")):
         if path is not None and not os.path.isfile(path):
             raise _Broken(f"{flag} {path}: no such file")
+    if options.proxy_password_file is not None:
+        from hopcat.cli._password import check_password_file_permissions
+
+        try:
+            info = os.stat(options.proxy_password_file)
+            check_password_file_permissions(options.proxy_password_file, info.st_mode, info.st_uid)
+        except OSError as exc:
+            raise _Broken(f"--proxy-password-file {options.proxy_password_file}: "
+                          f"{os.strerror(exc.errno or 0).lower()}") from None
+        except UsageError as exc:
+            raise _Broken(str(exc)) from None
     return hops
 
 
