@@ -10,6 +10,7 @@ front. Passwords reach hopcat through HOPCAT_PROXY_PASSWORD, never argv, and nev
 
 from __future__ import annotations
 
+import asyncio
 import os
 import select
 import subprocess
@@ -17,10 +18,12 @@ import sys
 import time
 import urllib.parse
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import peers
 import pytest
+from test_serve_support import ServeProcess, connect, socks5_connect
 
 from support import clean_env, pattern, sha256
 
@@ -80,13 +83,14 @@ def url_and_env(request: pytest.FixtureRequest, case: Case, proxy: Any,
 
 
 def banner_through(url: str, env: dict[str, str], target: peers.BannerServer, *,
-                   before: str | None = None, verbose: bool = True) -> tuple[int, bytes, str]:  # fmt: skip
+                   before: str | None = None, verbose: bool = True,
+                   extra: tuple[str, ...] = ()) -> tuple[int, bytes, str]:  # fmt: skip
     """hopcat (-v) through ``url`` (and the hop ``before`` it) to the banner target, stdin held
     open until the banner came (Squid ends a tunnel at the client's FIN, before the target's
     bytes are through)."""
     hops = ["-x", before, "-x", url] if before else ["-x", url]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hopcat", *(["-v"] if verbose else []), *hops, target.host,
+        [sys.executable, "-m", "hopcat", *(["-v"] if verbose else []), *extra, *hops, target.host,
          str(target.port)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
     )  # fmt: skip
@@ -194,3 +198,70 @@ def test_ssh_through_it(
     assert result.returncode == 0, result.stderr.decode(errors="replace")
     assert result.stdout.split()[0].decode() == sha256(payload)
     assert result.stderr == b""
+
+
+# -- the other drivers of the engine: hopcat serve --via (asyncio sockets), hopcat.aio ------------
+
+
+@pytest.mark.parametrize("name", ["ntlm-fake-squid-no-keepalive", "ntlmv2-samba", "negotiate-squid",
+                                  "digest-ncat"])  # fmt: skip
+def test_serve_via_an_authenticating_proxy(
+    request: pytest.FixtureRequest, serve: Any, banner_server: peers.BannerServer, name: str
+) -> None:
+    """serve's upstream opens run the same plan on its event loop: NTLM's legs, a reconnect after
+    a closing 407, GSSAPI in a worker thread (it may wait for the KDC)."""
+    case = CASES[name]
+    proxy = proxy_of(request, case)
+    url, env = url_and_env(request, case, proxy)
+    extra = {k: v for k, v in env.items() if k.startswith(("KRB5", "HOPCAT_PROXY_PASSWORD"))}
+    server: ServeProcess = serve("--via", url, env=extra)
+    with connect(server) as sock:
+        assert socks5_connect(sock, banner_server.host, banner_server.port) == 0
+        sock.sendall(b"ping")
+        received = b""
+        while len(received) < len(banner_server.banner) + 4:
+            chunk = sock.recv(4096)
+            assert chunk, received
+            received += chunk
+    assert received == banner_server.banner + b"ping"
+    server.wait_log("result=ok")
+
+
+def test_the_asyncio_library_reconnects_after_a_closing_407(
+    squid_ntlm_fake_close: Any, banner_server: peers.BannerServer
+) -> None:
+    import hopcat.aio
+
+    proxy = squid_ntlm_fake_close
+    url = proxy.url()
+
+    async def main() -> bytes:
+        reader, writer = await hopcat.aio.open_connection(
+            banner_server.host, banner_server.port, via=url, timeout=TIMEOUT_S
+        )
+        data = await reader.readexactly(len(banner_server.banner))
+        writer.close()
+        return data
+
+    assert asyncio.run(main()) == banner_server.banner
+
+
+def test_a_tls_hop_is_redone_on_the_new_connection(
+    squid_ntlm_fake_close: Any, certificates: Any, tmp_path: Path,
+    banner_server: peers.BannerServer,
+) -> None:  # fmt: skip
+    """https:// in front of a proxy that closes after its 407: the second connection gets its own
+    TLS session (the first one's must not be reused)."""
+    front = peers.start_socat_tls(tmp_path, squid_ntlm_fake_close.daemon, certificates.cert,
+                                  certificates.key)  # fmt: skip
+    try:
+        user = urllib.parse.quote(squid_ntlm_fake_close.username, safe="")
+        env = clean_env(HOPCAT_PROXY_PASSWORD=squid_ntlm_fake_close.password)
+        code, received, err = banner_through(
+            f"https://{user}@{front.hostport}", env, banner_server,
+            extra=("--proxy-cacert", str(certificates.ca)),
+        )  # fmt: skip
+    finally:
+        front.stop()
+    assert code == 0 and received == banner_server.banner, err
+    assert "(authenticated with NTLM, 2 TCP connections)" in err

@@ -45,13 +45,15 @@ class ServeProcess:
         listen: tuple[str, ...] = ("127.0.0.1:0",),
         preexec_fn: Callable[[], None] | None = None,
         name: str = "serve",
+        env: dict[str, str] | None = None,
     ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.ready_path = workdir / f"{name}.ready"
         self.log_path = workdir / f"{name}.log"
         python = [SERVE_PYTHON, "-m", "hopcat"] if SERVE_PYTHON else HOPCAT
         self.argv = [*python, "serve", *listen, "--ready-file", str(self.ready_path), *args]
-        env = clean_env(PYTHONPATH=SRC) if SERVE_PYTHON else clean_env()
+        extra = env or {}
+        env = clean_env(PYTHONPATH=SRC, **extra) if SERVE_PYTHON else clean_env(**extra)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
