@@ -430,12 +430,12 @@ def _cross_hop(
     info.handshake_ms = (clock() - step_started) * 1000
     if established.bound_host is not None:
         info.bound = (established.bound_host, established.bound_port or 0)
+    how = ""
+    if auth is not None and auth.current is not None:
+        plural = "s" if connections > 1 else ""
+        how = f" ({auth.succeeded()}, {connections} TCP connection{plural})"
     if trace is not None:
         bound = f", bound {format_hostport(*info.bound)}" if info.bound else ""
-        how = ""
-        if auth is not None and auth.current is not None:
-            plural = "s" if connections > 1 else ""
-            how = f" ({auth.succeeded()}, {connections} TCP connection{plural})"
         trace(
             f"{prefix}: CONNECT {format_hostport(wire_host, next_port)}: "
             f"{established.detail}{bound} in {info.handshake_ms:.1f} ms{how}"

@@ -51,9 +51,9 @@ _NO_USER = "no user was given (-x http://USER@host:port, or --proxy-auth USER)"
 class HopAuth:
     """The authentication state of one HTTP hop; see the module docstring."""
 
-    __slots__ = ("_digest", "_gss", "_ntlm_wire", "_stage", "answers", "current", "host",
-                 "known_good", "order", "password", "pending", "pinned", "random", "skipped",
-                 "time", "trace", "username")  # fmt: skip
+    __slots__ = ("_digest", "_gss", "_last_answer", "_ntlm_wire", "_stage", "answers",
+                 "current", "host", "known_good", "order", "password", "pending", "pinned",
+                 "random", "skipped", "time", "trace", "username")  # fmt: skip
 
     def __init__(
         self, hop: ProxyURL, *, trace: Callable[[str], None] | None = None,
@@ -80,6 +80,7 @@ class HopAuth:
         self.answers = 0
         self.pending: str | None = None  # the answer the next connection's request carries
         self.known_good: str | None = None  # a Basic answer that worked, for a reconnect
+        self._last_answer: str | None = None
 
     def first_authorization(self) -> str | None:
         """What a new connection's first request carries: an answer chosen on the connection
@@ -93,12 +94,15 @@ class HopAuth:
             from hopcat.proto.http_auth import basic_authorization
 
             self.current = "basic"
-            self.known_good = basic_authorization(self.username, self.password)
-            return self.known_good
+            self._last_answer = basic_authorization(self.username, self.password)
+            return self._last_answer
         return None
 
     def succeeded(self) -> str:
-        """A phrase for -v once the proxy said 2xx: which scheme did it."""
+        """Note the proxy's 2xx (a Basic answer that worked goes with the first request of any
+        later connection: a chain redone for a later hop's reconnect); a phrase for -v."""
+        if self.current == "basic" and self._last_answer is not None:
+            self.known_good = self._last_answer
         if self.current is None:
             return "no authentication asked"
         name = _WIRE_NAMES[self.current]
@@ -212,9 +216,11 @@ class HopAuth:
             if answer is not None:
                 self.current = scheme
                 if self.trace is not None:
-                    self.trace(f"answering with {self._wire_label(scheme)}"
-                               + ("" if event.reusable else " on a new connection (the proxy "
-                                  "closed this one)"))  # fmt: skip
+                    why = "first in --proxy-auth-scheme" if self.pinned else "strongest"
+                    where = "" if event.reusable else " on a new connection (the proxy closed this)"
+                    self.trace(f"answering with {self._wire_label(scheme)} ({why} of those "
+                               f"offered that can run here){where}")  # fmt: skip
+                self._last_answer = answer
                 return answer
             if scheme in self.skipped and self.trace is not None:
                 self.trace(f"{_WIRE_NAMES[scheme]} skipped: {self.skipped[scheme]}")
