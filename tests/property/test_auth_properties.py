@@ -8,10 +8,14 @@
 - Random and mutated CHALLENGE messages give a ChallengeMessage whose TargetInfo lies inside the
   message, or RemoteProtocolError; the AUTHENTICATE message's buffers are contiguous, in bounds and
   as long as what they carry.
+- The HTTP CONNECT client's challenge flow (a 407 with a Content-Length or chunked body, the
+  retry, the 2xx) ends the same however the proxy's bytes are split, the payload after the 2xx
+  intact.
 """
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 from hypothesis import HealthCheck, given, settings
@@ -241,3 +245,51 @@ def test_authenticate_message_layout(
         assert lm[16:] == client_challenge
     else:
         assert lm == bytes(24)
+
+
+# -- the client machine's challenge flow: however the bytes are split -------------------------
+
+_BODY = st.binary(max_size=300)
+
+
+def _framed(body: bytes, chunked: bool, chunk_size: int) -> bytes:
+    if not chunked:
+        return b"Content-Length: %d\r\n\r\n" % len(body) + body
+    parts = [body[i : i + chunk_size] for i in range(0, len(body), chunk_size)]
+    return b"Transfer-Encoding: chunked\r\n\r\n" + b"".join(
+        b"%x\r\n%s\r\n" % (len(part), part) for part in parts
+    ) + b"0\r\n\r\n"
+
+
+@SETTINGS
+@given(body=_BODY, chunked=st.booleans(), chunk_size=st.integers(1, 64),
+       cuts=st.lists(st.integers(0, 2000), max_size=8), trailing=st.binary(max_size=40))  # fmt: skip
+def test_a_drained_407_then_2xx_splits_anywhere(
+    body: bytes, chunked: bool, chunk_size: int, cuts: list[int], trailing: bytes
+) -> None:
+    from hopcat.proto._events import AuthChallenge, Established
+    from hopcat.proto.http_connect import HttpConnectClient
+
+    challenge = (b'HTTP/1.1 407 Auth\r\nProxy-Authenticate: Basic realm="r"\r\n'
+                 + _framed(body, chunked, chunk_size))  # fmt: skip
+    final = b"HTTP/1.1 200 OK\r\n\r\n" + trailing
+    client = HttpConnectClient("target.test", 22, challenges=True)
+    client.data_to_send()
+    stream = challenge + final
+    points = sorted({0, len(stream), *(min(cut, len(stream)) for cut in cuts)})
+    events: list[object] = []
+    fed = 0
+    for start, end in itertools.pairwise(points):
+        if events and isinstance(events[-1], Established):
+            break  # the rest would be tunnel payload
+        client.receive_data(stream[start:end])
+        fed = end
+        while not (events and isinstance(events[-1], Established)):
+            event = client.next_event()
+            if not isinstance(event, AuthChallenge | Established):
+                break
+            events.append(event)
+            if isinstance(event, AuthChallenge):
+                client.retry("Basic eDp5")
+    assert [type(event).__name__ for event in events] == ["AuthChallenge", "Established"]
+    assert client.trailing_data + stream[fed:] == trailing
