@@ -70,23 +70,25 @@ class Row:
 
 
 ROWS = [
-    Row("basic", "Squid, Basic", "squid_basic", ("Basic",), "--proxy-basic"),
-    Row("digest", "Squid, Digest", "squid_digest", ("Digest",), "--proxy-digest"),
-    Row("ntlm-fake", "Squid, NTLM (fake helper)", "squid_ntlm_fake", ("NTLM",), "--proxy-ntlm"),
-    Row("ntlm-fake-close", "Squid, NTLM, first 407 closes", "squid_ntlm_fake_close", ("NTLM",),
+    Row("basic", "Squid, basic_ncsa_auth", "squid_basic", ("Basic",), "--proxy-basic"),
+    Row("digest", "Squid, digest_file_auth", "squid_digest", ("Digest",), "--proxy-digest"),
+    Row("ntlm-fake", "Squid, ntlm_fake_auth", "squid_ntlm_fake", ("NTLM",), "--proxy-ntlm"),
+    Row("ntlm-fake-close", "Squid, ntlm_fake_auth, first 407 closes", "squid_ntlm_fake_close",
+        ("NTLM",), "--proxy-ntlm"),
+    Row("samba-ntlm", "Squid + Samba ntlm_auth (NTLMv2 checked)", "samba_ntlm", ("NTLM",),
         "--proxy-ntlm"),
-    Row("samba-ntlm", "Squid + Samba, NTLMv2", "samba_ntlm", ("NTLM",), "--proxy-ntlm"),
-    Row("negotiate", "Squid, Negotiate, ticket", "squid_negotiate", ("Negotiate",),
+    Row("negotiate", "Squid + MIT KDC, with a ticket", "squid_negotiate", ("Negotiate",),
         "--proxy-negotiate", ticket=True),
-    Row("multi-ticket", "Squid, all four, ticket", "squid_multi",
+    Row("multi-ticket", "Squid, four schemes, with a ticket", "squid_multi",
         ("Negotiate", "NTLM", "Digest", "Basic"), "--proxy-negotiate", ticket=True),
     # A curl user without a ticket would pick the strongest password scheme: NTLM.
-    Row("multi-no-ticket", "Squid, all four, no ticket", "squid_multi",
+    Row("multi-no-ticket", "Squid, four schemes, no ticket", "squid_multi",
         ("Negotiate", "NTLM", "Digest", "Basic"), "--proxy-ntlm", ticket=False),
-    Row("wrapper-no-ticket", "Squid, Negotiate only (NTLM inside), no ticket",
+    Row("wrapper-no-ticket", "Squid negotiate_wrapper (Kerberos or NTLM), no ticket",
         "squid_negotiate_wrapper_only", ("Negotiate",), "--proxy-negotiate", ticket=False),
-    Row("apache-digest", "Apache, Digest", "apache_digest", ("Digest",), "--proxy-digest"),
-    Row("ncat-digest", "ncat, Digest + Basic, closes after 407", "ncat_http_auth",
+    Row("apache-digest", "Apache mod_proxy_connect", "apache_digest", ("Digest",),
+        "--proxy-digest"),
+    Row("ncat-digest", "ncat, closes after its 407", "ncat_http_auth",
         ("Basic", "Digest"), "--proxy-digest"),
 ]  # fmt: skip
 
@@ -283,15 +285,21 @@ def cntlm(row: Row, seat: Seat, targets: Targets) -> Outcome:
 
     daemon = peers.start_daemon("cntlm", workdir, make_argv, scheme="http")
     try:
-        return run_curl(daemon.url, targets, client_env(seat))
+        outcome = run_curl(daemon.url, targets, client_env(seat))
     finally:
         daemon.stop()
+    said = CNTLM_SAYS.search(daemon.log())
+    return Outcome(outcome.verdict, f"cntlm: '{said[1]}'") if said else outcome
+
+
+# What cntlm logs when it gives up on a CHALLENGE (it then sends the CONNECT with no Type 3).
+CNTLM_SAYS = re.compile(r"^cntlm\[\d+\]: (No target info block.*)$", re.MULTILINE)
 
 
 PT_BASIC = re.compile(r"Proxy-Authorization: Basic (\S+)")
 PT_REASONS = {  # what proxytunnel says -> the cell
-    "only NTLMv2 is supported": "refuses Samba's CHALLENGE: 'only NTLMv2 is supported'",
-    "Incorrect message type": "refuses the fake helper's CHALLENGE: 'Incorrect message type'",
+    "only NTLMv2 is supported": "NTLM: 'only NTLMv2 is supported'",
+    "Incorrect message type": "NTLM: 'Incorrect message type'",
 }
 
 
@@ -397,15 +405,17 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("apache-digest", "curl-scheme"): "yes",
     ("ncat-digest", "curl-scheme"): "no: 407",  # the same dead connection as anyauth
     # cntlm (Auth NTLMv2) as a local proxy, curl through it.
-    # The fake helper's CHALLENGE has no TargetInfo: cntlm -v shows it then sends the CONNECT
-    # with no Type 3 at all and passes the bare 407 on to curl.
+    # The fake helper's CHALLENGE has no TargetInfo: cntlm logs "No target info block. Cannot do
+    # NTLMv2!", sends the CONNECT again with no Type 3 and passes the bare 407 on to curl.
     ("ntlm-fake", "cntlm"): "no: 407",
     ("ntlm-fake-close", "cntlm"): "no: 407",
     ("samba-ntlm", "cntlm"): "yes",  # real NTLMv2, checked by Samba
     ("multi-ticket", "cntlm"): "yes",  # uses the NTLM offer; tickets play no part
     ("multi-no-ticket", "cntlm"): "yes",
     # proxytunnel: Basic where offered, else NTLM (-N).
-    ("basic", "proxytunnel"): "no: 407",  # -F and -P cut the password at its space
+    # -F and -P cut the password at its space ('s3cret pass' is sent as 's3cret'); the same
+    # password in PROXYPASS (the environment) goes through whole.
+    ("basic", "proxytunnel"): "no: 407",
     ("ntlm-fake", "proxytunnel"): "no",  # the fake helper's CHALLENGE is malformed (4.5)
     ("ntlm-fake-close", "proxytunnel"): "no",
     ("samba-ntlm", "proxytunnel"): "no",  # Samba's CHALLENGE: "only NTLMv2 is supported"
@@ -469,11 +479,11 @@ def build_table(proxies: dict[str, Any], realm: kdc.Realm | None, targets: Targe
 
 
 def markdown(table: Table) -> str:
-    headers = ["proxy (offers)", *(client.title for client in CLIENTS)]
+    headers = ["proxy", "offers", *(client.title for client in CLIENTS)]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     for row in ROWS:
         cells = [table[row.key, client.key].word for client in CLIENTS]
-        lines.append(f"| {row.title} ({', '.join(row.schemes)}) | " + " | ".join(cells) + " |")
+        lines.append(f"| {row.title} | {', '.join(row.schemes)} | " + " | ".join(cells) + " |")
     flow = ["| proxy | hopcat's scheme | TCP connections | 407s seen | CONNECT requests |",
             "|---|---|---|---|---|"]  # fmt: skip
     for row in ROWS:
