@@ -522,6 +522,7 @@ def _smb_conf(sdir: Path) -> str:
     disable netbios = yes
     load printers = no
     printcap name = /dev/null
+    rpc start on demand helpers = no
 """
 
 

@@ -21,8 +21,6 @@ import peers
 import pytest
 from corporate_peers import AuthProxy
 
-krb5_realm = kdc.krb5_realm
-
 pytestmark = pytest.mark.timeout(60)
 
 TIMEOUT_S = 20
