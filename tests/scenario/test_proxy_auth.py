@@ -285,7 +285,7 @@ def test_no_user_names_the_fix(proxy_factory) -> None:  # type: ignore[no-untype
     proxy = proxy_factory(script)
     with pytest.raises(ProxyAuthError) as info:
         tunnel([proxy.url("http")])
-    assert "no user was given (-x http://USER@host:port" in str(info.value)
+    assert "no user was given (put USER@ in the proxy URL)" in str(info.value)
 
 
 def test_the_proxy_keeps_asking_is_bounded(proxy_factory) -> None:  # type: ignore[no-untyped-def]

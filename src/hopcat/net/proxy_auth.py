@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 SCHEMES = ("negotiate", "ntlm", "digest", "basic")
 _WIRE_NAMES = {"negotiate": "Negotiate", "ntlm": "NTLM", "digest": "Digest", "basic": "Basic"}
 MAX_ANSWERS = 6
-_NO_USER = "no user was given (-x http://USER@host:port, or --proxy-auth USER)"
+_NO_USER = "no user was given (put USER@ in the proxy URL)"
 
 
 class HopAuth:
