@@ -672,6 +672,7 @@ def test_body_bytes_arriving_late_and_exact_prefixes() -> None:
     client, event = challenged(SQUID_407_HEAD + b"0123")
     assert event is NEED_DATA and client.state is State.BODY
     assert client.handshake_prefix_len(b"456789" + SQUID) == 6  # the body's rest, no more
+    assert client.bytes_needed() == 6  # what a driver that cannot peek reads next
     client.receive_data(b"456789")
     assert client.next_event().reusable
 

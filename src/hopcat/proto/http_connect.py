@@ -406,6 +406,15 @@ class HttpConnectClient(Machine):
         if not (100 <= status <= 299):
             self._refuse(status, reason, [])
 
+    @_outbound
+    def bytes_needed(self) -> int | None:
+        """None (a head has no length: see the module docstring), except while draining a 407
+        body of known length: what is left of it, so that a driver that cannot peek (through a
+        TLS hop) reads it whole instead of a byte or two at a time."""
+        if self._state is State.BODY and self._body_left > 0:
+            return max(0, self._body_left - len(self._inbox))
+        return None
+
     def _prefix_len(self, data: bytes) -> int:
         if self._state is State.BODY:
             # A proxy sends nothing after its 407 until it has our next request: what comes is
