@@ -128,7 +128,10 @@ def test_the_scheme_chosen_and_the_connections_used(
         assert "Negotiate skipped: GSSAPI: Server HTTP/127.0.0.1@HOPCAT.TEST not found" in err
 
 
-WRONG = ["basic-squid", "digest-squid", "digest-apache", "digest-ncat", "ntlmv2-samba"]
+# Every proxy that checks a password (ntlm_fake_auth takes any); on the four-scheme Squid without
+# a ticket, NTLM's refusal ends it: Digest and Basic are not shown the same wrong password.
+WRONG = ["basic-squid", "digest-squid", "digest-apache", "digest-ncat", "ntlmv2-samba",
+         "multi-no-ticket", "negotiate-only-no-ticket"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", WRONG)
@@ -176,8 +179,7 @@ def test_a_socks_hop_in_front(
     assert f"{connections} TCP connection{plural})" in err
 
 
-SSH_CASES = ["digest-squid", "digest-apache", "digest-ncat", "ntlmv2-samba", "negotiate-squid",
-             "multi-no-ticket", "negotiate-only-no-ticket"]  # fmt: skip
+SSH_CASES = [name for name in CASES if name != "ntlmv2-samba-domain"]  # same as without
 
 
 @pytest.mark.parametrize("name", SSH_CASES)
