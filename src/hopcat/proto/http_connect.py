@@ -247,7 +247,9 @@ class HttpConnectClient(Machine):
         if username is not None:
             if authorization is not None:
                 raise LocalProtocolError("credentials and an authorization both given")
-            authorization = _basic_authorization(username, password)
+            from .http_auth import basic_authorization
+
+            authorization = basic_authorization(username, password)
         elif password is not None:
             raise LocalProtocolError("a password was given without a username")
         if authorization is not None and "proxy-authorization" in given:
@@ -511,21 +513,6 @@ def _check_header(item: tuple[str, str]) -> str:
     if not isinstance(value, str) or any((ch < " " and ch != "\t") or ch == "\x7f" for ch in value):
         raise LocalProtocolError(f"header {name} has a value with a control character")
     return f"{name}: {value}"
-
-
-def _basic_authorization(username: str, password: str | None) -> str:
-    """``Basic <base64(user:pass)>`` per RFC 7617, with UTF-8 as its section 2.1 charset."""
-    import binascii  # only authenticated connections pay for it
-
-    if not isinstance(username, str) or not isinstance(password, str | None):
-        raise LocalProtocolError("username and password must be strings")
-    if ":" in username:
-        raise LocalProtocolError("an HTTP Basic username cannot contain ':' (RFC 7617)")
-    try:
-        raw = f"{username}:{password or ''}".encode()
-    except UnicodeError:
-        raise LocalProtocolError("username or password is not valid Unicode") from None
-    return "Basic " + binascii.b2a_base64(raw, newline=False).decode("ascii")
 
 
 class HttpConnectServer(Machine):
