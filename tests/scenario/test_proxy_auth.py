@@ -298,3 +298,22 @@ def test_the_proxy_keeps_asking_is_bounded(proxy_factory) -> None:  # type: igno
     with pytest.raises(ProxyAuthError):
         tunnel([proxy.url("http", "alice:pw@")])
     assert proxy.accepted == 1
+
+
+def test_the_library_restricts_schemes_per_proxy(proxy_factory) -> None:  # type: ignore[no-untyped-def]
+    import hopcat
+
+    def script(conn: socket.socket) -> None:
+        read_head(conn)
+        conn.sendall(challenge('Basic realm="x"'))
+        until_closed(conn)
+
+    proxy = proxy_factory(script)
+    via = hopcat.Proxy.from_url(proxy.url("http", "alice:pw@"), auth_schemes="digest")
+    with pytest.raises(ProxyAuthError) as info:
+        hopcat.create_connection(("target.test", 22), timeout=10, via=via)
+    assert "--proxy-auth-scheme allows only digest" in str(info.value)
+    with pytest.raises(ValueError, match="unknown scheme"):
+        hopcat.Proxy.from_url("http://h:1", auth_schemes="kerberos")
+    with pytest.raises(ValueError, match="for HTTP proxies"):
+        hopcat.Proxy.from_url("socks5h://h:1", auth_schemes="basic")
