@@ -118,7 +118,7 @@ STATUS_TEXT: dict[int, str] = {
     504: "Gateway Timeout",
 }
 _SUCCESS_RESPONSE = b"HTTP/1.1 200 Connection established\r\n\r\n"
-# What the server answers a request without usable credentials (RFC 9110 section 11.7.1).
+# The server's Basic challenge, its only one unless it is given others (RFC 9110 section 11.7.1).
 AUTH_CHALLENGE = 'Basic realm="hopcat"'
 
 

@@ -7,6 +7,10 @@ which matters for the rules (first match wins).
 Refused before binding: a listen address beyond loopback without ``--auth``/``--auth-file``,
 unless ``--allow-open`` (an open proxy is a gift to anyone who finds it).
 
+``--auth-scheme`` defaults to ``digest,basic``: Digest for the clients that can (hopcat, ncat,
+curl --proxy-digest/--proxy-anyauth), so the password stays off the network, and Basic still
+accepted so that clients sending it up front keep working (see ``hopcat.server.digest``).
+
 Readiness for scripts and tests: ``--ready-fd N`` writes the bound addresses (``HOST:PORT``, one a
 line, ``[v6]:port`` for IPv6, ``tls://`` before a TLS listener's) to fd N and closes it, so the
 parent reads until EOF;
@@ -68,7 +72,7 @@ OPTION_TABLE: tuple[tuple[str, str, str, object, str], ...] = (
         "auth_scheme",
         "digest,basic",
         "what an HTTP client may authenticate with, offered in this order in a 407: digest "
-        "(RFC 7616, SHA-256 and MD5; the password never crosses the network), basic (RFC 7617, "
+        "(RFC 7616, MD5 and SHA-256; the password never crosses the network), basic (RFC 7617, "
         "the password in clear unless the listener is tls://) (default digest,basic)",
     ),
     (
