@@ -67,7 +67,8 @@ def test_hopcat_client_uses_digest(serve: Serve, banner_server: peers.BannerServ
                        banner_server.host, str(banner_server.port), input=b"")  # fmt: skip
     assert wrong.returncode == 77, wrong.stderr
     assert b"407" in wrong.stderr and wrong.stderr.count(b"\n") == 1
-    assert "wrong user name or password" in server.wait_log("result=auth-failed", count=2)
+    # The probes of both runs, then the wrong answer.
+    assert "wrong user name or password" in server.wait_log("result=auth-failed", count=3)
     assert_no_secrets(server)
 
 
@@ -89,7 +90,8 @@ def test_ncat_chooses_digest(serve: Serve, need: Callable[..., str],
     assert f"user={USER} " in server.wait_log("result=ok")
     wrong = ncat("nope")
     assert wrong.returncode != 0 and b"407" in wrong.stderr
-    assert "wrong user name or password" in server.wait_log("result=auth-failed", count=2)
+    # The probes of both runs, then the wrong answer.
+    assert "wrong user name or password" in server.wait_log("result=auth-failed", count=3)
     assert_no_secrets(server)
 
 
@@ -111,6 +113,7 @@ def test_curl_proxy_digest(serve: Serve, need: Callable[..., str],
     assert wrong.returncode != 0
     basic = curl("--proxy-basic", "-U", f"{USER}:{PASSWORD}")  # Basic is not offered
     assert basic.returncode != 0
+    # Each client's probe gets a 407 too: 1 (right), 2 (wrong), 1 (Basic sent up front).
     log = server.wait_log("result=auth-failed", count=4)
     assert log.count("result=ok") == 1
     assert_no_secrets(server)
