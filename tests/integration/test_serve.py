@@ -423,7 +423,8 @@ def test_help(need: Callable[..., str]) -> None:
     text = result.stdout.decode()
     for option in ("--auth", "--auth-file", "--allow-open", "--allow", "--deny", "--via",
                    "--max-conns", "--handshake-timeout", "--idle-timeout", "--log-format",
-                   "--ready-fd", "--ready-file", "--grace"):  # fmt: skip
+                   "--ready-fd", "--ready-file", "--grace", "--auth-scheme",
+                   "--nonce-lifetime"):  # fmt: skip
         assert option in text, option
     assert text.startswith("usage: hopcat serve")
 

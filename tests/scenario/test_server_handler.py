@@ -651,3 +651,64 @@ def test_daemon_pool_runs_every_job_on_at_most_its_threads() -> None:
     assert [f.cancelled() for f in waiting] == [False] * 3 + [True] * 3  # not started: cancelled
     gate.set()
     assert [f.result(SCENARIO_TIMEOUT_S) for f in waiting[:3]] == [0, 2, 4]
+
+
+# --------------------------------------------------------------------------- Digest nonces
+
+
+def test_a_stale_digest_nonce_is_answered_again(tmp_path: Path) -> None:
+    """hopcat's client answers a nonce that expired between the 407 and its answer (the server's
+    clock jumps past the lifetime after the first nonce): a 407 with stale=true and a new nonce,
+    answered without a new password, on a third connection. An answer sent again is refused."""
+    import hopcat
+    from hopcat.proto.http_auth import DigestClient, parse_challenges
+
+    async def scenario(scene: Scene) -> None:
+        server = scene.serve("--auth", "alice:digest-pass-7", "--auth-scheme", "digest", resolver=ScriptedResolver({}))
+        assert server.digest is not None
+        calls: list[int] = []
+
+        def clock() -> float:
+            calls.append(1)
+            return 5000.0 if len(calls) == 1 else 5000.0 + server.options.nonce_lifetime_s + 1
+
+        server.digest.clock = clock
+        host, port = server.listeners[0].getsockname()[:2]
+        via = f"http://alice:digest-pass-7@{host}:{port}"
+        tunnel = await scene.loop.run_in_executor(
+            None, lambda: hopcat.create_connection(("127.0.0.1", scene.echo_port), 10, via=via)
+        )
+        try:
+            await scene.loop.run_in_executor(None, tunnel.sendall, b"ping")
+            assert await scene.loop.run_in_executor(None, tunnel.recv, 4) == b"ping"
+        finally:
+            tunnel.close()
+        await wait_for(lambda: "result=ok" in scene.log(), "the tunnel's log line")
+        log = scene.log()
+        assert log.count("result=auth-failed") == 2, log  # the probe, the stale nonce
+        assert "stale=true" in log and "user=alice" in log
+
+        # A recorded answer replayed on a new connection is refused.
+        sock = await scene.client(server)
+        authority = f"127.0.0.1:{scene.echo_port}"
+        await scene.loop.sock_sendall(sock, f"CONNECT {authority} HTTP/1.1\r\n\r\n".encode())
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            head += await recv_exact(sock, 1)
+        values = [line.split(": ", 1)[1] for line in head.decode().split("\r\n")
+                  if line.startswith("Proxy-Authenticate: ")]  # fmt: skip
+        challenge = DigestClient.choose(parse_challenges(values))
+        assert challenge is not None and "stale" not in challenge.params
+        value = DigestClient("alice", "digest-pass-7").authorization(challenge, "CONNECT", authority, "c1")
+        request = f"CONNECT {authority} HTTP/1.1\r\nProxy-Authorization: {value}\r\n\r\n".encode()
+        statuses = []
+        for source in ("127.0.0.3", "127.0.0.4"):
+            sock = await scene.client(server, source)
+            await scene.loop.sock_sendall(sock, request)
+            statuses.append(int((await recv_exact(sock, 12)).split()[1]))
+            sock.close()
+        assert statuses == [200, 407]
+        await wait_for(lambda: "replayed" in scene.log(), "the replay's log line")
+
+    scene = run_scene(tmp_path, scenario)
+    assert "response=" not in scene.log() and "digest-pass-7" not in scene.log()

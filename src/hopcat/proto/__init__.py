@@ -8,6 +8,8 @@ from __future__ import annotations
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from ._machine import ClientMachine, ServerMachine
 
 # What ``client_machine`` speaks for each name; the scheme of a proxy URL maps onto these as
@@ -47,11 +49,14 @@ def client_machine(
     raise ValueError(f"no client machine for protocol {protocol!r} (one of {CLIENT_PROTOCOLS})")
 
 
-def server_machine(protocol: str, *, require_auth: bool = False) -> ServerMachine:
+def server_machine(
+    protocol: str, *, require_auth: bool = False, http_challenges: Sequence[str] | None = None
+) -> ServerMachine:
     """The server machine for a client speaking ``protocol`` (what ``detect.detect`` names).
 
     With ``require_auth`` a SOCKS5 or HTTP client must authenticate; a SOCKS4 machine has no way
-    to ask, so the server code refuses its ``Request`` itself.
+    to ask, so the server code refuses its ``Request`` itself. ``http_challenges``: the
+    Proxy-Authenticate values of an HTTP 407 (see ``HttpConnectServer``).
     """
     if protocol == "socks5":
         from .socks5 import Socks5Server
@@ -64,5 +69,5 @@ def server_machine(protocol: str, *, require_auth: bool = False) -> ServerMachin
     if protocol == "http":
         from .http_connect import HttpConnectServer
 
-        return HttpConnectServer(require_auth=require_auth)
+        return HttpConnectServer(require_auth=require_auth, challenges=http_challenges)
     raise ValueError(f"no server machine for protocol {protocol!r} (one of {SERVER_PROTOCOLS})")

@@ -109,6 +109,51 @@ class Credentials(Event):
         return f"Credentials(username={self.username!r}, password='***')"
 
 
+class DigestCredentials(Event):
+    """Server side: the client answered a Digest challenge (RFC 7616) in its HTTP request.
+
+    The fields are those of its ``Proxy-Authorization: Digest ...`` value as received (Latin-1
+    decoded, as heads are); ``method`` and ``target`` are its request line's, which the
+    ``uri`` field must equal. The machine checks only their form; the server code, which has the
+    users and the nonce secret, verifies them and answers with ``accept_credentials(ok)``.
+    """
+
+    __slots__ = ("algorithm", "cnonce", "method", "nc", "nonce", "realm", "response", "target",
+                 "uri", "username")  # fmt: skip
+    _fields = __slots__
+
+    def __init__(
+        self,
+        username: str,
+        realm: str,
+        nonce: str,
+        uri: str,
+        response: str,
+        algorithm: str,
+        nc: str,
+        cnonce: str,
+        method: str,
+        target: str,
+    ) -> None:
+        self.username = username
+        self.realm = realm
+        self.nonce = nonce
+        self.uri = uri
+        self.response = response
+        self.algorithm = algorithm
+        self.nc = nc
+        self.cnonce = cnonce
+        self.method = method
+        self.target = target
+
+    def __repr__(self) -> str:
+        # The response hash can be attacked offline for the password: never in a log.
+        return (
+            f"DigestCredentials(username={self.username!r}, algorithm={self.algorithm!r}, "
+            f"uri={self.uri!r}, response='***')"
+        )
+
+
 class Rejected(Event):
     """Server side: the handshake ended in a refusal whose bytes are queued in ``data_to_send()``.
 

@@ -18,9 +18,17 @@ strongest challenge hopcat can answer: RFC 7616 section 3.7 lets local policy ov
 server's order. Not done: qop=auth-int (no proxy offers it), the ``username*`` form (a non-ASCII
 user name goes into the quoted string as UTF-8, as curl sends it and Squid expects).
 
+The server side (``hopcat serve``) uses the same parser for a Digest ``Proxy-Authorization``
+(credentials have a challenge's grammar), and these pure pieces: ``digest_challenge()``,
+``make_nonce()`` / ``nonce_time()`` (stateless nonces: a time and a salt signed with HMAC, so
+the server keeps no table of what it handed out), ``digest_hash()`` for HA1 and
+``digest_response()`` for the value a client must have sent. It offers MD5 and SHA-256 with
+qop=auth only; the caller compares in constant time and keeps the secret, the clock and the
+nc bookkeeping.
+
 Errors: a malformed challenge raises RemoteProtocolError naming the position, never a value;
 unusable local input (a control character in a user name) raises LocalProtocolError. Nothing
-here reads a clock or a random source: the caller passes the cnonce.
+here reads a clock or a random source: the caller passes the cnonce, a nonce's time and salt.
 """
 
 from __future__ import annotations
@@ -33,6 +41,11 @@ __all__ = [
     "Challenge",
     "DigestClient",
     "basic_authorization",
+    "digest_challenge",
+    "digest_hash",
+    "digest_response",
+    "make_nonce",
+    "nonce_time",
     "parse_challenges",
 ]
 
@@ -293,8 +306,6 @@ class DigestClient:
     def authorization(self, challenge: Challenge, method: str, uri: str, cnonce: str) -> str:
         """The Authorization / Proxy-Authorization value answering ``challenge`` for a request
         ``method uri`` (CONNECT and ``host:port`` for a tunnel), as a str to encode as UTF-8."""
-        import hashlib  # only Digest pays for OpenSSL's bindings
-
         kind = _digest_kind(challenge)
         if kind is None:
             raise LocalProtocolError("not a Digest challenge hopcat can answer")
@@ -303,11 +314,9 @@ class DigestClient:
             raise LocalProtocolError("the request method must be a token")
         if not uri or _has_control(uri) or _has_control(cnonce) or (use_qop and not cnonce):
             raise LocalProtocolError("the request target and cnonce must be non-empty text")
-        hash_name = _DIGEST_HASHES[algorithm]
 
         def digest(*parts: bytes) -> bytes:
-            data = b":".join(parts)
-            return hashlib.new(hash_name, data, usedforsecurity=False).hexdigest().encode()
+            return digest_hash(algorithm, *parts)
 
         params = challenge.params
         realm, nonce = _wire(params["realm"]), _wire(params["nonce"])
@@ -340,3 +349,60 @@ class DigestClient:
         if userhash:
             fields.append("userhash=true")
         return "Digest " + ", ".join(fields)
+
+
+def digest_hash(algorithm: str, *parts: bytes) -> bytes:
+    """``H(part:part:...)`` in lower-case hex (RFC 7616 section 3.4.1) for ``algorithm`` (MD5,
+    SHA-256 or SHA-512-256, without -sess)."""
+    import hashlib  # only Digest pays for OpenSSL's bindings
+
+    data = b":".join(parts)
+    return hashlib.new(_DIGEST_HASHES[algorithm], data, usedforsecurity=False).hexdigest().encode()
+
+
+def digest_challenge(realm: str, nonce: str, algorithm: str, *, stale: bool = False) -> str:
+    """A server's ``Proxy-Authenticate`` value offering ``algorithm`` with qop=auth."""
+    nonce = _quote(nonce)
+    value = f'Digest realm={_quote(realm)}, qop="auth", algorithm={algorithm}, nonce={nonce}'
+    return value + ", stale=true" if stale else value
+
+
+# A server nonce: "<time in hex>.<salt in hex>.<HMAC-SHA-256 of both, first 128 bits in hex>".
+_NONCE_MAC_CHARS = 32
+
+
+def _nonce_mac(secret: bytes, stamp: str) -> str:
+    import hmac
+
+    return hmac.new(secret, stamp.encode("ascii"), "sha256").hexdigest()[:_NONCE_MAC_CHARS]
+
+
+def make_nonce(secret: bytes, now_s: float, salt: bytes) -> str:
+    """A nonce that ``nonce_time(secret, ...)`` will date to ``now_s`` (whole seconds); the salt
+    (random, from the caller) keeps two nonces of the same second apart."""
+    stamp = f"{int(now_s):x}.{salt.hex()}"
+    return f"{stamp}.{_nonce_mac(secret, stamp)}"
+
+
+def nonce_time(secret: bytes, nonce: str) -> int | None:
+    """When a nonce made by ``make_nonce(secret, ...)`` was made, or None when it was not made
+    with this secret (forged, altered, or from before a restart)."""
+    import hmac
+
+    stamp, dot, mac = nonce.rpartition(".")
+    when, dot2, salt = stamp.partition(".")
+    if not (dot and dot2 and when and salt) or len(when) > 16 or when.strip("0123456789abcdef"):
+        return None
+    if not hmac.compare_digest(_nonce_mac(secret, stamp).encode(), mac.encode("utf-8", "replace")):
+        return None
+    return int(when, 16)
+
+
+def digest_response(
+    algorithm: str, ha1: bytes, nonce: str, nc: str, cnonce: str, method: str, uri: str
+) -> bytes:
+    """The ``response`` a client answering with qop=auth must send (RFC 7616 section 3.4.1),
+    in lower-case hex, from the user's ``ha1`` (``digest_hash(algorithm, user, realm,
+    password)``); the fields are those of the client's Proxy-Authorization, as received."""
+    ha2 = digest_hash(algorithm, method.encode(), _wire(uri))
+    return digest_hash(algorithm, ha1, _wire(nonce), nc.encode(), _wire(cnonce), b"auth", ha2)

@@ -28,13 +28,17 @@ a 407 names the schemes the proxy wants. A Squid 403 for a port other than 443 n
 Peer text (reason phrase, header values) is sanitized before it goes into an error message.
 
 The server parses one request head (``REQUEST``), hands ``Credentials`` from a Basic
-Proxy-Authorization header to the server code when authentication is required (answering 407
-itself when there is none), then a ``Request``; any method other than CONNECT comes through with
-``host=""`` for the server code to answer ``reply_failure(405)``. Every failure response carries
-``Connection: close``.
+Proxy-Authorization header, or ``DigestCredentials`` from a Digest one, to the server code when
+authentication is required (answering 407 itself when there is none usable), then a
+``Request``; any method other than CONNECT comes through with ``host=""`` for the server code
+to answer ``reply_failure(405)``. Every failure response carries ``Connection: close``: a
+client answers a 407 on a new connection.
 
-The server side answers only Basic. Not done: absolute-form requests (this is a tunnel, not a
-forwarding proxy).
+The server's 407 carries the ``challenges`` it was made with, one Proxy-Authenticate header
+each (Basic only by default); the schemes they name are the ones whose credentials it takes.
+Digest challenges hold a nonce, which needs a clock and a secret: the server code makes them
+(``http_auth.digest_challenge``) and verifies the answers. Not done: absolute-form requests
+(this is a tunnel, not a forwarding proxy).
 """
 
 from __future__ import annotations
@@ -43,7 +47,16 @@ import _socket as socket  # see _machine.py: no socket module
 
 from ..errors import LocalProtocolError, ProxyAuthError, ProxyError, RemoteProtocolError
 from ._buffer import ReceiveBuffer, find_head_end
-from ._events import NEED_DATA, AuthChallenge, Credentials, Established, Event, Rejected, Request
+from ._events import (
+    NEED_DATA,
+    AuthChallenge,
+    Credentials,
+    DigestCredentials,
+    Established,
+    Event,
+    Rejected,
+    Request,
+)
 from ._machine import (
     HostKind,
     Machine,
@@ -57,6 +70,7 @@ from ._machine import (
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from typing import ClassVar, NoReturn
 
     from ._machine import HandlerTable, Step
@@ -68,6 +82,7 @@ __all__ = [
     "NEED_DATA",
     "AuthChallenge",
     "Credentials",
+    "DigestCredentials",
     "Established",
     "HttpConnectClient",
     "HttpConnectServer",
@@ -103,7 +118,7 @@ STATUS_TEXT: dict[int, str] = {
     504: "Gateway Timeout",
 }
 _SUCCESS_RESPONSE = b"HTTP/1.1 200 Connection established\r\n\r\n"
-# What the server answers a request without usable credentials (RFC 9110 section 11.7.1).
+# The server's Basic challenge, its only one unless it is given others (RFC 9110 section 11.7.1).
 AUTH_CHALLENGE = 'Basic realm="hopcat"'
 
 
@@ -516,13 +531,24 @@ def _check_header(item: tuple[str, str]) -> str:
 
 
 class HttpConnectServer(Machine):
-    """Server role: parse one request head; see the module docstring for the flow."""
+    """Server role: parse one request head; see the module docstring for the flow.
 
-    __slots__ = ("_pending", "_require_auth", "_scanned")
+    ``challenges`` are the Proxy-Authenticate values of a 407, the strongest first (default:
+    ``AUTH_CHALLENGE``, Basic); credentials are taken in the schemes they name."""
+
+    __slots__ = ("_challenges", "_pending", "_require_auth", "_scanned", "_schemes")
     _PEER = "client"
     _SIZES: ClassVar[None] = None
 
-    def __init__(self, *, require_auth: bool = False) -> None:
+    def __init__(
+        self, *, require_auth: bool = False, challenges: Sequence[str] | None = None
+    ) -> None:
+        self._challenges = [AUTH_CHALLENGE] if challenges is None else list(challenges)
+        for value in self._challenges:
+            _check_header(("Proxy-Authenticate", value))
+        self._schemes = {value.partition(" ")[0].lower() for value in self._challenges}
+        if require_auth and not self._schemes <= {"basic", "digest"}:
+            raise LocalProtocolError("the server takes Basic and Digest credentials only")
         super().__init__(State.REQUEST)
         self._require_auth = require_auth
         self._scanned = 0
@@ -555,16 +581,24 @@ class HttpConnectServer(Machine):
             raise RemoteProtocolError(
                 f"{len(authorizations)} Proxy-Authorization headers (one at most)"
             )
-        credentials = _basic_credentials(authorizations)
+        credentials: Credentials | DigestCredentials | None = None
+        scheme = authorizations[0].lstrip(" \t").partition(" ")[0].lower() if authorizations else ""
+        if scheme == "digest" and "digest" in self._schemes:
+            credentials = _digest_credentials(authorizations[0], method, target)
+        elif scheme == "basic" and "basic" in self._schemes:
+            credentials = _basic_credentials(authorizations)
         if credentials is None:
-            return self._challenge("no usable Basic Proxy-Authorization header")
+            if self._schemes == {"basic"}:
+                return self._challenge("no usable Basic Proxy-Authorization header")
+            return self._challenge("no usable Proxy-Authorization header for the schemes offered")
         self._pending = request
         self._state = State.AUTH_DECISION
         return credentials
 
-    def _challenge(self, reason: str) -> Event:
-        challenge = [f"Proxy-Authenticate: {AUTH_CHALLENGE}"]
-        self._outbox += _failure_response(407, None, challenge)
+    def _challenge(self, reason: str, challenges: Sequence[str] | None = None) -> Event:
+        values = self._challenges if challenges is None else challenges
+        lines = [f"Proxy-Authenticate: {value}" for value in values]
+        self._outbox += _failure_response(407, None, lines)
         return self._finish(State.CLOSED, Rejected(f"HTTP 407: {reason}", Rejected.AUTHENTICATION))
 
     def _on_reply_decision(self) -> Step:
@@ -575,14 +609,21 @@ class HttpConnectServer(Machine):
         return self._on_decision()
 
     @_outbound
-    def accept_credentials(self, ok: bool) -> None:
-        """Answer the ``Credentials`` event: go on to the ``Request``, or 407 and close."""
+    def accept_credentials(
+        self, ok: bool, *, challenges: Sequence[str] | None = None, reason: str | None = None
+    ) -> None:
+        """Answer the ``Credentials`` or ``DigestCredentials`` event: go on to the ``Request``,
+        or 407 and close; ``challenges`` replace the 407's (a Digest nonce gone stale is
+        answered with a fresh one marked ``stale=true``), ``reason`` the Rejected event's."""
         self._expect(State.AUTH_DECISION, "accept_credentials()")
+        if challenges is not None:
+            for value in challenges:
+                _check_header(("Proxy-Authenticate", value))
         if ok:
             self._state = State.REPLY_DECISION
         else:
             self._pending = None
-            self._challenge("credentials rejected")
+            self._challenge(reason or "credentials rejected", challenges)
 
     @_outbound
     def reply_success(self, bound_host: str | None = None, bound_port: int | None = None) -> None:
@@ -593,8 +634,8 @@ class HttpConnectServer(Machine):
 
     @_outbound
     def reply_failure(self, code: int = 502, reason: str | None = None) -> None:
-        """Refuse with HTTP status ``code`` (400..599); 405 adds ``Allow: CONNECT``, 407 a Basic
-        challenge."""
+        """Refuse with HTTP status ``code`` (400..599); 405 adds ``Allow: CONNECT``, 407 the
+        machine's challenges."""
         self._expect(State.REPLY_DECISION, "reply_failure()")
         if not isinstance(code, int) or isinstance(code, bool) or not 400 <= code <= 599:
             raise LocalProtocolError(f"HTTP failure status must be 400..599, not {code!r}")
@@ -604,7 +645,7 @@ class HttpConnectServer(Machine):
         if code == 405:
             extra.append("Allow: CONNECT")
         elif code == 407:
-            extra.append(f"Proxy-Authenticate: {AUTH_CHALLENGE}")
+            extra += [f"Proxy-Authenticate: {value}" for value in self._challenges]
         self._outbox += _failure_response(code, reason, extra)
         text = reason if reason is not None else STATUS_TEXT.get(code, "")
         self._finish(State.CLOSED, Rejected(f"HTTP {code} {text}".rstrip(), Rejected.REFUSED))
@@ -723,3 +764,37 @@ def _basic_credentials(values: list[str]) -> Credentials | None:
     return Credentials(
         username.decode("utf-8", "surrogateescape"), password.decode("utf-8", "surrogateescape")
     )
+
+
+# What a Digest answer to our challenges must hold (RFC 7616 section 3.4): we offer qop=auth only,
+# so nc and cnonce are required too.
+_DIGEST_FIELDS = ("username", "realm", "nonce", "uri", "response", "qop", "nc", "cnonce")
+_HEX = "0123456789abcdefABCDEF"
+
+
+def _digest_credentials(value: str, method: str, target: str) -> DigestCredentials | None:
+    """The fields of a Digest Proxy-Authorization value, when it is well formed and answers a
+    challenge of ours (qop=auth, MD5 or SHA-256, no userhash, no -sess); verification is the
+    server code's."""
+    from .http_auth import parse_challenges  # only Digest servers pay for it
+
+    try:
+        parsed = parse_challenges([value])
+    except RemoteProtocolError:
+        return None
+    if len(parsed) != 1 or parsed[0].name != "digest":
+        return None
+    params = parsed[0].params
+    if any(name not in params for name in _DIGEST_FIELDS):
+        return None
+    algorithm = params.get("algorithm", "MD5").upper()
+    nc = params["nc"]
+    if (
+        algorithm not in ("MD5", "SHA-256") or params["qop"].lower() != "auth"
+        or len(nc) != 8 or nc.strip(_HEX) or params.get("userhash", "false").lower() != "false"
+    ):  # fmt: skip
+        return None
+    return DigestCredentials(
+        params["username"], params["realm"], params["nonce"], params["uri"], params["response"],
+        algorithm, nc, params["cnonce"], method, target,
+    )  # fmt: skip

@@ -7,6 +7,10 @@ which matters for the rules (first match wins).
 Refused before binding: a listen address beyond loopback without ``--auth``/``--auth-file``,
 unless ``--allow-open`` (an open proxy is a gift to anyone who finds it).
 
+``--auth-scheme`` defaults to ``digest,basic``: Digest for the clients that can (hopcat, ncat,
+curl --proxy-digest/--proxy-anyauth), so the password stays off the network, and Basic still
+accepted so that clients sending it up front keep working (see ``hopcat.server.digest``).
+
 Readiness for scripts and tests: ``--ready-fd N`` writes the bound addresses (``HOST:PORT``, one a
 line, ``[v6]:port`` for IPv6, ``tls://`` before a TLS listener's) to fd N and closes it, so the
 parent reads until EOF;
@@ -51,8 +55,8 @@ OPTION_TABLE: tuple[tuple[str, str, str, object, str], ...] = (
         "USER:PASS",
         "auth",
         None,
-        "accept this user (repeatable): SOCKS5 username/password (RFC 1929) and HTTP Basic; "
-        "prefer --auth-file, a command line is visible to other local users",
+        "accept this user (repeatable): SOCKS5 username/password (RFC 1929) and HTTP "
+        "Digest or Basic; prefer --auth-file, a command line is visible to other local users",
     ),
     (
         "auth-file",
@@ -61,6 +65,23 @@ OPTION_TABLE: tuple[tuple[str, str, str, object, str], ...] = (
         None,
         "users from FILE, one user:password a line, plain text (so chmod 600); lines "
         "starting with # are comments; reread on SIGHUP",
+    ),
+    (
+        "auth-scheme",
+        "LIST",
+        "auth_scheme",
+        "digest,basic",
+        "what an HTTP client may authenticate with, offered in this order in a 407: digest "
+        "(RFC 7616, MD5 and SHA-256; the password never crosses the network), basic (RFC 7617, "
+        "the password in clear unless the listener is tls://) (default digest,basic)",
+    ),
+    (
+        "nonce-lifetime",
+        "SECS",
+        "nonce_lifetime_s",
+        300.0,
+        "a Digest nonce is good for SECS, then the client is told it is stale and answers a "
+        "new one (default 300)",
     ),
     (
         "allow-open",
@@ -222,7 +243,10 @@ OPTION_TABLE: tuple[tuple[str, str, str, object, str], ...] = (
 )
 _BY_LONG = {row[0]: row for row in OPTION_TABLE}
 _SHORT = {"q": "quiet", "h": "help"}
-_SECONDS = frozenset({"handshake_timeout_s", "connect_timeout_s", "idle_timeout_s", "grace_s"})
+_SECONDS = frozenset(
+    {"handshake_timeout_s", "connect_timeout_s", "idle_timeout_s", "grace_s", "nonce_lifetime_s"}
+)
+AUTH_SCHEMES = ("digest", "basic")
 _COUNTS = frozenset({"max_conns", "max_conns_per_client", "ready_fd"})
 _SIZES = frozenset({"max_receive_buffer"})
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -233,6 +257,8 @@ class ServeOptions:
     """Parsed options, plus what ``finish()`` derives from them; passed down, never global."""
 
     auth_file: str | None
+    auth_scheme: str
+    nonce_lifetime_s: float
     allow_open: bool
     rules_file: str | None
     via_password_file: str | None
@@ -267,6 +293,7 @@ class ServeOptions:
         self.raw_via: list[str] = []
         # Derived by finish():
         self.auth: list[tuple[str, str]] = []
+        self.auth_schemes: tuple[str, ...] = AUTH_SCHEMES  # from --auth-scheme, in its order
         self.rules = RuleSet()
         self.via: list[ProxyURL] = []
         self.via_context: ssl.SSLContext | None = None  # for TLS --via hops
@@ -379,6 +406,9 @@ def finish(options: ServeOptions) -> ServeOptions:
         if user in seen:
             raise UsageError(f"--auth: user {user!r} given twice")
         seen.add(user)
+    options.auth_schemes = _auth_schemes(options.auth_scheme)
+    if options.nonce_lifetime_s <= 0:
+        raise UsageError("--nonce-lifetime must be more than 0")
     clients = []
     destinations = []
     for name, value in options.raw_rules:
@@ -462,6 +492,13 @@ def _via_context(options: ServeOptions) -> None:
 
     options.via_context = tls_context(options.via_cacert, options.via_insecure,
                                       flag="--via-cacert")  # fmt: skip
+
+
+def _auth_schemes(text: str) -> tuple[str, ...]:
+    schemes = tuple(item.strip().lower() for item in text.split(","))
+    if not all(scheme in AUTH_SCHEMES for scheme in schemes) or len(set(schemes)) != len(schemes):
+        raise UsageError(f"--auth-scheme takes a list of digest and basic, not {text!r}")
+    return schemes
 
 
 def _fill_via_passwords(options: ServeOptions) -> None:

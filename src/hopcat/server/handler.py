@@ -13,8 +13,9 @@ server's tunnels-per-second target). Its phases::
 HANDSHAKE: the first byte picks the machine (``proto.detect``): SOCKS4/4a, SOCKS5 or HTTP
 CONNECT. Every read is fed to the machine and whatever it queues is written back at once (a
 handshake reply is a few bytes on a fresh socket: a client that does not take them is dropped).
-``Credentials`` are checked against the credential store, a ``Request`` against the destination
-rules. The client is not read while connecting: its reader stays registered (so that the relay
+``Credentials`` are checked against the credential store, ``DigestCredentials`` by
+``server.digest`` with the store's HA1s (a stale nonce is answered with a fresh one, not counted
+as a failed login), a ``Request`` against the destination rules. The client is not read while connecting: its reader stays registered (so that the relay
 can take it over without a system call), and a wake-up meanwhile is looked at with MSG_PEEK.
 Bytes sent early make it drop the registration; they wait in the kernel and reach the target
 after the machine's ``trailing_data``. An end of stream with nothing before it, or a reset, is a
@@ -60,7 +61,7 @@ from hopcat.aio._dial import Dialer
 from hopcat.errors import ProtocolError, RemoteProtocolError
 from hopcat.net.dial import interleave_families, main_errno
 from hopcat.proto import server_machine
-from hopcat.proto._events import NEED_DATA, Credentials, Rejected, Request
+from hopcat.proto._events import NEED_DATA, Credentials, DigestCredentials, Rejected, Request
 from hopcat.proto.detect import detect
 from hopcat.server.policy import resolver_form
 from hopcat.server.relay import DONE, Half, bound_buffers, reset_on_close
@@ -335,7 +336,9 @@ class Conn:
                 f"first byte 0x{first:02x} starts no SOCKS4, SOCKS5 or HTTP request{hint}",
             )
             return None
-        machine = server_machine(kind, require_auth=self.server.auth_required)
+        server = self.server
+        challenges = server.http_challenges() if kind == "http" and server.auth_required else None
+        machine = server_machine(kind, require_auth=server.auth_required, http_challenges=challenges)
         self.protocol = kind
         self.machine = machine
         return machine
@@ -358,6 +361,9 @@ class Conn:
             if isinstance(event, Credentials):
                 self.user = event.username
                 machine.accept_credentials(self._check_login(event))
+            elif isinstance(event, DigestCredentials):
+                self.user = event.username
+                self._answer_digest(event)
             elif isinstance(event, Request):
                 self._on_request(event)
                 return
@@ -368,28 +374,62 @@ class Conn:
                 self.linger(self.result, self.reason or reason)
                 return
 
-    def _check_login(self, credentials: Credentials) -> bool:
-        """The password check, unless this client failed too often lately: then it is refused
-        without looking (see ``throttle``), so guessing goes no faster than the penalties."""
-        server = self.server
-        now = server.loop.time()
-        logins = server.logins
-        wait_s = logins.penalty_left(self.client_ip, now)
+    def _answer_digest(self, answer: DigestCredentials) -> None:
+        """Verify a Digest answer (see ``server.digest``); a right password with an expired
+        nonce gets a new nonce marked stale, so the client answers again."""
+        from hopcat.proto.http_connect import HttpConnectServer
+        from hopcat.server.digest import OK, STALE
+
+        machine = self.machine
+        digest = self.server.digest
+        assert isinstance(machine, HttpConnectServer) and digest is not None
+        if self._throttled():
+            machine.accept_credentials(False)
+            return
+        outcome, reason = digest.check(answer, self.server.credentials.digest_ha1)
+        if outcome == OK:
+            self.server.logins.succeeded(self.client_ip)
+            machine.accept_credentials(True)
+        elif outcome == STALE:
+            self.result, self.reason = "auth-failed", reason
+            machine.accept_credentials(
+                False, challenges=self.server.http_challenges(stale=True), reason=reason
+            )
+        else:
+            self._login_failed(reason)
+            machine.accept_credentials(False)
+
+    def _throttled(self) -> bool:
+        """Whether this client failed too often lately: then it is refused without looking
+        (see ``throttle``), so guessing goes no faster than the penalties."""
+        wait_s = self.server.logins.penalty_left(self.client_ip, self.server.loop.time())
         if wait_s > 0:
             self.result = "auth-throttled"
             self.reason = f"too many failed logins from this client; refused unchecked for {wait_s:.0f} s"
-            return False
-        if server.credentials.check(credentials.username, credentials.password):
-            logins.succeeded(self.client_ip)
             return True
-        self.result, self.reason = "auth-failed", "wrong user name or password"
-        penalty_s = logins.failed(self.client_ip, now)
+        return False
+
+    def _check_login(self, credentials: Credentials) -> bool:
+        """The password check, unless the client is throttled."""
+        if self._throttled():
+            return False
+        server = self.server
+        if server.credentials.check(credentials.username, credentials.password):
+            server.logins.succeeded(self.client_ip)
+            return True
+        self._login_failed("wrong user name or password")
+        return False
+
+    def _login_failed(self, reason: str) -> None:
+        server = self.server
+        logins = server.logins
+        self.result, self.reason = "auth-failed", reason
+        penalty_s = logins.failed(self.client_ip, server.loop.time())
         if penalty_s:
             server.logger.log(
                 "limit", client=self.client_ip, failures=logins.failures(self.client_ip),
                 reason=f"failed logins: further logins from this client refused for {penalty_s:g} s",
             )  # fmt: skip
-        return False
 
     def _send_handshake(self, data: bytes) -> bool:
         try:

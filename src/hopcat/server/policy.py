@@ -60,7 +60,9 @@ Credentials (``--auth USER:PASS``, ``--auth-file FILE``)
     trailing spaces or tabs, which editors add unseen; blank lines and lines starting with ``#``
     are skipped. Only SHA-256 digests are kept in memory, and a
     check always compares two digests with ``hmac.compare_digest``, for unknown users too, so the
-    time taken says nothing about the password or whether the user exists.
+    time taken says nothing about the password or whether the user exists. When HTTP Digest is
+    offered, each user's HA1 (``H(user:realm:password)``, RFC 7616 section 3.4.2) is kept too, per
+    algorithm: what a Digest check needs, and a password equivalent for this realm only.
 """
 
 from __future__ import annotations
@@ -521,14 +523,30 @@ def _digest(secret: str) -> bytes:
 
 
 class CredentialStore:
-    """Users and password digests; ``check()`` takes the same time whoever asks."""
+    """Users and password digests; ``check()`` takes the same time whoever asks. With
+    ``digest_algorithms``, HA1s in ``digest_realm`` for ``digest_ha1()``."""
 
-    __slots__ = ("_dummy", "_users")
+    __slots__ = ("_dummy", "_ha1", "_realm", "_users")
 
-    def __init__(self, users: Iterable[tuple[str, str]] = ()) -> None:
+    def __init__(
+        self,
+        users: Iterable[tuple[str, str]] = (),
+        *,
+        digest_algorithms: Iterable[str] = (),
+        digest_realm: str = "hopcat",
+    ) -> None:
+        from hopcat.proto.http_auth import digest_hash
+
         self._users: dict[str, bytes] = {}
+        self._ha1: dict[tuple[str, str], bytes] = {}
+        self._realm = digest_realm.encode()
+        algorithms = tuple(digest_algorithms)
         for user, password in users:
             self._users[user] = _digest(password)
+            raw_user = user.encode("utf-8", "surrogateescape")
+            raw_password = password.encode("utf-8", "surrogateescape")
+            for name in algorithms:
+                self._ha1[user, name] = digest_hash(name, raw_user, self._realm, raw_password)
         self._dummy = _digest("\0hopcat: no such user\0")
 
     def __len__(self) -> int:
@@ -541,6 +559,16 @@ class CredentialStore:
         expected = self._users.get(username)
         ok = hmac.compare_digest(_digest(password), self._dummy if expected is None else expected)
         return ok and expected is not None
+
+    def digest_ha1(self, username: str, algorithm: str) -> tuple[bytes, bool]:
+        """The user's HA1 for ``algorithm`` and True, or a dummy of the same length and False
+        (an unknown user, or Digest not enabled), so the caller's work is the same either way."""
+        ha1 = self._ha1.get((username, algorithm))
+        if ha1 is not None:
+            return ha1, True
+        from hopcat.proto.http_auth import digest_hash
+
+        return digest_hash(algorithm, self._dummy.hex().encode()), False
 
 
 def parse_auth_option(text: str) -> tuple[str, str]:

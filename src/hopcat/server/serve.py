@@ -64,6 +64,10 @@ from hopcat._accept import OUT_OF_RESOURCES, next_backoff
 from hopcat._endpoint import format_hostport
 from hopcat._ready import announce_ready
 from hopcat.errors import ExitCode, HopcatError, UsageError
+from hopcat.proto.http_connect import AUTH_CHALLENGE as BASIC_CHALLENGE
+from hopcat.server.digest import ALGORITHMS as DIGEST_ALGORITHMS
+from hopcat.server.digest import REALM as DIGEST_REALM
+from hopcat.server.digest import DigestAuth
 from hopcat.server.handler import CONNECTING, Conn, strerror
 from hopcat.server.ifaddrs import host_addresses
 from hopcat.server.log import Logger
@@ -160,7 +164,10 @@ def load_config(
             raise UsageError(f"--rules {options.rules_file} holds no rule any more")
         rules = rules + file_rules
     policy = Policy(rules, restrict_local=not options.loopback_only)
-    return CredentialStore(users), policy, warnings
+    digest = options.auth_required and "digest" in options.auth_schemes
+    store = CredentialStore(users, digest_algorithms=DIGEST_ALGORITHMS if digest else (),
+                            digest_realm=DIGEST_REALM)  # fmt: skip
+    return store, policy, warnings
 
 
 # --------------------------------------------------------------------------- listening
@@ -429,6 +436,10 @@ class Server:
             receive_cap=ReceiveCap.for_limit(limit) if limit else None,
         )
         self.auth_required = options.auth_required
+        # The HTTP 407's challenges, in --auth-scheme order; Digest's get a fresh nonce each.
+        self.digest: DigestAuth | None = None
+        if self.auth_required and "digest" in options.auth_schemes:
+            self.digest = DigestAuth(loop.time, lifetime_s=options.nonce_lifetime_s)
         self.via: list[ProxyURL] = options.via
         # Whether names must be resolved here: always when dialling, through --via only when
         # the last hop dials from this host (see handler).
@@ -610,6 +621,16 @@ class Server:
             self._resume_accepting()
         if self.stopping:
             self._maybe_done()
+
+    def http_challenges(self, *, stale: bool = False) -> list[str]:
+        """The Proxy-Authenticate values of a 407, in --auth-scheme order (Digest: fresh nonce)."""
+        values: list[str] = []
+        for scheme in self.options.auth_schemes:
+            if scheme == "digest" and self.digest is not None:
+                values += self.digest.challenges(stale=stale)
+            elif scheme == "basic":
+                values.append(BASIC_CHALLENGE)
+        return values
 
     def lookup(self, conn: Conn, host: str, port: int) -> asyncio.Future[Sequence[AddrInfo]]:
         """Resolve ``host`` for ``conn`` on the resolver threads, within its client's share."""
