@@ -140,7 +140,7 @@ class HopAuth:
         if self.answers > MAX_ANSWERS:
             raise self._failure(event, offered, f"still asking after {MAX_ANSWERS} answers")
         if self.trace is not None and self.answers == 1:
-            names = ", ".join(challenge.scheme for challenge in challenges) or "no scheme"
+            names = ", ".join(map(_offer, challenges)) or "no scheme"
             self.trace(f"the proxy asks for credentials (HTTP {event.status}); it offers {names}")
         answer = yield from self._continue(event, offered, target)
         if answer is None:
@@ -331,6 +331,13 @@ class HopAuth:
         message = f"HTTP {event.status} {event.reason}".rstrip()
         return ProxyAuthError(f"{message} ({'; '.join(notes)})", protocol="http",
                               code=event.status)  # fmt: skip
+
+
+def _offer(challenge: Challenge) -> str:
+    """A challenge as -v names it: Digest with its algorithm (several may be offered)."""
+    if challenge.name == "digest":
+        return f"{challenge.scheme} ({challenge.params.get('algorithm', 'MD5')})"
+    return challenge.scheme
 
 
 def _token_of(challenges: list[Challenge]) -> str | None:
