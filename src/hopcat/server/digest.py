@@ -6,9 +6,11 @@ answers the first Digest challenge and gives up ("Error building Proxy-Authoriza
 when that one is SHA-256, and curl 7.88 ignores every Digest challenge after the first. So MD5
 first; hopcat's own client takes the strongest it knows (SHA-256) whatever the order. Neither
 algorithm stops an eavesdropper from guessing the password offline from one answer (both hashes
-are fast); what Digest gives over Basic is that the password itself never crosses the network. The nonce is stateless (``http_auth.make_nonce``): its time and a random salt signed
-with HMAC-SHA-256 under a secret drawn when the server starts, so the server keeps no table of
-the nonces it gave out and a restart makes every old nonce unknown.
+are fast); what Digest gives over Basic is that the password itself never crosses the network.
+
+The nonce is stateless (``http_auth.make_nonce``): its time and a random salt signed with
+HMAC-SHA-256 under a secret drawn when the server starts, so the server keeps no table of the
+nonces it gave out and a restart makes every old nonce unknown.
 
 An answer is accepted when, in this order: its algorithm is one offered, its realm is ours, its
 ``uri`` is exactly the request target (a captured answer opens no other destination), the nonce
