@@ -695,6 +695,8 @@ def relay(
                         try:
                             flow.on_ready(fd)
                         except OSError as exc:
+                            if flow is down and exc.errno == errno.EPIPE and opts.read_stdin:
+                                _forward_rest(up, in_fd)
                             if flow is down and exc.errno == errno.EPIPE and (
                                 up.finished or (opts.read_stdin and _writer_left(in_fd))
                             ):
@@ -724,6 +726,19 @@ def relay(
             except OSError:
                 pass
     return stats
+
+
+def _forward_rest(up: Flow, in_fd: int) -> None:
+    """Pass on what stdin holds already, before a failed write to stdout is judged: ssh writes
+    its last messages and exits in the same moment our read of the peer's last bytes fails, and
+    those unread bytes would otherwise make its ordinary exit look like a reader gone early."""
+    for _ in range(64):  # a writer still writing is not one that left: bounded
+        if up.finished or (not up.buffered and not _bytes_ready(in_fd)):
+            return
+        try:
+            up.on_ready(in_fd)
+        except OSError:
+            return
 
 
 def _writer_left(fd: int) -> bool:
