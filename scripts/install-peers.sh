@@ -11,7 +11,8 @@ wanted=(
   curl:curl git:git iproute2:ip nmap:nmap proxychains4:proxychains4 stunnel4:stunnel4
   squid:/usr/sbin/squid apache2-utils:htpasswd winbind:ntlm_auth samba-common-bin:smbpasswd
   krb5-kdc:/usr/sbin/krb5kdc krb5-admin-server:/usr/sbin/kadmin.local krb5-user:kinit
-  apache2:/usr/sbin/apache2 cntlm:/usr/sbin/cntlm proxytunnel:proxytunnel
+  apache2:/usr/sbin/apache2 cntlm:/usr/sbin/cntlm proxytunnel:proxytunnel dante-client:socksify
+  dnsutils:dig
 )
 missing=()
 for pair in "${wanted[@]}"; do

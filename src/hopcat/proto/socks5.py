@@ -27,8 +27,9 @@ machine itself (it cannot even frame the address); BIND and UDP ASSOCIATE are ha
 code as a ``Request`` like CONNECT, to be refused with ``reply_failure(7)`` unless it supports
 them.
 
-Not done: GSSAPI (RFC 1961) and other methods; BIND's second reply; UDP ASSOCIATE's datagram
-header. The bound address in a reply is parsed for the timeline but not used.
+Not done: GSSAPI (RFC 1961) and other methods; BIND's second reply. The bound address in a
+CONNECT reply is parsed for the timeline; a UDP ASSOCIATE reply's is the relay's address. The
+datagram header is ``hopcat.proto.socks5_udp``.
 """
 
 from __future__ import annotations
@@ -437,7 +438,10 @@ class AuthSucceeded(Event):
 
 
 class Socks5Client(Machine):
-    """Client role: CONNECT to ``host``:``port`` through a SOCKS5 proxy.
+    """Client role: CONNECT to ``host``:``port`` through a SOCKS5 proxy; with ``command``
+    ``Command.UDP_ASSOCIATE``, a UDP association whose datagrams will come from ``host``:``port``
+    (0.0.0.0:0 when not known): the reply's bound address (``Established.bound_host``/
+    ``bound_port``) is then the relay to send them to (``hopcat.proto.socks5_udp``).
 
     IPv4 and IPv6 literals are sent as addresses (ATYP 1 and 4), anything else as a name for the
     proxy to resolve (ATYP 3). With a username, both "no auth" and username/password are offered
@@ -448,8 +452,11 @@ class Socks5Client(Machine):
     __slots__ = ("_auth_request", "_connect_request", "_offered")
 
     def __init__(
-        self, host: str, port: int, *, username: str | None = None, password: str | None = None
-    ) -> None:
+        self, host: str, port: int, *, username: str | None = None, password: str | None = None,
+        command: int = Command.CONNECT,
+    ) -> None:  # fmt: skip
+        if command not in (Command.CONNECT, Command.UDP_ASSOCIATE):
+            raise LocalProtocolError("SOCKS5 client command must be CONNECT or UDP ASSOCIATE")
         kind, _, address = check_host(host)
         check_port(port)
         if username is None:
@@ -464,7 +471,7 @@ class Socks5Client(Machine):
             )
             self._auth_request = UserPassRequest(user, secret).to_bytes()
             self._offered = (Method.NO_AUTHENTICATION_REQUIRED, Method.USERNAME_PASSWORD)
-        request = CommandRequest(Command.CONNECT, _ATYP_FOR_KIND[kind], address, port)
+        request = CommandRequest(command, _ATYP_FOR_KIND[kind], address, port)
         self._connect_request = request.to_bytes()
         super().__init__(State.METHOD_REPLY)
         self._outbox += Greeting(self._offered).to_bytes()
