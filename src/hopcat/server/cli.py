@@ -230,6 +230,22 @@ OPTION_TABLE: tuple[tuple[str, str, str, object, str], ...] = (
         "require a client certificate signed by --tls-ca on the tls:// listeners",
     ),
     ("no-splice", "", "no_splice", False, "relay by copying instead of splice(2)"),
+    ("no-udp", "", "no_udp", False, "refuse SOCKS5 UDP ASSOCIATE (reply 7)"),
+    (
+        "udp-idle-timeout",
+        "SECS",
+        "udp_idle_timeout_s",
+        120.0,
+        "end a UDP association, and its control connection, after SECS with no datagram "
+        "either way (default 120; 0: never)",
+    ),
+    (
+        "max-udp-per-client",
+        "N",
+        "max_udp_per_client",
+        64,
+        "UDP associations at once from one client address, 0 = no limit (default 64)",
+    ),
     (
         "max-receive-buffer",
         "SIZE",
@@ -244,10 +260,17 @@ OPTION_TABLE: tuple[tuple[str, str, str, object, str], ...] = (
 _BY_LONG = {row[0]: row for row in OPTION_TABLE}
 _SHORT = {"q": "quiet", "h": "help"}
 _SECONDS = frozenset(
-    {"handshake_timeout_s", "connect_timeout_s", "idle_timeout_s", "grace_s", "nonce_lifetime_s"}
+    {
+        "handshake_timeout_s",
+        "connect_timeout_s",
+        "idle_timeout_s",
+        "udp_idle_timeout_s",
+        "grace_s",
+        "nonce_lifetime_s",
+    }
 )
 AUTH_SCHEMES = ("digest", "basic")
-_COUNTS = frozenset({"max_conns", "max_conns_per_client", "ready_fd"})
+_COUNTS = frozenset({"max_conns", "max_conns_per_client", "max_udp_per_client", "ready_fd"})
 _SIZES = frozenset({"max_receive_buffer"})
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 _LISTS = frozenset({"auth", "rules", "via"})
@@ -280,6 +303,9 @@ class ServeOptions:
     tls_ca: str | None
     tls_verify_client: bool
     no_splice: bool
+    no_udp: bool
+    udp_idle_timeout_s: float
+    max_udp_per_client: int
     max_receive_buffer: int
     help: bool
 
@@ -539,8 +565,9 @@ def help_text() -> str:
         "",
         "A SOCKS4, SOCKS4a, SOCKS5 and HTTP CONNECT proxy on one port (told apart by the first",
         "byte). LISTEN is PORT, HOST, HOST:PORT or [V6]:PORT; default 127.0.0.1:1080; port 0",
-        "picks a free port. Only CONNECT is served: SOCKS5 BIND and UDP ASSOCIATE get reply 7,",
-        "SOCKS4 BIND reply 91, other HTTP methods 405.",
+        "picks a free port. CONNECT and SOCKS5 UDP ASSOCIATE are served (UDP under the same",
+        "destination rules; not through --via); SOCKS5 BIND gets reply 7, SOCKS4 BIND reply 91,",
+        "other HTTP methods 405.",
         "",
         "tls://LISTEN is the same proxy inside TLS (needs --tls-cert): an HTTPS proxy and SOCKS",
         "over TLS (curl --proxy https://..., hopcat -x https://... or -x socks5h+tls://...).",

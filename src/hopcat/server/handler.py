@@ -39,12 +39,22 @@ first, and a SOCKS5 upstream's refusal (replies 2-6) is passed on to a SOCKS5 cl
 carries the target socket's local address (SOCKS) or is a 200 (HTTP).
 
 Failures get the protocol's own answer: SOCKS5 reply 2 (rules), 3/4 (unreachable, name not
-resolved, timeout), 5 (refused), 7 (BIND, UDP ASSOCIATE), 1 (anything else); SOCKS4 91; HTTP 403,
+resolved, timeout), 5 (refused), 7 (BIND; UDP ASSOCIATE with --via or --no-udp), 1 (anything
+else); SOCKS4 91; HTTP 403,
 405 (methods other than CONNECT), 407 (credentials), 502, 503 (out of descriptors), 504
 (timeout), 400 (malformed request). A handshake given up for any other reason (bad bytes, its
 timeout, the server stopping) is answered too, with the machine's ``abort_reply``. Then LINGER: our side is shut down for writing and the
 client's leftovers are read and dropped until it closes, so that closing with unread bytes does
 not turn the answer into a reset before the client has read it.
+
+UDP: a SOCKS5 UDP ASSOCIATE (RFC 1928 section 7) makes an ``Association``
+(``hopcat.server.udp``, which says what is relayed and checked) and answers with its relay
+socket's address; the Conn then stays in phase UDP, reading the control connection only to see
+it end. Its end (EOF, a reset) ends the association, and any end of the association (the UDP
+idle timeout, the server stopping) closes the control connection. Bytes the client sends on it
+meanwhile mean nothing in the RFC and are read and dropped. ``--via`` carries TCP only, so
+there UDP ASSOCIATE gets reply 7, as with ``--no-udp``; ``--max-udp-per-client`` caps the
+associations of one client address (reply 1 past it).
 
 Deadlines (handshake, connect, linger) and the idle timeout are enforced by the server's periodic
 sweep over ``deadline``/``active``, not by a timer per connection.
@@ -77,6 +87,7 @@ if TYPE_CHECKING:
     from hopcat.proto._machine import ServerMachine
     from hopcat.server.serve import Server
     from hopcat.server.tls import Bridge, Terminator
+    from hopcat.server.udp import Association
     from hopcat.server.upstream import Upstream
 
     # A dial's outcome: a connected socket, or the errno of every failed attempt.
@@ -93,6 +104,7 @@ CONNECTING = 2
 RELAY = 3
 LINGER = 4
 CLOSED = 5
+UDP = 6  # serving a UDP association; the control connection only watched for its end
 
 # result -> (SOCKS5 reply code, HTTP status). SOCKS4 has a single failure code, 91.
 FAILURE_REPLIES: dict[str, tuple[int, int]] = {
@@ -220,6 +232,7 @@ class Conn:
         "started",
         "target",
         "tls",
+        "udp",
         "up",
         "upstream",
         "upstream_code",
@@ -262,6 +275,7 @@ class Conn:
         self.active = False
         self.idle_since = self.started
         self.upstream_code: int | None = None
+        self.udp: Association | None = None
         self._lingered = 0
 
     # -- handshake --------------------------------------------------------------------------
@@ -477,8 +491,11 @@ class Conn:
             self.protocol = "socks4a"
         if host:
             self.dest = format_hostport(host, port)
+        if request.command == "UDP_ASSOCIATE" and self.protocol == "socks5":
+            self._associate(port)
+            return
         if request.command != "CONNECT":
-            self.refuse("unsupported", f"{request.command} is not supported (CONNECT only)")
+            self.refuse("unsupported", f"{request.command} is not supported")
             return
         if server.auth_required and self.protocol in ("socks4", "socks4a"):
             self.refuse("auth-failed", "SOCKS4 carries no password and this server requires one")
@@ -510,6 +527,58 @@ class Conn:
             future = server.lookup(self, wire, port)
             self._future = future
             future.add_done_callback(self._on_resolved)
+
+    def _associate(self, announced_port: int) -> None:
+        """UDP ASSOCIATE: the relay socket, the reply with its address, then phase UDP. The
+        request's DST.ADDR is not used: datagrams are taken from the control connection's
+        address whatever the client says (a client behind NAT cannot know its own)."""
+        from hopcat.server.udp import Association
+
+        server = self.server
+        self.dest = None
+        if server.options.no_udp:
+            self.refuse("unsupported", "UDP ASSOCIATE is disabled on this server (--no-udp)")
+            return
+        if server.via:
+            self.refuse("unsupported", "UDP ASSOCIATE cannot go through --via (TCP only)")
+            return
+        have = server.udp_per_client.get(self.client_ip, 0)
+        cap = server.options.max_udp_per_client
+        if cap and have >= cap:
+            self.refuse("limit", f"{have} UDP associations from this client (--max-udp-per-client)")
+            return
+        control = self.tls.sock if self.tls is not None else self.sock
+        try:
+            self.udp = association = Association(self, control.getsockname(), announced_port)
+        except OSError as exc:
+            result = _CONNECT_ERRORS.get(exc.errno or 0, "error")
+            self.refuse(result, f"UDP relay socket: {strerror(exc)}")
+            return
+        server.udp_per_client[self.client_ip] = have + 1
+        machine = self.machine
+        assert machine is not None
+        machine.reply_success(*association.bound)
+        reply = machine.data_to_send()
+        self.machine = None
+        self.phase = UDP
+        server.to_relay(self)
+        self.idle_since = server.loop.time()
+        if not self._send_handshake(reply):
+            return
+        self._stop_reading()
+        self._read_client(self._on_control_readable)
+
+    @guarded
+    def _on_control_readable(self) -> None:
+        try:
+            data = self.sock.recv(HANDSHAKE_RECV_BYTES)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.close("reset", f"control connection: {strerror(exc)}")
+            return
+        if not data:
+            self.close("ok", None)
 
     @guarded
     def _on_resolved(self, future: asyncio.Future[Sequence[tuple[Any, ...]]]) -> None:
@@ -792,6 +861,8 @@ class Conn:
         relayed = self.phase == RELAY
         if relayed:
             self._end_relay(result == "ok")
+        if self.udp is not None:
+            self.udp.close()
         self.sock.close()
         if self.tls is not None:
             self.tls.close(abort=relayed and result != "ok")
@@ -826,10 +897,14 @@ class Conn:
 
     @property
     def bytes_up(self) -> int:
+        if self.udp is not None:
+            return self.udp.bytes_up
         return self.up.moved if self.up is not None else 0
 
     @property
     def bytes_down(self) -> int:
+        if self.udp is not None:
+            return self.udp.bytes_down
         return max(0, self.down.moved) if self.down is not None else 0
 
 

@@ -68,7 +68,7 @@ from hopcat.proto.http_connect import AUTH_CHALLENGE as BASIC_CHALLENGE
 from hopcat.server.digest import ALGORITHMS as DIGEST_ALGORITHMS
 from hopcat.server.digest import REALM as DIGEST_REALM
 from hopcat.server.digest import DigestAuth
-from hopcat.server.handler import CONNECTING, Conn, strerror
+from hopcat.server.handler import CONNECTING, UDP, Conn, strerror
 from hopcat.server.ifaddrs import host_addresses
 from hopcat.server.log import Logger
 from hopcat.server.policy import (
@@ -359,7 +359,7 @@ class FairPool:
         waiting = self._waiting[client]
         while waiting and self.running.get(client, 0) < self.per_client:
             conn, result, job = waiting.popleft()
-            if conn.phase != CONNECTING:
+            if conn.phase not in (CONNECTING, UDP):
                 continue  # it timed out or went away while waiting its turn
             if self._pool is None:
                 self._pool = DaemonPool(self._workers, self._name)
@@ -452,6 +452,8 @@ class Server:
         self.pending: set[Conn] = set()  # handshaking, connecting, lingering
         self.tunnels: set[Conn] = set()  # relaying
         self.per_client: dict[str, int] = {}
+        self.udp_per_client: dict[str, int] = {}  # UDP associations by client address
+        self.udp_idle_timeout = options.udp_idle_timeout_s
         self.count = 0
         self.served = 0
         self.accepting = False
@@ -605,6 +607,13 @@ class Server:
             self.per_client[conn.client_ip] = left
         else:
             self.per_client.pop(conn.client_ip, None)
+        udp = conn.udp
+        if udp is not None:
+            left = self.udp_per_client.get(conn.client_ip, 1) - 1
+            if left > 0:
+                self.udp_per_client[conn.client_ip] = left
+            else:
+                self.udp_per_client.pop(conn.client_ip, None)
         self.logger.tunnel(
             client=conn.peer,
             user=conn.user,
@@ -616,6 +625,11 @@ class Server:
             down=conn.bytes_down,
             duration=self.loop.time() - conn.started,
             tls=conn.tls.version if conn.tls is not None else None,
+            udp=format_hostport(*udp.bound) if udp is not None else None,
+            dgrams_up=udp.datagrams_up if udp is not None else None,
+            dgrams_down=udp.datagrams_down if udp is not None else None,
+            dropped=udp.dropped_total if udp is not None else None,
+            drops=udp.drops_text() if udp is not None else None,
         )
         if self.paused_for == "max-conns" and self.count < self.max_conns:
             self._resume_accepting()
@@ -657,14 +671,17 @@ class Server:
         if self.pending:
             for conn in [c for c in self.pending if c.deadline <= now]:
                 conn.on_deadline()
-        if self.idle_timeout and now >= self._next_idle_check:
-            self._next_idle_check = now + min(1.0, self.idle_timeout / 4)
+        timeouts = [t for t in (self.idle_timeout, self.udp_idle_timeout) if t]
+        if timeouts and now >= self._next_idle_check:
+            self._next_idle_check = now + min(1.0, min(timeouts) / 4)
             for conn in list(self.tunnels):
+                limit = self.idle_timeout if conn.udp is None else self.udp_idle_timeout
                 if conn.active:
                     conn.active = False
                     conn.idle_since = now
-                elif now - conn.idle_since >= self.idle_timeout:
-                    conn.close("idle-timeout", f"no data either way for {self.idle_timeout:g} s")
+                elif limit and now - conn.idle_since >= limit:
+                    what = "data" if conn.udp is None else "datagram"
+                    conn.close("idle-timeout", f"no {what} either way for {limit:g} s")
         self._sweep_handle = self.loop.call_later(SWEEP_INTERVAL_S, self._sweep)
 
     # -- signals ------------------------------------------------------------------------------
@@ -687,6 +704,8 @@ class Server:
             listener.close()
         for conn in list(self.pending):
             conn.close("shutdown", "server stopping")
+        for conn in [c for c in self.tunnels if c.udp is not None]:
+            conn.close("shutdown", "server stopping")  # an association has no end to wait for
         if self.tunnels:
             self._grace_handle = self.loop.call_later(
                 grace, self._close_all, "shutdown", f"grace period of {grace:g} s over"
