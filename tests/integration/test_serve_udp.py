@@ -52,9 +52,10 @@ class UdpEcho:
     """A UDP echo on 127.0.0.1 in a thread; ``received`` lists (source, payload). BIG_REQUEST
     is answered with the largest datagram IPv4 carries."""
 
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                  socket.SOCK_DGRAM)  # fmt: skip
+        self.sock.bind((host, 0))
         self.port = self.sock.getsockname()[1]
         self.received: list[tuple[tuple[str, int], bytes]] = []
         self._stop = threading.Event()
@@ -87,14 +88,16 @@ class Association:
     """A SOCKS5 UDP client: the control connection and its UDP socket."""
 
     def __init__(
-        self, server: ServeProcess, *, announce: bool = True, source: str = "127.0.0.1"
-    ) -> None:
+        self, server: ServeProcess, *, announce: bool = True, user: str | None = None,
+        password: str | None = None,
+    ) -> None:  # fmt: skip
         self.control = connect(server)
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.udp.bind((source, 0))
+        family = self.control.family
+        self.udp = socket.socket(family, socket.SOCK_DGRAM)
+        self.udp.bind((server.host, 0))
         self.udp.settimeout(IO_TIMEOUT_S)
-        host, port = self.udp.getsockname() if announce else ("0.0.0.0", 0)
-        self.code, self.relay = associate(self.control, host, port)
+        host, port = self.udp.getsockname()[:2] if announce else ("0.0.0.0", 0)
+        self.code, self.relay = associate(self.control, host, port, user, password)
 
     def send(self, host: str, port: int, data: bytes) -> None:
         self.udp.sendto(socks5_udp.pack(host, port, data), self.relay)
@@ -102,7 +105,7 @@ class Association:
     def receive(self, timeout: float = IO_TIMEOUT_S) -> socks5_udp.UdpDatagram:
         self.udp.settimeout(timeout)
         data, source = self.udp.recvfrom(65536)
-        assert source == self.relay
+        assert source[:2] == self.relay
         return socks5_udp.unpack(data)
 
     def silent(self) -> bool:
@@ -113,10 +116,23 @@ class Association:
         self.udp.close()
 
 
-def associate(sock: socket.socket, host: str, port: int) -> tuple[int, tuple[str, int]]:
-    """Greeting and UDP ASSOCIATE; (reply code, the relay's address)."""
-    sock.sendall(b"\x05\x01\x00")
-    assert recv_exact(sock, 2) == b"\x05\x00"
+def associate(
+    sock: socket.socket, host: str, port: int, user: str | None = None,
+    password: str | None = None,
+) -> tuple[int, tuple[str, int]]:  # fmt: skip
+    """Greeting (RFC 1929 with ``user``) and UDP ASSOCIATE; (reply code, the relay's address);
+    code -2 for a refused login."""
+    if user is None:
+        sock.sendall(b"\x05\x01\x00")
+        assert recv_exact(sock, 2) == b"\x05\x00"
+    else:
+        assert password is not None
+        sock.sendall(b"\x05\x01\x02")
+        assert recv_exact(sock, 2) == b"\x05\x02"
+        sock.sendall(b"\x01" + bytes((len(user),)) + user.encode() + bytes((len(password),))
+                     + password.encode())  # fmt: skip
+        if recv_exact(sock, 2)[1] != 0:
+            return -2, ("", 0)
     sock.sendall(b"\x05\x03\x00" + socks5_address(host, port))
     head = recv_exact(sock, 4)
     size = {1: 4, 4: 16}[head[3]]
@@ -205,6 +221,23 @@ def test_socksify_runs_nc_over_udp_through_serve(
     assert [data for _source, data in echo.received] == [b"first datagram\n", b"second one\n"]
     line = tunnel_line(server)
     assert " dgrams_up=2 " in line and " dgrams_down=2 " in line, (line, err)
+
+
+def test_ipv6_and_username_auth(serve: Serve) -> None:
+    echo = UdpEcho("::1")
+    try:
+        server = serve("--auth", "alice:udp-pass-3", listen=("[::1]:0",))
+        with association(server, user="alice", password="udp-pass-3") as client:
+            assert client.code == 0 and client.relay[0] == "::1"
+            client.send("::1", echo.port, b"six")
+            reply = client.receive()
+            assert (reply.host, reply.port, reply.data) == ("::1", echo.port, b"six")
+        with association(server, user="alice", password="wrong") as client:
+            assert client.code == -2
+    finally:
+        echo.close()
+    line = tunnel_line(server)
+    assert " user=alice " in line and " dgrams_down=1 " in line, line
 
 
 # --------------------------------------------------------------------------- hostile

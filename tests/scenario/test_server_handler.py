@@ -712,3 +712,111 @@ def test_a_stale_digest_nonce_is_answered_again(tmp_path: Path) -> None:
 
     scene = run_scene(tmp_path, scenario)
     assert "response=" not in scene.log() and "digest-pass-7" not in scene.log()
+
+
+# --------------------------------------------------------------------------- UDP ASSOCIATE
+
+
+class UdpEcho:
+    """A UDP echo on the scene's loop; ``received`` lists the payloads."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.received: list[bytes] = []
+        loop.add_reader(self.sock.fileno(), self._echo)
+
+    def _echo(self) -> None:
+        data, source = self.sock.recvfrom(65536)
+        self.received.append(data)
+        self.sock.sendto(data, source)
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+async def udp_associate(
+    scene: Scene, server: Server
+) -> tuple[socket.socket, socket.socket, tuple[str, int]]:
+    """A control connection from 127.0.0.2, its UDP socket, the relay's address."""
+    control = await scene.client(server)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    scene.clients.append(udp)
+    udp.setblocking(False)
+    udp.bind(("127.0.0.2", 0))
+    host, port = udp.getsockname()
+    loop = asyncio.get_running_loop()
+    request = b"\x05\x03\x00\x01" + socket.inet_aton(host) + port.to_bytes(2, "big")
+    await loop.sock_sendall(control, b"\x05\x01\x00" + request)
+    assert await recv_exact(control, 2) == b"\x05\x00"
+    reply = await recv_exact(control, 10)
+    assert reply[:4] == b"\x05\x00\x00\x01"
+    return control, udp, (socket.inet_ntoa(reply[4:8]), int.from_bytes(reply[8:], "big"))
+
+
+def association_of(server: Server) -> Any:
+    (conn,) = [conn for conn in server.tunnels if conn.udp is not None]
+    return conn.udp
+
+
+def test_udp_names_are_resolved_once_per_association(tmp_path: Path) -> None:
+    """The first datagram to a name starts its lookup, the next ones wait for it, and every
+    later one goes to the checked answer: a resolver that changes its mind (DNS rebinding)
+    changes nothing within the association."""
+    from hopcat.proto import socks5_udp
+
+    resolver = ScriptedResolver({"udp.example": "127.0.0.1"})
+
+    async def scenario(scene: Scene) -> None:
+        echo = UdpEcho(scene.loop)
+        original = resolver.__call__
+
+        def rebinding(host: str, port: int) -> Sequence[tuple[Any, ...]]:
+            answer = original(host, port)
+            resolver.table[host] = "10.0.0.1"
+            return answer
+
+        server = scene.serve("--deny", "10.0.0.0/8", resolver=rebinding, restrict_local=False)
+        control, udp, relay = await udp_associate(scene, server)
+        loop = asyncio.get_running_loop()
+        for i in range(3):
+            await loop.sock_sendto(udp, socks5_udp.pack("udp.example", echo.port, b"%d" % i), relay)
+        await wait_for(lambda: len(echo.received) == 3, "three datagrams through one lookup")
+        await loop.sock_sendto(udp, socks5_udp.pack("udp.example", echo.port, b"3"), relay)
+        await wait_for(lambda: len(echo.received) == 4, "a fourth to the same address")
+        assert sorted(echo.received) == [b"0", b"1", b"2", b"3"]
+        assert resolver.calls == ["udp.example"]
+        control.close()
+        echo.close()
+
+    run_scene(tmp_path, scenario)
+
+
+def test_exposed_server_drops_datagrams_to_its_host_in_every_spelling(tmp_path: Path) -> None:
+    from hopcat.proto import socks5_udp
+
+    spellings = ["127.1", "2130706433", "0x7f000001", "0177.0.0.1", "0", "::ffff:127.0.0.1",
+                 "\uff11\uff12\uff17\uff0e\uff10\uff0e\uff10\uff0e\uff11", "localhost",
+                 "169.254.169.254", "self.example"]  # fmt: skip
+    resolver = ScriptedResolver({"localhost": "127.0.0.1", "self.example": "::1"})
+
+    async def scenario(scene: Scene) -> None:
+        echo = UdpEcho(scene.loop)
+        server = scene.serve(resolver=resolver, restrict_local=True)
+        control, udp, relay = await udp_associate(scene, server)
+        loop = asyncio.get_running_loop()
+        for host in spellings:
+            await loop.sock_sendto(udp, socks5_udp.pack(host, echo.port, b"no"), relay)
+        association = association_of(server)
+        await wait_for(
+            lambda: association.dropped.get("denied") == len(spellings), "every spelling denied"
+        )
+        assert echo.received == [] and association.datagrams_up == 0
+        control.close()
+        echo.close()
+
+    run_scene(tmp_path, scenario)
