@@ -3,7 +3,9 @@
 - A client written here (TCP control connection, a UDP socket, ``socks5_udp.pack``/``unpack``)
   against a UDP echo: one datagram in, one out, sizes up to 60,000 bytes, SHA-256 both ways, the
   counters of the tunnel line.
-- An independent client: Dante's ``socksify`` running ``nc.openbsd -u`` (see PEERS.md).
+- An independent client: Dante's ``socksify`` running ``nc.openbsd -u`` (see PEERS.md). Not
+  ``dig``: BIND 9 (libuv) sends with sendmmsg(2), which socksify 1.4 does not wrap, so its
+  query reaches the relay with no header and is dropped as malformed (as it should be).
 - Hostile: datagrams from another address or port, forbidden destinations (the default deny of
   an exposed server), malformed headers, fragments, a reply too large to wrap, --via and
   --no-udp refused with reply 7, the per-client cap, the idle timeout, and 1,000 associations
@@ -35,7 +37,7 @@ from test_serve_support import (
 )
 
 from hopcat.proto import socks5_udp
-from support import clean_env
+from support import Certificates, clean_env
 
 Serve = Callable[..., ServeProcess]
 BIG_REQUEST = b"send me the largest datagram"
@@ -238,6 +240,28 @@ def test_ipv6_and_username_auth(serve: Serve) -> None:
         echo.close()
     line = tunnel_line(server)
     assert " user=alice " in line and " dgrams_down=1 " in line, line
+
+
+def test_control_connection_over_tls(
+    serve: Serve, echo: UdpEcho, certificates: Certificates
+) -> None:
+    server = serve("--tls-cert", str(certificates.cert), "--tls-key", str(certificates.key),
+                   listen=("tls://127.0.0.1:0",))  # fmt: skip
+    server.host, _, port = server.hostport.removeprefix("tls://").rpartition(":")
+    server.port = int(port)
+    context = certificates.client_context()
+    with (
+        context.wrap_socket(connect(server), server_hostname="127.0.0.1") as control,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp,
+    ):
+        udp.bind(("127.0.0.1", 0))
+        udp.settimeout(IO_TIMEOUT_S)
+        code, relay = associate(control, *udp.getsockname())
+        assert code == 0 and relay[0] == "127.0.0.1"
+        udp.sendto(socks5_udp.pack("127.0.0.1", echo.port, b"over tls"), relay)
+        assert socks5_udp.unpack(udp.recv(65536)).data == b"over tls"
+    line = tunnel_line(server)
+    assert " result=ok " in line and " tls=TLS" in line and " dgrams_down=1 " in line, line
 
 
 # --------------------------------------------------------------------------- hostile
