@@ -820,3 +820,28 @@ def test_exposed_server_drops_datagrams_to_its_host_in_every_spelling(tmp_path: 
         echo.close()
 
     run_scene(tmp_path, scenario)
+
+
+def test_reloaded_rules_apply_to_a_destination_already_used(tmp_path: Path) -> None:
+    """A destination once allowed is remembered, but only under the rules it was checked by."""
+    from hopcat.proto import socks5_udp
+
+    async def scenario(scene: Scene) -> None:
+        echo = UdpEcho(scene.loop)
+        server = scene.serve(resolver=ScriptedResolver({}), restrict_local=False)
+        control, udp, relay = await udp_associate(scene, server)
+        loop = asyncio.get_running_loop()
+        datagram = socks5_udp.pack("127.0.0.1", echo.port, b"x")
+        await loop.sock_sendto(udp, datagram, relay)
+        await wait_for(lambda: len(echo.received) == 1, "the first datagram")
+        options = finish(parse_args(["127.0.0.1:0", "--deny", f"127.0.0.1:{echo.port}"]))
+        _credentials, policy, _warnings = load_config(options)
+        server.policy = Policy(policy.rules, restrict_local=False)  # as SIGHUP would
+        await loop.sock_sendto(udp, datagram, relay)
+        association = association_of(server)
+        await wait_for(lambda: association.dropped.get("denied") == 1, "the reloaded deny")
+        assert len(echo.received) == 1
+        control.close()
+        echo.close()
+
+    run_scene(tmp_path, scenario)

@@ -12,7 +12,8 @@ reply goes out in the same callback as the request:
   the destination; DATA goes to it from
 * an outbound socket per address family (made on first use, wildcard address, port 0). What
   comes back is passed to the client, with a header naming its source, only from an address and
-  port the client has sent to (a reply, not anyone who learnt the port).
+  port the client has sent to lately (the last ``MAX_DESTINATIONS``): a reply, not anyone who
+  learnt the port.
 
 Destinations are decided as for CONNECT (``Policy.check_name`` and ``check_address``, the same
 default deny of the host's own, loopback, link-local and metadata addresses): an IP literal in
@@ -20,7 +21,9 @@ any spelling the resolver accepts is checked as the address it is; a name is res
 association (on the server's resolver threads, within the client's fair share) and each
 datagram to it goes to its first address the rules allow for that datagram's port, never to a
 second lookup's answer. Datagrams to a name being resolved wait (a few per name); past that, or
-past ``MAX_NAMES`` names, they are dropped.
+past ``MAX_NAMES`` names, they are dropped. A destination once allowed (as the client spelt it,
+with its port) is remembered with its address, so the next datagrams to it cost a dict lookup,
+until the rules are reloaded or the host's addresses change.
 
 Whatever cannot be relayed is dropped and counted by reason, never answered (``source``: from
 another address or port; ``malformed``: no valid header; ``fragment``; ``denied``: by the rules;
@@ -55,6 +58,7 @@ RECV_BYTES = 65536  # the largest UDP payload is 65,507 (IPv4) or 65,527 (IPv6) 
 READ_BATCH = 64  # datagrams read per wake-up, so one busy association cannot starve the loop
 MAX_NAMES = 256  # names resolved per association
 MAX_WAITING = 8  # datagrams held per name while it resolves
+MAX_DESTINATIONS = 4096  # replies are taken from the most recent this many (address, port)s
 DENIED_LOG_INTERVAL_S = 1.0
 
 
@@ -78,8 +82,11 @@ class Association:
 
     __slots__ = (
         "_denied_logged_at",
+        "_host_addresses",
         "_names",
         "_outbound",
+        "_policy",
+        "_routes",
         "_sent_to",
         "_waiting",
         "bound",
@@ -111,10 +118,14 @@ class Association:
         # (address, port) datagrams are taken from; the port is None until the first arrives.
         self.client: tuple[str, int | None] = (conn.client_ip, announced_port or None)
         self._outbound: dict[int, socket.socket] = {}
-        self._sent_to: set[tuple[str, int]] = set()
+        self._sent_to: dict[tuple[str, int], None] = {}  # oldest first
         self._names: dict[str, list[tuple[int, SockAddr]]] = {}
         self._waiting: dict[str, list[tuple[int, bytes]]] = {}
         self._denied_logged_at = -1e9
+        # (host as sent, port) -> where it was allowed to go, under _policy and _host_addresses.
+        self._routes: dict[tuple[str, int], tuple[int, SockAddr]] = {}
+        self._policy = conn.server.policy
+        self._host_addresses = self._policy.host_addresses
         self.datagrams_up = self.bytes_up = self.datagrams_down = self.bytes_down = 0
         self.dropped: dict[str, int] = {}
         conn.server.loop.add_reader(relay.fileno(), self._on_client_readable)
@@ -142,6 +153,12 @@ class Association:
 
     # -- client to destinations --------------------------------------------------------------
     def _on_client_readable(self) -> None:
+        try:
+            self._read_client()
+        except Exception as exc:  # a bug: end the association, not a callback called forever
+            self.conn.crashed(exc)
+
+    def _read_client(self) -> None:
         for _ in range(READ_BATCH):
             try:
                 datagram, source = self.relay.recvfrom(RECV_BYTES)
@@ -169,7 +186,14 @@ class Association:
         if parsed.frag:
             self._drop("fragment")
             return
-        self.conn.active = True
+        policy = self.conn.server.policy
+        if policy is not self._policy or policy.host_addresses is not self._host_addresses:
+            self._routes.clear()  # reloaded rules, or the host's addresses changed
+            self._policy, self._host_addresses = policy, policy.host_addresses
+        route = self._routes.get((parsed.host, parsed.port))
+        if route is not None:
+            self._send_out(*route, parsed.data)
+            return
         wire = resolver_form(parsed.host)
         if wire is None:
             self._drop("dns")
@@ -204,6 +228,14 @@ class Association:
     def _on_resolved(
         self, name: str, host: str, future: asyncio.Future[Sequence[tuple[Any, ...]]]
     ) -> None:
+        try:
+            self._resolved(name, host, future)
+        except Exception as exc:
+            self.conn.crashed(exc)
+
+    def _resolved(
+        self, name: str, host: str, future: asyncio.Future[Sequence[tuple[Any, ...]]]
+    ) -> None:
         waiting = self._waiting.pop(name, None)
         if waiting is None:
             return  # closed meanwhile
@@ -229,7 +261,10 @@ class Association:
         policy = self.conn.server.policy
         for family, sockaddr in candidates:
             if policy.check_address(name, ipaddress.ip_address(sockaddr[0]), port):
-                self._send_out(family, _with_port(sockaddr, port), data)
+                if len(self._routes) >= MAX_DESTINATIONS:
+                    self._routes.clear()
+                route = self._routes[(host, port)] = (family, _with_port(sockaddr, port))
+                self._send_out(*route, data)
                 return
         why = "not allowed by the rules" if name is None else "every address denied by the rules"
         self._denied(format_hostport(host, port), why)
@@ -252,7 +287,13 @@ class Association:
         except OSError:  # EMSGSIZE, a full buffer (EAGAIN), no route, no descriptor
             self._drop("send")
             return
-        self._sent_to.add((str(sockaddr[0]), int(sockaddr[1])))
+        key = (str(sockaddr[0]), int(sockaddr[1]))
+        if key in self._sent_to:
+            del self._sent_to[key]  # to the end: the most recent
+        elif len(self._sent_to) >= MAX_DESTINATIONS:
+            del self._sent_to[next(iter(self._sent_to))]
+        self._sent_to[key] = None
+        self.conn.active = True
         self.datagrams_up += 1
         self.bytes_up += len(data)
 
@@ -270,6 +311,12 @@ class Association:
 
     # -- destinations to the client ----------------------------------------------------------
     def _on_reply_readable(self, sock: socket.socket) -> None:
+        try:
+            self._read_replies(sock)
+        except Exception as exc:
+            self.conn.crashed(exc)
+
+    def _read_replies(self, sock: socket.socket) -> None:
         for _ in range(READ_BATCH):
             try:
                 data, source = sock.recvfrom(RECV_BYTES)
