@@ -237,7 +237,7 @@ OPTION_TABLE: tuple[tuple[str, str, str, object, str], ...] = (
         "udp_idle_timeout_s",
         120.0,
         "end a UDP association, and its control connection, after SECS with no datagram "
-        "either way (default 120; 0: never)",
+        "relayed either way (default 120; 0: never)",
     ),
     (
         "max-udp-per-client",
