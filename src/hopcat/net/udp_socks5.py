@@ -51,14 +51,21 @@ if TYPE_CHECKING:
     from hopcat.net.engine import HopInfo
     from hopcat.net.tls import TLSLayers
 
-__all__ = ["MAX_UDP_PAYLOAD_BYTES", "DatagramStats", "Socks5Association", "open_association"]
+__all__ = [
+    "MAX_UDP_PAYLOAD_BYTES",
+    "DatagramCodec",
+    "DatagramStats",
+    "Socks5Association",
+    "open_association",
+]
 
 # The largest UDP payload over IPv4 (65,535 - 20 IP - 8 UDP): header and data together.
 MAX_UDP_PAYLOAD_BYTES = 65507
 # A receive buffer that holds any datagram, so none is ever cut short silently.
 _RECEIVE_BYTES = 65536
 _UNSPECIFIED = ("0.0.0.0", "::")
-_ANNOUNCE_UNKNOWN = ("0.0.0.0", 0)
+# What UDP ASSOCIATE announces as the datagrams' source: "not known" (the module docstring).
+ANNOUNCE_UNKNOWN = ("0.0.0.0", 0)
 
 
 class DatagramStats:
@@ -82,57 +89,32 @@ class DatagramStats:
                 f"received={self.received}/{self.received_bytes}B, dropped={self.dropped})")  # fmt: skip
 
 
-class Socks5Association:
-    """A UDP association through a SOCKS5 proxy to one target (the ``Datagrams`` interface).
+class DatagramCodec:
+    """The headers of one association's datagrams, both ways, and their counts (the sync and
+    asyncio APIs share it): ``pack`` a payload for the target, ``unpack`` a relay's datagram
+    into the target's payload and the address the relay named, or None (dropped, counted)."""
 
-    ``send``/``receive`` move one datagram's payload; ``fileno`` is the UDP socket's,
-    ``control_fileno`` the control connection's (readable: the association is over). ``recv``
-    waits for the next accepted datagram for a library caller. ``relay`` is where datagrams go,
-    ``target`` the destination as the headers name it, ``hops`` what each hop did.
-    """
+    __slots__ = ("_header", "_target_address", "stats", "target")
 
-    __slots__ = ("_control", "_header", "_layers", "_target_address", "_udp", "hops", "relay",
-                 "stats", "target")  # fmt: skip
-
-    def __init__(
-        self, udp: socket.socket, control: socket.socket, relay: tuple[str, int],
-        target: tuple[str, int], *, layers: TLSLayers | None = None, hops: tuple[HopInfo, ...] = (),
-    ) -> None:  # fmt: skip
-        self._udp = udp
-        self._control = control
-        self._layers = layers  # a TLS last hop's sessions: kept with the connection they run on
-        self.relay = relay
+    def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
-        self.hops = hops
         self.stats = DatagramStats()
         self._header = socks5_udp.pack(target[0], target[1], b"")
         self._target_address = _packed(target[0]) if is_ip_literal(target[0]) else None
 
-    def fileno(self) -> int:
-        return self._udp.fileno()
-
-    def control_fileno(self) -> int | None:
-        return self._control.fileno()
-
-    def send(self, data: bytes) -> None:
-        """One datagram to the target; LocalProtocolError when it cannot fit in one."""
+    def pack(self, data: bytes) -> bytes:
+        """``data`` with its header; LocalProtocolError when it cannot fit in one datagram."""
         limit = MAX_UDP_PAYLOAD_BYTES - len(self._header)
         if len(data) > limit:
             raise LocalProtocolError(
                 f"a datagram of {len(data)} bytes does not fit: at most {limit} through SOCKS5 "
                 f"to {format_hostport(*self.target)}"
             )
-        self._udp.send(self._header + data)
         self.stats.sent += 1
         self.stats.sent_bytes += len(data)
+        return self._header + data
 
-    def receive(self) -> bytes | None:
-        """The payload of the datagram waiting (blocks until one comes), or None when it was
-        dropped (see the module docstring)."""
-        datagram, source = self._udp.recvfrom(_RECEIVE_BYTES)
-        if (_packed(source[0]), source[1]) != (_packed(self.relay[0]), self.relay[1]):
-            self.stats.drop("source")
-            return None
+    def unpack(self, datagram: bytes) -> socks5_udp.UdpDatagram | None:
         try:
             unpacked = socks5_udp.unpack(datagram)
         except RemoteProtocolError:
@@ -146,7 +128,59 @@ class Socks5Association:
             return None
         self.stats.received += 1
         self.stats.received_bytes += len(unpacked.data)
-        return unpacked.data
+        return unpacked
+
+    def _from_target(self, host: str, port: int) -> bool:
+        if port != self.target[1]:
+            return False
+        if self._target_address is None:  # a name: the relay answers with what it resolved
+            return True
+        return is_ip_literal(host) and _packed(host) == self._target_address
+
+
+class Socks5Association:
+    """A UDP association through a SOCKS5 proxy to one target (the ``Datagrams`` interface).
+
+    ``send``/``receive`` move one datagram's payload; ``fileno`` is the UDP socket's,
+    ``control_fileno`` the control connection's (readable: the association is over). ``recv``
+    waits for the next accepted datagram for a library caller. ``relay`` is where datagrams go,
+    ``target`` the destination as the headers name it, ``hops`` what each hop did.
+    """
+
+    __slots__ = ("_codec", "_control", "_layers", "_udp", "hops", "relay", "stats", "target")
+
+    def __init__(
+        self, udp: socket.socket, control: socket.socket, relay: tuple[str, int],
+        target: tuple[str, int], *, layers: TLSLayers | None = None, hops: tuple[HopInfo, ...] = (),
+    ) -> None:  # fmt: skip
+        self._udp = udp
+        self._control = control
+        self._layers = layers  # a TLS last hop's sessions: kept with the connection they run on
+        self.relay = relay
+        self.target = target
+        self.hops = hops
+        self._codec = DatagramCodec(target)
+        self.stats = self._codec.stats
+
+    def fileno(self) -> int:
+        return self._udp.fileno()
+
+    def control_fileno(self) -> int | None:
+        return self._control.fileno()
+
+    def send(self, data: bytes) -> None:
+        """One datagram to the target; LocalProtocolError when it cannot fit in one."""
+        self._udp.send(self._codec.pack(data))
+
+    def receive(self) -> bytes | None:
+        """The payload of the datagram waiting (blocks until one comes), or None when it was
+        dropped (see the module docstring)."""
+        datagram, source = self._udp.recvfrom(_RECEIVE_BYTES)
+        if (_packed(source[0]), source[1]) != (_packed(self.relay[0]), self.relay[1]):
+            self.stats.drop("source")
+            return None
+        unpacked = self._codec.unpack(datagram)
+        return None if unpacked is None else unpacked.data
 
     def recv(self, timeout: float | None = None) -> bytes:
         """The next datagram's payload from the target, skipping dropped ones. TimeoutError
@@ -168,13 +202,6 @@ class Socks5Association:
                                            "association is over")  # fmt: skip
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError("no datagram from the target before the timeout")
-
-    def _from_target(self, host: str, port: int) -> bool:
-        if port != self.target[1]:
-            return False
-        if self._target_address is None:  # a name: the relay answers with what it resolved
-            return True
-        return is_ip_literal(host) and _packed(host) == self._target_address
 
     def close(self) -> None:
         self._udp.close()
@@ -219,7 +246,7 @@ def open_association(
     plan = tunnel_plan(
         hops, host, port, proxy_dns=proxy_dns, family=family, numeric_only=numeric_only,
         exact=True, headers=headers, trace=trace, clock=clock, timeout_label=timeout_label,
-        udp=_ANNOUNCE_UNKNOWN,
+        udp=ANNOUNCE_UNKNOWN,
     )  # fmt: skip
     driver = _Driver(deadline, clock, context, trace, timeout_label)
     driver.dial_options = {"family": family, "source": source, "numeric_only": numeric_only}
@@ -228,15 +255,8 @@ def open_association(
         opened = driver.run(plan)
         control = driver.sock
         assert control is not None and opened.relay is not None and opened.target is not None
-        relay_host, relay_port = opened.relay
-        if relay_host in _UNSPECIFIED:
-            if len(hops) > 1:
-                raise UsageError(
-                    f"the SOCKS5 proxy's UDP relay is {format_hostport(*opened.relay)}, its own "
-                    "address, which cannot be known through a chain: make it the first proxy, "
-                    "or have it answer a routable address (Dante: external:)"
-                )
-            relay_host = str(control.getpeername()[0])
+        relay_host = relay_address(opened.relay, len(hops), str(control.getpeername()[0]))
+        relay_port = opened.relay[1]
         udp = _udp_socket(relay_host, relay_port, source, deadline, clock)
         relay_host = str(udp.getpeername()[0])  # an address, even when the reply gave a name
         if trace is not None:
@@ -250,6 +270,20 @@ def open_association(
             udp.close()
         driver.close()
         raise
+
+
+def relay_address(relay: tuple[str, int], hop_count: int, control_peer: str) -> str:
+    """Where datagrams go: the reply's relay host, or for 0.0.0.0 / :: (the proxy's own
+    address) the control connection's peer, which is the proxy only when it is the first hop."""
+    if relay[0] not in _UNSPECIFIED:
+        return relay[0]
+    if hop_count > 1:
+        raise UsageError(
+            f"the SOCKS5 proxy's UDP relay is {format_hostport(*relay)}, its own address, "
+            "which cannot be known through a chain: make it the first proxy, or have it answer "
+            "a routable address"
+        )
+    return control_peer
 
 
 def _udp_socket(
