@@ -50,7 +50,7 @@ def test_boundaries_and_content(dante: peers.Daemon, udp_echo: peers.UdpEcho) ->
         assert [len(data) for data in received] == list(SIZES)
         assert _digest(received) == _digest(sent)
         assert (udp.stats.sent, udp.stats.received, udp.stats.dropped) == (3, 3, {})
-        assert udp.stats.sent_bytes == udp.stats.received_bytes == sum(SIZES)
+        assert udp.stats.bytes_sent == udp.stats.bytes_received == sum(SIZES)
 
 
 def test_many_datagrams(danted_udp: peers.Daemon, udp_echo: peers.UdpEcho) -> None:

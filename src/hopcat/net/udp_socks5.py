@@ -20,7 +20,7 @@ Decisions where the RFC leaves a choice:
   other relay address must be routable from here: datagrams go to it directly, never through the
   earlier hops (no proxy protocol carries UDP inside TCP).
 * The UDP socket is connected to the relay, so the kernel itself drops datagrams from elsewhere;
-  ``receive`` checks the source again and counts any that get through as ``source``.
+  ``receive`` checks the source again and counts any that get through (``DROP_SOURCE``).
 * Replies: the relay names where each came from. For an address target the header must name that
   address and port (an IPv4-mapped IPv6 address counts as the IPv4 one). For a name target
   (socks5h, or proxy_dns remote) the relay resolved the name and answers with the address it got,
@@ -64,29 +64,50 @@ MAX_UDP_PAYLOAD_BYTES = 65507
 # A receive buffer that holds any datagram, so none is ever cut short silently.
 _RECEIVE_BYTES = 65536
 _UNSPECIFIED = ("0.0.0.0", "::")
+# Why a datagram was dropped (DatagramStats.dropped's keys, shown by -v).
+DROP_SOURCE = "not from the relay"
+DROP_FRAGMENT = "fragment"
+DROP_MALFORMED = "malformed header"
+DROP_NOT_TARGET = "not from the target"
 # What UDP ASSOCIATE announces as the datagrams' source: "not known" (the module docstring).
 ANNOUNCE_UNKNOWN = ("0.0.0.0", 0)
 
 
 class DatagramStats:
-    """Datagrams and bytes each way, and the datagrams dropped, by reason (``source``,
-    ``fragment``, ``malformed``, ``destination``)."""
+    """Datagrams and bytes each way, and the datagrams dropped, by reason. The same class as
+    ``hopcat.net.datagram.DatagramStats`` (written in parallel for the CLI's ``-u``; one of
+    them is to go at merge)."""
 
-    __slots__ = ("dropped", "received", "received_bytes", "sent", "sent_bytes")
+    __slots__ = ("bytes_received", "bytes_sent", "dropped", "received", "sent")
 
     def __init__(self) -> None:
         self.sent = 0
-        self.sent_bytes = 0
+        self.bytes_sent = 0
         self.received = 0
-        self.received_bytes = 0
+        self.bytes_received = 0
         self.dropped: dict[str, int] = {}
 
-    def drop(self, reason: str) -> None:
+    def count_sent(self, size: int) -> None:
+        self.sent += 1
+        self.bytes_sent += size
+
+    def count_received(self, size: int) -> None:
+        self.received += 1
+        self.bytes_received += size
+
+    def count_dropped(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
 
-    def __repr__(self) -> str:
-        return (f"DatagramStats(sent={self.sent}/{self.sent_bytes}B, "
-                f"received={self.received}/{self.received_bytes}B, dropped={self.dropped})")  # fmt: skip
+    def describe(self) -> str:
+        """One line for -v: ``sent 3 datagrams (1200 bytes), received 2 (80 bytes); dropped 1
+        (fragment)``."""
+        text = (f"sent {self.sent} datagram{'s' * (self.sent != 1)} ({self.bytes_sent} bytes), "
+                f"received {self.received} ({self.bytes_received} bytes)")  # fmt: skip
+        if self.dropped:
+            text += "; dropped " + ", ".join(
+                f"{count} ({reason})" for reason, count in sorted(self.dropped.items())
+            )
+        return text
 
 
 class DatagramCodec:
@@ -110,24 +131,22 @@ class DatagramCodec:
                 f"a datagram of {len(data)} bytes does not fit: at most {limit} through SOCKS5 "
                 f"to {format_hostport(*self.target)}"
             )
-        self.stats.sent += 1
-        self.stats.sent_bytes += len(data)
+        self.stats.count_sent(len(data))
         return self._header + data
 
     def unpack(self, datagram: bytes) -> socks5_udp.UdpDatagram | None:
         try:
             unpacked = socks5_udp.unpack(datagram)
         except RemoteProtocolError:
-            self.stats.drop("malformed")
+            self.stats.count_dropped(DROP_MALFORMED)
             return None
         if unpacked.frag:
-            self.stats.drop("fragment")
+            self.stats.count_dropped(DROP_FRAGMENT)
             return None
         if not self._from_target(unpacked.host, unpacked.port):
-            self.stats.drop("destination")
+            self.stats.count_dropped(DROP_NOT_TARGET)
             return None
-        self.stats.received += 1
-        self.stats.received_bytes += len(unpacked.data)
+        self.stats.count_received(len(unpacked.data))
         return unpacked
 
     def _from_target(self, host: str, port: int) -> bool:
@@ -177,7 +196,7 @@ class Socks5Association:
         dropped (see the module docstring)."""
         datagram, source = self._udp.recvfrom(_RECEIVE_BYTES)
         if (_packed(source[0]), source[1]) != (_packed(self.relay[0]), self.relay[1]):
-            self.stats.drop("source")
+            self.stats.count_dropped(DROP_SOURCE)
             return None
         unpacked = self._codec.unpack(datagram)
         return None if unpacked is None else unpacked.data
@@ -215,7 +234,7 @@ class Socks5Association:
 
     def __repr__(self) -> str:
         return (f"Socks5Association(relay={format_hostport(*self.relay)}, "
-                f"target={format_hostport(*self.target)}, {self.stats})")  # fmt: skip
+                f"target={format_hostport(*self.target)}: {self.stats.describe()})")  # fmt: skip
 
 
 def open_association(

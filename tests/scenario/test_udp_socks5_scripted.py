@@ -108,9 +108,15 @@ def test_drop_rules(proxy: ScriptedSocks5, relay: socket.socket) -> None:
         relay.sendto(good, client)
         assert udp.recv(5) == b"mapped"
         assert udp.recv(5) == b"answer"
-        assert udp.stats.dropped == {"fragment": 1, "malformed": 1, "destination": 2}
-        assert (udp.stats.sent, udp.stats.sent_bytes) == (1, 5)
-        assert (udp.stats.received, udp.stats.received_bytes) == (2, 12)
+        assert udp.stats.dropped == {
+            "fragment": 1, "malformed header": 1, "not from the target": 2
+        }  # fmt: skip
+        assert (udp.stats.sent, udp.stats.bytes_sent) == (1, 5)
+        assert (udp.stats.received, udp.stats.bytes_received) == (2, 12)
+        assert udp.stats.describe() == (
+            "sent 1 datagram (5 bytes), received 2 (12 bytes); dropped 1 (fragment), "
+            "1 (malformed header), 2 (not from the target)"
+        )
         with pytest.raises(TimeoutError):
             udp.recv(0.2)
 
@@ -138,7 +144,7 @@ def test_name_target_accepts_the_address_the_relay_resolved(
         relay.sendto(socks5_udp.pack("192.0.2.1", 54, b"wrong port"), client)
         relay.sendto(socks5_udp.pack("192.0.2.1", 53, b"a"), client)
         assert udp.recv(5) == b"a"
-        assert udp.stats.dropped == {"destination": 1}
+        assert udp.stats.dropped == {"not from the target": 1}
 
 
 def test_control_connection_end_ends_the_association(
