@@ -19,6 +19,7 @@ import hopcat
 import hopcat.aio
 from hopcat.errors import UsageError
 from hopcat.proto import socks5_udp
+from support import Certificates
 
 SIZES = (1, 1200, 60000)
 MANY = 2000
@@ -209,3 +210,44 @@ def test_last_hop_not_socks5_refused(danted_udp: peers.Daemon, udp_echo: peers.U
 
     with pytest.raises(UsageError, match="UDP goes through SOCKS5 only"):
         asyncio.run(main())
+
+
+def test_socks5_over_tls_last_hop(
+    tmp_path: Path, certificates: Certificates, danted_udp: peers.Daemon,
+    udp_echo: peers.UdpEcho,
+) -> None:  # fmt: skip
+    """The control connection inside TLS (socat's TLS in front of Dante), the datagrams in the
+    clear to the relay, as RFC 1928 has them; the control connection's TLS stays quiet."""
+    try:
+        front = peers.start_socat_tls(tmp_path / "socat", danted_udp, certificates.cert,
+                                      certificates.key)  # fmt: skip
+    except peers.PeerUnavailable as exc:
+        pytest.skip(str(exc))
+    sent = _payloads()
+    try:
+        context = certificates.client_context()
+        via = front.url_as("socks5h+tls")
+
+        async def main() -> list[bytes]:
+            transport, protocol = await hopcat.aio.create_datagram_endpoint(
+                _Collect, udp_echo.host, udp_echo.port, via=via, proxy_ssl=context, timeout=10
+            )
+            received = []
+            try:
+                for payload in sent:
+                    transport.sendto(payload)
+                    async with asyncio.timeout(5):
+                        received.append((await protocol.queue.get())[0])
+            finally:
+                transport.close()
+            return received
+
+        with hopcat.open_udp(udp_echo.host, udp_echo.port, via=via, proxy_ssl=context) as udp:
+            for payload in sent:
+                udp.send(payload)
+                assert udp.recv(5) == payload
+            with pytest.raises(TimeoutError):
+                udp.recv(0.3)  # no byte on the control connection reads as its end
+        assert _digest(asyncio.run(main())) == _digest(sent)
+    finally:
+        front.stop()

@@ -216,11 +216,36 @@ class Socks5Association:
                 if data is not None:
                     return data
                 continue
-            if self._control.fileno() in ready:
+            if self._control.fileno() in ready and self._control_ended():
                 raise ConnectionResetError("the SOCKS5 control connection closed: the UDP "
                                            "association is over")  # fmt: skip
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError("no datagram from the target before the timeout")
+
+    def _control_ended(self) -> bool:
+        """Whether the readable control connection ended. A SOCKS5 proxy says nothing after its
+        reply, so any byte ends it too, except through a TLS hop, whose session may still send
+        records of its own (a TLS 1.3 KeyUpdate): those are taken in and the wait goes on."""
+        try:
+            data = self._control.recv(_RECEIVE_BYTES, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        if not data or self._layers is None:
+            return True
+        import ssl
+
+        self._layers.feed(data)
+        try:
+            self._layers.read_into(memoryview(bytearray(1)))
+        except ssl.SSLWantReadError:
+            if out := self._layers.wire_out():
+                self._control.send(out)
+            return False
+        except OSError:  # ssl.SSLError included: a broken session is an ended one
+            return True
+        return True
 
     def close(self) -> None:
         self._udp.close()
