@@ -251,3 +251,34 @@ def test_socks5_over_tls_last_hop(
         assert _digest(asyncio.run(main())) == _digest(sent)
     finally:
         front.stop()
+
+
+def test_ipv6(tmp_path: Path) -> None:
+    """Over IPv6 the request announces [::]:0: Dante refuses 0.0.0.0 from an IPv6 client with
+    reply 8 (no IPv4 address amongst its internal ones)."""
+    try:
+        daemon = peers.start_danted(tmp_path / "danted", host=peers.LOOPBACK_V6, udp=True)
+    except peers.PeerUnavailable as exc:
+        pytest.skip(str(exc))
+    payload = os.urandom(1200)
+    try:
+        with peers.UdpEcho(peers.LOOPBACK_V6) as echo:
+            with hopcat.open_udp(echo.host, echo.port, via=daemon.url, timeout=10) as udp:
+                assert udp.relay[0] == "::1"
+                udp.send(payload)
+                assert udp.recv(5) == payload
+
+            async def main() -> tuple[bytes, Any]:
+                transport, protocol = await hopcat.aio.create_datagram_endpoint(
+                    _Collect, echo.host, echo.port, via=daemon.url, timeout=10
+                )
+                try:
+                    transport.sendto(payload)
+                    async with asyncio.timeout(5):
+                        return await protocol.queue.get()
+                finally:
+                    transport.close()
+
+            assert asyncio.run(main()) == (payload, (echo.host, echo.port))
+    finally:
+        daemon.stop()

@@ -6,7 +6,8 @@ what, where a name is resolved, when TLS starts, how many bytes a read may take 
 past the handshake is consumed, how an error is labelled with its hop, how a proxy of the wrong
 kind is recognised) and yields *steps* for a driver to carry out on its own I/O model::
 
-    Dial(host, port)            TCP to the first hop (the driver's Happy Eyeballs); -> None
+    Dial(host, port)            TCP to the first hop (the driver's Happy Eyeballs); -> the
+                                connection's address family (None: not told)
     Resolve(host, port, family) a local lookup; -> list of getaddrinfo tuples
     Send(data)                  -> None
     Receive(size, peek, quiet_s)
@@ -63,10 +64,15 @@ a CONNECT to the next as usual, so the chain carries the control connection only
 is not SOCKS5 is refused before anything is dialled. The target is never sent in the handshake:
 it goes into each datagram's header, as a name or as an address resolved here by the same
 ``proxy_dns`` rules as a CONNECT's (``Opened.target``); ``Opened.relay`` is the relay address the
-proxy answered (its bound address, possibly 0.0.0.0 or :: for "my own address").
+proxy answered (its bound address, possibly 0.0.0.0 or :: for "my own address"). Given a host
+of "", the request announces "not known": 0.0.0.0:0, or [::]:0 where the last hop is reached over
+IPv6 (the first hop's connection, or a last hop given as an IPv6 literal), since Dante refuses an
+announced address of a family its connection with the client does not have (reply 8).
 """
 
 from __future__ import annotations
+
+from _socket import AF_INET6  # its value differs between systems; _socket costs no import time
 
 from hopcat._endpoint import format_hostport, is_ip_literal, split_scope
 from hopcat._url import PROXY_DNS_POLICIES
@@ -252,7 +258,7 @@ def tunnel_plan(
     ``tls_options``: the caller's options to trust a TLS hop's CA or skip the check (a
     certificate failure's hint: the client's by default, ``hopcat serve`` has its own).
     ``udp``: ask the last hop (SOCKS5) for a UDP association to host:port instead, announcing
-    this address as the datagrams' source (``("0.0.0.0", 0)`` when it is not known)."""
+    this address as the datagrams' source (``("", 0)``: not known, see the module docstring)."""
     check_chain(hops, proxy_dns, udp=udp is not None)
     count = len(hops)
     infos = tuple(HopInfo(hop.label()) for hop in hops)
@@ -271,7 +277,7 @@ def tunnel_plan(
         origin = f" (from {first.origin})" if first.origin else ""
         trace(f"hop 1/{count}: {first.label()}{origin}")
     started = clock()
-    yield from _dial_first(hops, timeout_label)
+    dialled = yield from _dial_first(hops, timeout_label)
     infos[0].connect_ms = (clock() - started) * 1000
     if trace is not None:
         trace(f"hop 1/{count}: TCP connected in {infos[0].connect_ms:.1f} ms")
@@ -287,7 +293,8 @@ def tunnel_plan(
                     hops, infos[index], index, host, port, carry, proxy_dns=proxy_dns,
                     family=family, numeric_only=numeric_only, exact=exact, tls=tls,
                     headers=headers, trace=trace, clock=clock, tls_options=tls_options,
-                    auth=auths[index], connections=connections, udp=udp,
+                    auth=auths[index], connections=connections,
+                    udp=None if udp is None else _announced(udp, hops, dialled),
                 )  # fmt: skip
             except (HopcatError, TimeoutError) as caught:
                 # A bare TimeoutError is a driver's deadline at a step no phase below turns into
@@ -312,7 +319,7 @@ def tunnel_plan(
             if trace is not None:
                 trace(f"hop {index + 1}/{count}: connecting again for the answer "
                       f"(TCP connection {connections})")  # fmt: skip
-            yield from _dial_first(hops, timeout_label)
+            dialled = yield from _dial_first(hops, timeout_label)
             carry = b""
             index = 0
     finally:
@@ -333,11 +340,26 @@ def tunnel_plan(
     return Opened(carry, any(hop.tls for hop in hops), infos, relay=relay, target=target)
 
 
+def _announced(
+    udp: tuple[str, int], hops: Sequence[ProxyURL], dialled: int | None
+) -> tuple[str, int]:
+    """The source a UDP ASSOCIATE announces: ``udp``, or for a host of "" (not known) the
+    unspecified address of the family the last hop is reached over, where that is known."""
+    if udp[0]:
+        return udp
+    if len(hops) == 1:
+        v6 = dialled == AF_INET6
+    else:
+        v6 = is_ip_literal(hops[-1].host) and ":" in hops[-1].host
+    return ("::" if v6 else "0.0.0.0", udp[1])
+
+
 def _dial_first(hops: Sequence[ProxyURL], timeout_label: str) -> SubPlan:
-    """TCP to the first hop, its failures labelled with it."""
+    """TCP to the first hop, its failures labelled with it; the connection's family (or None)."""
     first = hops[0]
     try:
-        yield Dial(first.host, first.port)
+        family: int | None = yield Dial(first.host, first.port)
+        return family
     except ConnectError as exc:
         unreachable = ProxyUnreachableError(f"unreachable: {exc.message}", errno=exc.errno)
         _locate(unreachable, hops, 0)

@@ -8,7 +8,8 @@ readable as its end, since a SOCKS5 proxy sends nothing more on it).
 
 Decisions where the RFC leaves a choice:
 
-* What we announce: 0.0.0.0:0 ("not known", RFC 1928 section 6's words for UDP ASSOCIATE).
+* What we announce: 0.0.0.0:0, or [::]:0 over IPv6 ("not known", RFC 1928 section 6's words
+  for UDP ASSOCIATE; Dante refuses an unspecified address of the other family with reply 8).
   The address the proxy would see our datagrams come from is not known before the control
   connection exists (nor at all behind a NAT or a chain), and a wrong one makes the proxy drop
   every datagram; with zeros Dante (and ``hopcat serve``) take datagrams from the control
@@ -70,7 +71,7 @@ DROP_FRAGMENT = "fragment"
 DROP_MALFORMED = "malformed header"
 DROP_NOT_TARGET = "not from the target"
 # What UDP ASSOCIATE announces as the datagrams' source: "not known" (the module docstring).
-ANNOUNCE_UNKNOWN = ("0.0.0.0", 0)
+ANNOUNCE_UNKNOWN = ("", 0)
 
 
 class DatagramStats:
