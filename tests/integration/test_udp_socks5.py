@@ -17,7 +17,7 @@ import pytest
 
 import hopcat
 import hopcat.aio
-from hopcat.errors import UsageError
+from hopcat.errors import ProxyError, UsageError
 from hopcat.proto import socks5_udp
 from support import Certificates
 
@@ -282,3 +282,11 @@ def test_ipv6(tmp_path: Path) -> None:
             assert asyncio.run(main()) == (payload, (echo.host, echo.port))
     finally:
         daemon.stop()
+
+
+def test_proxy_refusing_udp_associate(danted: peers.Daemon, udp_echo: peers.UdpEcho) -> None:
+    """Dante without an ``udpassociate`` rule refuses: a ProxyError naming the hop and UDP."""
+    with pytest.raises(ProxyError, match=r"\(reply 2\) for UDP to 127\.0\.0\.1:") as caught:
+        hopcat.open_udp(udp_echo.host, udp_echo.port, via=danted.url, timeout=10)
+    assert caught.value.hop == 1
+    assert str(caught.value).startswith(f"proxy {danted.url} (hop 1/1): ")
