@@ -240,6 +240,8 @@ def test_socks5_over_tls_last_hop(
                         received.append((await protocol.queue.get())[0])
             finally:
                 transport.close()
+            async with asyncio.timeout(5):  # the TLS session's close included
+                assert await protocol.lost is None
             return received
 
         with hopcat.open_udp(udp_echo.host, udp_echo.port, via=via, proxy_ssl=context) as udp:
@@ -278,6 +280,8 @@ def test_ipv6(tmp_path: Path) -> None:
                         return await protocol.queue.get()
                 finally:
                     transport.close()
+                    async with asyncio.timeout(5):
+                        await protocol.lost
 
             assert asyncio.run(main()) == (payload, (echo.host, echo.port))
     finally:

@@ -212,9 +212,12 @@ async def create_datagram_endpoint(
         raise
     transport = Socks5DatagramTransport(udp, control, codec, relay)
     relay_protocol.transport = transport
-    ended = io.protocol.eof  # the proxy closed while the UDP side was being set up
-    control.set_protocol(_Control(udp))
+    # The proxy may have closed while the UDP side was being set up.
+    ended, lost = io.protocol.eof, io.protocol.closed
+    control.set_protocol(_Control(udp, relay_protocol))
     caller.connection_made(transport)
+    if lost:
+        relay_protocol.control_lost()
     if ended:
         udp.close()
     return transport, caller

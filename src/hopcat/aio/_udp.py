@@ -67,12 +67,16 @@ class Socks5DatagramTransport(asyncio.DatagramTransport):
 
 
 class _Relay(asyncio.DatagramProtocol):
-    """Under the UDP transport: unwraps what the relay sends for the caller's protocol."""
+    """Under the UDP transport: unwraps what the relay sends for the caller's protocol, and
+    tells it ``connection_lost`` once both transports are done (a TLS control connection's
+    close takes a round trip: a loop closed before it would find it open)."""
 
     def __init__(self, codec: DatagramCodec, caller: asyncio.DatagramProtocol) -> None:
         self.codec = codec
         self.caller = caller
         self.transport: Socks5DatagramTransport | None = None  # set before any datagram
+        self._udp_lost = self._control_lost = False
+        self._exc: Exception | None = None
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         # The UDP transport is connected to the relay: the kernel drops other sources.
@@ -84,17 +88,28 @@ class _Relay(asyncio.DatagramProtocol):
         self.caller.error_received(exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._udp_lost = True
+        self._exc = exc
         if self.transport is not None:
             self.transport._control.close()
-        self.caller.connection_lost(exc)
+        self._finish()
+
+    def control_lost(self) -> None:
+        self._control_lost = True
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._udp_lost and self._control_lost:
+            self.caller.connection_lost(self._exc)
 
 
 class _Control(asyncio.Protocol):
     """Under the control connection: its end (or any byte: a SOCKS5 proxy sends none after its
     reply) ends the association."""
 
-    def __init__(self, udp: asyncio.DatagramTransport) -> None:
+    def __init__(self, udp: asyncio.DatagramTransport, relay: _Relay) -> None:
         self.udp = udp
+        self.relay = relay
 
     def data_received(self, data: bytes) -> None:
         self.udp.close()
@@ -105,3 +120,4 @@ class _Control(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.udp.close()
+        self.relay.control_lost()
