@@ -6,6 +6,7 @@ library.
 * ``hopcat.create_connection((host, port), timeout, *, via=...)``: a proxied
   ``socket.create_connection``
 * ``hopcat.open_tunnel(host, port, *, via=...)`` -> ``Tunnel`` (socket, per-hop information)
+* ``hopcat.open_udp(host, port, *, via=...)`` -> ``Socks5Association``: UDP through SOCKS5
 * ``hopcat.Proxy.from_url(url)``, ``hopcat.Chain.from_urls([...])``, ``Chain.from_env(host)``
 * ``hopcat.aio``: the same for asyncio
 """
@@ -14,12 +15,14 @@ from __future__ import annotations
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from hopcat.client import Chain, Proxy, Tunnel, create_connection, open_tunnel
+    from hopcat.client import Chain, Proxy, Tunnel, create_connection, open_tunnel, open_udp
+    from hopcat.net.udp_socks5 import Socks5Association
 
 __version__ = "0.1.0"
-__all__ = ["Chain", "Proxy", "Tunnel", "__version__", "create_connection", "open_tunnel"]
+__all__ = ["Chain", "Proxy", "Socks5Association", "Tunnel", "__version__", "create_connection",
+           "open_tunnel", "open_udp"]
 
-_LAZY = {"Chain", "Proxy", "Tunnel", "create_connection", "open_tunnel"}
+_LAZY = {"Chain", "Proxy", "Tunnel", "create_connection", "open_tunnel", "open_udp"}
 
 
 def __getattr__(name: str) -> object:
@@ -27,6 +30,10 @@ def __getattr__(name: str) -> object:
         from hopcat import client
 
         return getattr(client, name)
+    if name == "Socks5Association":
+        from hopcat.net.udp_socks5 import Socks5Association
+
+        return Socks5Association
     if name == "aio":
         import importlib
 

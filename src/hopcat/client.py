@@ -33,11 +33,13 @@ if TYPE_CHECKING:
 
     from hopcat.net.engine import HopInfo
     from hopcat.net.nested_tls import NestedTLSSocket
+    from hopcat.net.udp_socks5 import Socks5Association
 
     # What a tunnel carries: a socket, or the TLS sessions of TLS hops (and the target's).
     TunnelSocket = socket.socket | NestedTLSSocket
 
-__all__ = ["DEFAULT_TIMEOUT_S", "Chain", "Proxy", "Tunnel", "create_connection", "open_tunnel"]
+__all__ = ["DEFAULT_TIMEOUT_S", "Chain", "Proxy", "Tunnel", "create_connection", "open_tunnel",
+           "open_udp"]
 
 # Long enough for a chain of slow proxies, short enough that a dead one is reported.
 DEFAULT_TIMEOUT_S = 30.0
@@ -440,6 +442,46 @@ def create_connection(
         proxy_ssl=proxy_ssl, proxy_headers=proxy_headers, socket_options=socket_options,
     )  # fmt: skip
     return tunnel.detach()
+
+
+def open_udp(
+    host: str,
+    port: int,
+    *,
+    via: Via,
+    timeout: float | None = _DEFAULT,
+    source_address: str | None = None,
+    proxy_dns: str = "remote",
+    family: int = 0,
+    proxy_ssl: ssl.SSLContext | None = None,
+    proxy_headers: Iterable[tuple[str, str]] = (),
+) -> Socks5Association:
+    """A UDP association with host:port through ``via``, whose last proxy must be SOCKS5
+    (RFC 1928 UDP ASSOCIATE; ValueError otherwise, and for an empty chain: direct UDP needs no
+    proxy). Earlier proxies carry the TCP control connection only; datagrams go from here to
+    the relay address the SOCKS5 proxy answers, which must be reachable from here.
+
+    The result's ``send(data)`` sends one datagram; ``recv(timeout=None)`` returns the next
+    one's payload from the target (datagrams from elsewhere, fragments and malformed ones are
+    dropped and counted in ``stats``), raising ConnectionResetError once the proxy closed the
+    control connection (the association is over). Close it (or use ``with``) to end the
+    association. ``timeout`` bounds the open only; ``source_address`` is the local address
+    both sockets are bound to.
+    """
+    from hopcat.net.udp_socks5 import open_association
+
+    chain = as_chain(via)
+    if len(chain) == 0:
+        from hopcat.errors import UsageError
+
+        raise UsageError("open_udp needs a SOCKS5 proxy; for UDP without one use a UDP socket")
+    limit = DEFAULT_TIMEOUT_S if timeout is _DEFAULT else timeout
+    deadline = float("inf") if limit is None else time.monotonic() + limit
+    return open_association(
+        chain.fresh_hops(), host, port, deadline=deadline, family=family,
+        source=source_address or None, proxy_dns=proxy_dns, context=proxy_ssl,
+        headers=list(proxy_headers),
+    )  # fmt: skip
 
 
 def _left(deadline: float) -> float | None:

@@ -12,6 +12,7 @@ Targets (function scope; ``*_v6`` listen on ::1)::
     banner_server[_v6]   BannerServer: speaks first, then echoes to EOF
     framed_echo[_v6]     FramedEcho: 8-byte length + payload -> 32-byte sha256
     http_target[_v6]     HttpTarget: GET -> fixed body (for curl)
+    udp_echo             UdpEcho: each UDP datagram back to its sender
     source_server        factory: source_server(data, host="127.0.0.1", half_close_only=False)
     target_factory       factory: target_factory(peers.BannerServer, b"hi", host="::1")
 
@@ -19,6 +20,7 @@ Daemons (each a peers.Daemon: .host .port .hostport .url .url_as(scheme) .userna
 .log() .pid)::
 
     danted, danted_auth, danted_v6        session  socks5 (also socks4); auth = username/password
+    danted_udp, danted_udp_auth           session  the same with UDP ASSOCIATE (udpassociate udpreply)
     microsocks, microsocks_auth, microsocks_v6      function  socks5
     tinyproxy, tinyproxy_auth, tinyproxy_v6         function  http (CONNECT)
     microsocks_shared, tinyproxy_shared, tinyproxy_auth_shared
@@ -170,6 +172,11 @@ def framed_echo_v6(target_factory: Callable[..., Any]) -> peers.FramedEcho:
 
 
 @pytest.fixture
+def udp_echo(target_factory: Callable[..., Any]) -> peers.UdpEcho:
+    return target_factory(peers.UdpEcho)  # type: ignore[no-any-return]
+
+
+@pytest.fixture
 def http_target(target_factory: Callable[..., Any]) -> peers.HttpTarget:
     return target_factory(peers.HttpTarget)  # type: ignore[no-any-return]
 
@@ -206,6 +213,22 @@ def danted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[peers.Daemon]:
 def danted_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[peers.Daemon]:
     """Dante with ``socksmethod: username`` (system user hopcattest; root only); url has creds."""
     with _daemon(peers.start_danted, _session_dir(tmp_path_factory, "danted-auth"), auth=True) as d:
+        yield d
+
+
+@pytest.fixture(scope="session")
+def danted_udp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[peers.Daemon]:
+    """Dante, no auth, on 127.0.0.1, serving UDP ASSOCIATE (and CONNECT) as well."""
+    with _daemon(peers.start_danted, _session_dir(tmp_path_factory, "danted-udp"), udp=True) as d:
+        yield d
+
+
+@pytest.fixture(scope="session")
+def danted_udp_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[peers.Daemon]:
+    """danted_udp with ``socksmethod: username`` (as danted_auth: root only); url has creds."""
+    with _daemon(
+        peers.start_danted, _session_dir(tmp_path_factory, "danted-udp-auth"), auth=True, udp=True
+    ) as d:
         yield d
 
 

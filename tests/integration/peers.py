@@ -502,10 +502,12 @@ def start_daemon(
 
 
 def start_danted(
-    workdir: Path, *, host: str = LOOPBACK_V4, auth: bool = False,
+    workdir: Path, *, host: str = LOOPBACK_V4, auth: bool = False, udp: bool = False,
     timeout: float = READY_TIMEOUT_S,
 ) -> Daemon:  # fmt: skip
-    """danted (SOCKS4/5) on host; ``auth=True``: ``socksmethod: username`` with PEER_USER."""
+    """danted (SOCKS4/5) on host; ``auth=True``: ``socksmethod: username`` with PEER_USER;
+    ``udp=True``: UDP ASSOCIATE served too (PEERS.md: without ``udpreply`` every reply is
+    dropped; the relay address it answers is the ``internal:`` one, a new port each time)."""
     danted = require_program("danted", "dante-server")
     if host == LOOPBACK_V6:
         require_ipv6()
@@ -539,6 +541,14 @@ def start_danted(
                 "  log: error",
                 "}",
             ]
+            if udp:
+                lines += [
+                    "socks pass {",
+                    f"  from: {client_net} to: {dst}",
+                    "  command: udpassociate udpreply",
+                    "  log: error",
+                    "}",
+                ]
         conf = workdir / "danted.conf"
         conf.write_text("\n".join(lines) + "\n")
         conf.chmod(0o644)
@@ -549,6 +559,68 @@ def start_danted(
         username=PEER_USER if auth else None, password=PEER_PASSWORD if auth else None,
         timeout=timeout,
     )  # fmt: skip
+
+
+# -- a UDP target
+
+
+class UdpEcho:
+    """A UDP echo on a thread: each datagram goes back to its sender as it came (its size kept);
+    ``received`` counts them, ``sources`` holds who sent them."""
+
+    def __init__(self, host: str = LOOPBACK_V4) -> None:
+        self.host = host
+        self.port = 0
+        self.received = 0
+        self.sources: set[tuple[str, int]] = set()
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._closed = threading.Event()
+
+    @property
+    def hostport(self) -> str:
+        return format_hostport(self.host, self.port)
+
+    def start(self) -> UdpEcho:
+        sock = socket.socket(family_of(self.host), socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        sock.bind((self.host, 0))
+        sock.settimeout(0.1)  # how soon close() is noticed: a blocked recvfrom never wakes
+        self.port = sock.getsockname()[1]
+        self._sock = sock
+        self._thread = threading.Thread(target=self._serve, name="udp-echo", daemon=True)
+        self._thread.start()
+        return self
+
+    def _serve(self) -> None:
+        assert self._sock is not None
+        while not self._closed.is_set():
+            try:
+                data, source = self._sock.recvfrom(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.received += 1
+            self.sources.add(source[:2])
+            try:
+                self._sock.sendto(data, source)
+            except OSError:
+                pass  # the sender's port is gone (ICMP): nothing to echo to
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._closed.set()
+            if self._thread is not None:
+                self._thread.join(5)
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> UdpEcho:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # -- microsocks

@@ -5,6 +5,9 @@ The same engine as the command line and ``hopcat.create_connection``, awaited:
 * ``open_connection(host, port, *, via=...)`` -> ``(StreamReader, StreamWriter)``
 * ``create_connection(protocol_factory, host, port, *, via=...)`` -> ``(transport, protocol)``
 * ``connect_socket(host, port, *, via=...)`` -> a connected non-blocking socket
+* ``create_datagram_endpoint(protocol_factory, host, port, *, via=...)`` -> ``(transport,
+  protocol)``: UDP through a SOCKS5 proxy (UDP ASSOCIATE), shaped like
+  ``loop.create_datagram_endpoint(remote_addr=(host, port))``
 
 Target bytes that arrived glued to the last proxy reply reach the reader, or the protocol's
 ``data_received``, first; the socket from ``connect_socket`` still holds them (exact reads). An
@@ -30,9 +33,10 @@ if TYPE_CHECKING:
     import ssl
     from collections.abc import Callable, Iterable
 
+    from hopcat.aio._udp import Socks5DatagramTransport
     from hopcat.client import Via
 
-__all__ = ["connect_socket", "create_connection", "open_connection"]
+__all__ = ["connect_socket", "create_connection", "create_datagram_endpoint", "open_connection"]
 
 STREAM_LIMIT_BYTES = 2**16  # asyncio's own default for StreamReader
 
@@ -145,6 +149,78 @@ async def open_connection(
     transport, _ = await create_connection(lambda: protocol, host, port, via=via, **options)
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
     return reader, writer
+
+
+async def create_datagram_endpoint(
+    protocol_factory: Callable[[], asyncio.DatagramProtocol],
+    host: str,
+    port: int,
+    *,
+    via: Via,
+    timeout: float | None = _DEFAULT,
+    proxy_dns: str = "remote",
+    family: int = 0,
+    proxy_ssl: ssl.SSLContext | None = None,
+    proxy_headers: Iterable[tuple[str, str]] = (),
+) -> tuple[Socks5DatagramTransport, Any]:
+    """A UDP association with host:port through ``via``, whose last proxy must be SOCKS5 (as
+    ``hopcat.open_udp``; ValueError otherwise). The transport's ``sendto(data)`` sends one
+    datagram to the target; the protocol's ``datagram_received(data, (host, port))`` gets each
+    one from it, the address as the relay named it. Datagrams dropped by the rules of
+    ``hopcat.net.udp_socks5`` are counted in ``transport.stats``. When the proxy closes the
+    control connection the transport closes (``connection_lost``); closing the transport closes
+    the control connection, which ends the association at the proxy. ``timeout`` bounds the open.
+    """
+    from hopcat.aio._driver import TransportIO, run_plan
+    from hopcat.aio._udp import Socks5DatagramTransport, _Control, _Relay
+    from hopcat.net.engine import check_chain, tunnel_plan
+    from hopcat.net.udp_socks5 import ANNOUNCE_UNKNOWN, DatagramCodec, relay_address
+
+    chain = as_chain(via)
+    if len(chain) == 0:
+        raise UsageError("create_datagram_endpoint needs a SOCKS5 proxy; without one use the "
+                         "loop's own")  # fmt: skip
+    hops = chain.fresh_hops()
+    check_chain(hops, proxy_dns, udp=True)
+    loop = asyncio.get_running_loop()
+    deadline = _deadline(loop, timeout)
+    if proxy_ssl is None and any(proxy.tls for proxy in chain):
+        import ssl as ssl_module
+
+        proxy_ssl = ssl_module.create_default_context()
+    io = TransportIO(loop, family, context=proxy_ssl)
+    udp: asyncio.DatagramTransport | None = None
+    try:
+        plan = tunnel_plan(
+            hops, host, port, proxy_dns=proxy_dns, family=family, exact=True,
+            headers=list(proxy_headers), clock=loop.time, udp=ANNOUNCE_UNKNOWN,
+        )  # fmt: skip
+        opened = await run_plan(plan, io, deadline)
+        control = io.transport
+        assert control is not None and opened.relay is not None and opened.target is not None
+        peer = control.get_extra_info("peername")
+        relay = (relay_address(opened.relay, len(hops), str(peer[0])), opened.relay[1])
+        codec = DatagramCodec(opened.target)
+        caller = protocol_factory()
+        udp, relay_protocol = await loop.create_datagram_endpoint(
+            lambda: _Relay(codec, caller), remote_addr=relay
+        )
+    except BaseException:
+        if udp is not None:
+            udp.close()
+        io.close()
+        raise
+    transport = Socks5DatagramTransport(udp, control, codec, relay)
+    relay_protocol.transport = transport
+    # The proxy may have closed while the UDP side was being set up.
+    ended, lost = io.protocol.eof, io.protocol.closed
+    control.set_protocol(_Control(udp, relay_protocol))
+    caller.connection_made(transport)
+    if lost:
+        relay_protocol.control_lost()
+    if ended:
+        udp.close()
+    return transport, caller
 
 
 def _deadline(loop: asyncio.AbstractEventLoop, timeout: float | None) -> float:

@@ -191,7 +191,7 @@ class _SocketRunner:
                 self.advance(None, exc)
                 return
             self.io.sock = sock
-            self.advance(None, None)
+            self.advance(sock.family, None)
 
         self.dialer = Dialer(self.loop, candidates, on_done)
         self.dialer.start()
@@ -586,7 +586,7 @@ class TransportIO(_IO):
         except BaseException:
             sock.close()
             raise
-        return None
+        return sock.family
 
     async def receive(self, step: Receive) -> bytes | None:
         protocol = self.protocol

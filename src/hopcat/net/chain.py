@@ -246,7 +246,7 @@ class _Driver:
             timeout_label=self.timeout_label, blocking=False, **self.dial_options,
         )  # fmt: skip
         self.peer = (self.sock.family, self.sock.getpeername())
-        return None
+        return self.sock.family
 
     def _timeout(self, limit_s: float = MAX_WAIT_S) -> float:
         left = self.deadline - self.clock()

@@ -6,7 +6,8 @@ what, where a name is resolved, when TLS starts, how many bytes a read may take 
 past the handshake is consumed, how an error is labelled with its hop, how a proxy of the wrong
 kind is recognised) and yields *steps* for a driver to carry out on its own I/O model::
 
-    Dial(host, port)            TCP to the first hop (the driver's Happy Eyeballs); -> None
+    Dial(host, port)            TCP to the first hop (the driver's Happy Eyeballs); -> the
+                                connection's address family (None: not told)
     Resolve(host, port, family) a local lookup; -> list of getaddrinfo tuples
     Send(data)                  -> None
     Receive(size, peek, quiet_s)
@@ -56,9 +57,22 @@ The first connection is left alone, so a merely slow proxy is never disturbed.
 
 Errors name the hop: ``proxy socks5://127.0.0.1:1080 (hop 1/2): host unreachable (reply 4) for
 git.example:22``.
+
+UDP (``udp``, RFC 1928 section 7): the last hop is asked UDP ASSOCIATE instead of CONNECT,
+announcing the given address as where the datagrams will come from; every hop before it is asked
+a CONNECT to the next as usual, so the chain carries the control connection only. A last hop that
+is not SOCKS5 is refused before anything is dialled. The target is never sent in the handshake:
+it goes into each datagram's header, as a name or as an address resolved here by the same
+``proxy_dns`` rules as a CONNECT's (``Opened.target``); ``Opened.relay`` is the relay address the
+proxy answered (its bound address, possibly 0.0.0.0 or :: for "my own address"). Given a host
+of "", the request announces "not known": 0.0.0.0:0, or [::]:0 where the last hop is reached over
+IPv6 (the first hop's connection, or a last hop given as an IPv6 literal), since Dante refuses an
+announced address of a family its connection with the client does not have (reply 8).
 """
 
 from __future__ import annotations
+
+from _socket import AF_INET6  # its value differs between systems; _socket costs no import time
 
 from hopcat._endpoint import format_hostport, is_ip_literal, split_scope
 from hopcat._url import PROXY_DNS_POLICIES
@@ -190,23 +204,37 @@ class HopInfo:
 
 class Opened:
     """The plan's result: target bytes that came with the last reply, whether the connection
-    now runs inside TLS (a TLS hop), and per-hop information."""
+    now runs inside TLS (a TLS hop), and per-hop information. For a UDP association, ``relay``
+    is the relay's address from the last reply and ``target`` the destination as the datagram
+    headers name it (a name, or the address it was resolved to here); both None otherwise."""
 
-    __slots__ = ("hops", "tls", "trailing")
+    __slots__ = ("hops", "relay", "target", "tls", "trailing")
 
-    def __init__(self, trailing: bytes, tls: bool, hops: tuple[HopInfo, ...]) -> None:
+    def __init__(
+        self, trailing: bytes, tls: bool, hops: tuple[HopInfo, ...], *,
+        relay: tuple[str, int] | None = None, target: tuple[str, int] | None = None,
+    ) -> None:  # fmt: skip
         self.trailing = trailing
         self.tls = tls
         self.hops = hops
+        self.relay = relay
+        self.target = target
 
 
 # -- the plan ---------------------------------------------------------------------------------
-def check_chain(hops: Sequence[ProxyURL], proxy_dns: str) -> None:
+UDP_NEEDS_SOCKS5 = "UDP goes through SOCKS5 only: HTTP CONNECT and SOCKS4 carry TCP"
+
+
+def check_chain(hops: Sequence[ProxyURL], proxy_dns: str, *, udp: bool = False) -> None:
     """Refuse what no driver could carry out, before anything is sent."""
     if not hops:
         raise UsageError("a tunnel needs at least one proxy")
     if proxy_dns not in PROXY_DNS_POLICIES:
         raise UsageError(f"--proxy-dns must be one of {', '.join(PROXY_DNS_POLICIES)}")
+    if udp and hops[-1].protocol != "socks5":
+        error = UsageError(f"{UDP_NEEDS_SOCKS5}; the last proxy must be socks5:// or socks5h://")
+        _locate(error, hops, len(hops) - 1)
+        raise error
 
 
 def tunnel_plan(
@@ -223,12 +251,15 @@ def tunnel_plan(
     clock: Callable[[], float],
     timeout_label: str = "",
     tls_options: str = TLS_OPTIONS,
+    udp: tuple[str, int] | None = None,
 ) -> Plan:
     """Steps that open host:port through ``hops``; see the module docstring. ``trace`` gets the
     -v timeline's lines (None: nothing is formatted, which a library's opens care about).
     ``tls_options``: the caller's options to trust a TLS hop's CA or skip the check (a
-    certificate failure's hint: the client's by default, ``hopcat serve`` has its own)."""
-    check_chain(hops, proxy_dns)
+    certificate failure's hint: the client's by default, ``hopcat serve`` has its own).
+    ``udp``: ask the last hop (SOCKS5) for a UDP association to host:port instead, announcing
+    this address as the datagrams' source (``("", 0)``: not known, see the module docstring)."""
+    check_chain(hops, proxy_dns, udp=udp is not None)
     count = len(hops)
     infos = tuple(HopInfo(hop.label()) for hop in hops)
     # Whatever can be refused without the network is refused before hop 1 is dialled: a chain
@@ -246,7 +277,7 @@ def tunnel_plan(
         origin = f" (from {first.origin})" if first.origin else ""
         trace(f"hop 1/{count}: {first.label()}{origin}")
     started = clock()
-    yield from _dial_first(hops, timeout_label)
+    dialled = yield from _dial_first(hops, timeout_label)
     infos[0].connect_ms = (clock() - started) * 1000
     if trace is not None:
         trace(f"hop 1/{count}: TCP connected in {infos[0].connect_ms:.1f} ms")
@@ -263,6 +294,7 @@ def tunnel_plan(
                     family=family, numeric_only=numeric_only, exact=exact, tls=tls,
                     headers=headers, trace=trace, clock=clock, tls_options=tls_options,
                     auth=auths[index], connections=connections,
+                    udp=None if udp is None else _announced(udp, hops, dialled),
                 )  # fmt: skip
             except (HopcatError, TimeoutError) as caught:
                 # A bare TimeoutError is a driver's deadline at a step no phase below turns into
@@ -287,21 +319,47 @@ def tunnel_plan(
             if trace is not None:
                 trace(f"hop {index + 1}/{count}: connecting again for the answer "
                       f"(TCP connection {connections})")  # fmt: skip
-            yield from _dial_first(hops, timeout_label)
+            dialled = yield from _dial_first(hops, timeout_label)
             carry = b""
             index = 0
     finally:
         for auth in auths:
             if auth is not None:
                 auth.close()
-    return Opened(carry, any(hop.tls for hop in hops), infos)
+    relay = target = None
+    if udp is not None:
+        relay = infos[-1].bound or ("0.0.0.0", 0)
+        try:
+            wire_host = yield from _target_for_hop(
+                hops[-1], host, port, proxy_dns, family, numeric_only, trace
+            )
+        except HopcatError as exc:
+            _locate(exc, hops, count - 1)
+            raise
+        target = (wire_host, port)
+    return Opened(carry, any(hop.tls for hop in hops), infos, relay=relay, target=target)
+
+
+def _announced(
+    udp: tuple[str, int], hops: Sequence[ProxyURL], dialled: int | None
+) -> tuple[str, int]:
+    """The source a UDP ASSOCIATE announces: ``udp``, or for a host of "" (not known) the
+    unspecified address of the family the last hop is reached over, where that is known."""
+    if udp[0]:
+        return udp
+    if len(hops) == 1:
+        v6 = dialled == AF_INET6
+    else:
+        v6 = is_ip_literal(hops[-1].host) and ":" in hops[-1].host
+    return ("::" if v6 else "0.0.0.0", udp[1])
 
 
 def _dial_first(hops: Sequence[ProxyURL], timeout_label: str) -> SubPlan:
-    """TCP to the first hop, its failures labelled with it."""
+    """TCP to the first hop, its failures labelled with it; the connection's family (or None)."""
     first = hops[0]
     try:
-        yield Dial(first.host, first.port)
+        family: int | None = yield Dial(first.host, first.port)
+        return family
     except ConnectError as exc:
         unreachable = ProxyUnreachableError(f"unreachable: {exc.message}", errno=exc.errno)
         _locate(unreachable, hops, 0)
@@ -360,9 +418,11 @@ def _cross_hop(
     proxy_dns: str, family: int, numeric_only: bool, exact: bool, tls: bool,
     headers: list[tuple[str, str]] | None, trace: Callable[[str], None] | None,
     clock: Callable[[], float], tls_options: str, auth: HopAuth | None, connections: int,
+    udp: tuple[str, int] | None = None,
 ) -> SubPlan:  # fmt: skip
-    """Ask hop ``index`` for the next hop (or the target); return the bytes that came after, or
-    None when the hop's answer to a 407 must go on a new connection (``auth.pending``)."""
+    """Ask hop ``index`` for the next hop (or the target, or with ``udp`` a UDP association);
+    return the bytes that came after, or None when the hop's answer to a 407 must go on a new
+    connection (``auth.pending``)."""
     count = len(hops)
     hop = hops[index]
     prefix = f"hop {index + 1}/{count}"
@@ -380,11 +440,22 @@ def _cross_hop(
             trace(f"{prefix}: TLS {info.tls_version} in {info.tls_ms:.1f} ms")
         step_started = clock()
         expected = None  # the TLS handshake showed the scheme is right
-    wire_host = yield from _target_for_hop(
-        hop, next_host, next_port, proxy_dns, family, numeric_only, trace
-    )
+    associate = last and udp is not None
+    if udp is not None and associate:
+        # The request names where datagrams will come from; the target goes in each one.
+        wire_host, wire_port = udp
+    else:
+        wire_port = next_port
+        wire_host = yield from _target_for_hop(
+            hop, next_host, next_port, proxy_dns, family, numeric_only, trace
+        )
     machine: ClientMachine
-    if auth is not None:
+    if associate:
+        from hopcat.proto.socks5 import Command, Socks5Client
+
+        machine = Socks5Client(wire_host, wire_port, username=hop.username,
+                               password=hop.password, command=Command.UDP_ASSOCIATE)  # fmt: skip
+    elif auth is not None:
         from hopcat.proto.http_connect import HttpConnectClient
 
         http = machine = HttpConnectClient(
@@ -424,7 +495,8 @@ def _cross_hop(
                 return None
             http.retry(answer)
     except ProxyError as exc:
-        exc.message = f"{exc.message} for {format_hostport(next_host, next_port)}"
+        what = "for UDP to" if associate else "for"
+        exc.message = f"{exc.message} {what} {format_hostport(next_host, next_port)}"
         raise
     established = outcome
     info.handshake_ms = (clock() - step_started) * 1000
@@ -436,8 +508,9 @@ def _cross_hop(
         how = f" ({auth.succeeded()}, {connections} TCP connection{plural})"
     if trace is not None:
         bound = f", bound {format_hostport(*info.bound)}" if info.bound else ""
+        command = "UDP ASSOCIATE from" if associate else "CONNECT"
         trace(
-            f"{prefix}: CONNECT {format_hostport(wire_host, next_port)}: "
+            f"{prefix}: {command} {format_hostport(wire_host, wire_port)}: "
             f"{established.detail}{bound} in {info.handshake_ms:.1f} ms{how}"
         )
     return machine.trailing_data
