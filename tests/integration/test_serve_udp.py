@@ -399,3 +399,44 @@ def test_a_thousand_associations_leave_no_descriptor(serve: Serve, echo: UdpEcho
                 client.receive()
     tunnel_line(server, count=1001)
     assert server.count_fds() == before
+
+
+# --------------------------------------------------------------------------- hopcat's own client
+
+
+def test_hopcats_library_through_serve(serve: Serve, echo: UdpEcho) -> None:
+    """hopcat.open_udp and hopcat.aio.create_datagram_endpoint against hopcat serve: the client
+    of one issue and the server of the other, each checked against real peers elsewhere."""
+    import asyncio
+
+    import hopcat
+    import hopcat.aio
+
+    server = serve()
+    via = f"socks5h://{server.host}:{server.port}"
+    payloads = [os.urandom(size) for size in (1, 1200, 60000)]
+    with hopcat.open_udp("127.0.0.1", echo.port, via=via, timeout=10) as association:
+        for payload in payloads:
+            association.send(payload)
+            assert association.recv(timeout=5) == payload
+
+    class Collect(asyncio.DatagramProtocol):
+        def __init__(self) -> None:
+            self.queue: asyncio.Queue[bytes] = asyncio.Queue()
+
+        def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+            self.queue.put_nowait(data)
+
+    async def main() -> list[bytes]:
+        transport, protocol = await hopcat.aio.create_datagram_endpoint(
+            Collect, "localhost", echo.port, via=via, timeout=10
+        )
+        back = []
+        for payload in payloads:
+            transport.sendto(payload)
+            back.append(await asyncio.wait_for(protocol.queue.get(), 5))
+        transport.close()
+        return back
+
+    assert asyncio.run(main()) == payloads
+    assert " dgrams_up=3 dgrams_down=3" in tunnel_line(server, 1)
