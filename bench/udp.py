@@ -442,32 +442,23 @@ def run_socks(run: Run, daemon: daemons.Daemon, count: int, window: int) -> None
         thost, tport = target.getsockname()
         header = b"\x00\x00\x00\x01" + socket.inet_aton(thost) + tport.to_bytes(2, "big")
         packet = header + payload
+        # Connected sockets: send() skips parsing an address per datagram (a sixth of the cost
+        # of a Python sendto here), and replies come from the relay address anyway.
+        client.connect(relay)
         cpu0 = daemon.cpu()
         if run.direction == "up":
+            send = partial(client.send, packet)
             closed_loop(
-                run,
-                count,
-                window,
-                partial(client.sendto, packet, relay),
-                target.fileno(),
-                datagram_counter(target, size, run),
+                run, count, window, send, target.fileno(), datagram_counter(target, size, run)
             )
         else:
             # One datagram out first: it opens the way back and shows where replies go to.
-            client.sendto(packet, relay)
-            ready = select.select([target], [], [], FIRST_TIMEOUT_S)[0]
-            if not ready:
+            client.send(packet)
+            if not select.select([target], [], [], FIRST_TIMEOUT_S)[0]:
                 raise ConnectionError("the first datagram never reached the target")
-            relay_out = target.recvfrom(65536)[1]
+            target.connect(target.recvfrom(65536)[1])
             drain = datagram_counter(client, size, run, HEADER_V4)
-            closed_loop(
-                run,
-                count,
-                window,
-                partial(target.sendto, payload, relay_out),
-                client.fileno(),
-                drain,
-            )
+            closed_loop(run, count, window, partial(target.send, payload), client.fileno(), drain)
         run.cpu = daemon.cpu() - cpu0
         errors = []
         if run.received == 0:
