@@ -40,7 +40,7 @@ process group's utime+stime from /proc over the run (daemons.py), association se
 Ratios are against nc.openbsd (direct) and Dante (socks5) in the same run.
 
 Usage:
-    python3 bench/udp.py                              # full: 50000 datagrams, 1200 and 60 B, 3 reps
+    python3 bench/udp.py                              # full: 100000 datagrams, 1200 and 60 B, 3 reps
     python3 bench/udp.py --count 2000 --reps 1        # a check that it works
     python3 bench/udp.py --tools hopcat,nc --servers none --sizes 60 --json /tmp/udp.json
     python3 bench/udp.py --tools none --servers hopcat,dante --window 64
@@ -495,7 +495,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--count", type=int, default=50000, help="datagrams per run (50000)")
+    ap.add_argument("--count", type=int, default=100_000, help="datagrams per run (100000)")
     ap.add_argument("--sizes", "--size", default="1200,60", help="payload bytes (1200,60)")
     ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions (3)")
     ap.add_argument("--window", type=int, default=32, help="datagrams in flight at most (32)")
@@ -655,8 +655,8 @@ LEGENDS = {
     "(start-up included); steady: its run time between the first and the last arrival "
     "(schedstat), per million, which the CPU ratio compares; %core: steady CPU over that span; "
     "wrong size: datagrams that reached the sink with another size than written (up only; "
-    "nc.openbsd merges reads that queue up while it waits to send, so its rate counts payload "
-    "in datagrams' worth).",
+    "nc.openbsd sends two queued writes as one datagram, see bench/README.md; rates count "
+    "payload in datagrams' worth).",
     "socks5": "CPU-s/M dgrams: the server's process group (utime+stime from /proc, 10 ms "
     "ticks) over the run, per million datagrams; %core: that CPU over the first-to-last span.",
 }

@@ -125,37 +125,6 @@ def _with_env(argv: list[str], env: dict[str, str] | None) -> list[str]:
     return ["env", *(f"{k}={v}" for k, v in env.items()), *argv] if env else argv
 
 
-def _start_dante_udp(workdir: Path, extra: list[str]) -> peers.Daemon:
-    """Dante with UDP ASSOCIATE for udp.py (PEERS.md): peers.start_danted's IPv4 configuration
-    plus one rule for both UDP commands (without ``udpreply`` every reply is dropped without a
-    word), started by peers.start_daemon. No per-datagram log line (``iooperation``): it would
-    be much of the CPU measured."""
-    danted = peers.require_program("danted", "dante-server")
-    workdir.mkdir(parents=True, exist_ok=True)
-    workdir.chmod(0o755)  # its unprivileged children read the config
-
-    def make_argv(port: int) -> list[str]:
-        lines = [
-            "logoutput: stderr",
-            f"internal: {HOST} port = {port}",
-            f"external: {HOST}",
-            "clientmethod: none",
-            "socksmethod: none",
-        ]
-        if peers.is_root():
-            lines += ["user.privileged: root", "user.unprivileged: nobody"]
-        rule = "  from: 127.0.0.0/8 to: 127.0.0.0/8"
-        lines += ["client pass {", rule, "}"]
-        lines += ["socks pass {", rule, "  command: connect", "  protocol: tcp", "}"]
-        lines += ["socks pass {", rule, "  command: udpassociate udpreply", "  log: error", "}"]
-        conf = workdir / "danted.conf"
-        conf.write_text("\n".join(lines) + "\n")
-        conf.chmod(0o644)
-        return [danted, "-f", str(conf), "-p", str(workdir / "danted.pid")]
-
-    return peers.start_daemon("danted", workdir, make_argv, scheme="socks5")
-
-
 def _tinyproxy_argv(workdir: Path, port: int) -> list[str]:
     lines = ["User nobody", "Group nogroup"] if peers.is_root() else []
     # No ConnectPort line: CONNECT to any port. MaxClients and 127.0.0.0/8: serve.py's thousands
@@ -235,7 +204,13 @@ SERVERS: dict[str, Server] = {
             ("socks5", "socks4"),
             lambda workdir, extra: peers.start_danted(workdir),
         ),
-        Server("dante-udp", "Dante", "dante-server", ("socks5",), _start_dante_udp),
+        Server(
+            "dante-udp",
+            "Dante (UDP ASSOCIATE)",
+            "dante-server",
+            ("socks5",),
+            lambda workdir, extra: peers.start_danted(workdir, udp=True),
+        ),
         Server(
             "microsocks",
             "microsocks",
