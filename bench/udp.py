@@ -535,48 +535,31 @@ def main() -> int:
     cases += [Case("socks5", s, d, z) for s in servers for d in directions for z in sizes]
     runs: list[Run] = []
     failures: list[str] = []
-    hopcat_extra = args.hopcat_args.split()
     with tempfile.TemporaryDirectory(prefix="hopcat-bench-udp-") as tmp, stop_on_signals():
-        work = Path(tmp)
         try:
-            reps = range(0 if args.no_warmup else -1, args.reps)
-            for rep in reps:
-                started: dict[str, daemons.Daemon] = {}
+            for rep in range(0 if args.no_warmup else -1, args.reps):  # -1: the warm-up
+                started: dict[str, daemons.Daemon] = {}  # fresh servers for each repetition
                 try:
                     for case in rotated(cases, max(rep, 0)):
                         if (case.route, case.who) in unavailable:
                             continue
-                        run = Run(case.route, case.who, case.direction, case.size, rep + 1)
-                        count = min(args.count, 1000) if rep < 0 else args.count
                         try:
-                            if case.route == "direct":
-                                argv, env = bases[case.who]
-                                run_direct(run, argv, env, count, args.window)
-                            else:
-                                if case.who not in started:
-                                    started[case.who] = daemons.start(
-                                        SERVERS[case.who],
-                                        work / f"{case.who}-{rep + 1}",
-                                        hopcat_extra,
-                                    )
-                                run_socks(run, started[case.who], count, args.window)
+                            run = run_case(case, rep, args, bases, started, Path(tmp))
                         except Unavailable as exc:
                             unavailable[case.route, case.who] = str(exc)
                             log(f"{case.route} {case.who}: not available: {exc}")
                             continue
-                        except (OSError, RuntimeError) as exc:
-                            run.error = f"{type(exc).__name__}: {exc}"
                         if rep >= 0:
                             runs.append(run)
                             if not run.ok:
                                 failures.append(f"rep {rep + 1} {case.label}: {run.error}")
-                        log(
-                            f"{'warm-up' if rep < 0 else f'rep {rep + 1}'} {case.label}: "
-                            f"{describe(run)}"
-                        )
+                        step = "warm-up" if rep < 0 else f"rep {rep + 1}"
+                        log(f"{step} {case.label}: {describe(run)}")
                 finally:
                     for daemon in started.values():
                         daemon.stop()
+        except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP: report what was measured
+            failures.append(f"interrupted ({exc or 'SIGINT'})")
         finally:
             reap_all()
     print(report(runs, cases, unavailable, args, meta, failures))
@@ -590,6 +573,32 @@ def main() -> int:
         },
     )
     return 1 if failures else 0
+
+
+def run_case(
+    case: Case,
+    rep: int,
+    args: argparse.Namespace,
+    bases: dict[str, tuple[list[str], dict[str, str]]],
+    started: dict[str, daemons.Daemon],
+    work: Path,
+) -> Run:
+    """One run of ``case`` (the warm-up when rep < 0: 1,000 datagrams at most); a server is
+    started on first use in the repetition. Unavailable when the row cannot run at all."""
+    run = Run(case.route, case.who, case.direction, case.size, rep + 1)
+    count = min(args.count, 1000) if rep < 0 else args.count
+    try:
+        if case.route == "direct":
+            argv, env = bases[case.who]
+            run_direct(run, argv, env, count, args.window)
+            return run
+        if case.who not in started:
+            workdir = work / f"{case.who}-{rep + 1}"
+            started[case.who] = daemons.start(SERVERS[case.who], workdir, args.hopcat_args.split())
+        run_socks(run, started[case.who], count, args.window)
+    except (OSError, RuntimeError) as exc:
+        run.error = f"{type(exc).__name__}: {exc}"
+    return run
 
 
 def describe(run: Run) -> str:
