@@ -205,6 +205,13 @@ SERVERS: dict[str, Server] = {
             lambda workdir, extra: peers.start_danted(workdir),
         ),
         Server(
+            "dante-udp",
+            "Dante (UDP ASSOCIATE)",
+            "dante-server",
+            ("socks5",),
+            lambda workdir, extra: peers.start_danted(workdir, udp=True),
+        ),
+        Server(
             "microsocks",
             "microsocks",
             "microsocks",
