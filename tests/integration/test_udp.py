@@ -329,3 +329,34 @@ def test_usage_errors(argv: list[str], words: str) -> None:
     result = run_hopcat(*argv, timeout=30)
     err = result.stderr.decode()
     assert result.returncode == 64 and words in err and err.count("\n") == 1, err
+
+
+# -- -z -u ----------------------------------------------------------------------------------------
+
+def test_scan_udp_open_closed_and_silent() -> None:
+    answering = Echo()
+    silent = Echo(answer=False)
+    closed = closed_udp_port()
+    try:
+        ports = ",".join(str(p) for p in sorted((answering.port, silent.port, closed)))
+        result = run_hopcat("-z", "-u", "-vv", "-w", "0.5", "127.0.0.1", ports, timeout=30)
+    finally:
+        answering.close()
+        silent.close()
+    err = result.stderr.decode()
+    assert result.returncode == 0, err
+    assert f"Connection to 127.0.0.1 {answering.port} port [udp/" in err
+    assert f"hopcat: udp 127.0.0.1 port {silent.port}: no answer [open|filtered]" in err
+    assert f"port {closed} (udp) failed: port unreachable [closed]" in err
+    assert silent.sizes == [0]  # one empty datagram, as the probe
+
+
+def test_scan_udp_only_closed_ports_is_exit_1() -> None:
+    result = run_hopcat("-z", "-u", "127.0.0.1", str(closed_udp_port()), timeout=30)
+    assert result.returncode == 1 and result.stderr == b""
+
+
+def test_scan_udp_through_a_proxy_is_refused() -> None:
+    result = run_hopcat("-z", "-u", "-x", "socks5h://127.0.0.1:1080", "127.0.0.1", "53",
+                        timeout=30)
+    assert result.returncode == 64 and b"-z -u through a proxy" in result.stderr
