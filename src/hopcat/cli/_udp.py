@@ -256,7 +256,7 @@ def _listen(options: Options, trace: Timeline) -> Datagrams:
             break
         sock.connect(sender)
         trace(f"datagrams from {_shown(sender)}: locked on to it (nc)")
-        return ConnectedUDP(sock, _shown(sender))
+        return ConnectedUDP(sock, _shown(sender), sender)
     except BaseException:
         sock.close()
         raise
@@ -375,6 +375,8 @@ def relay_datagrams(
             if reading and in_fd in fds:
                 try:
                     chunk = os.read(in_fd, MAX_DATAGRAM_BYTES)
+                except BlockingIOError:
+                    continue  # stdin inherited non-blocking, and another reader was first
                 except OSError as exc:
                     raise RelayError(f"reading stdin: {os.strerror(exc.errno or 0).lower()}"
                                      f" (after {stats.sent} datagrams sent)") from None  # fmt: skip
@@ -385,7 +387,8 @@ def relay_datagrams(
                 else:
                     reading = False
                     poller.unregister(in_fd)
-                    trace(f"stdin EOF after {stats.sent} datagrams; still receiving (nc)")
+                    sent = f"{stats.sent} datagram{'s' * (stats.sent != 1)}"
+                    trace(f"stdin EOF after {sent}; still receiving (nc)")
                     if options.quit_after_eof_s is not None:
                         quit_at = now + options.quit_after_eof_s
     except HopcatError:

@@ -90,11 +90,16 @@ class DatagramStats:
 
 class ConnectedUDP:
     """A UDP socket connected to the target: the direct ``Datagrams``. Takes ``sock`` over
-    (closed by ``close()``); ``target`` is how messages name the peer."""
+    (closed by ``close()``); ``target`` is how messages name the peer. ``peer``: the sockaddr it
+    was connected to after datagrams may have queued (a listener locking on): those from any
+    other source are dropped, since connect() does not purge what was queued before it."""
 
-    def __init__(self, sock: socket.socket, target: str) -> None:
+    def __init__(
+        self, sock: socket.socket, target: str, peer: tuple[object, ...] | None = None
+    ) -> None:
         self.sock = sock
         self.target = target
+        self.peer = peer
         self.stats = DatagramStats()
         sock.setblocking(False)
 
@@ -118,7 +123,13 @@ class ConnectedUDP:
 
     def receive(self) -> bytes | None:
         try:
-            data = self.sock.recv(MAX_DATAGRAM_BYTES)
+            if self.peer is None:
+                data = self.sock.recv(MAX_DATAGRAM_BYTES)
+            else:
+                data, sender = self.sock.recvfrom(MAX_DATAGRAM_BYTES)
+                if sender[:2] != self.peer[:2]:
+                    self.stats.count_dropped("from another source")
+                    return None
         except BlockingIOError:
             return None  # woken for nothing (another reader, a checksum failure): nothing lost
         except OSError as exc:
