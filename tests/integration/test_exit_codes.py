@@ -135,6 +135,11 @@ OPTION_CASES: dict[str, tuple[list[str | None], list[str]]] = {
     "-e": (["true"], ["no-such-program-here"]),
     "--sh-exec": (["exit 0"], [""]),
     "--max-conns": ([], ["5"]),
+    # -u keeps receiving after stdin's EOF, as nc does: its good cases are in test_udp.py.
+    # -W and -b without -u are usage errors.
+    "-u": ([], []),
+    "-W": ([], ["1", "0"]),
+    "-b": ([], [None]),
     "-v": ([None], []),
     "--debug": ([None], []),
     "-h": ([None], []),

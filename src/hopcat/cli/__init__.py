@@ -174,6 +174,10 @@ def _run(args: list[str], started: float) -> int:
         return run_scan(options)
     from hopcat.errors import UsageError
 
+    if options.udp:
+        from hopcat.cli._udp import main as udp_main
+
+        return udp_main(options, Timeline(bool(options.verbose), started))
     if options.listen or options.unix:
         from hopcat.cli._listen import main as listen_main
 

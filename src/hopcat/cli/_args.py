@@ -135,6 +135,11 @@ OPTION_TABLE: tuple[tuple[str, str, str, str, str], ...] = (
     ("", "ready-fd", "N", "ready_fd", "with -l: write the bound address to fd N, then close it"),
     ("", "ready-file", "PATH", "ready_file",
      "with -l: write the bound address to PATH (atomically) once listening"),
+    ("u", "udp", "", "udp",
+     "UDP: each read of stdin is one datagram (nc -u); with -l: lock on to the first sender; "
+     "with -z: a UDP probe"),
+    ("W", "recv-count", "N", "recv_count", "with -u: exit after N datagrams received (nc)"),
+    ("b", "broadcast", "", "broadcast", "with -u: allow sending to a broadcast address (nc)"),
     ("v", "verbose", "", "verbose", "timeline on stderr, in ms since start"),
     ("", "debug", "", "debug", "show a traceback on unexpected errors"),
     ("h", "help", "", "help", "show this help and exit"),
@@ -220,6 +225,9 @@ class Options:
     random_order: bool
     interval_s: float | None
     max_parallel: str | None
+    udp: bool
+    recv_count: str | None
+    broadcast: bool
     verbose: int
     debug: bool
     help: bool
@@ -330,6 +338,7 @@ def parse_args(argv: Sequence[str]) -> Options:
                            ("send_buf", "-O"), ("tos", "-T"), ("ttl", "-M"), ("so_debug", "-D")):
             if getattr(options, attr) not in (None, False):
                 raise UsageError(f"-z scans TCP ports from here: it takes no {flag}")
+    _check_udp(options)
     _check_tls(options)
     if options.proxy_password_file is not None and options.proxy_password_command is not None:
         raise UsageError("--proxy-password-file and --proxy-password-command exclude each other")
@@ -340,6 +349,37 @@ def parse_args(argv: Sequence[str]) -> Options:
     if options.quit_after_eof_s is not None and options.quit_after_eof_s < 0:
         options.quit_after_eof_s = None  # nc: a negative -q means wait forever
     return options
+
+
+def _check_udp(options: Options) -> None:
+    if not options.udp:
+        for attr, flag in (("recv_count", "-W"), ("broadcast", "-b")):
+            if getattr(options, attr) not in (None, False):
+                raise UsageError(f"{flag} is for UDP: add -u")
+        return
+    if options.scan:
+        for attr, flag in (("recv_count", "-W"), ("broadcast", "-b")):
+            if getattr(options, attr) not in (None, False):
+                raise UsageError(f"-z -u sends one probe per port: it takes no {flag}")
+        return
+    for attr, flag, why in (
+        ("unix", "-U", "a Unix socket path is not a UDP target"),
+        ("fdpass", "-F", "ssh's ProxyCommand needs a byte stream, not datagrams"),
+        ("exec_cmd", "-e", "a program would see a byte stream, not datagrams"),
+        ("sh_exec", "--sh-exec", "a program would see a byte stream, not datagrams"),
+        ("tls", "--tls", "TLS needs a byte stream (DTLS is not supported)"),
+        ("crlf", "-C", "each read of stdin is one datagram, sent as it is"),
+        ("interval_s", "-i", "each read of stdin is one datagram, sent as it is"),
+        ("keepalive", "--keepalive", "it is a TCP option"),
+        ("nagle", "--nagle", "it is a TCP option"),
+        ("keep_sending", "--keep-sending", "UDP has no end of stream to keep sending after"),
+        ("no_shutdown", "--no-shutdown", "UDP has no half-close"),
+        ("allow", "--allow", "-u -l locks on to the first sender"),
+        ("deny", "--deny", "-u -l locks on to the first sender"),
+        ("max_conns", "--max-conns", "it bounds --exec children"),
+    ):
+        if getattr(options, attr) not in (None, False, []):
+            raise UsageError(f"-u does not take {flag}: {why}")
 
 
 def _check_tls(options: Options) -> None:
@@ -436,6 +476,7 @@ def help_text(prog: str = "hopcat") -> str:
     lines = [
         f"usage: {prog} [options] HOST PORT",
         f"       {prog} -l [options] [ADDR] PORT   |   {prog} [-l] -U PATH",
+        f"       {prog} -u [options] HOST PORT   |   {prog} -u -l [options] [ADDR] PORT",
         f"       {prog} -z [-v|-vv] [options] HOST PORTS",
         f"       {prog} ssh-config [--host PATTERN] [proxy options] | --check HOST",
         "",

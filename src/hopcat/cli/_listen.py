@@ -57,11 +57,17 @@ class ListenError(HopcatError):
 # ------------------------------------------------------------------------------ listening sockets
 def listening_socket(options: Options) -> tuple[socket.socket, str, str | None]:
     """The listener, how -v names it, and the Unix socket file it created (None: none)."""
-    operands = list(options.operands)
     if options.unix:
-        if len(operands) != 1 or options.source_port is not None:
+        if len(options.operands) != 1 or options.source_port is not None:
             raise UsageError("-l -U takes one operand, the socket's PATH (@name: abstract)")
-        return _unix_listener(operands[0], socket_tuning(options))
+        return _unix_listener(options.operands[0], socket_tuning(options))
+    address, port = listen_address(options)
+    return _tcp_listener(address, port, options), "", None
+
+
+def listen_address(options: Options) -> tuple[str | None, int]:
+    """-l's [ADDR] PORT (or nc's -p PORT with -s ADDR): the address (None: every one), the port."""
+    operands = list(options.operands)
     address = options.source
     if options.source_port is not None:
         if len(operands) > 1 or (operands and address is not None):
@@ -78,7 +84,7 @@ def listening_socket(options: Options) -> tuple[socket.socket, str, str | None]:
     port = parse_port(port_text, what="port", allow_zero=True)
     if address is not None:
         address = validate_host(address, what="listen address")
-    return _tcp_listener(address, port, options), "", None
+    return address, port
 
 
 def _tcp_listener(address: str | None, port: int, options: Options) -> socket.socket:
@@ -435,7 +441,7 @@ def main(options: Options, trace: Timeline) -> int:
         trace(note)
     if not options.listen:
         return _connect_unix(options, trace)
-    ready_fd = _ready_fd(options.ready_fd)
+    ready_fd = ready_fd_of(options.ready_fd)
     policy = client_policy(options)
     from hopcat.cli._exec import exec_argv
 
@@ -525,7 +531,7 @@ def _tls_for_listener(listener: socket.socket, options: Options, trace: Timeline
     return _ListenerTLS(listen_context(options, names, trace), options, trace)
 
 
-def _ready_fd(text: str | None) -> int | None:
+def ready_fd_of(text: str | None) -> int | None:
     if text is None:
         return None
     if not (text.isdigit() and text.isascii()):

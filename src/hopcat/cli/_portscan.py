@@ -61,6 +61,9 @@ PROGRESS_AFTER_S = 1.0
 PROGRESS_EVERY_S = 0.25
 
 OPEN, CLOSED, FILTERED, FAILED = "open", "closed", "filtered", "failed"
+# -z -u: no answer can mean a port that ignores an empty datagram or a firewall that dropped it
+# (nmap -sU's word for that).
+OPEN_FILTERED = "open|filtered"
 
 # errno -> state, for a direct connect and a proxy's reply alike (ProxyError.errno).
 # Any other errno (EMFILE, EADDRNOTAVAIL, EAFNOSUPPORT, a proxy's "command not supported") is
@@ -113,9 +116,9 @@ def default_parallel(proxied: bool) -> int:
     return fd_budget(MAX_PARALLEL_PROXY if proxied else MAX_PARALLEL_DIRECT)
 
 
-def service_name(port: int) -> str:
+def service_name(port: int, protocol: str = "tcp") -> str:
     try:
-        return socket.getservbyport(port, "tcp")
+        return socket.getservbyport(port, protocol)
     except OSError:
         return "*"
 
@@ -171,6 +174,7 @@ class Scan:
         self.cancels: dict[int, Callable[[], None]] = {}
         self.filling = False
         self.outcome: asyncio.Future[None] = loop.create_future()
+        self.silent_state = FILTERED  # what no answer by the deadline means (UDP: OPEN_FILTERED)
 
     def run(self) -> asyncio.Future[None]:
         self._fill()
@@ -210,7 +214,7 @@ class Scan:
             cancel = self.cancels.get(index)
             if cancel is not None:
                 cancel()
-                self._done(index, Result(FILTERED, "timed out"))
+                self._done(index, Result(self.silent_state, "timed out"))
         if self.expiry and self.timer is None and not self.outcome.done():
             self.timer = self.loop.call_at(self.expiry[0][0], self._expire)
 
@@ -227,7 +231,7 @@ class Scan:
             return
         self.results[index] = result
         self.finished += 1
-        self.open += result.state == OPEN
+        self.open += result.state in (OPEN, OPEN_FILTERED)
         while self.printed < len(self.ports):
             at = self.print_order[self.printed]
             ready = self.results[at]
@@ -284,6 +288,60 @@ def direct_probe(
         return dialer.cancel
 
     return probe
+
+
+def udp_probe(
+    loop: asyncio.AbstractEventLoop, addresses: list[tuple[int, tuple[Any, ...]]]
+) -> Callable[[int, Callable[[Result | BaseException], None]], Callable[[], None]]:
+    """-z -u: one empty datagram per port from a socket connected to it (to HOST's first
+    address); a reply is open, ICMP port unreachable (ECONNREFUSED) closed, and silence until the
+    port's deadline open|filtered, as nmap -sU says (the Scan's timer reports it)."""
+    family, sockaddr = addresses[0]
+
+    def probe(port: int, done: Callable[[Result | BaseException], None]) -> Callable[[], None]:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+
+        def finish(result: Result | BaseException) -> None:
+            cancel()
+            done(result)
+
+        def on_readable() -> None:
+            try:
+                sock.recv(1)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                finish(_udp_errno_result(port, exc.errno or 0))
+                return
+            finish(Result(OPEN, "answered"))
+
+        def cancel() -> None:
+            if sock.fileno() >= 0:
+                loop.remove_reader(sock.fileno())
+                sock.close()
+
+        try:
+            sock.connect((sockaddr[0], port, *sockaddr[2:]))
+            sock.send(b"")
+        except OSError as exc:
+            sock.close()
+            done(_udp_errno_result(port, exc.errno or 0))
+            return _nothing
+        loop.add_reader(sock.fileno(), on_readable)
+        return cancel
+
+    return probe
+
+
+def _udp_errno_result(port: int, code: int) -> Result | BaseException:
+    if code == errno.ECONNREFUSED:
+        return Result(CLOSED, "port unreachable")
+    if code in _STATE_OF_ERRNO:
+        return _errno_result(code)
+    return ConnectError(f"scan stopped at port {port}: {os.strerror(code).lower()}"
+                        + (" (lower --max-parallel)" if code in _LOCAL_LIMITS else ""),
+                        errno=code)  # fmt: skip
 
 
 def proxied_probe(
@@ -345,7 +403,8 @@ def proxied_probe(
 class Output:
     """nc's -v lines on stderr, and a progress line there when stderr is a terminal."""
 
-    def __init__(self, shown: str, total: int, verbose: int) -> None:
+    def __init__(self, shown: str, total: int, verbose: int, protocol: str = "tcp") -> None:
+        self.protocol = protocol
         self.shown = shown
         self.total = total
         self.verbose = verbose
@@ -362,15 +421,21 @@ class Output:
             pass  # stderr's reader went away: the exit code still tells
 
     def report(self, port: int, result: Result) -> None:
+        protocol = self.protocol
         if result.state == OPEN:
             if self.verbose < 1:
                 return
-            line = f"Connection to {self.shown} {port} port [tcp/{service_name(port)}] succeeded!"
+            line = (f"Connection to {self.shown} {port} port [{protocol}/"
+                    f"{service_name(port, protocol)}] succeeded!")  # fmt: skip
+        elif result.state == OPEN_FILTERED:
+            if self.verbose < 1:
+                return
+            line = f"hopcat: udp {self.shown} port {port}: no answer [{OPEN_FILTERED}]"
         else:
             if self.verbose < 2:
                 return
             verb = "timed out" if result.detail == "timed out" else f"failed: {result.detail}"
-            line = f"hopcat: connect to {self.shown} port {port} (tcp) {verb} [{result.state}]"
+            line = f"hopcat: connect to {self.shown} port {port} ({protocol}) {verb} [{result.state}]"
         self._write(("\r\x1b[K" if self.progress_shown else "") + line + "\n")
         self.progress_shown = False
 
@@ -408,6 +473,9 @@ def run(options: Options) -> int:
     hops = proxies_from_command_line(options)
     if not hops and not options.no_proxy:
         hops, _why = proxies_from_environment(os.environ, host)
+    if hops and options.udp:
+        raise UsageError("-z -u through a proxy: not supported (UDP needs SOCKS5 UDP ASSOCIATE, "
+                         "and a proxy does not report ICMP); --no-proxy to scan directly")
     fill_users(hops, os.environ)
     apply_auth_schemes(hops, options)
     fill_passwords(hops, os.environ, password_file=options.proxy_password_file,
@@ -436,7 +504,7 @@ def run(options: Options) -> int:
         addresses = [(info[0], info[4]) for info in interleave_families(infos)]
         if not is_ip_literal(host):
             shown = f"{host} ({addresses[0][1][0]})"
-    output = Output(shown, len(ports), options.verbose)
+    output = Output(shown, len(ports), options.verbose, "udp" if options.udp else "tcp")
     try:
         opened = asyncio.run(_scan(ports, hops, host, addresses, options, timeout_s, family,
                                    parallel, interval_s, output))
@@ -456,10 +524,14 @@ async def _scan(
 
         probe = proxied_probe(loop, host, Chain(Proxy(hop) for hop in hops), options, timeout_s,
                               family)
+    elif options.udp:
+        probe = udp_probe(loop, addresses)
     else:
         probe = direct_probe(loop, addresses)
     scan = Scan(loop, ports, probe, output.report, parallel=parallel, interval_s=interval_s,
                 timeout_s=timeout_s)
+    if options.udp:
+        scan.silent_state = OPEN_FILTERED
     ticker = loop.call_later(PROGRESS_AFTER_S, _tick, loop, output, scan)
     try:
         await scan.run()

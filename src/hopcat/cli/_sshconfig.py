@@ -105,6 +105,9 @@ _REFUSED = {
     "random_order": "it belongs to a port scan (-z), which gives ssh no connection",
     "max_parallel": "it belongs to a port scan (-z), which gives ssh no connection",
     "tls_verify_client": "it belongs to listen mode (-l), which a ProxyCommand cannot use",
+    "udp": "ssh needs a byte stream from its ProxyCommand; UDP carries datagrams",
+    "recv_count": "it belongs to UDP mode (-u), which ssh cannot use",
+    "broadcast": "it belongs to UDP mode (-u), which ssh cannot use",
 }
 
 # Needs no quoting for the shell nor for ssh's argv_split (% is escaped separately).
