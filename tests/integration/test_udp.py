@@ -90,9 +90,11 @@ def read_line(stream: object, what: str) -> bytes:
 
 
 @contextlib.contextmanager
-def hopcat(*args: str, stdin: int | None = subprocess.PIPE) -> Iterator[subprocess.Popen[bytes]]:
+def hopcat(
+    *args: str, stdin: int | None = subprocess.PIPE, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen([*HOPCAT, *args], stdin=stdin, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=clean_env())
+                            stderr=subprocess.PIPE, env=env or clean_env())
     try:
         yield proc
     finally:
@@ -322,7 +324,8 @@ def test_listen_keep_open_takes_every_sender_and_answers_the_latest(tmp_path: Pa
         (["-b", "127.0.0.1", "9"], "-b is for UDP: add -u"),
         (["-u", "-W", "0", "127.0.0.1", "9"], "-W takes a positive number"),
         (["-u", "--tls", "127.0.0.1", "9"], "-u does not take --tls"),
-        (["-u", "-x", "socks5h://127.0.0.1:1080", "127.0.0.1", "9"], "-u through a proxy"),
+        (["-u", "-x", "http://127.0.0.1:1", "127.0.0.1", "9"], "UDP goes through SOCKS5 only"),
+        (["-u", "-x", "socks4a://127.0.0.1:1", "127.0.0.1", "9"], "UDP goes through SOCKS5 only"),
         (["-u", "127.0.0.1"], "-u: expected HOST PORT"),
     ],
 )
@@ -370,3 +373,59 @@ def test_broadcast_needs_b() -> None:
     allowed = run_hopcat("-u", "-b", "-q", "0", "-v", "127.255.255.255", "9", input=b"x",
                          timeout=30)
     assert allowed.returncode == 0 and b"sent 1 datagram (1 bytes)" in allowed.stderr
+
+
+# -- through SOCKS5 (UDP ASSOCIATE): Dante, and hopcat serve --------------------------------------
+
+THROUGH_SIZES = [1, 1200, 8192, 60000]
+
+
+@pytest.mark.parametrize("proxy", ["danted_udp", "danted_udp_auth", "serve"])
+def test_through_socks5_each_read_is_one_datagram(
+    request: pytest.FixtureRequest, echo: Echo, proxy: str
+) -> None:
+    env = clean_env()
+    if proxy == "serve":
+        server = request.getfixturevalue("serve")()
+        url = f"socks5h://{server.host}:{server.port}"
+    else:
+        daemon = request.getfixturevalue(proxy)
+        url = daemon.url_as("socks5h", auth=False)
+        if daemon.username:
+            user = daemon.username
+            url = url.replace("socks5h://", f"socks5h://{user}@")
+            env["HOPCAT_PROXY_PASSWORD"] = daemon.password
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs, hopcat("-u", "-W", str(len(THROUGH_SIZES)), "-v", "-x", url, echo.host,
+                              str(echo.port), stdin=theirs.fileno(), env=env) as client:  # fmt: skip
+        theirs.close()
+        for size in THROUGH_SIZES:
+            ours.send(bytes([size % 251]) * size)
+            wait_for(lambda size=size: size in echo.sizes, f"a datagram of {size} bytes")  # type: ignore[misc]
+        code, out, err = finish(client)
+    assert code == 0, err
+    assert echo.sizes == THROUGH_SIZES
+    assert out == b"".join(bytes([size % 251]) * size for size in THROUGH_SIZES)
+    assert b"UDP association: datagrams go to the relay" in err
+    if proxy == "danted_udp_auth":
+        assert request.getfixturevalue(proxy).password.encode() not in err
+
+
+def test_through_socks5_the_proxy_ending_the_association_is_one_line(
+    echo: Echo, tmp_path: Path
+) -> None:
+    import peers
+
+    daemon = peers.start_danted(tmp_path, udp=True)
+    try:
+        with hopcat("-u", "-x", daemon.url_as("socks5h"), echo.host, str(echo.port)) as client:
+            assert client.stdin is not None
+            client.stdin.write(b"one")
+            client.stdin.flush()
+            wait_for(lambda: echo.sizes == [3], "the first datagram")
+            daemon.stop()
+            code, _out, err = finish(client)
+    finally:
+        daemon.stop()
+    assert code == 74 and err.count(b"\n") == 1, err
+    assert b"the proxy ended the UDP association" in err

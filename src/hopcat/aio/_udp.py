@@ -15,7 +15,8 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from hopcat.net.udp_socks5 import DatagramCodec, DatagramStats
+    from hopcat.net.datagram import DatagramStats
+    from hopcat.net.udp_socks5 import DatagramCodec
 
 
 class Socks5DatagramTransport(asyncio.DatagramTransport):

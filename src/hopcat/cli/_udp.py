@@ -34,6 +34,7 @@ import time
 from hopcat.errors import ConnectError, HopcatError, RelayError, UsageError
 from hopcat.net.datagram import (
     MAX_DATAGRAM_BYTES,
+    RECEIVE_BYTES,
     ConnectedUDP,
     DatagramStats,
     describe_sockaddr,
@@ -93,12 +94,31 @@ def _open_datagrams(
 ) -> Datagrams:  # fmt: skip
     """The Datagrams to HOST PORT: a connected UDP socket directly, a UDP association through
     a SOCKS5 proxy."""
-    if hops:
-        raise UsageError(
-            "-u through a proxy: not supported yet (UDP needs SOCKS5 UDP ASSOCIATE); "
-            "--no-proxy to send directly"
-        )
-    return connect_udp(options, host, port, deadline, trace)
+    if not hops:
+        return connect_udp(options, host, port, deadline, trace)
+    from hopcat._endpoint import format_hostport
+    from hopcat._environment import fill_users
+    from hopcat.cli._args import DEFAULT_CONNECT_TIMEOUT_S, address_family
+    from hopcat.cli._proxy import apply_auth_schemes, fill_passwords
+    from hopcat.net.udp_socks5 import open_association
+
+    for note in fill_users(hops, os.environ):
+        trace(note)
+    apply_auth_schemes(hops, options)
+    fill_passwords(hops, os.environ, password_file=options.proxy_password_file,
+                   password_command=options.proxy_password_command, trace=trace)  # fmt: skip
+    # As for TCP: the clock starts once the passwords are in.
+    deadline = time.monotonic() + (options.connect_timeout_s or DEFAULT_CONNECT_TIMEOUT_S)
+    association = open_association(
+        hops, host, port, deadline=deadline, family=address_family(options),
+        source=options.source, proxy_dns=options.proxy_dns or "remote",
+        numeric_only=options.numeric, cafile=options.proxy_cacert,
+        insecure=options.proxy_insecure, trace=trace if options.verbose else None,
+    )  # fmt: skip
+    if options.verbose:
+        trace(f"UDP association: datagrams go to the relay "
+              f"{format_hostport(*association.relay)} for {format_hostport(host, port)}")  # fmt: skip
+    return association
 
 
 def connect_udp(
@@ -175,6 +195,7 @@ class AnySource:
         self.sock = sock
         self.trace = trace
         self.stats = DatagramStats()
+        self.max_payload = MAX_DATAGRAM_BYTES
         self.peer: tuple[object, ...] | None = None
         sock.setblocking(False)
 
@@ -205,7 +226,7 @@ class AnySource:
 
     def receive(self) -> bytes | None:
         try:
-            data, sender = self.sock.recvfrom(MAX_DATAGRAM_BYTES)
+            data, sender = self.sock.recvfrom(RECEIVE_BYTES)
         except BlockingIOError:
             return None
         except OSError as exc:
@@ -364,7 +385,11 @@ def relay_datagrams(
                     try:
                         write_all(out_fd, data)
                     except OSError as exc:
-                        if exc.errno == errno.EPIPE and not reading:
+                        from hopcat.relay.pump import writer_left  # only on this error path
+
+                        if exc.errno == errno.EPIPE and (not reading or writer_left(in_fd)):
+                            # As in the TCP relay: whoever ran us closed both ends, in either
+                            # order (stdin's end may not have been read yet).
                             trace("stdout's reader went away after stdin ended; ending quietly")
                             break
                         raise RelayError(f"writing to stdout: {os.strerror(exc.errno or 0).lower()}"
@@ -374,7 +399,7 @@ def relay_datagrams(
                         break
             if reading and in_fd in fds:
                 try:
-                    chunk = os.read(in_fd, MAX_DATAGRAM_BYTES)
+                    chunk = os.read(in_fd, datagrams.max_payload)
                 except BlockingIOError:
                     continue  # stdin inherited non-blocking, and another reader was first
                 except OSError as exc:

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
         one datagram's payload."""
 
         stats: DatagramStats
+        max_payload: int  # the largest ``send``: less than 65,507 where a header rides along
 
         def fileno(self) -> int:
             """Readable when a datagram (or an error) is waiting."""
@@ -51,6 +52,9 @@ if TYPE_CHECKING:
 # The largest UDP payload over IPv4 (65535 less the IP and UDP headers); over IPv6 without
 # jumbograms it is 65527, but nc and socat read at most this much per datagram too.
 MAX_DATAGRAM_BYTES = 65507
+# A receive buffer any UDP datagram fits (IPv6's largest payload is 65,527), so none is ever cut
+# short without a word.
+RECEIVE_BYTES = 65536
 
 
 class DatagramStats:
@@ -101,6 +105,7 @@ class ConnectedUDP:
         self.target = target
         self.peer = peer
         self.stats = DatagramStats()
+        self.max_payload = MAX_DATAGRAM_BYTES
         sock.setblocking(False)
 
     def fileno(self) -> int:
@@ -124,9 +129,9 @@ class ConnectedUDP:
     def receive(self) -> bytes | None:
         try:
             if self.peer is None:
-                data = self.sock.recv(MAX_DATAGRAM_BYTES)
+                data = self.sock.recv(RECEIVE_BYTES)
             else:
-                data, sender = self.sock.recvfrom(MAX_DATAGRAM_BYTES)
+                data, sender = self.sock.recvfrom(RECEIVE_BYTES)
                 if sender[:2] != self.peer[:2]:
                     self.stats.count_dropped("from another source")
                     return None

@@ -40,6 +40,7 @@ import time
 from hopcat._endpoint import format_hostport, is_ip_literal
 from hopcat.errors import LocalProtocolError, RemoteProtocolError, UsageError
 from hopcat.net.chain import _Driver, tls_context
+from hopcat.net.datagram import MAX_DATAGRAM_BYTES, RECEIVE_BYTES, DatagramStats
 from hopcat.net.engine import check_chain, tunnel_plan
 from hopcat.proto import socks5_udp
 
@@ -53,17 +54,11 @@ if TYPE_CHECKING:
     from hopcat.net.tls import TLSLayers
 
 __all__ = [
-    "MAX_UDP_PAYLOAD_BYTES",
     "DatagramCodec",
-    "DatagramStats",
     "Socks5Association",
     "open_association",
 ]
 
-# The largest UDP payload over IPv4 (65,535 - 20 IP - 8 UDP): header and data together.
-MAX_UDP_PAYLOAD_BYTES = 65507
-# A receive buffer that holds any datagram, so none is ever cut short silently.
-_RECEIVE_BYTES = 65536
 _UNSPECIFIED = ("0.0.0.0", "::")
 # Why a datagram was dropped (DatagramStats.dropped's keys, shown by -v).
 DROP_SOURCE = "not from the relay"
@@ -72,43 +67,6 @@ DROP_MALFORMED = "malformed header"
 DROP_NOT_TARGET = "not from the target"
 # What UDP ASSOCIATE announces as the datagrams' source: "not known" (the module docstring).
 ANNOUNCE_UNKNOWN = ("", 0)
-
-
-class DatagramStats:
-    """Datagrams and bytes each way, and the datagrams dropped, by reason. The same class as
-    ``hopcat.net.datagram.DatagramStats`` (written in parallel for the CLI's ``-u``; one of
-    them is to go at merge)."""
-
-    __slots__ = ("bytes_received", "bytes_sent", "dropped", "received", "sent")
-
-    def __init__(self) -> None:
-        self.sent = 0
-        self.bytes_sent = 0
-        self.received = 0
-        self.bytes_received = 0
-        self.dropped: dict[str, int] = {}
-
-    def count_sent(self, size: int) -> None:
-        self.sent += 1
-        self.bytes_sent += size
-
-    def count_received(self, size: int) -> None:
-        self.received += 1
-        self.bytes_received += size
-
-    def count_dropped(self, reason: str) -> None:
-        self.dropped[reason] = self.dropped.get(reason, 0) + 1
-
-    def describe(self) -> str:
-        """One line for -v: ``sent 3 datagrams (1200 bytes), received 2 (80 bytes); dropped 1
-        (fragment)``."""
-        text = (f"sent {self.sent} datagram{'s' * (self.sent != 1)} ({self.bytes_sent} bytes), "
-                f"received {self.received} ({self.bytes_received} bytes)")  # fmt: skip
-        if self.dropped:
-            text += "; dropped " + ", ".join(
-                f"{count} ({reason})" for reason, count in sorted(self.dropped.items())
-            )
-        return text
 
 
 class DatagramCodec:
@@ -124,9 +82,14 @@ class DatagramCodec:
         self._header = socks5_udp.pack(target[0], target[1], b"")
         self._target_address = _packed(target[0]) if is_ip_literal(target[0]) else None
 
+    @property
+    def max_payload(self) -> int:
+        """The largest payload one datagram carries with its header."""
+        return MAX_DATAGRAM_BYTES - len(self._header)
+
     def pack(self, data: bytes) -> bytes:
         """``data`` with its header; LocalProtocolError when it cannot fit in one datagram."""
-        limit = MAX_UDP_PAYLOAD_BYTES - len(self._header)
+        limit = self.max_payload
         if len(data) > limit:
             raise LocalProtocolError(
                 f"a datagram of {len(data)} bytes does not fit: at most {limit} through SOCKS5 "
@@ -167,7 +130,8 @@ class Socks5Association:
     ``target`` the destination as the headers name it, ``hops`` what each hop did.
     """
 
-    __slots__ = ("_codec", "_control", "_layers", "_udp", "hops", "relay", "stats", "target")
+    __slots__ = ("_codec", "_control", "_layers", "_udp", "hops", "max_payload", "relay", "stats",
+                 "target")
 
     def __init__(
         self, udp: socket.socket, control: socket.socket, relay: tuple[str, int],
@@ -181,6 +145,7 @@ class Socks5Association:
         self.hops = hops
         self._codec = DatagramCodec(target)
         self.stats = self._codec.stats
+        self.max_payload = self._codec.max_payload
 
     def fileno(self) -> int:
         return self._udp.fileno()
@@ -195,7 +160,7 @@ class Socks5Association:
     def receive(self) -> bytes | None:
         """The payload of the datagram waiting (blocks until one comes), or None when it was
         dropped (see the module docstring)."""
-        datagram, source = self._udp.recvfrom(_RECEIVE_BYTES)
+        datagram, source = self._udp.recvfrom(RECEIVE_BYTES)
         if (_packed(source[0]), source[1]) != (_packed(self.relay[0]), self.relay[1]):
             self.stats.count_dropped(DROP_SOURCE)
             return None
@@ -228,7 +193,7 @@ class Socks5Association:
         reply, so any byte ends it too, except through a TLS hop, whose session may still send
         records of its own (a TLS 1.3 KeyUpdate): those are taken in and the wait goes on."""
         try:
-            data = self._control.recv(_RECEIVE_BYTES, socket.MSG_DONTWAIT)
+            data = self._control.recv(RECEIVE_BYTES, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return False
         except OSError:

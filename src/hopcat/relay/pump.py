@@ -698,7 +698,7 @@ def relay(
                             if flow is down and exc.errno == errno.EPIPE and opts.read_stdin:
                                 _forward_rest(up, in_fd)
                             if flow is down and exc.errno == errno.EPIPE and (
-                                up.finished or (opts.read_stdin and _writer_left(in_fd))
+                                up.finished or (opts.read_stdin and writer_left(in_fd))
                             ):
                                 # stdout's reader left after stdin ended, or as stdin's writer
                                 # left with nothing unread: whoever ran us (ssh, at its exit)
@@ -741,7 +741,7 @@ def _forward_rest(up: Flow, in_fd: int) -> None:
             return
 
 
-def _writer_left(fd: int) -> bool:
+def writer_left(fd: int) -> bool:
     """Whether ``fd`` (stdin) has hung up with nothing left to read, now or within
     ``WRITER_LEFT_GRACE_MS``: ssh closes our stdout and our stdin one after the other when it
     exits, and the EPIPE on stdout can come first."""
