@@ -664,6 +664,8 @@ def relay(
                     try:
                         down.flush_coalesced()
                     except OSError as exc:
+                        if _session_over(exc, up, in_fd, opts.read_stdin, trace):
+                            return stats
                         raise _relay_error(down, exc) from None
                     last_activity = now
                     if down.finished:
@@ -695,17 +697,9 @@ def relay(
                         try:
                             flow.on_ready(fd)
                         except OSError as exc:
-                            if flow is down and exc.errno == errno.EPIPE and opts.read_stdin:
-                                _forward_rest(up, in_fd)
-                            if flow is down and exc.errno == errno.EPIPE and (
-                                up.finished or (opts.read_stdin and writer_left(in_fd))
+                            if flow is down and _session_over(
+                                exc, up, in_fd, opts.read_stdin, trace
                             ):
-                                # stdout's reader left after stdin ended, or as stdin's writer
-                                # left with nothing unread: whoever ran us (ssh, at its exit)
-                                # closed both ends, in either order, so the session is over.
-                                if trace:
-                                    trace("stdout's reader went away and stdin ended; "
-                                          "ending quietly")  # fmt: skip
                                 return stats
                             raise _relay_error(flow, exc) from None
                         break
@@ -726,6 +720,24 @@ def relay(
             except OSError:
                 pass
     return stats
+
+
+def _session_over(
+    exc: OSError, up: Flow, in_fd: int, read_stdin: bool, trace: Callable[[str], None] | None
+) -> bool:
+    """Whether a failed write to stdout is the ordinary end of a session: stdout's reader left
+    after stdin ended, or as stdin's writer left with nothing unread. Whoever ran us (ssh, at
+    its exit) closed both ends, in either order. Checked wherever stdout is written: a write
+    held back to coalesce small ones (``Flow.flush_coalesced``) fails the same way."""
+    if exc.errno != errno.EPIPE:
+        return False
+    if read_stdin:
+        _forward_rest(up, in_fd)
+    if not (up.finished or (read_stdin and writer_left(in_fd))):
+        return False
+    if trace:
+        trace("stdout's reader went away and stdin ended; ending quietly")
+    return True
 
 
 def _forward_rest(up: Flow, in_fd: int) -> None:
