@@ -337,7 +337,8 @@ def parse_args(argv: Sequence[str]) -> Options:
                            ("source", "-s"), ("crlf", "-C"), ("recv_buf", "-I"),
                            ("send_buf", "-O"), ("tos", "-T"), ("ttl", "-M"), ("so_debug", "-D")):
             if getattr(options, attr) not in (None, False):
-                raise UsageError(f"-z scans TCP ports from here: it takes no {flag}")
+                what = "UDP" if options.udp else "TCP"
+                raise UsageError(f"-z scans {what} ports from here: it takes no {flag}")
     _check_udp(options)
     _check_tls(options)
     if options.proxy_password_file is not None and options.proxy_password_command is not None:
