@@ -80,6 +80,7 @@ from harness.common import (
     stop_on_signals,
     write_json,
 )
+from harness.endpoints import recv_exact
 from harness.procs import Exit, kill_and_reap, read_tail, reap_all, spawn, thread_cpu, wait_exit
 from harness.tools import hopcat_command
 
@@ -396,36 +397,26 @@ def probe_hopcat_udp(base: list[str], env: dict[str, str]) -> str | None:
 # --------------------------------------------------------------------------- through SOCKS5
 
 
-def recv_n(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError("the server closed the control connection")
-        data += chunk
-    return data
-
-
 def udp_associate(server_port: int, announce: tuple[str, int]) -> tuple[socket.socket, Any]:
     """The control connection and the relay's address; Unavailable on reply 7."""
     ctrl = socket.create_connection((HOST, server_port), timeout=10)
     ctrl.sendall(b"\x05\x01\x00")
-    if recv_n(ctrl, 2) != b"\x05\x00":
+    if recv_exact(ctrl, 2) != b"\x05\x00":
         raise ConnectionError("no acceptable method")
     port = announce[1].to_bytes(2, "big")
     ctrl.sendall(b"\x05\x03\x00\x01" + socket.inet_aton(announce[0]) + port)
-    _ver, reply, _rsv, atyp = recv_n(ctrl, 4)
+    _ver, reply, _rsv, atyp = recv_exact(ctrl, 4)
     if reply:
         ctrl.close()
         text = f"UDP ASSOCIATE refused: {REPLY_TEXT.get(reply, 'error')} (reply {reply})"
         raise (Unavailable if reply == 7 else ConnectionError)(text)
     if atyp == 1:
-        host = socket.inet_ntoa(recv_n(ctrl, 4))
+        host = socket.inet_ntoa(recv_exact(ctrl, 4))
     elif atyp == 4:
-        host = socket.inet_ntop(socket.AF_INET6, recv_n(ctrl, 16))
+        host = socket.inet_ntop(socket.AF_INET6, recv_exact(ctrl, 16))
     else:
-        host = recv_n(ctrl, recv_n(ctrl, 1)[0]).decode()
-    relay_port = int.from_bytes(recv_n(ctrl, 2), "big")
+        host = recv_exact(ctrl, recv_exact(ctrl, 1)[0]).decode()
+    relay_port = int.from_bytes(recv_exact(ctrl, 2), "big")
     if host in ("0.0.0.0", "::"):  # RFC 1928: the server's own address
         host = HOST
     return ctrl, (host, relay_port)
