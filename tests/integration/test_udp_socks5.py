@@ -122,13 +122,20 @@ def test_asyncio_boundaries_and_content(dante: peers.Daemon, udp_echo: peers.Udp
                 assert (await protocol.queue.get())[0] == b"to the target"
             with pytest.raises(ValueError):
                 transport.sendto(b"x", ("127.0.0.1", 9))
+            assert transport.get_protocol() is protocol  # as asyncio's own transports answer
+            other = _Collect()
+            transport.set_protocol(other)
+            transport.sendto(b"to the other protocol")
+            async with asyncio.timeout(5):
+                assert (await other.queue.get())[0] == b"to the other protocol"
+            transport.set_protocol(protocol)
         finally:
             transport.close()
         async with asyncio.timeout(5):
             assert await protocol.lost is None
         assert [len(data) for data in received] == list(SIZES)
         assert _digest(received) == _digest(sent)
-        assert transport.stats.received == 4
+        assert transport.stats.received == 5
 
     asyncio.run(main())
 

@@ -61,10 +61,14 @@ class Socks5DatagramTransport(asyncio.DatagramTransport):
         return size
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        raise NotImplementedError("the protocol of a SOCKS5 datagram endpoint is fixed")
+        relay: _Relay = self._udp.get_protocol()  # type: ignore[assignment]
+        relay.caller = protocol  # type: ignore[assignment]
 
     def get_protocol(self) -> asyncio.BaseProtocol:
-        return self._udp.get_protocol()
+        """The caller's protocol (the one ``datagram_received`` goes to), as asyncio's own
+        transports answer."""
+        relay: _Relay = self._udp.get_protocol()  # type: ignore[assignment]
+        return relay.caller
 
 
 class _Relay(asyncio.DatagramProtocol):
