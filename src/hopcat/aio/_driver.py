@@ -480,7 +480,7 @@ class SocketIO(_IO):
         self.close()  # a new connection for a proxy that closed after its 407
         self.layers = None
         self.sock = await self.dial(step)
-        return None
+        return self.sock.family
 
     def hand_over(self, *, delayed_acks: bool) -> socket.socket:
         """The open tunnel's socket; this IO object lets go of it. ``delayed_acks``: back to
@@ -577,8 +577,7 @@ class TransportIO(_IO):
             return await asyncio.to_thread(step.function, *step.args)
         assert isinstance(step, Dial)
         if self.transport is not None:  # a new connection for a proxy that closed after its 407
-            self.transport.abort()
-            self.transport = None
+            self.close()
             self.protocol = _Buffering()
         sock = await self.dial(step)
         try:

@@ -76,7 +76,7 @@ def prompt_on_tty(prompt: str) -> str | None:
             termios.tcsetattr(fd, termios.TCSAFLUSH, old)
             os.write(fd, b"\n")
         return line.rstrip(b"\r\n").decode("utf-8", "surrogateescape")
-    except termios.error:
+    except (termios.error, OSError):  # OSError: EIO once the terminal hung up
         return None
     finally:
         os.close(fd)
@@ -221,9 +221,8 @@ def _stop(proc: subprocess.Popen[bytes], own_group: bool) -> None:
 class PasswordSources:
     """The sources after the URL's own password, asked in order for each hop.
 
-    ``password_for`` may be called whenever a password is first needed, so a caller that asks
-    only after a proxy's challenge can use it too. ``trace`` hears where each password came from,
-    never the password.
+    ``password_for`` is asked per hop (``fill_passwords`` asks before anything is dialled).
+    ``trace`` hears where each password came from, never the password.
     """
 
     def __init__(

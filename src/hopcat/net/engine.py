@@ -502,11 +502,12 @@ def _cross_hop(
     info.handshake_ms = (clock() - step_started) * 1000
     if established.bound_host is not None:
         info.bound = (established.bound_host, established.bound_port or 0)
-    how = ""
-    if auth is not None and auth.current is not None:
-        plural = "s" if connections > 1 else ""
-        how = f" ({auth.succeeded()}, {connections} TCP connection{plural})"
+    scheme = auth.established() if auth is not None else None
     if trace is not None:
+        how = ""
+        if scheme is not None:
+            plural = "s" if connections > 1 else ""
+            how = f" ({scheme}, {connections} TCP connection{plural})"
         bound = f", bound {format_hostport(*info.bound)}" if info.bound else ""
         command = "UDP ASSOCIATE from" if associate else "CONNECT"
         trace(

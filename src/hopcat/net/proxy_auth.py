@@ -30,6 +30,7 @@ import os
 
 from hopcat.errors import ProxyAuthError, RemoteProtocolError
 from hopcat.net.engine import Call
+from hopcat.proto._machine import sanitize
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -98,15 +99,19 @@ class HopAuth:
             return self._last_answer
         return None
 
-    def succeeded(self) -> str:
-        """Note the proxy's 2xx (a Basic answer that worked goes with the first request of any
-        later connection: a chain redone for a later hop's reconnect); a phrase for -v."""
-        if self.current == "basic" and self._last_answer is not None:
+    def established(self) -> str | None:
+        """The proxy said 2xx: which scheme did it (a phrase for -v; None when it asked for
+        nothing). The next connection starts afresh: a chain is crossed again when a later hop
+        closes after its 407, and this proxy's 407 on it is a new challenge, not a refusal of
+        the answer that worked (a Basic answer that worked goes with its first request)."""
+        scheme, self.current, self._stage, self.answers = self.current, None, "", 0
+        self.close()  # a Kerberos context belongs to one connection
+        if scheme is None:
+            return None
+        if scheme == "basic" and self._last_answer is not None:
             self.known_good = self._last_answer
-        if self.current is None:
-            return "no authentication asked"
-        name = _WIRE_NAMES[self.current]
-        if self.current == "ntlm" and self._ntlm_wire == "Negotiate":
+        name = _WIRE_NAMES[scheme]
+        if scheme == "ntlm" and self._ntlm_wire == "Negotiate":
             name = "NTLM under the Negotiate name"
         return f"authenticated with {name}"
 
@@ -277,8 +282,8 @@ class HopAuth:
 
         challenge = DigestClient.choose(challenges)
         if challenge is None:
-            algorithms = sorted({c.params.get("algorithm", "MD5") for c in challenges})
-            self.skipped["digest"] = f"no supported algorithm offered ({', '.join(algorithms)})"
+            offered = sorted({sanitize(c.params.get("algorithm", "MD5"), 40) for c in challenges})
+            self.skipped["digest"] = f"no supported algorithm offered ({', '.join(offered)})"
             return None
         if self.username is None:
             self.skipped["digest"] = _NO_USER
@@ -309,7 +314,8 @@ class HopAuth:
                     return b"", "no GSSAPI library (install libgssapi-krb5-2)"
                 self._gss = gssapi.NegotiateContext(self.host, library=library)
             return self._gss.step(token), ""
-        except gssapi.GSSAPIError as exc:
+        except (gssapi.GSSAPIError, OSError, ValueError) as exc:
+            # Whatever the library says, Negotiate is then skipped: a Call step never raises.
             return b"", f"{exc} (service {gssapi.principal_hint(self.host)})"
 
     def _failure(
@@ -336,7 +342,7 @@ class HopAuth:
 def _offer(challenge: Challenge) -> str:
     """A challenge as -v names it: Digest with its algorithm (several may be offered)."""
     if challenge.name == "digest":
-        return f"{challenge.scheme} ({challenge.params.get('algorithm', 'MD5')})"
+        return f"{challenge.scheme} ({sanitize(challenge.params.get('algorithm', 'MD5'), 40)})"
     return challenge.scheme
 
 

@@ -198,6 +198,12 @@ class AuthChallenge(Event):
         self.header_values = header_values
         self.reusable = reusable
 
+    def __repr__(self) -> str:
+        # Challenges carry nonces and NTLM tokens: events end up in logs and test output.
+        schemes = [value.split(" ", 1)[0] for value in self.header_values]
+        return (f"AuthChallenge(status={self.status}, schemes={schemes}, "
+                f"reusable={self.reusable})")  # fmt: skip
+
     def describe(self) -> str:
         kept = "connection kept" if self.reusable else "connection closed"
         return f"HTTP {self.status} {self.reason} ({kept})".replace("  ", " ")

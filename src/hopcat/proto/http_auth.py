@@ -228,6 +228,12 @@ _DIGEST_HASHES = {"MD5": "md5", "SHA-256": "sha256", "SHA-512-256": "sha512_256"
 _DIGEST_STRENGTH = list(_DIGEST_HASHES)
 
 
+def _hash_available(name: str) -> bool:
+    import hashlib
+
+    return name in hashlib.algorithms_available
+
+
 def _digest_kind(challenge: Challenge) -> tuple[str, bool, bool] | None:
     """(algorithm without -sess, is -sess, uses qop=auth) when hopcat can answer ``challenge``."""
     params = challenge.params
@@ -236,8 +242,10 @@ def _digest_kind(challenge: Challenge) -> tuple[str, bool, bool] | None:
     algorithm = params.get("algorithm", "MD5").upper()
     sess = algorithm.endswith("-SESS")
     base = algorithm[: -len("-SESS")] if sess else algorithm
-    if base not in _DIGEST_HASHES:
-        return None  # RFC 7616 section 3.3: a challenge with an unknown algorithm is ignored
+    if base not in _DIGEST_HASHES or not _hash_available(_DIGEST_HASHES[base]):
+        # RFC 7616 section 3.3: a challenge with an unknown algorithm is ignored; so is one
+        # this Python's hashlib cannot compute (sha512_256 needs OpenSSL 1.1.1 or later).
+        return None
     qop = params.get("qop")
     if qop is None:
         # -sess mixes in a cnonce that only the qop form sends: the server could not check it.

@@ -277,7 +277,7 @@ class HttpConnectClient(Machine):
         self._scanned = 0
         self._head_budget = MAX_HEAD_BYTES
         self._body_left = 0  # Content-Length bytes of a 407 still to drain; -1 while chunked
-        self._chunked = _ChunkedBody() if challenges else None
+        self._chunked: _ChunkedBody | None = None
         self._challenge: AuthChallenge | None = None
         self._queue_request(authorization)
 
@@ -348,6 +348,7 @@ class HttpConnectClient(Machine):
         keep = "close" not in tokens and (status_line[:8] != "HTTP/1.0" or "keep-alive" in tokens)
         codings = ",".join(_header_values(headers, "transfer-encoding")).lower()
         lengths = {value.strip(" \t") for value in _header_values(headers, "content-length")}
+        self._chunked = _ChunkedBody()  # each 407 of a connection has its own body
         if codings:
             # Only chunked as the last coding frames a body; anything else runs to the close.
             keep = keep and codings.replace(" ", "").replace("\t", "").rsplit(",", 1)[-1] == "chunked"
