@@ -429,3 +429,33 @@ def test_through_socks5_the_proxy_ending_the_association_is_one_line(
         daemon.stop()
     assert code == 74 and err.count(b"\n") == 1, err
     assert b"the proxy ended the UDP association" in err
+
+
+def test_q_ends_it_under_a_steady_stream(tmp_path: Path) -> None:
+    """-q's end comes on time however busy the socket is (it was checked only when a poll
+    found nothing)."""
+    ready = tmp_path / "ready"
+    with hopcat("-u", "-l", "-k", "-q", "0.5", "--ready-file", str(ready), "127.0.0.1", "0",
+                stdin=subprocess.DEVNULL) as server:  # fmt: skip
+        port = ready_port(ready)
+        stop = threading.Event()
+
+        def flood() -> None:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+                while not stop.is_set():
+                    sender.sendto(b"busy", ("127.0.0.1", port))
+                    time.sleep(0.0005)
+
+        flooder = threading.Thread(target=flood, daemon=True)
+        flooder.start()
+        started = time.monotonic()
+        try:
+            assert server.stdout is not None
+            while server.poll() is None and time.monotonic() - started < 10:
+                os.read(server.stdout.fileno(), 65536)  # keep stdout drained
+        finally:
+            stop.set()
+            flooder.join(5)
+        code, _out, err = finish(server)
+    assert code == 0, err
+    assert time.monotonic() - started < 5

@@ -317,3 +317,36 @@ def test_the_library_restricts_schemes_per_proxy(proxy_factory) -> None:  # type
         hopcat.Proxy.from_url("http://h:1", auth_schemes="kerberos")
     with pytest.raises(ValueError, match="for HTTP proxies"):
         hopcat.Proxy.from_url("socks5h://h:1", auth_schemes="basic")
+
+
+def test_a_chain_crossed_again_answers_the_first_proxy_afresh(proxy_factory) -> None:  # type: ignore[no-untyped-def]
+    """Hop 2 closes after its 407, so hop 1 (Digest, keep-alive) is crossed again on a new
+    connection: its new 407 is a new challenge, not a refusal of the answer that worked."""
+    from support import relay
+
+    def hop2_first(conn: socket.socket) -> None:
+        read_head(conn)
+        conn.sendall(b'HTTP/1.0 407 Auth\r\nProxy-Authenticate: Basic realm="2"\r\n\r\n')
+
+    def hop2_second(conn: socket.socket) -> None:
+        assert (header(read_head(conn), "Proxy-Authorization") or "").startswith("Basic ")
+        conn.sendall(OK + BANNER)
+        until_closed(conn)
+
+    second = proxy_factory(hop2_first, hop2_second)
+
+    def hop1(conn: socket.socket) -> None:
+        read_head(conn)
+        conn.sendall(challenge('Digest realm="1", nonce="n", qop="auth"'))
+        assert (header(read_head(conn), "Proxy-Authorization") or "").startswith("Digest ")
+        conn.sendall(OK)
+        with socket.create_connection(("127.0.0.1", second.port)) as upstream:
+            relay(conn, upstream)
+
+    first = proxy_factory(hop1)
+    lines: list[str] = []
+    result = tunnel([first.url("http", "a:pw@"), f"http://b:pw@127.0.0.1:{second.port}"],
+                    trace=lines.append)  # fmt: skip
+    result.sock.close()
+    assert result.trailing == BANNER and first.accepted == 2 and second.accepted == 2
+    assert "hop 2/2: CONNECT target.test:22: HTTP/1.1 200 Connection established" in "\n".join(lines)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 import hopcat
-from hopcat.errors import LocalProtocolError, UsageError
+from hopcat.errors import ConnectError, LocalProtocolError, UsageError
 from hopcat.proto import socks5_udp
 
 TARGET = ("127.0.0.9", 5353)
@@ -207,3 +207,47 @@ def test_last_hop_not_socks5_refused_before_dialling(via: list[str]) -> None:
 def test_no_proxy_refused() -> None:
     with pytest.raises(ValueError, match="needs a SOCKS5 proxy"):
         hopcat.open_udp(*TARGET, via=hopcat.Chain())
+
+
+def test_a_dead_relay_port_is_one_hopcat_error(relay: socket.socket) -> None:
+    """ICMP port unreachable from the relay address surfaces as a HopcatError (one line, exit
+    69 on the CLI), never a bare OSError (exit 70)."""
+    port = relay.getsockname()
+    relay.close()  # nothing listens there now: the kernel answers ICMP port unreachable
+    scripted = ScriptedSocks5(port)
+    try:
+        with hopcat.open_udp(*TARGET, via=f"socks5://127.0.0.1:{scripted.port}", timeout=5) as udp:
+            udp.send(b"into the void")
+            with pytest.raises(ConnectError) as info:
+                udp.recv(5)
+                udp.send(b"again")
+            assert "udp relay 127.0.0.1:" in str(info.value)
+            assert "ICMP port unreachable" in str(info.value)
+    finally:
+        scripted.close()
+
+
+def test_dropped_datagrams_do_not_hold_off_the_timeout(
+    proxy: ScriptedSocks5, relay: socket.socket
+) -> None:
+    with hopcat.open_udp(*TARGET, via=f"socks5://127.0.0.1:{proxy.port}", timeout=5) as udp:
+        udp.send(b"")
+        _, client = relay.recvfrom(65536)
+        stop = threading.Event()
+
+        def flood() -> None:
+            fragment = b"\x00\x00\x01" + socks5_udp.pack(*TARGET, b"x")[3:]
+            while not stop.is_set():
+                relay.sendto(fragment, client)
+                time.sleep(0.001)
+
+        flooder = threading.Thread(target=flood, daemon=True)
+        flooder.start()
+        started = time.monotonic()
+        try:
+            with pytest.raises(TimeoutError):
+                udp.recv(0.3)
+        finally:
+            stop.set()
+            flooder.join(5)
+        assert time.monotonic() - started < 2

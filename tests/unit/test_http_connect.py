@@ -731,3 +731,18 @@ def test_squid_port_rule_is_named_with_its_fix() -> None:
     with pytest.raises(ProxyError) as info:
         client.next_event()
     assert str(info.value) == "HTTP 403 Forbidden"
+
+
+def test_each_chunked_407_of_a_connection_is_drained_on_its_own() -> None:
+    """NTLM's second leg: a second chunked 407 on the same connection (the drainer of the first
+    one, left in its trailers, once stopped at the first blank line inside the data)."""
+    chunked = (b"HTTP/1.1 407 Auth\r\nProxy-Authenticate: NTLM\r\nTransfer-Encoding: chunked\r\n"
+               b"\r\n6\r\nab\r\n\r\n\r\n0\r\n\r\n")  # fmt: skip
+    client, event = challenged(chunked)
+    assert event.reusable
+    client.retry("NTLM TlRMTVNTUAAB")
+    client.receive_data(chunked)
+    assert client.next_event().reusable
+    client.retry("NTLM TlRMTVNTUAAD")
+    client.receive_data(SQUID + BANNER)
+    assert isinstance(client.next_event(), Established) and client.trailing_data == BANNER

@@ -299,7 +299,11 @@ def udp_probe(
     family, sockaddr = addresses[0]
 
     def probe(port: int, done: Callable[[Result | BaseException], None]) -> Callable[[], None]:
-        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+        except OSError as exc:  # EMFILE and the like: about this host, not the port
+            done(_udp_errno_result(port, exc.errno or 0))
+            return _nothing
         sock.setblocking(False)
 
         def finish(result: Result | BaseException) -> None:

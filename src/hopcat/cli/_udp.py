@@ -205,6 +205,9 @@ class AnySource:
     def control_fileno(self) -> int | None:
         return None
 
+    def control_ended(self) -> bool:
+        return False  # no control connection: never asked (control_fileno is None)
+
     def send(self, data: bytes) -> None:
         if self.peer is None:
             self.stats.count_dropped("no sender yet")
@@ -307,22 +310,25 @@ def _bound_udp(address: str | None, port: int, options: Options) -> socket.socke
             raise ResolveError(f"listen address {address}: {describe_oserror(exc)}") from None
         candidates.append((info[0], info[4], True))
     for index, (fam, sockaddr, v6only) in enumerate(candidates):
-        sock = udp_socket(fam, broadcast=options.broadcast)
+        sock = None
         try:
+            sock = udp_socket(fam, broadcast=options.broadcast)
             if tuning is not None:
                 tuning.apply(sock, fam)
             if fam == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
             sock.bind(sockaddr)
             return sock
-        except OSError as exc:
-            sock.close()
+        except OSError as exc:  # udp_socket's RelayError too: it carries the errno
+            if sock is not None:
+                sock.close()
             if index + 1 < len(candidates) and exc.errno in _NO_IPV6:
                 continue  # no IPv6 here: IPv4 alone
             where = format_hostport(str(sockaddr[0]), port)
             raise _listen_error(f"{where} (udp)", exc) from None
         except BaseException:
-            sock.close()
+            if sock is not None:
+                sock.close()
             raise
     raise AssertionError("no candidate address")  # candidates is never empty
 
@@ -367,18 +373,20 @@ def relay_datagrams(
                 timeout_ms = 0 if wait_ms <= 0 else int(min(wait_ms, MAX_POLL_MS) + 0.999)
             ready = poller.poll(timeout_ms)
             if timeout_ms is not None:
+                # Checked on every wake-up: a steady stream of datagrams (or of dropped ones)
+                # must not hold -q's or -w's end off.
                 now = time.monotonic()
-                if not ready:
-                    if quit_at is not None and now >= quit_at:
-                        trace(f"quitting {options.quit_after_eof_s:g} s after stdin EOF (-q)")
-                        break
-                    if idle_s is not None and now - last_activity >= idle_s:
-                        trace(f"no datagram either way for {idle_s:g} s (-w): done")
-                        break
-                    continue
-                last_activity = now
+                if quit_at is not None and now >= quit_at:
+                    trace(f"quitting {options.quit_after_eof_s:g} s after stdin EOF (-q)")
+                    break
+                if idle_s is not None and now - last_activity >= idle_s:
+                    trace(f"no datagram either way for {idle_s:g} s (-w): done")
+                    break
+            if not ready:
+                continue
+            moved = stats.sent + stats.received
             fds = [fd for fd, _events in ready]
-            if control_fd is not None and control_fd in fds:
+            if control_fd is not None and control_fd in fds and datagrams.control_ended():
                 raise RelayError("the proxy ended the UDP association (its control connection "
                                  f"closed): {stats.describe()}")  # fmt: skip
             if net_fd in fds:
@@ -420,6 +428,8 @@ def relay_datagrams(
                     trace(f"stdin EOF after {sent}; still receiving (nc)")
                     if options.quit_after_eof_s is not None:
                         quit_at = time.monotonic() + options.quit_after_eof_s
+            if idle_s is not None and stats.sent + stats.received != moved:
+                last_activity = time.monotonic()  # a datagram either way, not a dropped one
     except HopcatError:
         if trace.enabled:
             trace(f"ended by an error: {stats.describe()}")

@@ -43,8 +43,13 @@ if TYPE_CHECKING:
             (another source, a fragment, a bad header): counted in ``stats``, not returned."""
 
         def control_fileno(self) -> int | None:
-            """SOCKS5's TCP control connection, readable when it ended (the association is
-            over); None when there is none (direct)."""
+            """SOCKS5's TCP control connection; None when there is none (direct). Readable
+            means it may have ended: ask ``control_ended``."""
+
+        def control_ended(self) -> bool:
+            """Whether the control connection ended (the association is over), once its
+            fileno polled readable: through a TLS hop a record of the session's own (a TLS 1.3
+            KeyUpdate) makes it readable too."""
 
         def close(self) -> None: ...
 
@@ -92,6 +97,22 @@ class DatagramStats:
         return text
 
 
+def udp_error(exc: OSError, where: str, doing: str) -> ConnectError | RelayError:
+    """A UDP socket's error as one line: ``where`` names the peer (the target, or a SOCKS5
+    relay). ICMP port and host unreachable are a refused connect (exit 69), the rest a relay
+    error (74)."""
+    from hopcat.net.dial import describe_oserror
+
+    if exc.errno == errno.ECONNREFUSED:
+        return ConnectError(f"{where}: nothing listens there (ICMP port unreachable, while "
+                            f"{doing})", errno=exc.errno)  # fmt: skip
+    if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return ConnectError(f"{where}: {describe_oserror(exc)} (while {doing})", errno=exc.errno)
+    if exc.errno == errno.EMSGSIZE:
+        return RelayError(f"{where}: datagram too large for the path (while {doing})")
+    return RelayError(f"{where}: {doing}: {describe_oserror(exc)}")
+
+
 class ConnectedUDP:
     """A UDP socket connected to the target: the direct ``Datagrams``. Takes ``sock`` over
     (closed by ``close()``); ``target`` is how messages name the peer. ``peer``: the sockaddr it
@@ -113,6 +134,9 @@ class ConnectedUDP:
 
     def control_fileno(self) -> int | None:
         return None
+
+    def control_ended(self) -> bool:
+        return False  # no control connection: never asked (control_fileno is None)
 
     def send(self, data: bytes) -> None:
         try:
@@ -143,26 +167,23 @@ class ConnectedUDP:
         return data
 
     def _error(self, exc: OSError, doing: str) -> ConnectError | RelayError:
-        from hopcat.net.dial import describe_oserror
-
-        if exc.errno == errno.ECONNREFUSED:
-            return ConnectError(f"udp {self.target}: nothing listens there (ICMP port "
-                                f"unreachable, while {doing})", errno=exc.errno)  # fmt: skip
-        if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
-            return ConnectError(f"udp {self.target}: {describe_oserror(exc)} (while {doing})",
-                                errno=exc.errno)  # fmt: skip
-        if exc.errno == errno.EMSGSIZE:
-            return RelayError(f"udp {self.target}: datagram too large for the path (while "
-                              f"{doing})")  # fmt: skip
-        return RelayError(f"udp {self.target}: {doing}: {describe_oserror(exc)}")
+        return udp_error(exc, f"udp {self.target}", doing)
 
     def close(self) -> None:
         self.sock.close()
 
 
 def udp_socket(family: int, *, broadcast: bool = False) -> socket.socket:
-    """A UDP socket of ``family``; SO_BROADCAST with ``broadcast`` (nc's -b)."""
-    sock = socket.socket(family, socket.SOCK_DGRAM)
+    """A UDP socket of ``family``; SO_BROADCAST with ``broadcast`` (nc's -b). A failure is a
+    RelayError with its errno (no IPv6 here, EMFILE), never a bare OSError."""
+    try:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+    except OSError as exc:
+        from hopcat.net.dial import describe_oserror
+
+        error = RelayError(f"udp socket: {describe_oserror(exc)}")
+        error.errno = exc.errno  # for a caller that falls back (no IPv6 here)
+        raise error from None
     if broadcast:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)

@@ -40,7 +40,7 @@ import time
 from hopcat._endpoint import format_hostport, is_ip_literal
 from hopcat.errors import LocalProtocolError, RemoteProtocolError, UsageError
 from hopcat.net.chain import _Driver, tls_context
-from hopcat.net.datagram import MAX_DATAGRAM_BYTES, RECEIVE_BYTES, DatagramStats
+from hopcat.net.datagram import MAX_DATAGRAM_BYTES, RECEIVE_BYTES, DatagramStats, udp_error
 from hopcat.net.engine import check_chain, tunnel_plan
 from hopcat.proto import socks5_udp
 
@@ -130,8 +130,8 @@ class Socks5Association:
     ``target`` the destination as the headers name it, ``hops`` what each hop did.
     """
 
-    __slots__ = ("_codec", "_control", "_layers", "_udp", "hops", "max_payload", "relay", "stats",
-                 "target")
+    __slots__ = ("_codec", "_control", "_layers", "_relay_packed", "_udp", "_where", "hops",
+                 "max_payload", "relay", "stats", "target")
 
     def __init__(
         self, udp: socket.socket, control: socket.socket, relay: tuple[str, int],
@@ -146,6 +146,9 @@ class Socks5Association:
         self._codec = DatagramCodec(target)
         self.stats = self._codec.stats
         self.max_payload = self._codec.max_payload
+        self._relay_packed = (_packed(relay[0]), relay[1])
+        self._where = f"udp relay {format_hostport(*relay)}"
+        udp.setblocking(False)
 
     def fileno(self) -> int:
         return self._udp.fileno()
@@ -154,14 +157,29 @@ class Socks5Association:
         return self._control.fileno()
 
     def send(self, data: bytes) -> None:
-        """One datagram to the target; LocalProtocolError when it cannot fit in one."""
-        self._udp.send(self._codec.pack(data))
+        """One datagram to the target, waiting while the socket's buffer is full;
+        LocalProtocolError when it cannot fit in one, ConnectError/RelayError when the relay
+        cannot be reached."""
+        datagram = self._codec.pack(data)
+        while True:
+            try:
+                self._udp.send(datagram)
+                return
+            except BlockingIOError:
+                select.select([], [self._udp], [])
+            except OSError as exc:
+                raise udp_error(exc, self._where, "sending") from None
 
     def receive(self) -> bytes | None:
-        """The payload of the datagram waiting (blocks until one comes), or None when it was
-        dropped (see the module docstring)."""
-        datagram, source = self._udp.recvfrom(RECEIVE_BYTES)
-        if (_packed(source[0]), source[1]) != (_packed(self.relay[0]), self.relay[1]):
+        """The payload of the datagram waiting, or None when it was dropped (see the module
+        docstring) or there was none after all (a datagram with a bad checksum wakes a poll)."""
+        try:
+            datagram, source = self._udp.recvfrom(RECEIVE_BYTES)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise udp_error(exc, self._where, "receiving") from None
+        if (_packed(source[0]), source[1]) != self._relay_packed:
             self.stats.count_dropped(DROP_SOURCE)
             return None
         unpacked = self._codec.unpack(datagram)
@@ -180,13 +198,16 @@ class Socks5Association:
             if self._udp.fileno() in ready:
                 data = self.receive()
                 if data is not None:
-                    return data
-                continue
+                    return data  # a dropped one does not stop the deadline below
             if self._control.fileno() in ready and self._control_ended():
                 raise ConnectionResetError("the SOCKS5 control connection closed: the UDP "
                                            "association is over")  # fmt: skip
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError("no datagram from the target before the timeout")
+
+    def control_ended(self) -> bool:
+        """After its fileno polled readable: whether the control connection really ended."""
+        return self._control_ended()
 
     def _control_ended(self) -> bool:
         """Whether the readable control connection ended. A SOCKS5 proxy says nothing after its
@@ -303,11 +324,17 @@ def _udp_socket(
     from hopcat.net.dial import resolve
 
     info = resolve(host, port, deadline=deadline, clock=clock)[0]
-    sock = socket.socket(info[0], socket.SOCK_DGRAM)
+    try:
+        sock = socket.socket(info[0], socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise udp_error(exc, f"udp relay {format_hostport(host, port)}", "opening") from None
     try:
         if source is not None:
             sock.bind((source, 0))
         sock.connect(info[4])
+    except OSError as exc:
+        sock.close()
+        raise udp_error(exc, f"udp relay {format_hostport(host, port)}", "connecting") from None
     except BaseException:
         sock.close()
         raise

@@ -58,6 +58,9 @@ RECV_BYTES = 65536  # the largest UDP payload is 65,507 (IPv4) or 65,527 (IPv6) 
 READ_BATCH = 64  # datagrams read per wake-up, so one busy association cannot starve the loop
 MAX_NAMES = 256  # names resolved per association
 MAX_WAITING = 8  # datagrams held per name while it resolves
+# Bytes held in all while names resolve: what a slow resolver can make one association keep
+# (the counts above alone would allow 256 x 8 x 64 KiB).
+MAX_WAITING_BYTES = 256 * 1024
 MAX_DESTINATIONS = 4096  # replies are taken from the most recent this many (address, port)s
 DENIED_LOG_INTERVAL_S = 1.0
 
@@ -89,6 +92,7 @@ class Association:
         "_routes",
         "_sent_to",
         "_waiting",
+        "_waiting_bytes",
         "bound",
         "bytes_down",
         "bytes_up",
@@ -121,6 +125,7 @@ class Association:
         self._sent_to: dict[tuple[str, int], None] = {}  # oldest first
         self._names: dict[str, list[tuple[int, SockAddr]]] = {}
         self._waiting: dict[str, list[tuple[int, bytes]]] = {}
+        self._waiting_bytes = 0
         self._denied_logged_at = -1e9
         # (host as sent, port) -> where it was allowed to go, under _policy and _host_addresses.
         self._routes: dict[tuple[str, int], tuple[int, SockAddr]] = {}
@@ -150,6 +155,7 @@ class Association:
             sock.close()
         self._outbound.clear()
         self._waiting.clear()
+        self._waiting_bytes = 0
 
     # -- client to destinations --------------------------------------------------------------
     def _on_client_readable(self) -> None:
@@ -211,10 +217,14 @@ class Association:
         if candidates is not None:
             self._send_checked(name, parsed.host, candidates, parsed.port, parsed.data)
             return
+        if self._waiting_bytes + len(parsed.data) > MAX_WAITING_BYTES:
+            self._drop("dns")
+            return
         waiting = self._waiting.get(name)
         if waiting is not None:
             if len(waiting) < MAX_WAITING:
                 waiting.append((parsed.port, parsed.data))
+                self._waiting_bytes += len(parsed.data)
             else:
                 self._drop("dns")
             return
@@ -222,6 +232,7 @@ class Association:
             self._drop("dns")
             return
         self._waiting[name] = [(parsed.port, parsed.data)]
+        self._waiting_bytes += len(parsed.data)
         future = server.lookup(self.conn, wire, 0)
         future.add_done_callback(lambda done: self._on_resolved(name, parsed.host, done))
 
@@ -239,6 +250,7 @@ class Association:
         waiting = self._waiting.pop(name, None)
         if waiting is None:
             return  # closed meanwhile
+        self._waiting_bytes -= sum(len(data) for _port, data in waiting)
         try:
             infos = future.result()
         except (OSError, UnicodeError, ValueError):
