@@ -37,9 +37,9 @@ from hopcat.net.datagram import (
     RECEIVE_BYTES,
     ConnectedUDP,
     DatagramStats,
-    describe_sockaddr,
     udp_socket,
 )
+from hopcat.net.dial import sockaddr_text
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -151,13 +151,13 @@ def connect_udp(
                 raise ConnectError(f"udp {format_hostport(host, port)}: "
                                    f"{describe_oserror(exc)} (a broadcast address needs -b)",
                                    errno=exc.errno) from None  # fmt: skip
-            failures.append((describe_sockaddr(sockaddr), exc.errno or 0))
+            failures.append((sockaddr_text(sockaddr), exc.errno or 0))
             continue
         except BaseException:
             sock.close()
             raise
-        local = describe_sockaddr(sock.getsockname())
-        trace(f"udp to {describe_sockaddr(sockaddr)} (local {local})")
+        local = sockaddr_text(sock.getsockname())
+        trace(f"udp to {sockaddr_text(sockaddr)} (local {local})")
         return ConnectedUDP(sock, format_hostport(host, port))
     raise connect_failed(f"udp {format_hostport(host, port)}", failures)
 
@@ -223,7 +223,7 @@ class AnySource:
                 return
             from hopcat.net.dial import describe_oserror
 
-            raise RelayError(f"udp to {describe_sockaddr(self.peer)}: "
+            raise RelayError(f"udp to {sockaddr_text(self.peer)}: "
                              f"{describe_oserror(exc)}") from None  # fmt: skip
         self.stats.count_sent(len(data))
 
@@ -251,7 +251,7 @@ class AnySource:
 def _shown(sockaddr: tuple[object, ...]) -> str:
     from hopcat.cli._listen import _unmapped_host
 
-    return describe_sockaddr((_unmapped_host(str(sockaddr[0])), sockaddr[1]))
+    return sockaddr_text((_unmapped_host(str(sockaddr[0])), sockaddr[1]))
 
 
 def _listen(options: Options, trace: Timeline) -> Datagrams:
@@ -261,7 +261,7 @@ def _listen(options: Options, trace: Timeline) -> Datagrams:
     address, port = listen_address(options)
     sock = _bound_udp(address, port, options)
     try:
-        name = describe_sockaddr(sock.getsockname())
+        name = sockaddr_text(sock.getsockname())
         trace(f"listening on {name} (udp)")
         if announce_fd is not None or options.ready_file is not None:
             from hopcat._ready import announce_ready

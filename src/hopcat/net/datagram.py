@@ -18,7 +18,6 @@ from __future__ import annotations
 import _socket as socket
 import errno
 
-from hopcat._endpoint import format_hostport
 from hopcat.errors import ConnectError, RelayError
 
 TYPE_CHECKING = False
@@ -191,7 +190,3 @@ def udp_socket(family: int, *, broadcast: bool = False) -> socket.socket:
             sock.close()
             raise
     return sock
-
-
-def describe_sockaddr(sockaddr: tuple[object, ...]) -> str:
-    return format_hostport(str(sockaddr[0]), int(str(sockaddr[1])))

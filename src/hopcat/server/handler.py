@@ -150,7 +150,7 @@ def strerror(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _numeric(host: str, port: int) -> tuple[int, SockAddr] | None:
+def numeric_address(host: str, port: int) -> tuple[int, SockAddr] | None:
     """(family, sockaddr) when ``host`` is an IP literal in any spelling getaddrinfo accepts
     (``127.1``, ``0x7f000001``, ``fe80::1%eth0``): its own parser, so no spelling escapes the
     address rules. No lookup: AI_NUMERICHOST."""
@@ -163,7 +163,7 @@ def _numeric(host: str, port: int) -> tuple[int, SockAddr] | None:
     return infos[0][0], infos[0][4]
 
 
-def _compared(wire: str) -> str:
+def compared_name(wire: str) -> str:
     """A name in the form rule globs are matched against (see hopcat.server.policy)."""
     return wire.lower().rstrip(".")
 
@@ -504,10 +504,10 @@ class Conn:
         if wire is None:
             self.refuse("dns-error", f"resolve {host}: not a valid host name (IDNA)")
             return
-        literal = _numeric(wire, port)
+        literal = numeric_address(wire, port)
         decision = None
         if literal is None:
-            self._name = name = _compared(wire)
+            self._name = name = compared_name(wire)
             decision = server.policy.check_name(name, port, resolvable=server.resolves_names)
             if decision is False:
                 self.refuse("denied", "destination not allowed by the rules")

@@ -43,6 +43,7 @@ import socket
 from hopcat._endpoint import format_hostport
 from hopcat.errors import LocalProtocolError, RemoteProtocolError
 from hopcat.proto import socks5_udp
+from hopcat.server.handler import compared_name, numeric_address
 from hopcat.server.policy import resolver_form
 
 TYPE_CHECKING = False
@@ -63,17 +64,6 @@ MAX_WAITING = 8  # datagrams held per name while it resolves
 MAX_WAITING_BYTES = 256 * 1024
 MAX_DESTINATIONS = 4096  # replies are taken from the most recent this many (address, port)s
 DENIED_LOG_INTERVAL_S = 1.0
-
-
-def _numeric(host: str) -> tuple[int, SockAddr] | None:
-    """(family, sockaddr) for an IP literal in any spelling getaddrinfo accepts; no lookup."""
-    try:
-        infos = socket.getaddrinfo(
-            host, 0, 0, socket.SOCK_DGRAM, socket.IPPROTO_UDP, socket.AI_NUMERICHOST
-        )
-    except (OSError, UnicodeError, ValueError):
-        return None
-    return infos[0][0], infos[0][4]
 
 
 def _with_port(sockaddr: SockAddr, port: int) -> SockAddr:
@@ -204,11 +194,11 @@ class Association:
         if wire is None:
             self._drop("dns")
             return
-        literal = _numeric(wire)
+        literal = numeric_address(wire, 0)  # CONNECT's parser: no spelling escapes
         if literal is not None:
             self._send_checked(None, parsed.host, [literal], parsed.port, parsed.data)
             return
-        name = wire.lower().rstrip(".")
+        name = compared_name(wire)
         server = self.conn.server
         if server.policy.check_name(name, parsed.port) is False:
             self._denied(format_hostport(parsed.host, parsed.port), "not allowed by the rules")
