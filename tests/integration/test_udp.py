@@ -326,6 +326,10 @@ def test_listen_keep_open_takes_every_sender_and_answers_the_latest(tmp_path: Pa
         (["-u", "--tls", "127.0.0.1", "9"], "-u does not take --tls"),
         (["-u", "-x", "http://127.0.0.1:1", "127.0.0.1", "9"], "UDP goes through SOCKS5 only"),
         (["-u", "-x", "socks4a://127.0.0.1:1", "127.0.0.1", "9"], "UDP goes through SOCKS5 only"),
+        (["-u", "-p", "5000", "-x", "socks5h://127.0.0.1:1", "127.0.0.1", "9"],
+         "-u through a proxy: -p is not supported"),
+        (["-u", "-b", "-x", "socks5h://127.0.0.1:1", "127.0.0.1", "9"],
+         "-u through a proxy: -b is not supported"),
         (["-u", "127.0.0.1"], "-u: expected HOST PORT"),
     ],
 )

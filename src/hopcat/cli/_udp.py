@@ -96,6 +96,15 @@ def _open_datagrams(
     a SOCKS5 proxy."""
     if not hops:
         return connect_udp(options, host, port, deadline, trace)
+    from hopcat.cli._args import wants_tuning
+
+    # The association's UDP socket is the library's, made for the relay: what these would set
+    # on it is refused rather than silently left out.
+    for given, flag in ((options.source_port is not None, "-p"), (options.broadcast, "-b"),
+                        (wants_tuning(options), "-I/-O/-T/-M/-D")):  # fmt: skip
+        if given:
+            raise UsageError(f"-u through a proxy: {flag} is not supported (the datagrams go "
+                             "to the proxy's relay)")  # fmt: skip
     from hopcat._endpoint import format_hostport
     from hopcat._environment import fill_users
     from hopcat.cli._args import DEFAULT_CONNECT_TIMEOUT_S, address_family
