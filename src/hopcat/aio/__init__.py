@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
     from hopcat.aio._udp import Socks5DatagramTransport
-    from hopcat.client import Via
+    from hopcat.client import Chain, Via
 
 __all__ = ["connect_socket", "create_connection", "create_datagram_endpoint", "open_connection"]
 
@@ -106,11 +106,7 @@ async def create_connection(
         server_hostname = validate_host(server_hostname, what="server_hostname")  # for SNI
     loop = asyncio.get_running_loop()
     deadline = _deadline(loop, timeout)
-    if proxy_ssl is None and any(proxy.tls for proxy in chain):
-        import ssl as ssl_module
-
-        proxy_ssl = ssl_module.create_default_context()
-    io = TransportIO(loop, family, context=proxy_ssl)
+    io = TransportIO(loop, family, context=_proxy_context(chain, proxy_ssl))
     try:
         if len(chain) == 0:
             sock = await _dial_direct(host, port, family, deadline)
@@ -184,12 +180,7 @@ async def create_datagram_endpoint(
     check_chain(hops, proxy_dns, udp=True)
     loop = asyncio.get_running_loop()
     deadline = _deadline(loop, timeout)
-    if proxy_ssl is None and any(proxy.tls for proxy in chain):
-        import ssl as ssl_module
-
-        proxy_ssl = ssl_module.create_default_context()
-    io = TransportIO(loop, family, context=proxy_ssl)
-    udp: asyncio.DatagramTransport | None = None
+    io = TransportIO(loop, family, context=_proxy_context(chain, proxy_ssl))
     try:
         plan = tunnel_plan(
             hops, host, port, proxy_dns=proxy_dns, family=family, exact=True,
@@ -206,9 +197,7 @@ async def create_datagram_endpoint(
             lambda: _Relay(codec, caller), remote_addr=relay
         )
     except BaseException:
-        if udp is not None:
-            udp.close()
-        io.close()
+        io.close()  # the UDP endpoint is the try's last step: it never needs closing here
         raise
     transport = Socks5DatagramTransport(udp, control, codec, relay)
     relay_protocol.transport = transport
@@ -221,6 +210,15 @@ async def create_datagram_endpoint(
     if ended:
         udp.close()
     return transport, caller
+
+
+def _proxy_context(chain: Chain, proxy_ssl: ssl.SSLContext | None) -> ssl.SSLContext | None:
+    """The TLS hops' context: the caller's, else the system's CAs when the chain has one."""
+    if proxy_ssl is None and any(proxy.tls for proxy in chain):
+        import ssl as ssl_module
+
+        return ssl_module.create_default_context()
+    return proxy_ssl
 
 
 def _deadline(loop: asyncio.AbstractEventLoop, timeout: float | None) -> float:
