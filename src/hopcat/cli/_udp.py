@@ -33,10 +33,9 @@ import time
 
 from hopcat.errors import ConnectError, HopcatError, RelayError, UsageError
 from hopcat.net.datagram import (
-    MAX_DATAGRAM_BYTES,
     RECEIVE_BYTES,
     ConnectedUDP,
-    DatagramStats,
+    udp_error,
     udp_socket,
 )
 from hopcat.net.dial import sockaddr_text
@@ -46,7 +45,6 @@ if TYPE_CHECKING:
     from hopcat._url import ProxyURL
     from hopcat.cli import Timeline
     from hopcat.cli._args import Options
-    from hopcat.cli._sockopts import Tuning
     from hopcat.net.datagram import Datagrams
 
 MAX_POLL_MS = 2**31 - 1
@@ -141,7 +139,9 @@ def connect_udp(
 
     infos = interleave_families(resolve(host, port, family=address_family(options),
                                         deadline=deadline, numeric_only=options.numeric))  # fmt: skip
-    tuning = _tuning(options)
+    from hopcat.cli._listen import socket_tuning
+
+    tuning = socket_tuning(options)
     failures: list[tuple[str, int]] = []
     for family, _type, _proto, _name, sockaddr in infos:
         sock = udp_socket(family, broadcast=options.broadcast)
@@ -189,33 +189,14 @@ def _bind_source(sock: socket.socket, family: int, options: Options) -> None:
                            f"{describe_oserror(exc)}", errno=exc.errno) from None  # fmt: skip
 
 
-def _tuning(options: Options) -> Tuning | None:
-    from hopcat.cli._listen import socket_tuning
-
-    return socket_tuning(options)
-
-
 # ------------------------------------------------------------------------------ listen
-class AnySource:
+class AnySource(ConnectedUDP):
     """``-u -l -k``: an unconnected socket; every source's datagrams are received, and each one
-    sent goes to the latest sender."""
+    sent goes to the latest sender (``peer``)."""
 
     def __init__(self, sock: socket.socket, trace: Timeline) -> None:
-        self.sock = sock
+        super().__init__(sock, "the latest sender")
         self.trace = trace
-        self.stats = DatagramStats()
-        self.max_payload = MAX_DATAGRAM_BYTES
-        self.peer: tuple[object, ...] | None = None
-        sock.setblocking(False)
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def control_fileno(self) -> int | None:
-        return None
-
-    def control_ended(self) -> bool:
-        return False  # no control connection: never asked (control_fileno is None)
 
     def send(self, data: bytes) -> None:
         if self.peer is None:
@@ -230,10 +211,7 @@ class AnySource:
             if exc.errno == errno.ECONNREFUSED:  # the latest sender left: wait for the next
                 self.stats.count_dropped("sender gone (ICMP port unreachable)")
                 return
-            from hopcat.net.dial import describe_oserror
-
-            raise RelayError(f"udp to {sockaddr_text(self.peer)}: "
-                             f"{describe_oserror(exc)}") from None  # fmt: skip
+            raise udp_error(exc, f"udp to {sockaddr_text(self.peer)}", "sending") from None
         self.stats.count_sent(len(data))
 
     def receive(self) -> bytes | None:
@@ -244,17 +222,12 @@ class AnySource:
         except OSError as exc:
             if exc.errno == errno.ECONNREFUSED:  # an earlier sendto's ICMP, queued: not fatal
                 return None
-            from hopcat.net.dial import describe_oserror
-
-            raise RelayError(f"udp receive: {describe_oserror(exc)}") from None
+            raise udp_error(exc, "udp", "receiving") from None
         if sender != self.peer:
             self.peer = sender
             self.trace(f"datagrams from {_shown(sender)}")
         self.stats.count_received(len(data))
         return data
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def _shown(sockaddr: tuple[object, ...]) -> str:
@@ -301,7 +274,9 @@ def _bound_udp(address: str | None, port: int, options: Options) -> socket.socke
     from hopcat.cli._listen import _listen_error
 
     family = address_family(options)
-    tuning = _tuning(options)
+    from hopcat.cli._listen import socket_tuning
+
+    tuning = socket_tuning(options)
     candidates: list[tuple[int, tuple[object, ...], bool]] = []
     if address is None:
         if family != socket.AF_INET:
