@@ -80,7 +80,7 @@ from harness.common import (
     stop_on_signals,
     write_json,
 )
-from harness.endpoints import recv_exact
+from harness.endpoints import recv_exact, set_rcvbuf
 from harness.procs import Exit, kill_and_reap, read_tail, reap_all, spawn, thread_cpu, wait_exit
 from harness.tools import hopcat_command
 
@@ -183,11 +183,7 @@ def closed_loop(
 def udp_socket(rcvbuf: int = 0) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     if rcvbuf:
-        force = getattr(socket, "SO_RCVBUFFORCE", None) if os.geteuid() == 0 else None
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, force or socket.SO_RCVBUF, rcvbuf)
-        except OSError:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        set_rcvbuf(sock, rcvbuf)
     sock.bind((HOST, 0))
     sock.setblocking(False)
     return sock

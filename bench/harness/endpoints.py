@@ -66,16 +66,21 @@ def recv_exact(sock: socket.socket, size: int) -> bytes:
     return data
 
 
+def set_rcvbuf(sock: socket.socket, size: int) -> None:
+    """SO_RCVBUF, past the sysctl limit as root (SO_RCVBUFFORCE)."""
+    force = getattr(socket, "SO_RCVBUFFORCE", None) if os.geteuid() == 0 else None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, force or socket.SO_RCVBUF, size)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+
+
 def make_listener(rcvbuf: int = 0, backlog: int = 16) -> socket.socket:
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if rcvbuf:
         # Set before listen() so accept() inherits it (and the window scale that follows from it).
-        force = getattr(socket, "SO_RCVBUFFORCE", None) if os.geteuid() == 0 else None
-        try:
-            s.setsockopt(socket.SOL_SOCKET, force or socket.SO_RCVBUF, rcvbuf)
-        except OSError:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        set_rcvbuf(s, rcvbuf)
     s.bind((HOST, 0))
     s.listen(backlog)
     return s
