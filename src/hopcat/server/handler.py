@@ -226,6 +226,7 @@ class Conn:
         "protocol",
         "reading",
         "reason",
+        "requested",
         "result",
         "server",
         "sock",
@@ -252,7 +253,7 @@ class Conn:
         self.fd = sock.fileno()
         self.peer = peer
         self.client_ip = client_ip
-        self.started = server.loop.time()
+        self.started = self.requested = server.loop.time()
         self.deadline = self.started + server.handshake_timeout
         self.phase = HANDSHAKE
         self.machine: ServerMachine | None = None
@@ -485,6 +486,8 @@ class Conn:
 
     def _on_request(self, request: Request) -> None:
         server = self.server
+        self.requested = server.loop.time()
+        server.metrics.handshake(self.requested - self.started)
         host, port = request.host, request.port
         self.host, self.port = host, port
         if self.protocol == "socks4" and host and _literal_family(host) is None:
