@@ -22,6 +22,8 @@ from __future__ import annotations
 import bisect
 import mmap
 
+from hopcat._endpoint import format_hostport
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import asyncio
@@ -211,6 +213,11 @@ class Endpoint:
         import asyncio
 
         self._server = await asyncio.start_server(self._serve, sock=self._sock, limit=8192)
+
+    @property
+    def address(self) -> str:
+        name = self._sock.getsockname()
+        return f"http://{format_hostport(str(name[0]), int(name[1]))}/metrics"
 
     def close(self) -> None:
         if self._server is not None:

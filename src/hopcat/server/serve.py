@@ -59,6 +59,7 @@ import queue
 import signal
 import socket
 import threading
+import time
 
 from hopcat._accept import OUT_OF_RESOURCES, next_backoff
 from hopcat._endpoint import format_hostport
@@ -607,7 +608,7 @@ class Server:
         self.tunnels.add(conn)
         protocol = "socks5-udp" if conn.udp is not None else conn.protocol
         self.metrics.opened(protocol)
-        self.metrics.connect(self.loop.time() - conn.requested)
+        self.metrics.connect(time.monotonic() - conn.requested)
 
     def _left_relay(self, conn: Conn) -> None:
         if conn in self.tunnels:
@@ -874,6 +875,7 @@ def run(options: ServeOptions, *, resolver: Resolver = getaddrinfo) -> int:
             return lambda: None
         endpoint = Endpoint(metrics_sock, store, supervised=False)
         server.loop.run_until_complete(endpoint.start())
+        server.logger.log("metrics", address=endpoint.address)
         return endpoint.close
 
     try:

@@ -127,6 +127,7 @@ class Supervisor:
             if self.metrics_sock is not None:
                 endpoint = Endpoint(self.metrics_sock, self.store, supervised=True)
                 loop.run_until_complete(endpoint.start())
+                self.logger.log("metrics", address=endpoint.address)
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self.stop, signal.Signals(signum).name)
             loop.add_signal_handler(signal.SIGHUP, self.send_all, b"H")
