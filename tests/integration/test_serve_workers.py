@@ -7,6 +7,7 @@ test that needs both workers opens enough connections to reach both with near ce
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
@@ -133,6 +134,12 @@ def test_sighup_reloads_every_worker(
     for _ in range(4):  # the previous rules stay in every worker
         with connect(server) as sock:
             assert socks5_connect(sock, digest_server.host, digest_server.port) == 2
+    # A worker started after the reload starts with the reloaded rules.
+    os.kill(worker_pids(server)[2], signal.SIGKILL)
+    server.wait_log("event=listen worker=2", count=2)
+    for _ in range(SPREAD):
+        with connect(server) as sock:
+            assert socks5_connect(sock, digest_server.host, digest_server.port) == 2
 
 
 def test_killed_worker_is_restarted(serve: Serve, digest_server: peers.DigestServer) -> None:
@@ -207,3 +214,36 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_digest_nonce_good_in_every_worker(
+    serve: Serve, digest_server: peers.DigestServer
+) -> None:
+    """A 407's nonce from one worker is answered on a new connection, which may reach the
+    other: the nonce key is the server's, not a worker's."""
+    server = serve("--workers", "2", "--auth", "alice:s3cret", "--auth-scheme", "digest")
+    authority = f"{digest_server.host}:{digest_server.port}"
+    with connect(server) as sock:
+        status, head = http_connect(sock, digest_server.host, digest_server.port)
+    assert status == 407
+    challenge = next(line for line in head.split("\r\n") if "algorithm=MD5" in line)
+    nonce = re.search(r'nonce="([^"]+)"', challenge)[1]  # type: ignore[index]
+    realm = re.search(r'realm="([^"]+)"', challenge)[1]  # type: ignore[index]
+
+    def md5(text: str) -> str:
+        return hashlib.md5(text.encode()).hexdigest()
+
+    ha1, ha2 = md5(f"alice:{realm}:s3cret"), md5(f"CONNECT:{authority}")
+    for nc in range(1, SPREAD + 1):
+        count = f"{nc:08x}"
+        response = md5(f"{ha1}:{nonce}:{count}:c0ffee:auth:{ha2}")
+        header = (f'Proxy-Authorization: Digest username="alice", realm="{realm}", '
+                  f'nonce="{nonce}", uri="{authority}", qop=auth, nc={count}, '
+                  f'cnonce="c0ffee", response="{response}", algorithm=MD5\r\n')  # fmt: skip
+        with connect(server) as sock:
+            assert http_connect(sock, digest_server.host, digest_server.port, header)[0] == 200
+            sock.sendall(b"x")
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_until_eof(sock) == digest_server.answer_for(b"x")
+    server.wait_log("result=ok", count=SPREAD)
+    assert served_by(server, "ok") == {"1", "2"}

@@ -422,9 +422,12 @@ class Server:
         tls: TLSFront | None = None,
         tls_listeners: Sequence[socket.socket] = (),
         metrics: Slot | None = None,
+        digest_secret: bytes | None = None,
     ) -> None:
         """``listeners``: every listener, ``tls_listeners`` among them those whose clients
-        speak TLS (``tls``: their certificate); ``metrics``: where to count (--metrics)."""
+        speak TLS (``tls``: their certificate); ``metrics``: where to count (--metrics);
+        ``digest_secret``: the Digest nonces' key (--workers: one for all, since a client's
+        next connection may reach another worker)."""
         self.options = options
         self.metrics = Store(1).slot(0) if metrics is None else metrics
         self.listeners = listeners
@@ -450,7 +453,9 @@ class Server:
         # The HTTP 407's challenges, in --auth-scheme order; Digest's get a fresh nonce each.
         self.digest: DigestAuth | None = None
         if self.auth_required and "digest" in options.auth_schemes:
-            self.digest = DigestAuth(loop.time, lifetime_s=options.nonce_lifetime_s)
+            self.digest = DigestAuth(
+                loop.time, lifetime_s=options.nonce_lifetime_s, secret=digest_secret
+            )
         self.via: list[ProxyURL] = options.via
         # Whether names must be resolved here: always when dialling, through --via only when
         # the last hop dials from this host (see handler).
@@ -839,6 +844,8 @@ class Startup:
 
     def __init__(self, options: ServeOptions, resolver: Resolver) -> None:
         self.credentials, self.policy, self.warnings = load_config(options)
+        self.rules_file_empty = _rules_file_empty(options, self.policy)
+        self.digest_secret = os.urandom(32)
         self.tls: TLSFront | None = None
         if options.tls_addresses:
             from hopcat.net.tls import TLSSettings
@@ -850,6 +857,20 @@ class Startup:
             ))  # fmt: skip
         self.resolver = resolver
         self.fd_limit = raise_fd_limit()
+
+    def reload(self, options: ServeOptions) -> None:
+        """SIGHUP under --workers: what a worker forked from now on starts with is what the
+        running ones reload (a bad file keeps the previous configuration, as they do)."""
+        try:
+            credentials, policy, warnings = load_config(
+                options, previous_rules_empty=self.rules_file_empty
+            )
+            if self.tls is not None:
+                self.tls.reload()
+        except HopcatError:
+            return  # every worker logs the error
+        self.credentials, self.policy, self.warnings = credentials, policy, warnings
+        self.rules_file_empty = _rules_file_empty(options, policy)
 
 
 def run(options: ServeOptions, *, resolver: Resolver = getaddrinfo) -> int:
@@ -917,7 +938,7 @@ def serve_on(
         server = Server(
             options, listeners, loop, logger, startup.credentials, startup.policy,
             resolver=startup.resolver, tls=startup.tls, tls_listeners=tls_listeners,
-            metrics=metrics,
+            metrics=metrics, digest_secret=startup.digest_secret,
         )  # fmt: skip
         addresses = []
         for sock in listeners:

@@ -130,7 +130,7 @@ class Supervisor:
                 self.logger.log("metrics", address=endpoint.address)
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self.stop, signal.Signals(signum).name)
-            loop.add_signal_handler(signal.SIGHUP, self.send_all, b"H")
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
             loop.add_signal_handler(signal.SIGCHLD, self.reap)
             self.logger.log("workers", count=self.count, pid=os.getpid())
             for worker in self.workers:
@@ -192,7 +192,7 @@ class Supervisor:
         if not data:
             return  # it failed to start: reap() sees it exit
         worker.ready = True
-        if not self.announced and all(w.ready for w in self.workers):
+        if not self.announced and not self.stopping and all(w.ready for w in self.workers):
             self.announced = True
             addresses = []
             plain = len(self.options.bind_addresses)
@@ -221,6 +221,10 @@ class Supervisor:
     def send_all(self, command: bytes) -> None:
         for worker in self.workers:
             self.send(worker, command)
+
+    def reload(self) -> None:
+        self.startup.reload(self.options)
+        self.send_all(b"H")
 
     def stop(self, signame: str) -> None:
         self.stopping += 1
@@ -266,6 +270,7 @@ class Supervisor:
                 self.code = exit_code
             if not self.announced and not self.stopping:
                 # The start failed: whatever the others do, this server is not serving.
+                self.code = self.code or int(ExitCode.SOFTWARE)
                 self.stopping = 2
                 self.send_all(b"t")
             self._maybe_done()
