@@ -247,3 +247,34 @@ def test_digest_nonce_good_in_every_worker(
             assert recv_until_eof(sock) == digest_server.answer_for(b"x")
     server.wait_log("result=ok", count=SPREAD)
     assert served_by(server, "ok") == {"1", "2"}
+
+
+def test_group_signal_is_one_signal(serve: Serve, banner_server: peers.BannerServer) -> None:
+    """SIGINT to the whole process group (Ctrl-C in a terminal; systemd sends SIGTERM so) reaches
+    the workers directly and through the supervisor: still a drain, not a second signal. A
+    second signal to the supervisor then ends everything at once."""
+    server = serve("--workers", "2", "--grace", "60")
+    tunnels = []
+    try:
+        for _ in range(4):
+            sock = connect(server)
+            tunnels.append(sock)
+            assert socks5_connect(sock, banner_server.host, banner_server.port) == 0
+            assert recv_exact(sock, len(banner_server.banner)) == banner_server.banner
+        os.killpg(server.pid, signal.SIGINT)
+        server.wait_log("signal=SIGINT tunnels=", count=2)
+        time.sleep(0.3)
+        assert "second signal" not in server.log()
+        for sock in tunnels:
+            sock.sendall(b"ping")
+            assert recv_exact(sock, 4) == b"ping"
+        started = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        assert server.proc.wait(10) == 0
+        assert time.monotonic() - started < 5
+        for sock in tunnels:
+            assert wait_closed(sock) == b""
+    finally:
+        for sock in tunnels:
+            sock.close()
+    assert server.log().count("second signal: closing everything") >= 2

@@ -216,8 +216,8 @@ OPTION_TABLE: tuple[tuple[str, str, str, object, str], ...] = (
         "HOST:PORT",
         "metrics",
         None,
-        "serve Prometheus metrics (counts only) at http://HOST:PORT/metrics; PORT alone means "
-        "127.0.0.1:PORT; beyond loopback only with --allow-open",
+        "serve Prometheus metrics (counts only) at http://HOST:PORT/metrics (a bare PORT: on "
+        "127.0.0.1); --allow-open is needed for an address beyond loopback",
     ),
     (
         "tls-cert",
