@@ -193,6 +193,15 @@ def test_bad_config_fails_once(tmp_path: Path) -> None:
     proc = subprocess.run([*HOPCAT, "serve", "--workers", "0"], capture_output=True, text=True,
                           timeout=30, env=clean_env())  # fmt: skip
     assert proc.returncode == 64 and "--workers takes" in proc.stderr
+    with socket.socket() as probe:  # a free port, for a --via that is the server itself
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.run(
+        [*HOPCAT, "serve", f"127.0.0.1:{port}", "--workers", "2", "--via",
+         f"socks5://127.0.0.1:{port}"],
+        capture_output=True, text=True, timeout=30, env=clean_env(),
+    )  # fmt: skip
+    assert proc.returncode == 64 and proc.stderr.count("is this server itself") == 1
 
 
 def test_supervisor_gone_workers_drain(serve: Serve) -> None:

@@ -41,9 +41,10 @@ import signal
 from hopcat._endpoint import format_hostport
 from hopcat._ready import announce_ready
 from hopcat.errors import ExitCode, HopcatError
+from hopcat.server.ifaddrs import host_addresses
 from hopcat.server.log import Logger
 from hopcat.server.metrics import Endpoint, Store
-from hopcat.server.serve import bind_listeners, serve_on
+from hopcat.server.serve import bind_listeners, listening_on, serve_on, via_dials_here
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -124,6 +125,11 @@ class Supervisor:
                 options.bind_addresses + options.tls_addresses, reuse_port=True, listen=False
             )
             self.addresses = [(sock.family, sock.getsockname()) for sock in self.reserved]
+            if options.via:  # a chain that loops back here: refused once, not by every worker
+                policy = self.startup.policy
+                policy.host_addresses = host_addresses()
+                policy.listeners = tuple(listening_on(self.reserved))
+                via_dials_here(options.via, policy)
             if self.metrics_sock is not None:
                 endpoint = Endpoint(self.metrics_sock, self.store, supervised=True)
                 loop.run_until_complete(endpoint.start())
