@@ -44,7 +44,13 @@ from hopcat.errors import ExitCode, HopcatError
 from hopcat.server.ifaddrs import host_addresses
 from hopcat.server.log import Logger
 from hopcat.server.metrics import Endpoint, Store
-from hopcat.server.serve import bind_listeners, listening_on, serve_on, via_dials_here
+from hopcat.server.serve import (
+    ServeError,
+    bind_listeners,
+    listening_on,
+    serve_on,
+    via_dials_here,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -164,9 +170,18 @@ class Supervisor:
 
     def spawn(self, worker: Worker) -> None:
         self.restarts.pop(worker.index, None)
-        control_r, control_w = os.pipe()
-        ready_r, ready_w = os.pipe()
-        pid = os.fork()
+        try:
+            control_r, control_w, ready_r, ready_w, pid = _fork()
+        except OSError as exc:  # out of processes or descriptors
+            reason = f"worker {worker.index + 1}: fork: {os.strerror(exc.errno or 0).lower()}"
+            if not self.announced:
+                raise ServeError(reason) from None
+            worker.restart_s = min(RESTART_MAX_S, worker.restart_s * 2 or RESTART_FIRST_S)
+            self.logger.log("error", reason=reason, restart_in=worker.restart_s)
+            self.restarts[worker.index] = self.loop.call_later(
+                worker.restart_s, self.spawn, worker
+            )
+            return
         if pid == 0:
             code = int(ExitCode.SOFTWARE)
             try:
@@ -339,6 +354,23 @@ class Supervisor:
             options, self.startup, listeners, self.store.slot(index), ready=ready,
             setup=setup, log_fields={"worker": index + 1},
         )  # fmt: skip
+
+
+def _fork() -> tuple[int, int, int, int, int]:
+    """Two pipes (control, ready) and a child: (control_r, control_w, ready_r, ready_w, pid)."""
+    control_r, control_w = os.pipe()
+    try:
+        ready_r, ready_w = os.pipe()
+    except OSError:
+        os.close(control_r)
+        os.close(control_w)
+        raise
+    try:
+        return control_r, control_w, ready_r, ready_w, os.fork()
+    except OSError:
+        for fd in (control_r, control_w, ready_r, ready_w):
+            os.close(fd)
+        raise
 
 
 def _drain(server: Server, signame: str) -> None:
