@@ -1,7 +1,9 @@
 """Log lines on stderr: ``key=value`` text (logfmt) or one JSON object a line.
 
 Every line has a timestamp (UTC, ms) and an ``event``: ``tunnel`` (one per client connection, at
-its end), ``listen``, ``reload``, ``limit``, ``accept-error``, ``shutdown``, ``error``. Values
+its end), ``listen``, ``reload``, ``limit``, ``accept-error``, ``shutdown``, ``error``,
+``metrics``; under ``--workers`` the supervisor's ``workers``, ``worker-start``, ``worker-exit``
+and ``ready``, and every worker's lines carry ``worker=K`` after the event. Values
 that came from a client (user names, host names, reasons quoting them) are escaped, so a line is
 always one line; passwords are never handed to the logger at all, and as a last line of defence
 every text value is redacted on its way out: a ``user:password@`` (in a CONNECT target, a URL, a
