@@ -30,7 +30,7 @@ from test_serve_support import (
     wait_closed,
 )
 
-from support import HOPCAT, clean_env, pattern
+from support import HOPCAT, clean_env, make_certificates, pattern
 
 Serve = Callable[..., ServeProcess]
 SPREAD = 24
@@ -287,3 +287,27 @@ def test_group_signal_is_one_signal(serve: Serve, banner_server: peers.BannerSer
         for sock in tunnels:
             sock.close()
     assert server.log().count("second signal: closing everything") >= 2
+
+
+def test_tls_and_plain_listeners(
+    serve: Serve, tmp_path: Path, banner_server: peers.BannerServer,
+    digest_server: peers.DigestServer,
+) -> None:  # fmt: skip
+    certificates = make_certificates(tmp_path)
+    server = serve("--workers", "2", "--tls-cert", str(certificates.cert), "--tls-key",
+                   str(certificates.key), listen=("127.0.0.1:0", "tls://127.0.0.1:0"))  # fmt: skip
+    assert server.addresses[1].startswith("tls://127.0.0.1:")
+    assert server.log().count("address=tls://127.0.0.1:") == 2
+    host, port = server.addresses[1].removeprefix("tls://").rsplit(":", 1)
+    context = certificates.client_context()
+    for i in range(8):
+        with socket.create_connection((host, int(port)), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname=host) as sock:  # fmt: skip
+            assert socks5_connect(sock, banner_server.host, banner_server.port) == 0
+            assert recv_exact(sock, len(banner_server.banner)) == banner_server.banner
+            data = pattern(2000, i)
+            sock.sendall(data)
+            assert recv_exact(sock, len(data)) == data
+    digest_tunnel(server, digest_server, b"plain", http=True)
+    server.wait_log("event=tunnel", count=9)
+    assert "tls=TLSv1.3" in server.log()
