@@ -31,7 +31,9 @@ stall     kernel memory one stalled download pins (issue 8, rule 17): on a fresh
           the proxy's process group, every TCP socket's receive and send queue (``ss -tmp``
           skmem r + w) and the bytes held in its pipes, in MiB.
 
-pproxy comes from PyPI into ``bench/.venv-pproxy`` (created on first use with pip). The
+``hopcat-w`` is hopcat serve with ``--workers auto`` (one worker per CPU it may use), so the
+multi-core figure stands next to the one-process ``hopcat``; both run on uvloop when the
+interpreter has it. pproxy comes from PyPI into ``bench/.venv-pproxy`` (created on first use with pip). The
 ``hopcat-uvloop`` server (not in the default list) runs hopcat from ``bench/.venv-uvloop``
 with uvloop installed there.
 
@@ -74,7 +76,7 @@ BANNER_PORTS = 32  # target ports the tps client rotates over (see banner_target
 CLIENT_ADDRESSES = 32  # and 127.0.0.1..127.0.0.32 as its source addresses
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 TRUNC_BUFFER = bytearray(4 * MiB)  # MSG_TRUNC never writes into it; recv_into needs one
-DEFAULT_SERVERS = "hopcat,dante,microsocks,tinyproxy,pproxy"
+DEFAULT_SERVERS = "hopcat,hopcat-w,dante,microsocks,tinyproxy,pproxy"
 STALL_SETTLE_S = 3.0
 STALL_SIZE = 1 << 50  # "without end": the target is stopped by the proxy going away
 _SKMEM = re.compile(r"users:\(\(.*?pid=(\d+),.*?skmem:\(r(\d+),rb\d+,t\d+,tb\d+,f\d+,w(\d+)")
@@ -674,6 +676,14 @@ def report(
             ok = hop[key] >= other[key] if better == "higher" else hop[key] <= other[key]
             checks.append(
                 f"- {label}: {hop[key]:.2f} vs {other[key]:.2f}: {'met' if ok else 'NOT met'}"
+            )
+    workers, microsocks = medians.get("hopcat-w", {}), medians.get("microsocks", {})
+    for other, factor, label in ((dante, 1.5, "1.5x Dante"), (microsocks, 1.0, "microsocks")):
+        if "tps" in workers and "tps" in other:
+            ok = workers["tps"] >= factor * other["tps"]
+            checks.append(
+                f"- tunnels/s with --workers auto >= {label}: {workers['tps']:.2f} vs "
+                f"{other['tps']:.2f}: {'met' if ok else 'NOT met'}"
             )
     if checks:
         lines += ["", "Targets (hopcat vs peer, same run):", *checks]

@@ -167,6 +167,13 @@ def _start_hopcat(workdir: Path, extra: list[str]) -> peers.Daemon:
     )
 
 
+def _start_hopcat_workers(workdir: Path, extra: list[str]) -> peers.Daemon:
+    workers = [*extra, "--workers", "auto"]
+    return peers.start_daemon(
+        "hopcat-w", workdir, lambda port: _hopcat_serve_argv(port, workers), scheme="socks5"
+    )
+
+
 def _start_hopcat_uvloop(workdir: Path, extra: list[str]) -> peers.Daemon:
     python = ensure_venv(BENCH / ".venv-uvloop", ["uvloop"])
     uv = [*extra, "--event-loop", "uvloop"]
@@ -222,6 +229,13 @@ SERVERS: dict[str, Server] = {
         Server("hopcat", "hopcat serve", None, ("socks5", "http"), _start_hopcat),
         Server(
             "hopcat-uvloop", "hopcat serve (uvloop)", None, ("socks5", "http"), _start_hopcat_uvloop
+        ),
+        Server(
+            "hopcat-w",
+            "hopcat serve --workers auto",
+            None,
+            ("socks5", "http"),
+            _start_hopcat_workers,
         ),
         Server("pproxy", "pproxy", None, ("socks5",), _start_pproxy),
     )

@@ -297,19 +297,30 @@ def _proc_net_listeners(host: str, port: int) -> set[int] | None:
 
 
 def _socket_inodes(pid: int) -> set[int] | None:
-    fd_dir = f"/proc/{pid}/fd"
+    """The sockets of ``pid`` and of its children (``hopcat serve --workers``: they listen)."""
     try:
-        names = os.listdir(fd_dir)
+        names = os.listdir(f"/proc/{pid}/fd")
     except OSError:
         return None
+    pids = [pid]
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            pids += [int(child) for child in f.read().split()]
+    except OSError:
+        pass
     inodes: set[int] = set()
-    for name in names:
+    for owner in pids:
         try:
-            target = os.readlink(f"{fd_dir}/{name}")
+            names = os.listdir(f"/proc/{owner}/fd")
         except OSError:
-            continue  # closed meanwhile
-        if target.startswith("socket:["):
-            inodes.add(int(target[8:-1]))
+            continue
+        for name in names:
+            try:
+                target = os.readlink(f"/proc/{owner}/fd/{name}")
+            except OSError:
+                continue  # closed meanwhile
+            if target.startswith("socket:["):
+                inodes.add(int(target[8:-1]))
     return inodes
 
 

@@ -4,7 +4,8 @@ All tunnels are opened first (a third each SOCKS5, SOCKS4 and HTTP CONNECT) and 
 together; then every client sends one frame (8-byte length + payload, 1 byte to 48 KiB), the
 target answers each with the payload's SHA-256, and the client compares. Bounded: 2,000 tunnels,
 about 50 MB each way, and a deadline well inside the test timeout. Client and target are
-selector loops in this process (no thread per connection).
+selector loops in this process (no thread per connection). Run with one process and with
+``--workers 2`` (the server's descriptors are then counted over its workers).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import pytest
 from test_serve_support import ServeProcess
 
 Serve = Callable[..., ServeProcess]
@@ -126,8 +128,9 @@ class Client:
         self.sock.setblocking(False)
 
 
-def test_two_thousand_concurrent_tunnels(serve: Serve) -> None:
-    server = serve("--max-conns", "5000", "--max-conns-per-client", "0")
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_two_thousand_concurrent_tunnels(serve: Serve, workers: str) -> None:
+    server = serve("--max-conns", "5000", "--max-conns-per-client", "0", "--workers", workers)
     target = DigestTarget()
     target.start()
     rng = random.Random(2000)

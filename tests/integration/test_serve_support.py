@@ -109,13 +109,24 @@ class ServeProcess:
     def tunnel_lines(self) -> list[str]:
         return [line for line in self.log().splitlines() if "event=tunnel" in line]
 
+    def pids(self) -> list[int]:
+        """The server's process and its children (--workers)."""
+        try:
+            with open(f"/proc/{self.pid}/task/{self.pid}/children") as f:
+                return [self.pid, *map(int, f.read().split())]
+        except OSError:
+            return [self.pid]
+
     def fds(self) -> list[str]:
-        """What each open descriptor of the server is (socket:[...], pipe:[...], a path)."""
+        """What each open descriptor of the server's processes is (socket:[...], pipe:[...],
+        a path)."""
         out = []
-        base = f"/proc/{self.pid}/fd"
-        for fd in os.listdir(base):
+        for pid in self.pids():
+            base = f"/proc/{pid}/fd"
             with contextlib.suppress(OSError):
-                out.append(os.readlink(f"{base}/{fd}"))
+                for fd in os.listdir(base):
+                    with contextlib.suppress(OSError):
+                        out.append(os.readlink(f"{base}/{fd}"))
         return out
 
     def count_fds(self) -> tuple[int, int]:

@@ -47,6 +47,7 @@ HELP_WIDTH = 100
 HELP_INDENT = 31
 DEFAULT_LISTEN = "127.0.0.1:1080"
 DEFAULT_PORT = 1080
+MAX_WORKERS = 256
 
 # (long name, metavar or "" for a flag, attribute, default, help). Order is the order in --help.
 OPTION_TABLE: tuple[tuple[str, str, str, object, str], ...] = (
@@ -202,6 +203,23 @@ OPTION_TABLE: tuple[tuple[str, str, str, object, str], ...] = (
         "event loop (default auto: uvloop when installed)",
     ),
     (
+        "workers",
+        "N|auto",
+        "workers",
+        "1",
+        "serve from N processes (auto: one per CPU this process may run on), each with its own "
+        "SO_REUSEPORT listeners, under one supervisor that passes SIGTERM, SIGINT and SIGHUP on "
+        "and restarts a worker that dies; limits are split, see below (default 1)",
+    ),
+    (
+        "metrics",
+        "HOST:PORT",
+        "metrics",
+        None,
+        "serve Prometheus metrics (counts only) at http://HOST:PORT/metrics (a bare PORT: on "
+        "127.0.0.1); --allow-open is needed for an address beyond loopback",
+    ),
+    (
         "tls-cert",
         "FILE",
         "tls_cert",
@@ -298,6 +316,8 @@ class ServeOptions:
     ready_fd: int | None
     ready_file: str | None
     event_loop: str
+    workers: int
+    metrics: str | None
     tls_cert: str | None
     tls_key: str | None
     tls_ca: str | None
@@ -326,6 +346,7 @@ class ServeOptions:
         self.bind_addresses: list[tuple[int, SockAddr]] = []
         self.tls_addresses: list[tuple[int, SockAddr]] = []  # tls:// listeners
         self.loopback_only = True
+        self.metrics_address: tuple[int, SockAddr] | None = None
 
     @property
     def auth_required(self) -> bool:
@@ -455,6 +476,15 @@ def finish(options: ServeOptions) -> ServeOptions:
         raise UsageError("--max-conns must be at least 1")
     if options.handshake_timeout_s <= 0 or options.connect_timeout_s <= 0:
         raise UsageError("--handshake-timeout and --connect-timeout must be above 0")
+    options.workers = _workers(str(options.workers))
+    if options.metrics is not None:
+        options.metrics_address = _listen_addresses(options.metrics)[0]
+        if not _is_loopback(options.metrics_address[1]) and not options.allow_open:
+            raise UsageError(
+                f"refusing to serve --metrics on {options.metrics} beyond loopback: anyone who "
+                "can reach it could read the proxy's traffic counts; give --allow-open if that "
+                "is really meant"
+            )
     if options.ready_fd is not None:
         from hopcat._ready import check_ready_fd
 
@@ -485,6 +515,14 @@ def finish(options: ServeOptions) -> ServeOptions:
             "with --allow-client/--deny-client or a firewall)"
         )
     return options
+
+
+def _workers(text: str) -> int:
+    if text == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    if not text.isdigit() or not text.isascii() or not 1 <= int(text) <= MAX_WORKERS:
+        raise UsageError(f"--workers takes a number from 1 to {MAX_WORKERS} or auto, not {text!r}")
+    return int(text)
 
 
 def _check_tls(options: ServeOptions) -> None:
@@ -608,6 +646,20 @@ def help_text() -> str:
         "TLS clients' lines say tls=VERSION; a failed TLS handshake is result=tls-error.",
         "Signals: SIGTERM/SIGINT stop accepting and drain for --grace; SIGHUP rereads",
         "--auth-file, --rules and the --tls-cert/--tls-key/--tls-ca files.",
+        "",
+        "--workers N: the supervisor passes each signal on to every worker (a second SIGTERM or",
+        "SIGINT ends everything at once), exits once every worker has, and restarts a worker",
+        "that dies (waiting longer each time one dies within 10 s of its start). The kernel",
+        "spreads connections over the workers' listeners by a hash of each connection, so every",
+        "limit is split: each worker takes ceil(L/N) of --max-conns, --max-conns-per-client and",
+        "--max-udp-per-client L (0 stays unlimited); failed-login throttling and the resolver",
+        "and --via shares are per worker. Log lines carry worker=K (1..N).",
+        "",
+        "--metrics: GET /metrics answers the Prometheus text format (0.0.4): open tunnels by",
+        "protocol, connections by result, bytes each way (counted when a connection ends),",
+        "handshake and connect latency histograms, authentication failures, rule denials,",
+        "accept back-offs and, with --workers, worker restarts; summed over the workers. No",
+        "user name, client address or destination is ever in it. Anything else gets 404.",
         "",
         "Example: hopcat serve 127.0.0.1:0 --ready-file /tmp/hopcat.addr",
         '         then: curl --socks5-hostname "$(head -1 /tmp/hopcat.addr)" https://example.com/',

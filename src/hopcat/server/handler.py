@@ -65,6 +65,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import time
 
 from hopcat._endpoint import format_hostport
 from hopcat.aio._dial import Dialer
@@ -226,6 +227,7 @@ class Conn:
         "protocol",
         "reading",
         "reason",
+        "requested",
         "result",
         "server",
         "sock",
@@ -253,6 +255,8 @@ class Conn:
         self.peer = peer
         self.client_ip = client_ip
         self.started = server.loop.time()
+        # The metrics' latencies: uvloop's clock has millisecond steps, cached per iteration.
+        self.requested = time.monotonic()  # accepted, until the request is in
         self.deadline = self.started + server.handshake_timeout
         self.phase = HANDSHAKE
         self.machine: ServerMachine | None = None
@@ -485,6 +489,9 @@ class Conn:
 
     def _on_request(self, request: Request) -> None:
         server = self.server
+        now = time.monotonic()
+        server.metrics.handshake(now - self.requested)
+        self.requested = now
         host, port = request.host, request.port
         self.host, self.port = host, port
         if self.protocol == "socks4" and host and _literal_family(host) is None:

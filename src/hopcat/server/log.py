@@ -1,7 +1,9 @@
 """Log lines on stderr: ``key=value`` text (logfmt) or one JSON object a line.
 
 Every line has a timestamp (UTC, ms) and an ``event``: ``tunnel`` (one per client connection, at
-its end), ``listen``, ``reload``, ``limit``, ``accept-error``, ``shutdown``, ``error``. Values
+its end), ``listen``, ``reload``, ``limit``, ``accept-error``, ``shutdown``, ``error``,
+``metrics``; under ``--workers`` the supervisor's ``workers``, ``worker-start``, ``worker-exit``
+and ``ready``, and every worker's lines carry ``worker=K`` after the event. Values
 that came from a client (user names, host names, reasons quoting them) are escaped, so a line is
 always one line; passwords are never handed to the logger at all, and as a last line of defence
 every text value is redacted on its way out: a ``user:password@`` (in a CONNECT target, a URL, a
@@ -10,7 +12,9 @@ become ``***``, whichever code path quoted the client's bytes.
 
 Lines are buffered and written once per event-loop iteration: a busy server does one write(2)
 for many tunnels, not one each. The write is blocking, as for any daemon's stderr: send it to a
-file or a reader that keeps up.
+file or a reader that keeps up. Each write holds whole lines and at most ``PIPE_BUF`` bytes
+(unless a single line is longer), so the lines of several processes sharing one stderr pipe or
+log file (``--workers``) never interleave within a line.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import time
 
 TYPE_CHECKING = False
@@ -57,7 +62,9 @@ def _text_value(value: object) -> str:
 class Logger:
     """``log(event, **fields)``; fields whose value is None are left out."""
 
-    __slots__ = ("_fd", "_format", "_lines", "_loop", "_scheduled", "_second", "clock", "quiet")
+    __slots__ = (
+        "_fd", "_fields", "_format", "_lines", "_loop", "_scheduled", "_second", "clock", "quiet",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -66,8 +73,11 @@ class Logger:
         quiet: bool = False,
         fd: int = 2,
         clock: Callable[[], float] = time.time,
+        fields: dict[str, object] | None = None,
     ) -> None:
+        """``fields``: on every line, after the event (a worker's number)."""
         self._format = fmt
+        self._fields = fields or {}
         self.quiet = quiet
         self._fd = fd
         self._lines: list[str] = []
@@ -95,6 +105,8 @@ class Logger:
 
     def log(self, event: str, **fields: object) -> None:
         stamp = self._timestamp()
+        if self._fields:
+            fields = self._fields | fields
         if self._format == "json":
             record: dict[str, object] = {"ts": stamp, "event": event}
             for key, value in fields.items():
@@ -122,8 +134,20 @@ class Logger:
         self._scheduled = False
         if not self._lines:
             return
-        data = ("\n".join(self._lines) + "\n").encode("utf-8", "backslashreplace")
+        chunks: list[bytes] = []
+        size = 0
+        for line in self._lines:
+            data = (line + "\n").encode("utf-8", "backslashreplace")
+            if chunks and size + len(data) > select.PIPE_BUF:
+                self._write(b"".join(chunks))
+                chunks.clear()
+                size = 0
+            chunks.append(data)
+            size += len(data)
         self._lines.clear()
+        self._write(b"".join(chunks))
+
+    def _write(self, data: bytes) -> None:
         view = memoryview(data)
         try:
             while view:

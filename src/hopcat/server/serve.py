@@ -59,6 +59,7 @@ import queue
 import signal
 import socket
 import threading
+import time
 
 from hopcat._accept import OUT_OF_RESOURCES, next_backoff
 from hopcat._endpoint import format_hostport
@@ -71,6 +72,7 @@ from hopcat.server.digest import DigestAuth
 from hopcat.server.handler import CONNECTING, UDP, Conn, strerror
 from hopcat.server.ifaddrs import host_addresses
 from hopcat.server.log import Logger
+from hopcat.server.metrics import Store
 from hopcat.server.policy import (
     CredentialStore,
     Policy,
@@ -90,6 +92,7 @@ if TYPE_CHECKING:
     from hopcat._url import ProxyURL
     from hopcat.net.dial import SockAddr
     from hopcat.server.cli import ServeOptions
+    from hopcat.server.metrics import Slot
     from hopcat.server.tls import TLSFront
 
     P = ParamSpec("P")
@@ -173,14 +176,21 @@ def load_config(
 # --------------------------------------------------------------------------- listening
 
 
-def bind_listeners(addresses: list[tuple[int, SockAddr]]) -> list[socket.socket]:
-    """Bind and listen on every (family, sockaddr); all or nothing."""
+def bind_listeners(
+    addresses: Sequence[tuple[int, SockAddr]], *, reuse_port: bool = False, listen: bool = True,
+    what: str = "listen on",
+) -> list[socket.socket]:
+    """Bind and listen on every (family, sockaddr); all or nothing. ``reuse_port``: with
+    SO_REUSEPORT (--workers: every worker has listeners of its own on the same addresses);
+    ``listen=False``: only bound, to reserve the addresses."""
     listeners: list[socket.socket] = []
     try:
         for family, sockaddr in addresses:
             sock = socket.socket(family, socket.SOCK_STREAM)
             listeners.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 # [::] must not also take IPv4 (that is 0.0.0.0's job, and the rules say which).
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -188,10 +198,9 @@ def bind_listeners(addresses: list[tuple[int, SockAddr]]) -> list[socket.socket]
                 sock.bind(sockaddr)
             except OSError as exc:
                 where = format_hostport(str(sockaddr[0]), int(sockaddr[1]))
-                raise ServeError(
-                    f"listen on {where}: {os.strerror(exc.errno or 0).lower()}"
-                ) from None
-            sock.listen(socket.SOMAXCONN)
+                raise ServeError(f"{what} {where}: {os.strerror(exc.errno or 0).lower()}") from None
+            if listen:
+                sock.listen(socket.SOMAXCONN)
             sock.setblocking(False)
     except BaseException:
         for sock in listeners:
@@ -412,10 +421,15 @@ class Server:
         resolver: Resolver = getaddrinfo,
         tls: TLSFront | None = None,
         tls_listeners: Sequence[socket.socket] = (),
+        metrics: Slot | None = None,
+        digest_secret: bytes | None = None,
     ) -> None:
         """``listeners``: every listener, ``tls_listeners`` among them those whose clients
-        speak TLS (``tls``: their certificate)."""
+        speak TLS (``tls``: their certificate); ``metrics``: where to count (--metrics);
+        ``digest_secret``: the Digest nonces' key (--workers: one for all, since a client's
+        next connection may reach another worker)."""
         self.options = options
+        self.metrics = Store(1).slot(0) if metrics is None else metrics
         self.listeners = listeners
         self.tls = tls
         self.tls_fds = frozenset(sock.fileno() for sock in tls_listeners)
@@ -439,7 +453,9 @@ class Server:
         # The HTTP 407's challenges, in --auth-scheme order; Digest's get a fresh nonce each.
         self.digest: DigestAuth | None = None
         if self.auth_required and "digest" in options.auth_schemes:
-            self.digest = DigestAuth(loop.time, lifetime_s=options.nonce_lifetime_s)
+            self.digest = DigestAuth(
+                loop.time, lifetime_s=options.nonce_lifetime_s, secret=digest_secret
+            )
         self.via: list[ProxyURL] = options.via
         # Whether names must be resolved here: always when dialling, through --via only when
         # the last hop dials from this host (see handler).
@@ -509,6 +525,7 @@ class Server:
 
     def _back_off(self, exc: OSError) -> None:
         self._backoff_s = next_backoff(self._backoff_s)
+        self.metrics.backed_off()
         self._pause_accepting("backoff")
         self.logger.log(
             "accept-error", error=os.strerror(exc.errno or 0).lower(), connections=self.count,
@@ -575,6 +592,7 @@ class Server:
     def _log_refusal(self, peer: str, result: str, reason: str) -> None:
         """One line per refused connection, but at most one a second: a flood of refusals
         would otherwise be a flood of log lines. The sweep reports what was left out."""
+        self.metrics.ended(result)
         now = self.loop.time()
         if now - self._limit_logged_at < LIMIT_LOG_INTERVAL_S:
             self._suppressed[result] = self._suppressed.get(result, 0) + 1
@@ -593,14 +611,23 @@ class Server:
     def to_relay(self, conn: Conn) -> None:
         self.pending.discard(conn)
         self.tunnels.add(conn)
+        protocol = "socks5-udp" if conn.udp is not None else conn.protocol
+        self.metrics.opened(protocol)
+        self.metrics.connect(time.monotonic() - conn.requested)
+
+    def _left_relay(self, conn: Conn) -> None:
+        if conn in self.tunnels:
+            self.tunnels.remove(conn)
+            self.metrics.closed("socks5-udp" if conn.udp is not None else conn.protocol)
 
     def to_pending(self, conn: Conn) -> None:
-        self.tunnels.discard(conn)
+        self._left_relay(conn)
         self.pending.add(conn)
 
     def release(self, conn: Conn) -> None:
         self.pending.discard(conn)
-        self.tunnels.discard(conn)
+        self._left_relay(conn)
+        self.metrics.ended(conn.result, conn.bytes_up, conn.bytes_down)
         self.count -= 1
         left = self.per_client.get(conn.client_ip, 1) - 1
         if left > 0:
@@ -812,32 +839,106 @@ def report_ready(options: ServeOptions, addresses: list[str]) -> None:
     announce_ready(addresses, ready_fd=options.ready_fd, ready_file=options.ready_file)
 
 
+class Startup:
+    """What is read and checked once, before anything serves (and before workers fork)."""
+
+    def __init__(self, options: ServeOptions, resolver: Resolver) -> None:
+        self.credentials, self.policy, self.warnings = load_config(options)
+        self.rules_file_empty = _rules_file_empty(options, self.policy)
+        self.digest_secret = os.urandom(32)
+        self.tls: TLSFront | None = None
+        if options.tls_addresses:
+            from hopcat.net.tls import TLSSettings
+            from hopcat.server.tls import TLSFront
+
+            self.tls = TLSFront(TLSSettings(
+                cert=options.tls_cert, key=options.tls_key, ca=options.tls_ca,
+                verify_client=options.tls_verify_client,
+            ))  # fmt: skip
+        self.resolver = resolver
+        self.fd_limit = raise_fd_limit()
+
+    def reload(self, options: ServeOptions) -> None:
+        """SIGHUP under --workers: what a worker forked from now on starts with is what the
+        running ones reload (a bad file keeps the previous configuration, as they do)."""
+        try:
+            credentials, policy, warnings = load_config(
+                options, previous_rules_empty=self.rules_file_empty
+            )
+            if self.tls is not None:
+                self.tls.reload()
+        except HopcatError:
+            return  # every worker logs the error
+        self.credentials, self.policy, self.warnings = credentials, policy, warnings
+        self.rules_file_empty = _rules_file_empty(options, policy)
+
+
 def run(options: ServeOptions, *, resolver: Resolver = getaddrinfo) -> int:
     """Bind, serve until stopped by a signal, return the exit code."""
-    credentials, policy, warnings = load_config(options)
-    tls = None
-    if options.tls_addresses:
-        from hopcat.net.tls import TLSSettings
-        from hopcat.server.tls import TLSFront
+    from hopcat.server.metrics import Endpoint, Store, bind_metrics
 
-        tls = TLSFront(TLSSettings(
-            cert=options.tls_cert, key=options.tls_key, ca=options.tls_ca,
-            verify_client=options.tls_verify_client,
-        ))  # fmt: skip
-    fd_limit = raise_fd_limit()
-    listeners = bind_listeners(options.bind_addresses + options.tls_addresses)
+    startup = Startup(options, resolver)
+    metrics_sock = bind_metrics(options.metrics_address) if options.metrics_address else None
+    try:
+        if options.workers > 1:
+            from hopcat.server.workers import Supervisor
+
+            return Supervisor(options, startup, metrics_sock).run()
+        listeners = bind_listeners(options.bind_addresses + options.tls_addresses)
+    except BaseException:
+        if metrics_sock is not None:
+            metrics_sock.close()
+        raise
+    store = Store(1)
+
+    def setup(server: Server) -> Callable[[], None]:
+        if metrics_sock is None:
+            return lambda: None
+        endpoint = Endpoint(metrics_sock, store, supervised=False)
+        server.loop.run_until_complete(endpoint.start())
+        server.logger.log("metrics", address=endpoint.address)
+        return endpoint.close
+
+    try:
+        return serve_on(
+            options, startup, listeners, store.slot(0), setup=setup,
+            ready=lambda addresses: report_ready(options, addresses),
+        )  # fmt: skip
+    finally:
+        if options.ready_file is not None:
+            try:
+                os.unlink(options.ready_file)  # a stale file must not look like a ready server
+            except OSError:
+                pass
+
+
+def serve_on(
+    options: ServeOptions,
+    startup: Startup,
+    listeners: list[socket.socket],
+    metrics: Slot,
+    *,
+    ready: Callable[[list[str]], None],
+    setup: Callable[[Server], Callable[[], None]] = lambda server: lambda: None,
+    log_fields: dict[str, object] | None = None,
+) -> int:
+    """Serve on ``listeners`` (the --listen ones, then the tls:// ones) on a new event loop
+    until stopped; ``ready`` gets the addresses once accepting. ``setup`` runs with the server
+    before that and returns what undoes it. Takes the listeners over (closes them)."""
     tls_listeners = listeners[len(options.bind_addresses) :]
-    logger = Logger(fmt=options.log_format, quiet=options.quiet)
+    logger = Logger(fmt=options.log_format, quiet=options.quiet, fields=log_fields)
     try:
         loop, loop_name = new_event_loop(options.event_loop)
     except BaseException:
         for sock in listeners:
             sock.close()
         raise
+    teardown: Callable[[], None] = lambda: None  # noqa: E731
     try:
         server = Server(
-            options, listeners, loop, logger, credentials, policy, resolver=resolver, tls=tls,
-            tls_listeners=tls_listeners,
+            options, listeners, loop, logger, startup.credentials, startup.policy,
+            resolver=startup.resolver, tls=startup.tls, tls_listeners=tls_listeners,
+            metrics=metrics, digest_secret=startup.digest_secret,
         )  # fmt: skip
         addresses = []
         for sock in listeners:
@@ -852,7 +953,7 @@ def run(options: ServeOptions, *, resolver: Resolver = getaddrinfo) -> int:
                 via=" -> ".join(hop.label() for hop in options.via) or None,
                 loop=loop_name, pid=os.getpid(),
             )  # fmt: skip
-        for warning in warnings:
+        for warning in startup.warnings:
             logger.log("warning", reason=warning)
         if options.max_receive_buffer and server.engine.receive_cap is None:
             logger.log(
@@ -862,19 +963,16 @@ def run(options: ServeOptions, *, resolver: Resolver = getaddrinfo) -> int:
                 "lacks CAP_NET_ADMIN (raise net.core.rmem_max, or lower the option)",
             )
         needed = (4 if tls_listeners else 2) * options.max_conns + 64  # TLS: and a socketpair
-        if 0 < fd_limit < needed:
+        if 0 < startup.fd_limit < needed:
             logger.log(
                 "warning",
-                reason=f"the descriptor limit ({fd_limit}) is below what --max-conns "
+                reason=f"the descriptor limit ({startup.fd_limit}) is below what --max-conns "
                 f"{options.max_conns} may need ({needed}); accepts will back off at the limit",
             )
         logger.flush()
-        return loop.run_until_complete(server.serve(lambda: report_ready(options, addresses)))
+        teardown = setup(server)
+        return loop.run_until_complete(server.serve(lambda: ready(addresses)))
     finally:
+        teardown()
         logger.attach(None)
         loop.close()
-        if options.ready_file is not None:
-            try:
-                os.unlink(options.ready_file)  # a stale file must not look like a ready server
-            except OSError:
-                pass
