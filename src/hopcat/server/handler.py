@@ -42,8 +42,11 @@ Failures get the protocol's own answer: SOCKS5 reply 2 (rules), 3/4 (unreachable
 resolved, timeout), 5 (refused), 7 (BIND; UDP ASSOCIATE with --via or --no-udp), 1 (anything
 else); SOCKS4 91; HTTP 403,
 405 (methods other than CONNECT), 407 (credentials), 502, 503 (out of descriptors), 504
-(timeout), 400 (malformed request). A handshake given up for any other reason (bad bytes, its
-timeout, the server stopping) is answered too, with the machine's ``abort_reply``. Then LINGER: our side is shut down for writing and the
+(timeout); a request head the machine refuses gets the status of its error (400 malformed,
+including a lower-case first letter and a CONNECT without a port, 414 an overlong request line,
+431 an overlong head, 505 another HTTP version) with the log line's reason as a one-line body.
+A handshake given up for any other reason (its timeout, the server stopping) is answered too,
+with the machine's ``abort_reply``. Then LINGER: our side is shut down for writing and the
 client's leftovers are read and dropped until it closes, so that closing with unread bytes does
 not turn the answer into a reset before the client has read it.
 
