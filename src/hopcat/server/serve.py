@@ -38,7 +38,9 @@ Limits:
   ``SWEEP_INTERVAL_S``, not by a timer per connection.
 
 TLS listeners (``tls://``) put a ``hopcat.server.tls.Terminator`` between the client and its
-Conn; everything else is the same.
+Conn; everything else is the same. --forward listeners make Conns that start connecting to their
+fixed target at once (no handshake, no authentication: hence loopback unless --allow-open);
+client rules, limits, destination rules, --via, timeouts and draining are the proxy's.
 
 Signals: SIGTERM or SIGINT closes the listeners and the connections still in their handshake,
 lets established tunnels finish for up to ``--grace`` seconds, then closes what is left and
@@ -412,13 +414,17 @@ class Server:
         resolver: Resolver = getaddrinfo,
         tls: TLSFront | None = None,
         tls_listeners: Sequence[socket.socket] = (),
+        forwards: dict[int, tuple[str, int]] | None = None,
     ) -> None:
         """``listeners``: every listener, ``tls_listeners`` among them those whose clients
-        speak TLS (``tls``: their certificate)."""
+        speak TLS (``tls``: their certificate), ``forwards`` the fixed target of each --forward
+        listener by its descriptor."""
         self.options = options
         self.listeners = listeners
         self.tls = tls
         self.tls_fds = frozenset(sock.fileno() for sock in tls_listeners)
+        self.forwards = forwards or {}
+        self.family = options.family
         self.loop = loop
         self.logger = logger
         self.credentials = credentials
@@ -503,7 +509,8 @@ class Server:
                     return
                 continue  # ECONNABORTED, EPROTO, EPERM...: that connection is gone, not us
             self._backoff_s = 0.0
-            self._admit(sock, address, listener.fileno() in self.tls_fds)
+            fd = listener.fileno()
+            self._admit(sock, address, fd in self.tls_fds, self.forwards.get(fd))
             if not self.accepting:
                 return
 
@@ -525,7 +532,10 @@ class Server:
         else:
             self.paused_for = "max-conns"  # release() resumes once a connection ends
 
-    def _admit(self, sock: socket.socket, address: SockAddr, tls: bool = False) -> None:
+    def _admit(
+        self, sock: socket.socket, address: SockAddr, tls: bool = False,
+        forward: tuple[str, int] | None = None,
+    ) -> None:  # fmt: skip
         ip = str(address[0])
         peer = format_hostport(ip, int(address[1]))
         if not self.policy.client_allowed(ip):
@@ -558,7 +568,7 @@ class Server:
                 return
             conn = Conn(self, terminator.outer, peer, ip, terminator)
         else:
-            conn = Conn(self, sock, peer, ip)
+            conn = Conn(self, sock, peer, ip, forward=forward)
         self.per_client[ip] = have + 1
         self.count += 1
         self.served += 1
@@ -825,8 +835,16 @@ def run(options: ServeOptions, *, resolver: Resolver = getaddrinfo) -> int:
             verify_client=options.tls_verify_client,
         ))  # fmt: skip
     fd_limit = raise_fd_limit()
-    listeners = bind_listeners(options.bind_addresses + options.tls_addresses)
-    tls_listeners = listeners[len(options.bind_addresses) :]
+    forward_addresses = [(family, sockaddr) for family, sockaddr, _ in options.forwards]
+    listeners = bind_listeners(
+        options.bind_addresses + options.tls_addresses + forward_addresses
+    )
+    proxies = len(options.bind_addresses) + len(options.tls_addresses)
+    tls_listeners = listeners[len(options.bind_addresses) : proxies]
+    targets = [target for _family, _sockaddr, target in options.forwards]
+    forwards = {
+        sock.fileno(): target for sock, target in zip(listeners[proxies:], targets, strict=True)
+    }
     logger = Logger(fmt=options.log_format, quiet=options.quiet)
     try:
         loop, loop_name = new_event_loop(options.event_loop)
@@ -837,20 +855,31 @@ def run(options: ServeOptions, *, resolver: Resolver = getaddrinfo) -> int:
     try:
         server = Server(
             options, listeners, loop, logger, credentials, policy, resolver=resolver, tls=tls,
-            tls_listeners=tls_listeners,
+            tls_listeners=tls_listeners, forwards=forwards,
         )  # fmt: skip
+        # The ready lines: one per proxy listener (HOST:PORT, tls://HOST:PORT), then one per
+        # forward listener, "forward HOST:PORT TARGET:PORT", so that old readers of the first
+        # line are unchanged.
         addresses = []
         for sock in listeners:
             name = sock.getsockname()
-            scheme = "tls://" if sock in tls_listeners else ""
-            addresses.append(scheme + format_hostport(str(name[0]), int(name[1])))
+            address = format_hostport(str(name[0]), int(name[1]))
+            target = forwards.get(sock.fileno())
+            if target is not None:
+                addresses.append(f"forward {address} {format_hostport(*target)}")
+            else:
+                addresses.append(("tls://" if sock in tls_listeners else "") + address)
         logger.attach(loop)
+        via = " -> ".join(hop.label() for hop in options.via) or None
         for address in addresses:
+            kind, _, rest = address.partition(" ")
+            listen, _, target_text = rest.partition(" ")
             logger.log(
-                "listen", address=address, protocols=PROTOCOLS,
-                auth="required" if options.auth_required else "none",
-                via=" -> ".join(hop.label() for hop in options.via) or None,
-                loop=loop_name, pid=os.getpid(),
+                "listen", address=listen if kind == "forward" else address,
+                protocols="forward" if kind == "forward" else PROTOCOLS,
+                forward=target_text or None,
+                auth="none" if kind == "forward" or not options.auth_required else "required",
+                via=via, loop=loop_name, pid=os.getpid(),
             )  # fmt: skip
         for warning in warnings:
             logger.log("warning", reason=warning)
