@@ -88,3 +88,24 @@ def test_families_exclude_each_other() -> None:
 
     result = run_hopcat("serve", "-4", "-6")
     assert result.returncode == 64 and b"-4 and -6 exclude each other" in result.stderr
+
+
+def test_udp_datagrams_of_the_other_family_are_dropped(serve: Serve) -> None:
+    from test_serve_udp import UdpEcho, association, tunnel_line
+
+    echo4, echo6 = UdpEcho("127.0.0.1"), UdpEcho("::1")
+    try:
+        server = serve("-6")
+        with association(server) as client:
+            client.send("127.0.0.1", echo4.port, b"v4")
+            client.send("localhost", echo4.port, b"v4 by name")
+            client.send("::1", echo6.port, b"v6")
+            assert client.receive().data == b"v6"
+            assert client.silent()
+        assert echo4.received == [] and [data for _source, data in echo6.received] == [b"v6"]
+        line = tunnel_line(server)
+        assert " dropped=2 drops=denied:2" in line, line  # by -6, not by a failed lookup
+        assert 'event=udp-denied client=' in server.log() and 'reason="no IPv6 address (-6)"' in server.log()
+    finally:
+        echo4.close()
+        echo6.close()

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -59,6 +61,30 @@ def test_ready_lines_and_data_both_ways(serve: Serve, banner_server: peers.Banne
     line = next(line for line in log.splitlines() if "result=ok" in line)
     assert "proto=forward" in line and f"dest={target}" in line
     assert f"up={len(data)}" in line and f"down={len(banner_server.banner) + len(data)}" in line
+
+
+def test_forwards_alone_drain_on_sigterm_and_time_out_idle(
+    serve: Serve, banner_server: peers.BannerServer
+) -> None:
+    """With no LISTEN operand only the forwards listen; an open forward tunnel outlives SIGTERM
+    (drain) and ends at --idle-timeout, as a proxy tunnel does."""
+    server = serve("--forward", f"0={banner_server.hostport}", "--idle-timeout", "1",
+                   "--grace", "20", listen=())  # fmt: skip
+    assert server.addresses == [] and len(server.forwards) == 1
+    assert "event=listen" in server.log() and "protocols=forward" in server.log()
+    with forward_connect(server) as sock:
+        assert recv_exact(sock, len(banner_server.banner)) == banner_server.banner
+        server.send_signal(signal.SIGTERM)
+        server.wait_log("event=shutdown")
+        sock.sendall(b"still here")
+        assert recv_exact(sock, 10) == b"still here"
+        with pytest.raises(OSError):
+            forward_connect(server).close()  # the listener is closed
+        started = time.monotonic()
+        assert wait_closed(sock) == b""  # reset or FIN once idle for 1 s
+        assert 0.5 < time.monotonic() - started < 5
+    assert server.proc.wait(IO_TIMEOUT_S) == 0
+    assert "proto=forward" in server.wait_log("result=idle")
 
 
 def test_refused_or_denied_target_ends_in_eof(serve: Serve) -> None:

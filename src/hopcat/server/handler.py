@@ -10,6 +10,11 @@ server's tunnels-per-second target). Its phases::
                                   v
                                 LINGER --(client EOF, or LINGER_S)--> CLOSED
 
+A --forward listener's Conn has no handshake and no machine: it starts in CONNECTING with its
+fixed target (``forward``, protocol "forward"), through the same ``_connect`` as a Request, so
+rules, -4/-6, --via, deadlines and logs are the proxy's; a refusal is the end of its stream
+(LINGER without an answer), and success relays at once.
+
 HANDSHAKE: the first byte picks the machine (``proto.detect``): SOCKS4/4a, SOCKS5 or HTTP
 CONNECT. Every read is fed to the machine and whatever it queues is written back at once (a
 handshake reply is a few bytes on a fresh socket: a client that does not take them is dropped).
@@ -38,9 +43,12 @@ else for the name; the target's bytes that came with the last proxy reply go to 
 first, and a SOCKS5 upstream's refusal (replies 2-6) is passed on to a SOCKS5 client. The reply
 carries the target socket's local address (SOCKS) or is a 200 (HTTP).
 
+With -4 or -6 (``Server.family``) only that family's addresses of a name are dialled (none
+left: "dns-error"), and a literal of the other family is refused at once ("wrong-family").
+
 Failures get the protocol's own answer: SOCKS5 reply 2 (rules), 3/4 (unreachable, name not
-resolved, timeout), 5 (refused), 7 (BIND; UDP ASSOCIATE with --via or --no-udp), 1 (anything
-else); SOCKS4 91; HTTP 403,
+resolved, timeout), 5 (refused), 7 (BIND; UDP ASSOCIATE with --via or --no-udp), 8 (an address
+-4/-6 excludes), 1 (anything else); SOCKS4 91; HTTP 403,
 405 (methods other than CONNECT), 407 (credentials), 502, 503 (out of descriptors), 504
 (timeout); a request head the machine refuses gets the status of its error (400 malformed,
 including a lower-case first letter and a CONNECT without a port, 414 an overlong request line,

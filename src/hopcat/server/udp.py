@@ -259,8 +259,8 @@ class Association:
         """Send ``data`` to the first of ``candidates`` the rules allow for ``port``."""
         family = self.conn.server.family
         if family and candidates and all(item[0] != family for item in candidates):
-            flag = "-4" if family == socket.AF_INET else "-6"
-            self._denied(format_hostport(host, port), f"no address of the family {flag} allows")
+            which = "IPv4 address (-4)" if family == socket.AF_INET else "IPv6 address (-6)"
+            self._denied(format_hostport(host, port), f"no {which}")
             return
         if not candidates:
             self._drop("dns")
