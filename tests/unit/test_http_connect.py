@@ -638,6 +638,19 @@ def test_server_answers_ncat_cases(request_head: bytes, status: int, message: st
     assert f"Content-Length: {len(body)}\r\n".encode() in head + b"\r\n"
 
 
+@pytest.mark.parametrize("terminator", [b"\r\n", b"\n"])
+def test_server_request_line_limit_is_exact(terminator: bytes) -> None:
+    # A line of exactly MAX_REQUEST_LINE_BYTES gets through the limit (to the target check).
+    line = b"CONNECT " + b"a" * (8192 - len(b"CONNECT :1 HTTP/1.1")) + b":1 HTTP/1.1"
+    assert len(line) == 8192
+    for extra, status in ((b"", 400), (b"a", 414)):
+        server = HttpConnectServer()
+        server.receive_data(line[:8] + extra + line[8:] + terminator + terminator)
+        with pytest.raises(RemoteProtocolError) as info:
+            server.next_event()
+        assert info.value.http_status == status, info.value.message
+
+
 @pytest.mark.parametrize(
     "head",
     [

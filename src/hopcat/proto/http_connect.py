@@ -582,12 +582,14 @@ class HttpConnectServer(Machine):
             # Methods are case-sensitive and every registered one is upper-case (RFC 9110
             # section 9.1): "connect" is not CONNECT, and a text protocol sent here is no request.
             raise RemoteProtocolError("request line starts with a lower-case letter (not a method)")
-        end = find_head_end(buf, self._scanned)
-        line_end = buf.find(b"\n", 0, min(len(buf), end if end != -1 else len(buf)))
-        if (len(buf) if line_end == -1 else line_end) > MAX_REQUEST_LINE_BYTES:
+        # The request line so far (its CR and LF not counted), looked for no further than needed.
+        newline = buf.find(b"\n", 0, MAX_REQUEST_LINE_BYTES + 2)
+        line_end = len(buf) if newline == -1 else newline
+        if line_end - (buf[line_end - 1 : line_end] == b"\r") > MAX_REQUEST_LINE_BYTES:
             raise RemoteProtocolError(
                 f"request line is longer than {MAX_REQUEST_LINE_BYTES} bytes", http_status=414
             )
+        end = find_head_end(buf, self._scanned)
         if end == -1:
             self._scanned = len(buf)
             if len(buf) > MAX_HEAD_BYTES:

@@ -26,7 +26,14 @@ import os
 import socket
 import sys
 
-from hopcat._endpoint import format_hostport, parse_port, split_hostport, validate_host
+from hopcat._endpoint import (
+    format_hostport,
+    is_ip_literal,
+    is_ipv6_literal,
+    parse_port,
+    split_hostport,
+    validate_host,
+)
 from hopcat.cli._scan import scan_options
 from hopcat.errors import UsageError
 from hopcat.server.policy import (
@@ -34,6 +41,7 @@ from hopcat.server.policy import (
     parse_auth_option,
     parse_client_rule,
     parse_dest_rule,
+    resolver_form,
 )
 
 TYPE_CHECKING = False
@@ -546,28 +554,17 @@ def _forward(text: str, options: ServeOptions) -> list[tuple[int, SockAddr, tupl
         raise UsageError(f"--forward {text!r}: the target needs a port {example}")
     host = validate_host(host_text, what="--forward target")
     port = parse_port(port_text, what="--forward target port")
-    from hopcat.server.policy import resolver_form
-
     if resolver_form(host) is None:
         raise UsageError(f"--forward target {host!r} is not a valid host name (IDNA)")
-    literal = _literal_family(host)
-    if options.family and literal and literal != options.family:
-        flag = "-4" if options.family == socket.AF_INET else "-6"
-        raise UsageError(f"--forward target {host} is excluded by {flag}")
+    if options.family and is_ip_literal(host):
+        v6 = is_ipv6_literal(host.partition("%")[0])
+        if v6 != (options.family == socket.AF_INET6):
+            flag = "-4" if options.family == socket.AF_INET else "-6"
+            raise UsageError(f"--forward target {host} is excluded by {flag}")
     return [
         (family, sockaddr, (host, port))
         for family, sockaddr in _listen_addresses(listen, what="--forward listen address")
     ]
-
-
-def _literal_family(host: str) -> int:
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            socket.inet_pton(family, host.partition("%")[0])
-        except OSError:
-            continue
-        return family
-    return 0
 
 
 def _check_tls(options: ServeOptions) -> None:

@@ -857,29 +857,25 @@ def run(options: ServeOptions, *, resolver: Resolver = getaddrinfo) -> int:
             options, listeners, loop, logger, credentials, policy, resolver=resolver, tls=tls,
             tls_listeners=tls_listeners, forwards=forwards,
         )  # fmt: skip
+        logger.attach(loop)
         # The ready lines: one per proxy listener (HOST:PORT, tls://HOST:PORT), then one per
-        # forward listener, "forward HOST:PORT TARGET:PORT", so that old readers of the first
-        # line are unchanged.
+        # forward listener, "forward HOST:PORT TARGET", so that readers of the old lines are
+        # unchanged.
         addresses = []
         for sock in listeners:
             name = sock.getsockname()
             address = format_hostport(str(name[0]), int(name[1]))
             target = forwards.get(sock.fileno())
-            if target is not None:
-                addresses.append(f"forward {address} {format_hostport(*target)}")
-            else:
-                addresses.append(("tls://" if sock in tls_listeners else "") + address)
-        logger.attach(loop)
-        via = " -> ".join(hop.label() for hop in options.via) or None
-        for address in addresses:
-            kind, _, rest = address.partition(" ")
-            listen, _, target_text = rest.partition(" ")
+            forward = format_hostport(*target) if target is not None else None
+            if forward is None:
+                address = ("tls://" if sock in tls_listeners else "") + address
+            addresses.append(address if forward is None else f"forward {address} {forward}")
             logger.log(
-                "listen", address=listen if kind == "forward" else address,
-                protocols="forward" if kind == "forward" else PROTOCOLS,
-                forward=target_text or None,
-                auth="none" if kind == "forward" or not options.auth_required else "required",
-                via=via, loop=loop_name, pid=os.getpid(),
+                "listen", address=address, protocols=PROTOCOLS if forward is None else "forward",
+                forward=forward,
+                auth="required" if options.auth_required and forward is None else "none",
+                via=" -> ".join(hop.label() for hop in options.via) or None,
+                loop=loop_name, pid=os.getpid(),
             )  # fmt: skip
         for warning in warnings:
             logger.log("warning", reason=warning)
