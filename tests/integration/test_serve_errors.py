@@ -11,7 +11,8 @@ HTTP CONNECT no port number (``h``, ``h:``) 400    400
 HTTP CONNECT IPv6 address, no port number   400    400
 HTTP CONNECT overlong Request-Line (24000)  413    414 (ncat's test takes 413 or 414)
 HTTP CONNECT overlong header (10000 lines)  413    431 (RFC 6585's code for exactly this)
-HTTP CONNECT good request                   200    200
+HTTP CONNECT good request                   200    200 (no Host header: nc -X connect
+                                                   and other HTTP/1.0 clients send none)
 HTTP proxy unknown method                   405    405 today; the forwarding code's with it
 HTTP CONNECT IPv4-only proxy, v6 target     504    502 (see test_serve_families.py)
 ==========================================  =====  =======================================
