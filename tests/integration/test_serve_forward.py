@@ -118,6 +118,7 @@ def test_refused_or_denied_target_ends_in_eof(serve: Serve) -> None:
         ("2222=d b:22", "space or control character"),
         ("2222=[db]:22", "brackets are only for IPv6"),
         ("0.0.0.0:2222=db:22", "a forward has no authentication"),
+        ("tls://127.0.0.1:2222=db:22", "no scheme"),
     ],
 )
 def test_bad_forward_values_are_usage_errors(value: str, message: str) -> None:

@@ -547,6 +547,8 @@ def _forward(text: str, options: ServeOptions) -> list[tuple[int, SockAddr, tupl
     listen, eq, target = text.partition("=")
     if not eq or not listen or not target:
         raise UsageError(f"--forward {text!r}: expected LISTEN=HOST:PORT {example}")
+    if "://" in listen or "://" in target:
+        raise UsageError(f"--forward {text!r}: plain TCP at both ends, no scheme {example}")
     if not listen.isdigit() and split_hostport(listen, what="--forward listen address")[1] is None:
         raise UsageError(f"--forward {text!r}: the listen address needs a port {example}")
     host_text, port_text = split_hostport(target, what="--forward target")
