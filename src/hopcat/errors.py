@@ -176,14 +176,18 @@ class RemoteProtocolError(ProtocolError, ConnectionError):
     """The peer sent bytes that violate the protocol, too many of them, or closed too early.
 
     ``peer_closed``: the peer ended the connection (EOF) before the handshake was complete, as
-    opposed to sending something wrong.
+    opposed to sending something wrong. ``http_status``: what an HTTP server answers a client
+    that sent it (400; 414 for an overlong request line, 431 for an overlong head, 505 for a
+    version other than 1.x).
     """
 
     def __init__(
-        self, message: str, *, peer_closed: bool = False, where: str | None = None
-    ) -> None:
+        self, message: str, *, peer_closed: bool = False, where: str | None = None,
+        http_status: int = 400,
+    ) -> None:  # fmt: skip
         super().__init__(message, where=where)
         self.peer_closed = peer_closed
+        self.http_status = http_status
 
 
 class ProxyError(HopcatError, ConnectionError):

@@ -99,7 +99,7 @@ def test_garbage_truncation_and_oversize(serve: Serve, digest_server: peers.Dige
             except (BrokenPipeError, ConnectionResetError):
                 pass
             answer = wait_closed(sock)
-            assert answer.startswith(b"HTTP/1.1 400 "), answer[:100]
+            assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
     # Unknown SOCKS5 command and address type: the protocol's own replies (7 and 8).
     with connect(server) as sock:
         sock.sendall(b"\x05\x01\x00\x05\x09\x00\x01\x7f\x00\x00\x01\x00\x50")

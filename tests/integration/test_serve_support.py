@@ -65,8 +65,11 @@ class ServeProcess:
                 self.stop()
                 raise RuntimeError(f"hopcat serve did not start ({self.argv}):\n{self.log()}")
             time.sleep(0.02)
-        self.addresses = self.ready_path.read_text().split()
-        host, _, port = self.addresses[0].rpartition(":")
+        lines = self.ready_path.read_text().splitlines()
+        self.addresses = [line for line in lines if not line.startswith("forward ")]
+        # --forward listeners: "forward LISTEN TARGET" lines -> LISTEN, in order.
+        self.forwards = [line.split()[1] for line in lines if line.startswith("forward ")]
+        host, _, port = (self.addresses or self.forwards)[0].rpartition(":")
         self.host = host.strip("[]")
         self.port = int(port)
 

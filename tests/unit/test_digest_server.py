@@ -165,11 +165,11 @@ def test_machine_offers_its_challenges_in_order() -> None:
         "HTTP 407: no usable Proxy-Authorization header for the schemes offered",
         Rejected.AUTHENTICATION,
     )
-    head = server.data_to_send().decode()
+    head, _, body = server.data_to_send().decode().partition("\r\n\r\n")
     assert head.index(f"Proxy-Authenticate: {DIGEST}\r\n") < head.index(
         f"Proxy-Authenticate: {AUTH_CHALLENGE}\r\n"
     )
-    assert head.endswith("Connection: close\r\n\r\n")
+    assert head.endswith("Connection: close") and body == "Proxy Authentication Required\n"
 
 
 def test_machine_hands_over_a_digest_answer_and_a_stale_refusal() -> None:

@@ -17,7 +17,7 @@ from hopcat.proto import http_connect
 from hopcat.proto._events import NEED_DATA, Credentials, Established, Rejected, Request
 from hopcat.proto._machine import State
 from hopcat.proto.detect import detect
-from hopcat.proto.http_connect import HttpConnectClient, HttpConnectServer
+from hopcat.proto.http_connect import STATUS_TEXT, HttpConnectClient, HttpConnectServer
 
 BANNER = b"SSH-2.0-OpenSSH_9.2\r\n"
 
@@ -453,8 +453,8 @@ def test_server_other_methods_are_answered_405() -> None:
     assert server.next_event() == Request("GET", "", 0)
     server.reply_failure(405)
     assert server.data_to_send() == (
-        b"HTTP/1.1 405 Method Not Allowed\r\nAllow: CONNECT\r\n"
-        b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+        b"HTTP/1.1 405 Method Not Allowed\r\nAllow: CONNECT\r\nContent-Type: text/plain\r\n"
+        b"Content-Length: 19\r\nConnection: close\r\n\r\nMethod Not Allowed\n"
     )
     assert server.next_event() == Rejected("HTTP 405 Method Not Allowed", Rejected.REFUSED)
     assert server.state is State.CLOSED
@@ -475,7 +475,9 @@ def test_server_failures(status: int, reason: str | None, first_line: bytes) -> 
     server.reply_failure(status, reason)
     out = server.data_to_send()
     assert out.startswith(first_line)
-    assert out.endswith(b"Connection: close\r\n\r\n")
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.endswith(b"Connection: close")
+    assert body == (reason or STATUS_TEXT.get(status, "Error")).encode() + b"\n"
 
 
 @pytest.mark.parametrize(("status", "reason"), [(200, None), (399, None), (404, "a\r\nb")])
@@ -505,7 +507,8 @@ def test_server_basic_auth_accepted() -> None:
 CHALLENGE = (
     b"HTTP/1.1 407 Proxy Authentication Required\r\n"
     b'Proxy-Authenticate: Basic realm="hopcat"\r\n'
-    b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+    b"Content-Type: text/plain\r\nContent-Length: 30\r\nConnection: close\r\n\r\n"
+    b"Proxy Authentication Required\n"
 )
 
 
@@ -561,11 +564,11 @@ def test_server_reply_failure_407_carries_a_challenge() -> None:
         (b"CONNECT  h:22 HTTP/1.1\r\n\r\n", "malformed request line"),
         (b"CONNECT h:22 HTTP/2.0\r\n\r\n", "unsupported HTTP version"),
         (b"CONNECT h:22 HTTP/1.1\r\nbad\r\n\r\n", "malformed header line"),
-        (b"CONNECT h HTTP/1.1\r\n\r\n", "malformed CONNECT target"),
+        (b"CONNECT h HTTP/1.1\r\n\r\n", "has no port"),
         (b"CONNECT :22 HTTP/1.1\r\n\r\n", "malformed CONNECT target"),
         (b"CONNECT h:99999 HTTP/1.1\r\n\r\n", "malformed CONNECT target"),
         (b"CONNECT h:123456 HTTP/1.1\r\n\r\n", "malformed CONNECT target"),
-        (b"CONNECT h: HTTP/1.1\r\n\r\n", "malformed CONNECT target"),
+        (b"CONNECT h: HTTP/1.1\r\n\r\n", "has no port"),
         (b"CONNECT h:+22 HTTP/1.1\r\n\r\n", "malformed CONNECT target"),
         (b"CONNECT a:b:22 HTTP/1.1\r\n\r\n", "malformed CONNECT target"),
         (b"CONNECT ::1:22 HTTP/1.1\r\n\r\n", "malformed CONNECT target"),
@@ -584,6 +587,85 @@ def test_server_rejects_malformed_requests(request_head: bytes, message: str) ->
     server.receive_data(request_head)
     with pytest.raises(RemoteProtocolError, match=message):
         server.next_event()
+
+
+# The HTTP proxy server cases of nmap's ncat/test/ncat-test.pl, and what hopcat answers. ncat
+# answers 413 to an overlong request line or head; RFC 7231 and 6585 have the precise codes
+# since (414, 431), and ncat's own test takes 414 for the line.
+NCAT_SERVER_CASES = [
+    ("HTTP proxy bad request", b"bad\r\n\r\n", 400, "lower-case letter"),
+    ("lower-case method", b"connect h:22 HTTP/1.1\r\n\r\n", 400, "lower-case letter"),
+    ("CONNECT no port number", b"CONNECT h HTTP/1.0\r\n\r\n", 400, "has no port"),
+    ("CONNECT no port number (colon)", b"CONNECT h: HTTP/1.0\r\n\r\n", 400, "has no port"),
+    ("CONNECT IPv6 address, no port", b"CONNECT [::1] HTTP/1.0\r\n\r\n", 400, "has no port"),
+    ("CONNECT IPv6 address, no port (colon)", b"CONNECT [::1]: HTTP/1.0\r\n\r\n", 400, "has no port"),
+    ("CONNECT bad port", b"CONNECT h:65536 HTTP/1.0\r\n\r\n", 400, "malformed CONNECT target"),
+    ("missing version", b"CONNECT h:22\r\n\r\n", 400, "malformed request line"),
+    ("garbled version", b"CONNECT h:22 HTTQ/1.1\r\n\r\n", 400, "unsupported HTTP version"),
+    ("other version", b"CONNECT h:22 HTTP/2.0\r\n\r\n", 505, "unsupported HTTP version"),
+    ("CONNECT overlong Request-Line", b"CONNECT " + b"A" * 24000 + b":22 HTTP/1.0\r\n\r\n", 414,
+     "request line is longer than 8192 bytes"),
+    ("CONNECT overlong header", b"CONNECT h:22 HTTP/1.0\r\n" + b"Header: Value\r\n" * 10000 + b"\r\n",
+     431, "more than 100 header lines"),
+    ("overlong header block", b"CONNECT h:22 HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n", 431,
+     "larger than 65536"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("request_head", "status", "message"),
+    [case[1:] for case in NCAT_SERVER_CASES],
+    ids=[case[0] for case in NCAT_SERVER_CASES],
+)
+def test_server_answers_ncat_cases(request_head: bytes, status: int, message: str) -> None:
+    # Fed as a server reads (16 KiB at a time): the answer comes before the whole head is in.
+    server = HttpConnectServer()
+    for start in range(0, len(request_head), 16384):
+        server.receive_data(request_head[start : start + 16384])
+        try:
+            assert server.next_event() is NEED_DATA
+        except RemoteProtocolError as exc:
+            assert exc.http_status == status
+            assert message in exc.message
+            break
+    else:
+        pytest.fail("no error")
+    answer = server.abort_reply(400)  # the driver's default; the machine's error wins
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status} {STATUS_TEXT[status]}\r\n".encode())
+    assert b"\r\nConnection: close" in head and b"\r\nContent-Type: text/plain" in head
+    assert body.endswith(b"\n") and message.encode() in body
+    assert f"Content-Length: {len(body)}\r\n".encode() in head + b"\r\n"
+
+
+@pytest.mark.parametrize("terminator", [b"\r\n", b"\n"])
+def test_server_request_line_limit_is_exact(terminator: bytes) -> None:
+    # A line of exactly MAX_REQUEST_LINE_BYTES gets through the limit (to the target check).
+    line = b"CONNECT " + b"a" * (8192 - len(b"CONNECT :1 HTTP/1.1")) + b":1 HTTP/1.1"
+    assert len(line) == 8192
+    for extra, status in ((b"", 400), (b"a", 414)):
+        server = HttpConnectServer()
+        server.receive_data(line[:8] + extra + line[8:] + terminator + terminator)
+        with pytest.raises(RemoteProtocolError) as info:
+            server.next_event()
+        assert info.value.http_status == status, info.value.message
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"CONNECT user:secret@h:22 HTTP/1.1\r\n\r\n",
+        b"CONNECT h:22 HTTP/1.1 Proxy-Authorization: Basic secret\r\n\r\n",
+        b"GET http://u:secret@h/ HTTP/1.1 x\r\n\r\n",
+    ],
+)
+def test_server_error_body_keeps_credentials_out(head: bytes) -> None:
+    server = HttpConnectServer()
+    server.receive_data(head)
+    with pytest.raises(RemoteProtocolError) as info:
+        server.next_event()
+    assert "secret" not in info.value.message
+    assert b"secret" not in server.abort_reply(400)
 
 
 def test_server_head_cap() -> None:
@@ -621,7 +703,8 @@ def test_server_eof() -> None:
         (ord("A"), "http"),
         (ord("Z"), "http"),
         (0, None),
-        (ord("c"), None),
+        (ord("c"), "http"),  # answered 400
+        (ord("1"), None),
         (0x16, None),
         (255, None),
     ],

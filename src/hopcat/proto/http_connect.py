@@ -31,8 +31,12 @@ The server parses one request head (``REQUEST``), hands ``Credentials`` from a B
 Proxy-Authorization header, or ``DigestCredentials`` from a Digest one, to the server code when
 authentication is required (answering 407 itself when there is none usable), then a
 ``Request``; any method other than CONNECT comes through with ``host=""`` for the server code
-to answer ``reply_failure(405)``. Every failure response carries ``Connection: close``: a
-client answers a 407 on a new connection.
+to answer ``reply_failure(405)``. Every failure response carries ``Connection: close`` (a
+client answers a 407 on a new connection) and a one-line text/plain body. A request head it
+cannot take is refused by ``abort_reply()`` with the status its error names (400; 414 for a
+request line over ``MAX_REQUEST_LINE_BYTES``, 431 for a head over ``MAX_HEAD_BYTES`` or
+``MAX_HEADER_LINES``, 505 for a version other than 1.x), answered as soon as the bytes so far
+show it, not after the whole head.
 
 The server's 407 carries the ``challenges`` it was made with, one Proxy-Authenticate header
 each (Basic only by default); the schemes they name are the ones whose credentials it takes.
@@ -79,6 +83,7 @@ __all__ = [
     "MAX_BODY_BYTES",
     "MAX_HEADER_LINES",
     "MAX_HEAD_BYTES",
+    "MAX_REQUEST_LINE_BYTES",
     "NEED_DATA",
     "AuthChallenge",
     "Credentials",
@@ -95,6 +100,8 @@ MAX_HEAD_BYTES = 64 * 1024
 # the connection is not worth saving.
 MAX_BODY_BYTES = 64 * 1024
 MAX_HEADER_LINES = 100
+# A server's cap on its request line: RFC 9112 section 3 asks for at least 8000 octets.
+MAX_REQUEST_LINE_BYTES = 8192
 
 # RFC 9110 section 5.6.2 token characters (header names, methods, auth schemes).
 _TCHARS = "!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -111,11 +118,14 @@ STATUS_TEXT: dict[int, str] = {
     405: "Method Not Allowed",
     407: "Proxy Authentication Required",
     408: "Request Timeout",
+    414: "URI Too Long",
+    431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     501: "Not Implemented",
     502: "Bad Gateway",
     503: "Service Unavailable",
     504: "Gateway Timeout",
+    505: "HTTP Version Not Supported",
 }
 _SUCCESS_RESPONSE = b"HTTP/1.1 200 Connection established\r\n\r\n"
 # The server's Basic challenge, its only one unless it is given others (RFC 9110 section 11.7.1).
@@ -139,7 +149,7 @@ def _split_head(head: bytes) -> tuple[str, list[tuple[str, str]]]:
     # The head ends with LF, empty line, LF: the last two items are the empty line and "".
     header_lines = lines[1:-2]
     if len(header_lines) > MAX_HEADER_LINES:
-        raise RemoteProtocolError(f"more than {MAX_HEADER_LINES} header lines")
+        raise RemoteProtocolError(f"more than {MAX_HEADER_LINES} header lines", http_status=431)
     headers: list[tuple[str, str]] = []
     for line in header_lines:
         if line[:1] in (" ", "\t"):
@@ -537,7 +547,7 @@ class HttpConnectServer(Machine):
     ``challenges`` are the Proxy-Authenticate values of a 407, the strongest first (default:
     ``AUTH_CHALLENGE``, Basic); credentials are taken in the schemes they name."""
 
-    __slots__ = ("_challenges", "_pending", "_require_auth", "_scanned", "_schemes")
+    __slots__ = ("_challenges", "_error", "_pending", "_require_auth", "_scanned", "_schemes")
     _PEER = "client"
     _SIZES: ClassVar[None] = None
 
@@ -554,19 +564,47 @@ class HttpConnectServer(Machine):
         self._require_auth = require_auth
         self._scanned = 0
         self._pending: Request | None = None
+        # What the client sent wrong, answered by abort_reply() with its status and message.
+        self._error: RemoteProtocolError | None = None
 
     def _on_request(self) -> Step:
+        try:
+            return self._read_request()
+        except RemoteProtocolError as exc:
+            self._error = exc
+            raise
+
+    def _read_request(self) -> Step:
         buf = self._inbox.data
         if buf and buf[0] not in _TCHAR_BYTES:
             raise RemoteProtocolError(f"not an HTTP request (first byte 0x{buf[0]:02x})")
+        if buf and 0x61 <= buf[0] <= 0x7A:  # "a".."z"
+            # Methods are case-sensitive and every registered one is upper-case (RFC 9110
+            # section 9.1): "connect" is not CONNECT, and a text protocol sent here is no request.
+            raise RemoteProtocolError("request line starts with a lower-case letter (not a method)")
+        # The request line so far (its CR and LF not counted), looked for no further than needed.
+        newline = buf.find(b"\n", 0, MAX_REQUEST_LINE_BYTES + 2)
+        line_end = len(buf) if newline == -1 else newline
+        if line_end - (buf[line_end - 1 : line_end] == b"\r") > MAX_REQUEST_LINE_BYTES:
+            raise RemoteProtocolError(
+                f"request line is longer than {MAX_REQUEST_LINE_BYTES} bytes", http_status=414
+            )
         end = find_head_end(buf, self._scanned)
         if end == -1:
             self._scanned = len(buf)
             if len(buf) > MAX_HEAD_BYTES:
-                raise RemoteProtocolError(f"request head is larger than {MAX_HEAD_BYTES} bytes")
+                raise RemoteProtocolError(
+                    f"request head is larger than {MAX_HEAD_BYTES} bytes", http_status=431
+                )
+            if buf.count(b"\n") > MAX_HEADER_LINES + 1:  # answered now, not 64 KiB later
+                raise RemoteProtocolError(
+                    f"more than {MAX_HEADER_LINES} header lines", http_status=431
+                )
             return self._wait()
         if end > MAX_HEAD_BYTES:
-            raise RemoteProtocolError(f"request head is larger than {MAX_HEAD_BYTES} bytes")
+            raise RemoteProtocolError(
+                f"request head is larger than {MAX_HEAD_BYTES} bytes", http_status=431
+            )
         head = self._inbox.take(end)
         _check_request_head(head)
         request_line, headers = _split_head(head)
@@ -654,10 +692,17 @@ class HttpConnectServer(Machine):
     def abort_reply(self, http_status: int = 400) -> bytes:
         """The response that ends the handshake with a refusal, whatever state it stopped in:
         ``http_status`` (400 for bad bytes, 408 for a timeout, 503 when the server stops) while
-        the request is awaited or undecided, so the client gets an answer instead of a bare EOF."""
+        the request is awaited or undecided, so the client gets an answer instead of a bare EOF.
+        A request the machine refused itself is answered with that error's status (400, 414,
+        431, 505) and its message as the body: the same text as the server's log line, which
+        quotes no header value and no credentials."""
         out = self._take_unsent()
         if self._abort_state() in (State.REQUEST, State.AUTH_DECISION, State.REPLY_DECISION):
-            out += _failure_response(http_status, None, [])
+            error = self._error
+            if error is not None:
+                out += _failure_response(error.http_status, None, [], error.message)
+            else:
+                out += _failure_response(http_status, None, [])
         return out
 
     _HANDLERS: ClassVar[HandlerTable] = {
@@ -669,20 +714,35 @@ class HttpConnectServer(Machine):
     }
 
 
-def _failure_response(code: int, reason: str | None, extra: list[str]) -> bytes:
+def _failure_response(
+    code: int, reason: str | None, extra: list[str], explanation: str | None = None
+) -> bytes:
+    """A refusal with a one-line text body (``explanation``, else the reason phrase) that a
+    person running curl or ncat by hand can read."""
     text = reason if reason is not None else STATUS_TEXT.get(code, "Error")
-    lines = [f"HTTP/1.1 {code} {text}", *extra, "Content-Length: 0", "Connection: close"]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+    body = (explanation or text).encode("ascii", "backslashreplace") + b"\n"
+    lines = [
+        f"HTTP/1.1 {code} {text}", *extra, "Content-Type: text/plain", f"Content-Length: {len(body)}",
+        "Connection: close",
+    ]  # fmt: skip
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + body
+
+
+_AUTH_SCHEMES = frozenset(("basic", "bearer", "digest", "negotiate", "ntlm"))
 
 
 def _redacted(text: str) -> str:
-    """Client text for a message, without secrets: a ``user:password@`` in any word (a CONNECT
-    target or an absolute URL) becomes ``***@``, and the result is sanitized."""
-    if "@" in text:
-        text = " ".join(
-            "***@" + word.rpartition("@")[2] if "@" in word else word for word in text.split(" ")
-        )
-    return sanitize(text)
+    """Client text for a message (which is also the body of the refusal), without secrets: a
+    ``user:password@`` in any word (a CONNECT target or an absolute URL) becomes ``***@``, the
+    word after an auth scheme name (a header run into the request line) ``***``, and the result
+    is sanitized."""
+    words = text.split(" ")
+    for index, word in enumerate(words):
+        if "@" in word:
+            words[index] = "***@" + word.rpartition("@")[2]
+        elif index and words[index - 1].lower() in _AUTH_SCHEMES and word:
+            words[index] = "***"
+    return sanitize(" ".join(words))
 
 
 def _check_request_head(head: bytes) -> None:
@@ -716,16 +776,27 @@ def _parse_request_line(line: str) -> tuple[str, str]:
         raise RemoteProtocolError(f"malformed request line {_redacted(line)!r}")
     method, target, version = parts
     if not _is_http1(version):
-        raise RemoteProtocolError(f"unsupported HTTP version {sanitize(version)!r}")
+        # A well-formed other version is one we do not speak (RFC 9110 section 15.6.6); anything
+        # else is not a request line at all.
+        well_formed = (
+            len(version) == 8 and version.startswith("HTTP/") and version[6] == "."
+            and version[5].isdigit() and version[7].isdigit() and version.isascii()
+        )  # fmt: skip
+        raise RemoteProtocolError(
+            f"unsupported HTTP version {sanitize(version)!r}", http_status=505 if well_formed else 400
+        )
     return method, target
 
 
 def _parse_authority(target: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` (RFC 9110 section 9.3.6) -> (host without brackets, port)."""
     malformed = RemoteProtocolError(f"malformed CONNECT target {_redacted(target)!r}")
+    no_port = RemoteProtocolError(f"CONNECT target {_redacted(target)!r} has no port (host:port)")
     if target.startswith("["):
         close = target.find("]")
         host, port_text = target[1:close], target[close + 1 :]
+        if close != -1 and port_text in ("", ":"):
+            raise no_port
         if close == -1 or not port_text.startswith(":"):
             raise malformed
         port_text = port_text[1:]
@@ -735,6 +806,8 @@ def _parse_authority(target: str) -> tuple[str, int]:
             raise malformed from None
     else:
         host, colon, port_text = target.rpartition(":")
+        if (not colon or not port_text) and not target.strip(_REG_NAME_CHARS + ":"):
+            raise no_port
         if not colon or not host or len(host) > 255 or host.strip(_REG_NAME_CHARS):
             raise malformed
     if not 1 <= len(port_text) <= 5 or not (port_text.isascii() and port_text.isdigit()):

@@ -5,15 +5,16 @@ table): ``--name VALUE``, ``--name=VALUE``, ``-q``, ``-h``; repeatable options k
 which matters for the rules (first match wins).
 
 Refused before binding: a listen address beyond loopback without ``--auth``/``--auth-file``,
-unless ``--allow-open`` (an open proxy is a gift to anyone who finds it).
+unless ``--allow-open`` (an open proxy is a gift to anyone who finds it); a --forward listener
+beyond loopback unless ``--allow-open`` (it has no authentication at all).
 
 ``--auth-scheme`` defaults to ``digest,basic``: Digest for the clients that can (hopcat, ncat,
 curl --proxy-digest/--proxy-anyauth), so the password stays off the network, and Basic still
 accepted so that clients sending it up front keep working (see ``hopcat.server.digest``).
 
 Readiness for scripts and tests: ``--ready-fd N`` writes the bound addresses (``HOST:PORT``, one a
-line, ``[v6]:port`` for IPv6, ``tls://`` before a TLS listener's) to fd N and closes it, so the
-parent reads until EOF;
+line, ``[v6]:port`` for IPv6, ``tls://`` before a TLS listener's; then ``forward HOST:PORT
+TARGET`` per --forward listener) to fd N and closes it, so the parent reads until EOF;
 ``--ready-file PATH`` writes the same lines to PATH atomically (rename), so a shell can poll for
 the file. Both happen after every listener is listening. Port 0 picks a free port.
 """
@@ -25,7 +26,14 @@ import os
 import socket
 import sys
 
-from hopcat._endpoint import format_hostport, parse_port, split_hostport, validate_host
+from hopcat._endpoint import (
+    format_hostport,
+    is_ip_literal,
+    is_ipv6_literal,
+    parse_port,
+    split_hostport,
+    validate_host,
+)
 from hopcat.cli._scan import scan_options
 from hopcat.errors import UsageError
 from hopcat.server.policy import (
@@ -33,6 +41,7 @@ from hopcat.server.policy import (
     parse_auth_option,
     parse_client_rule,
     parse_dest_rule,
+    resolver_form,
 )
 
 TYPE_CHECKING = False
@@ -138,6 +147,16 @@ OPTION_TABLE: tuple[tuple[str, str, str, object, str], ...] = (
     ),
     ("via-insecure", "", "via_insecure", False, "do not verify the TLS --via hops' certificates"),
     (
+        "forward",
+        "LISTEN=HOST:PORT",
+        "forward",
+        None,
+        "also listen on LISTEN ([ADDR:]PORT, ADDR 127.0.0.1 unless given, [V6]:PORT) and tunnel "
+        "each connection, with no handshake, to HOST:PORT, through --via if given (repeatable): "
+        "for programs that cannot use a proxy. Same rules, limits and log lines (proto=forward); "
+        "it has no authentication, so beyond loopback it needs --allow-open",
+    ),
+    (
         "max-conns",
         "N",
         "max_conns",
@@ -165,6 +184,15 @@ OPTION_TABLE: tuple[tuple[str, str, str, object, str], ...] = (
         10.0,
         "give up connecting to a destination after SECS (default 10)",
     ),
+    (
+        "ipv4",
+        "",
+        "ipv4",
+        False,
+        "connect to IPv4 destinations only: a name is dialled at its IPv4 addresses, an IPv6 "
+        "address is refused (SOCKS5 reply 8, SOCKS4 91, HTTP 502); UDP alike",
+    ),
+    ("ipv6", "", "ipv6", False, "connect to IPv6 destinations only, likewise"),
     (
         "idle-timeout",
         "SECS",
@@ -276,7 +304,7 @@ OPTION_TABLE: tuple[tuple[str, str, str, object, str], ...] = (
     ("help", "", "help", False, "show this help and exit"),
 )
 _BY_LONG = {row[0]: row for row in OPTION_TABLE}
-_SHORT = {"q": "quiet", "h": "help"}
+_SHORT = {"q": "quiet", "h": "help", "4": "ipv4", "6": "ipv6"}
 _SECONDS = frozenset(
     {
         "handshake_timeout_s",
@@ -291,7 +319,7 @@ AUTH_SCHEMES = ("digest", "basic")
 _COUNTS = frozenset({"max_conns", "max_conns_per_client", "max_udp_per_client", "ready_fd"})
 _SIZES = frozenset({"max_receive_buffer"})
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-_LISTS = frozenset({"auth", "rules", "via"})
+_LISTS = frozenset({"auth", "rules", "via", "forward"})
 
 
 class ServeOptions:
@@ -309,6 +337,8 @@ class ServeOptions:
     max_conns_per_client: int
     handshake_timeout_s: float
     connect_timeout_s: float
+    ipv4: bool
+    ipv6: bool
     idle_timeout_s: float
     grace_s: float
     log_format: str
@@ -337,6 +367,7 @@ class ServeOptions:
         self.raw_auth: list[str] = []
         self.raw_rules: list[tuple[str, str]] = []
         self.raw_via: list[str] = []
+        self.raw_forwards: list[str] = []
         # Derived by finish():
         self.auth: list[tuple[str, str]] = []
         self.auth_schemes: tuple[str, ...] = AUTH_SCHEMES  # from --auth-scheme, in its order
@@ -345,6 +376,9 @@ class ServeOptions:
         self.via_context: ssl.SSLContext | None = None  # for TLS --via hops
         self.bind_addresses: list[tuple[int, SockAddr]] = []
         self.tls_addresses: list[tuple[int, SockAddr]] = []  # tls:// listeners
+        # --forward listeners: (family, sockaddr to bind, (target host, target port)).
+        self.forwards: list[tuple[int, SockAddr, tuple[str, int]]] = []
+        self.family = 0  # AF_INET or AF_INET6 with -4 or -6: the only destinations dialled
         self.loopback_only = True
         self.metrics_address: tuple[int, SockAddr] | None = None
 
@@ -383,6 +417,8 @@ def _store(options: ServeOptions, name: str, value: str | None) -> None:
         options.raw_rules.append((name, value))
     elif attr == "via":
         options.raw_via.append(value)
+    elif attr == "forward":
+        options.raw_forwards.append(value)
     elif attr in _SECONDS:
         setattr(options, attr, _number(value, flag, seconds=True))
     elif attr in _COUNTS:
@@ -409,18 +445,18 @@ def parse_args(argv: Sequence[str]) -> ServeOptions:
     return options
 
 
-def _listen_addresses(text: str) -> list[tuple[int, SockAddr]]:
+def _listen_addresses(text: str, *, what: str = "listen address") -> list[tuple[int, SockAddr]]:
     """``PORT``, ``HOST``, ``HOST:PORT``, ``[V6]:PORT`` -> (family, sockaddr) to bind."""
     port_text: str | None
     if text.isdigit():
         host_text, port_text = "127.0.0.1", text
     else:
-        host_text, port_text = split_hostport(text, what="listen address")
-    host = validate_host(host_text, what="listen address")
+        host_text, port_text = split_hostport(text, what=what)
+    host = validate_host(host_text, what=what)
     port = (
         DEFAULT_PORT
         if port_text is None
-        else parse_port(port_text, what="listen port", allow_zero=True)
+        else parse_port(port_text, what=what.replace("address", "port"), allow_zero=True)
     )
     try:
         infos = socket.getaddrinfo(
@@ -428,7 +464,7 @@ def _listen_addresses(text: str) -> list[tuple[int, SockAddr]]:
             socket.AI_PASSIVE,
         )  # fmt: skip
     except socket.gaierror as exc:
-        raise UsageError(f"listen address {text!r}: {exc.strerror or exc}") from None
+        raise UsageError(f"{what} {text!r}: {exc.strerror or exc}") from None
     seen: list[tuple[int, SockAddr]] = []
     for family, _type, _proto, _canon, sockaddr in infos:
         if family in (socket.AF_INET, socket.AF_INET6) and (family, sockaddr) not in seen:
@@ -489,9 +525,14 @@ def finish(options: ServeOptions) -> ServeOptions:
         from hopcat._ready import check_ready_fd
 
         check_ready_fd(options.ready_fd)
+    if options.ipv4 and options.ipv6:
+        raise UsageError("-4 and -6 exclude each other (give neither for both families)")
+    options.family = socket.AF_INET if options.ipv4 else socket.AF_INET6 if options.ipv6 else 0
+    options.forwards = [item for text in options.raw_forwards for item in _forward(text, options)]
     plain: list[tuple[int, SockAddr]] = []
     tls: list[tuple[int, SockAddr]] = []
-    for text in options.listen or [DEFAULT_LISTEN]:
+    # Forwards alone make a forwarding-only server: no proxy port unless one is given.
+    for text in options.listen or ([] if options.forwards else [DEFAULT_LISTEN]):
         scheme, sep, rest = text.partition("://")
         if sep and scheme.lower() != "tls":
             raise UsageError(f"listen address {text!r}: the only scheme is tls://")
@@ -506,7 +547,19 @@ def finish(options: ServeOptions) -> ServeOptions:
         for _family, sockaddr in plain + tls
         if not _is_loopback(sockaddr)
     ]
-    options.loopback_only = not exposed
+    open_forwards = [
+        format_hostport(str(sockaddr[0]), int(sockaddr[1]))
+        for _family, sockaddr, _target in options.forwards
+        if not _is_loopback(sockaddr)
+    ]
+    options.loopback_only = not exposed and not open_forwards
+    if open_forwards and not options.allow_open:
+        raise UsageError(
+            f"refusing to listen for --forward on {', '.join(open_forwards)}: a forward has no "
+            "authentication, so anyone who can reach it reaches its target. Listen on loopback, "
+            "or give --allow-open if that is really meant (then restrict clients with "
+            "--allow-client/--deny-client or a firewall)"
+        )
     if exposed and not options.auth_required and not options.allow_open:
         raise UsageError(
             f"refusing to listen on {', '.join(exposed)} without authentication: anyone who can "
@@ -523,6 +576,35 @@ def _workers(text: str) -> int:
     if not text.isdigit() or not text.isascii() or not 1 <= int(text) <= MAX_WORKERS:
         raise UsageError(f"--workers takes a number from 1 to {MAX_WORKERS} or auto, not {text!r}")
     return int(text)
+
+
+def _forward(text: str, options: ServeOptions) -> list[tuple[int, SockAddr, tuple[str, int]]]:
+    """``--forward LISTEN=HOST:PORT`` -> what to bind, with the target checked as a request's
+    host would be (no character that a wire format or getaddrinfo would choke on)."""
+    example = "(e.g. 127.0.0.1:2222=git.internal:22 or 5432=db:5432)"
+    listen, eq, target = text.partition("=")
+    if not eq or not listen or not target:
+        raise UsageError(f"--forward {text!r}: expected LISTEN=HOST:PORT {example}")
+    if "://" in listen or "://" in target:
+        raise UsageError(f"--forward {text!r}: plain TCP at both ends, no scheme {example}")
+    if not listen.isdigit() and split_hostport(listen, what="--forward listen address")[1] is None:
+        raise UsageError(f"--forward {text!r}: the listen address needs a port {example}")
+    host_text, port_text = split_hostport(target, what="--forward target")
+    if port_text is None:
+        raise UsageError(f"--forward {text!r}: the target needs a port {example}")
+    host = validate_host(host_text, what="--forward target")
+    port = parse_port(port_text, what="--forward target port")
+    if resolver_form(host) is None:
+        raise UsageError(f"--forward target {host!r} is not a valid host name (IDNA)")
+    if options.family and is_ip_literal(host):
+        v6 = is_ipv6_literal(host.partition("%")[0])
+        if v6 != (options.family == socket.AF_INET6):
+            flag = "-4" if options.family == socket.AF_INET else "-6"
+            raise UsageError(f"--forward target {host} is excluded by {flag}")
+    return [
+        (family, sockaddr, (host, port))
+        for family, sockaddr in _listen_addresses(listen, what="--forward listen address")
+    ]
 
 
 def _check_tls(options: ServeOptions) -> None:
@@ -639,7 +721,17 @@ def help_text() -> str:
         "destination (no proxy loops). End with --deny '*' for deny-by-default.",
         "",
         "Refusals: SOCKS5 reply 2 (rules), 4 (unreachable, timeout, name not found), 5 (refused),",
-        "1 (other); SOCKS4 91; HTTP 403, 407, 502, 503, 504.",
+        "8 (an address -4/-6 excludes), 1 (other); SOCKS4 91; HTTP 403, 407, 502, 503, 504, and",
+        "for a request it cannot parse 400 (lower-case method, CONNECT without a port), 414 (a",
+        "request line over 8 KiB), 431 (a head over 64 KiB or 100 lines), 505; each with a",
+        "one-line text/plain body.",
+        "",
+        "Fixed forwards: --forward 127.0.0.1:2222=git.internal:22 --via socks5h://bastion:1080",
+        "lets a program that cannot use a proxy connect to 127.0.0.1:2222 and reach git.internal:22",
+        "through the chain. The destination rules apply to the target as to any request (a server",
+        "exposed with --allow-open denies loopback targets unless --allow reopens them). With",
+        "--forward and no LISTEN, only the forwards listen. --ready-fd/--ready-file add a line",
+        "'forward LISTEN HOST:PORT' per forward, after the proxy listeners' lines.",
         "",
         "Logs (stderr): one line per connection at its end: client, user, proto, dest, result,",
         "reason, up and down bytes (client->target, target->client), duration in seconds.",

@@ -10,6 +10,11 @@ server's tunnels-per-second target). Its phases::
                                   v
                                 LINGER --(client EOF, or LINGER_S)--> CLOSED
 
+A --forward listener's Conn has no handshake and no machine: it starts in CONNECTING with its
+fixed target (``forward``, protocol "forward"), through the same ``_connect`` as a Request, so
+rules, -4/-6, --via, deadlines and logs are the proxy's; a refusal is the end of its stream
+(LINGER without an answer), and success relays at once.
+
 HANDSHAKE: the first byte picks the machine (``proto.detect``): SOCKS4/4a, SOCKS5 or HTTP
 CONNECT. Every read is fed to the machine and whatever it queues is written back at once (a
 handshake reply is a few bytes on a fresh socket: a client that does not take them is dropped).
@@ -38,12 +43,18 @@ else for the name; the target's bytes that came with the last proxy reply go to 
 first, and a SOCKS5 upstream's refusal (replies 2-6) is passed on to a SOCKS5 client. The reply
 carries the target socket's local address (SOCKS) or is a 200 (HTTP).
 
+With -4 or -6 (``Server.family``) only that family's addresses of a name are dialled (none
+left: "dns-error"), and a literal of the other family is refused at once ("wrong-family").
+
 Failures get the protocol's own answer: SOCKS5 reply 2 (rules), 3/4 (unreachable, name not
-resolved, timeout), 5 (refused), 7 (BIND; UDP ASSOCIATE with --via or --no-udp), 1 (anything
-else); SOCKS4 91; HTTP 403,
+resolved, timeout), 5 (refused), 7 (BIND; UDP ASSOCIATE with --via or --no-udp), 8 (an address
+-4/-6 excludes), 1 (anything else); SOCKS4 91; HTTP 403,
 405 (methods other than CONNECT), 407 (credentials), 502, 503 (out of descriptors), 504
-(timeout), 400 (malformed request). A handshake given up for any other reason (bad bytes, its
-timeout, the server stopping) is answered too, with the machine's ``abort_reply``. Then LINGER: our side is shut down for writing and the
+(timeout); a request head the machine refuses gets the status of its error (400 malformed,
+including a lower-case first letter and a CONNECT without a port, 414 an overlong request line,
+431 an overlong head, 505 another HTTP version) with the log line's reason as a one-line body.
+A handshake given up for any other reason (its timeout, the server stopping) is answered too,
+with the machine's ``abort_reply``. Then LINGER: our side is shut down for writing and the
 client's leftovers are read and dropped until it closes, so that closing with unread bytes does
 not turn the answer into a reset before the client has read it.
 
@@ -116,6 +127,7 @@ FAILURE_REPLIES: dict[str, tuple[int, int]] = {
     "timeout": (4, 504),
     "refused": (5, 502),
     "unsupported": (7, 405),
+    "wrong-family": (8, 502),  # an address of the family -4/-6 excludes
     "auth-failed": (1, 407),
     "no-resources": (1, 503),
     "upstream-unreachable": (1, 502),
@@ -124,6 +136,8 @@ FAILURE_REPLIES: dict[str, tuple[int, int]] = {
     "error": (1, 502),
 }
 SOCKS4_FAILURE = 91
+_FAMILY_NAMES: dict[int, str] = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
+_FAMILY_FLAGS: dict[int, str] = {socket.AF_INET: "-4", socket.AF_INET6: "-6"}
 # The HTTP status for a handshake given up by close(): why it ended -> what the client is told.
 _ABORT_STATUS = {"protocol-error": 400, "handshake-timeout": 408, "shutdown": 503}
 
@@ -218,6 +232,7 @@ class Conn:
         "dialer",
         "down",
         "fd",
+        "forward",
         "host",
         "idle_since",
         "machine",
@@ -244,11 +259,13 @@ class Conn:
 
     def __init__(
         self, server: Server, sock: socket.socket, peer: str, client_ip: str,
-        tls: Terminator | None = None,
+        tls: Terminator | None = None, forward: tuple[str, int] | None = None,
     ) -> None:  # fmt: skip
         """``sock``: the client's socket, or with ``tls`` the Conn's end of its pair (see
-        ``hopcat.server.tls``); ``peer``/``client_ip`` are the client's, from the accept."""
+        ``hopcat.server.tls``); ``peer``/``client_ip`` are the client's, from the accept;
+        ``forward``: the fixed target of a --forward listener's connection."""
         self.server = server
+        self.forward = forward
         self.sock = sock
         self.tls = tls
         self.fd = sock.fileno()
@@ -284,6 +301,12 @@ class Conn:
 
     # -- handshake --------------------------------------------------------------------------
     def start(self) -> None:
+        if self.forward is not None:
+            self.protocol = "forward"
+            self.host, self.port = self.forward
+            self.dest = format_hostport(*self.forward)
+            self._connect()
+            return
         # Under load the first bytes are usually there by the time we accept: try before waiting.
         self._on_handshake_readable()
 
@@ -507,11 +530,22 @@ class Conn:
         if server.auth_required and self.protocol in ("socks4", "socks4a"):
             self.refuse("auth-failed", "SOCKS4 carries no password and this server requires one")
             return
+        self._connect()
+
+    def _connect(self) -> None:
+        """CONNECTING from here: resolve, check and dial (or open --via to) ``host:port``, a
+        Request's or a forward's fixed target alike."""
+        server = self.server
+        host, port = self.host, self.port
         wire = resolver_form(host)
         if wire is None:
             self.refuse("dns-error", f"resolve {host}: not a valid host name (IDNA)")
             return
         literal = numeric_address(wire, port)
+        if literal is not None and server.family and literal[0] != server.family:
+            self.refuse("wrong-family", f"{host} is not an {_FAMILY_NAMES[server.family]} "
+                        f"address ({_FAMILY_FLAGS[server.family]})")  # fmt: skip
+            return
         decision = None
         if literal is None:
             self._name = name = compared_name(wire)
@@ -601,11 +635,15 @@ class Conn:
                 why = strerror(exc)
             self.refuse("dns-error", f"resolve {self.host}: {why}")
             return
+        families = (self.server.family,) if self.server.family else _FAMILY_NAMES
         candidates = [
-            (info[0], info[4])
-            for info in interleave_families(list(infos))
-            if info[0] in (socket.AF_INET, socket.AF_INET6)
+            (info[0], info[4]) for info in interleave_families(list(infos)) if info[0] in families
         ]
+        if not candidates and self.server.family:
+            family = self.server.family
+            self.refuse("dns-error", f"resolve {self.host}: no {_FAMILY_NAMES[family]} address "
+                        f"({_FAMILY_FLAGS[family]})")  # fmt: skip
+            return
         self._decide(self._name, candidates)
 
     def _decide(self, name: str | None, candidates: list[tuple[int, SockAddr]]) -> None:
@@ -690,10 +728,11 @@ class Conn:
     ) -> None:  # fmt: skip
         self.target = target
         machine = self.machine
-        assert machine is not None
-        machine.reply_success(bound_host, bound_port)
-        reply = machine.data_to_send()
-        early = machine.trailing_data
+        reply = early = b""  # a forward has no handshake to answer
+        if machine is not None:
+            machine.reply_success(bound_host, bound_port)
+            reply = machine.data_to_send()
+            early = machine.trailing_data
         self.machine = None
         self.phase = RELAY
         server = self.server
@@ -726,17 +765,18 @@ class Conn:
         if self.upstream_code is not None:
             socks5_code = self.upstream_code
         machine = self.machine
-        assert machine is not None
-        try:
-            if self.protocol == "socks5":
-                machine.reply_failure(socks5_code)
-            elif self.protocol == "http":
-                machine.reply_failure(http_status)
-            else:
-                machine.reply_failure(SOCKS4_FAILURE)
-            answer = machine.data_to_send()
-        except ProtocolError:
-            answer = b""
+        answer = b""
+        if machine is not None:  # a forward has none: the end of its stream tells the client
+            try:
+                if self.protocol == "socks5":
+                    machine.reply_failure(socks5_code)
+                elif self.protocol == "http":
+                    machine.reply_failure(http_status)
+                else:
+                    machine.reply_failure(SOCKS4_FAILURE)
+                answer = machine.data_to_send()
+            except ProtocolError:
+                answer = b""
         self.machine = None
         if answer:
             try:

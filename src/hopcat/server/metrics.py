@@ -31,12 +31,12 @@ if TYPE_CHECKING:
 
     from hopcat.net.dial import SockAddr
 
-PROTOCOLS = ("socks4", "socks4a", "socks5", "socks5-udp", "http", "other")
+PROTOCOLS = ("socks4", "socks4a", "socks5", "socks5-udp", "http", "forward", "other")
 RESULTS = (
     "ok", "client-closed", "reset", "idle-timeout", "shutdown", "handshake-timeout",
     "protocol-error", "tls-error", "auth-failed", "auth-throttled", "denied", "client-denied",
     "limit", "unsupported", "rejected", "dns-error", "net-unreachable", "unreachable", "refused",
-    "timeout", "no-resources", "upstream-unreachable", "upstream-refused", "upstream-error",
+    "timeout", "wrong-family", "no-resources", "upstream-unreachable", "upstream-refused", "upstream-error",
     "error", "other",
 )  # fmt: skip
 # Seconds; a handshake on loopback takes well under a millisecond, a dial across the world 0.3 s.

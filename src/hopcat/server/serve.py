@@ -38,7 +38,9 @@ Limits:
   ``SWEEP_INTERVAL_S``, not by a timer per connection.
 
 TLS listeners (``tls://``) put a ``hopcat.server.tls.Terminator`` between the client and its
-Conn; everything else is the same.
+Conn; everything else is the same. --forward listeners make Conns that start connecting to their
+fixed target at once (no handshake, no authentication: hence loopback unless --allow-open);
+client rules, limits, destination rules, --via, timeouts and draining are the proxy's.
 
 Signals: SIGTERM or SIGINT closes the listeners and the connections still in their handshake,
 lets established tunnels finish for up to ``--grace`` seconds, then closes what is left and
@@ -421,18 +423,22 @@ class Server:
         resolver: Resolver = getaddrinfo,
         tls: TLSFront | None = None,
         tls_listeners: Sequence[socket.socket] = (),
+        forwards: dict[int, tuple[str, int]] | None = None,
         metrics: Slot | None = None,
         digest_secret: bytes | None = None,
     ) -> None:
         """``listeners``: every listener, ``tls_listeners`` among them those whose clients
-        speak TLS (``tls``: their certificate); ``metrics``: where to count (--metrics);
-        ``digest_secret``: the Digest nonces' key (--workers: one for all, since a client's
-        next connection may reach another worker)."""
+        speak TLS (``tls``: their certificate), ``forwards`` the fixed target of each --forward
+        listener by its descriptor; ``metrics``: where to count (--metrics); ``digest_secret``:
+        the Digest nonces' key (--workers: one for all, since a client's next connection may
+        reach another worker)."""
         self.options = options
         self.metrics = Store(1).slot(0) if metrics is None else metrics
         self.listeners = listeners
         self.tls = tls
         self.tls_fds = frozenset(sock.fileno() for sock in tls_listeners)
+        self.forwards = forwards or {}
+        self.family = options.family
         self.loop = loop
         self.logger = logger
         self.credentials = credentials
@@ -519,7 +525,8 @@ class Server:
                     return
                 continue  # ECONNABORTED, EPROTO, EPERM...: that connection is gone, not us
             self._backoff_s = 0.0
-            self._admit(sock, address, listener.fileno() in self.tls_fds)
+            fd = listener.fileno()
+            self._admit(sock, address, fd in self.tls_fds, self.forwards.get(fd))
             if not self.accepting:
                 return
 
@@ -542,7 +549,10 @@ class Server:
         else:
             self.paused_for = "max-conns"  # release() resumes once a connection ends
 
-    def _admit(self, sock: socket.socket, address: SockAddr, tls: bool = False) -> None:
+    def _admit(
+        self, sock: socket.socket, address: SockAddr, tls: bool = False,
+        forward: tuple[str, int] | None = None,
+    ) -> None:  # fmt: skip
         ip = str(address[0])
         peer = format_hostport(ip, int(address[1]))
         if not self.policy.client_allowed(ip):
@@ -575,7 +585,7 @@ class Server:
                 return
             conn = Conn(self, terminator.outer, peer, ip, terminator)
         else:
-            conn = Conn(self, sock, peer, ip)
+            conn = Conn(self, sock, peer, ip, forward=forward)
         self.per_client[ip] = have + 1
         self.count += 1
         self.served += 1
@@ -834,6 +844,30 @@ def new_event_loop(choice: str) -> tuple[asyncio.AbstractEventLoop, str]:
     return asyncio.new_event_loop(), "asyncio"
 
 
+def listen_addresses(options: ServeOptions) -> list[tuple[int, SockAddr]]:
+    """Every address served, in the order that tells the listeners apart: the proxy ones
+    (--listen), the tls:// ones, the --forward ones."""
+    forwards = [(family, sockaddr) for family, sockaddr, _target in options.forwards]
+    return options.bind_addresses + options.tls_addresses + forwards
+
+
+def ready_lines(options: ServeOptions, names: Sequence[SockAddr]) -> list[str]:
+    """The --ready-fd/--ready-file lines for listeners bound to ``names`` (in
+    ``listen_addresses`` order): HOST:PORT, tls://HOST:PORT, then "forward HOST:PORT TARGET",
+    so that readers of the older lines are unchanged."""
+    plain = len(options.bind_addresses)
+    proxies = plain + len(options.tls_addresses)
+    lines = []
+    for index, name in enumerate(names):
+        address = format_hostport(str(name[0]), int(name[1]))
+        if index >= proxies:
+            target = options.forwards[index - proxies][2]
+            lines.append(f"forward {address} {format_hostport(*target)}")
+        else:
+            lines.append(("tls://" if index >= plain else "") + address)
+    return lines
+
+
 def report_ready(options: ServeOptions, addresses: list[str]) -> None:
     """Tell whoever started us where we listen: --ready-fd (then closed), --ready-file (atomic)."""
     announce_ready(addresses, ready_fd=options.ready_fd, ready_file=options.ready_file)
@@ -884,7 +918,7 @@ def run(options: ServeOptions, *, resolver: Resolver = getaddrinfo) -> int:
             from hopcat.server.workers import Supervisor
 
             return Supervisor(options, startup, metrics_sock).run()
-        listeners = bind_listeners(options.bind_addresses + options.tls_addresses)
+        listeners = bind_listeners(listen_addresses(options))
     except BaseException:
         if metrics_sock is not None:
             metrics_sock.close()
@@ -922,10 +956,15 @@ def serve_on(
     setup: Callable[[Server], Callable[[], None]] = lambda server: lambda: None,
     log_fields: dict[str, object] | None = None,
 ) -> int:
-    """Serve on ``listeners`` (the --listen ones, then the tls:// ones) on a new event loop
-    until stopped; ``ready`` gets the addresses once accepting. ``setup`` runs with the server
-    before that and returns what undoes it. Takes the listeners over (closes them)."""
-    tls_listeners = listeners[len(options.bind_addresses) :]
+    """Serve on ``listeners`` (bound to ``listen_addresses(options)``, in that order) on a new
+    event loop until stopped; ``ready`` gets the addresses once accepting. ``setup`` runs with
+    the server before that and returns what undoes it. Takes the listeners over (closes them)."""
+    proxies = len(options.bind_addresses) + len(options.tls_addresses)
+    tls_listeners = listeners[len(options.bind_addresses) : proxies]
+    targets = [target for _family, _sockaddr, target in options.forwards]
+    forwards = {
+        sock.fileno(): target for sock, target in zip(listeners[proxies:], targets, strict=True)
+    }
     logger = Logger(fmt=options.log_format, quiet=options.quiet, fields=log_fields)
     try:
         loop, loop_name = new_event_loop(options.event_loop)
@@ -938,18 +977,17 @@ def serve_on(
         server = Server(
             options, listeners, loop, logger, startup.credentials, startup.policy,
             resolver=startup.resolver, tls=startup.tls, tls_listeners=tls_listeners,
-            metrics=metrics, digest_secret=startup.digest_secret,
+            forwards=forwards, metrics=metrics, digest_secret=startup.digest_secret,
         )  # fmt: skip
-        addresses = []
-        for sock in listeners:
-            name = sock.getsockname()
-            scheme = "tls://" if sock in tls_listeners else ""
-            addresses.append(scheme + format_hostport(str(name[0]), int(name[1])))
         logger.attach(loop)
-        for address in addresses:
+        addresses = ready_lines(options, [sock.getsockname() for sock in listeners])
+        for sock, line in zip(listeners, addresses, strict=True):
+            target = forwards.get(sock.fileno())
+            address, forward = line.split(" ")[1:] if target is not None else (line, None)
             logger.log(
-                "listen", address=address, protocols=PROTOCOLS,
-                auth="required" if options.auth_required else "none",
+                "listen", address=address, protocols=PROTOCOLS if forward is None else "forward",
+                forward=forward,
+                auth="required" if options.auth_required and forward is None else "none",
                 via=" -> ".join(hop.label() for hop in options.via) or None,
                 loop=loop_name, pid=os.getpid(),
             )  # fmt: skip

@@ -257,9 +257,16 @@ class Association:
         data: bytes,
     ) -> None:  # fmt: skip
         """Send ``data`` to the first of ``candidates`` the rules allow for ``port``."""
+        family = self.conn.server.family
+        if family and candidates and all(item[0] != family for item in candidates):
+            which = "IPv4 address (-4)" if family == socket.AF_INET else "IPv6 address (-6)"
+            self._denied(format_hostport(host, port), f"no {which}")
+            return
         if not candidates:
             self._drop("dns")
             return
+        if family:
+            candidates = [item for item in candidates if item[0] == family]
         policy = self.conn.server.policy
         for family, sockaddr in candidates:
             if policy.check_address(name, ipaddress.ip_address(sockaddr[0]), port):

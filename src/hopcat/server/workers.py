@@ -38,7 +38,6 @@ import copy
 import os
 import signal
 
-from hopcat._endpoint import format_hostport
 from hopcat._ready import announce_ready
 from hopcat.errors import ExitCode, HopcatError
 from hopcat.server.ifaddrs import host_addresses
@@ -47,7 +46,9 @@ from hopcat.server.metrics import Endpoint, Store
 from hopcat.server.serve import (
     ServeError,
     bind_listeners,
+    listen_addresses,
     listening_on,
+    ready_lines,
     serve_on,
     via_dials_here,
 )
@@ -128,7 +129,7 @@ class Supervisor:
         endpoint = None
         try:
             self.reserved = bind_listeners(
-                options.bind_addresses + options.tls_addresses, reuse_port=True, listen=False
+                listen_addresses(options), reuse_port=True, listen=False
             )
             self.addresses = [(sock.family, sock.getsockname()) for sock in self.reserved]
             if options.via:  # a chain that loops back here: refused once, not by every worker
@@ -215,11 +216,7 @@ class Supervisor:
         worker.ready = True
         if not self.announced and not self.stopping and all(w.ready for w in self.workers):
             self.announced = True
-            addresses = []
-            plain = len(self.options.bind_addresses)
-            for i, (_family, name) in enumerate(self.addresses):
-                scheme = "tls://" if i >= plain else ""
-                addresses.append(scheme + format_hostport(str(name[0]), int(name[1])))
+            addresses = ready_lines(self.options, [name for _family, name in self.addresses])
             self.logger.log("ready", workers=self.count, pid=os.getpid())
             announce_ready(
                 addresses, ready_fd=self.options.ready_fd, ready_file=self.options.ready_file
