@@ -537,7 +537,7 @@ class HttpConnectServer(Machine):
     ``challenges`` are the Proxy-Authenticate values of a 407, the strongest first (default:
     ``AUTH_CHALLENGE``, Basic); credentials are taken in the schemes they name."""
 
-    __slots__ = ("_challenges", "_pending", "_require_auth", "_scanned", "_schemes")
+    __slots__ = ("_challenges", "_pending", "_require_auth", "_scanned", "_schemes", "head")
     _PEER = "client"
     _SIZES: ClassVar[None] = None
 
@@ -554,6 +554,9 @@ class HttpConnectServer(Machine):
         self._require_auth = require_auth
         self._scanned = 0
         self._pending: Request | None = None
+        # A request other than CONNECT, whole and raw: a forwarding proxy parses it again (see
+        # hopcat.server.forward) and owns its body's framing.
+        self.head: bytes | None = None
 
     def _on_request(self) -> Step:
         buf = self._inbox.data
@@ -571,7 +574,11 @@ class HttpConnectServer(Machine):
         _check_request_head(head)
         request_line, headers = _split_head(head)
         method, target = _parse_request_line(request_line)
-        host, port = _parse_authority(target) if method == "CONNECT" else ("", 0)
+        if method == "CONNECT":
+            host, port = _parse_authority(target)
+        else:
+            self.head = bytes(head)
+            host, port = http_url_authority(target) or ("", 0)
         request = Request(method, host, port)
         if not self._require_auth:
             self._state = State.REPLY_DECISION
@@ -718,6 +725,24 @@ def _parse_request_line(line: str) -> tuple[str, str]:
     if not _is_http1(version):
         raise RemoteProtocolError(f"unsupported HTTP version {sanitize(version)!r}")
     return method, target
+
+
+def http_url_authority(target: str) -> tuple[str, int] | None:
+    """(host, port) of an absolute-form ``http://`` request target (port 80 unless given), None
+    for any other form or scheme; a malformed authority, or one with userinfo (RFC 9110 section
+    4.2.4: a recipient should treat it as an error), raises."""
+    if target[:7].lower() != "http://":
+        return None
+    authority = target[7:]
+    for end in "/?#":
+        authority = authority.partition(end)[0]
+    if "@" in authority:
+        raise RemoteProtocolError(f"userinfo in the request URL {_redacted(target)!r} is refused")
+    if not authority.endswith("]") and ":" in authority:
+        if authority.endswith(":"):
+            authority += "80"
+        return _parse_authority(authority)
+    return _parse_authority(authority + ":80")
 
 
 def _parse_authority(target: str) -> tuple[str, int]:

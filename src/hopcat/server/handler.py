@@ -85,6 +85,7 @@ if TYPE_CHECKING:
 
     from hopcat.net.dial import SockAddr
     from hopcat.proto._machine import ServerMachine
+    from hopcat.server.forward import Forwarder
     from hopcat.server.serve import Server
     from hopcat.server.tls import Bridge, Terminator
     from hopcat.server.udp import Association
@@ -105,6 +106,7 @@ RELAY = 3
 LINGER = 4
 CLOSED = 5
 UDP = 6  # serving a UDP association; the control connection only watched for its end
+FORWARD = 7  # forwarding plain HTTP requests (``hopcat.server.forward`` drives the sockets)
 
 # result -> (SOCKS5 reply code, HTTP status). SOCKS4 has a single failure code, 91.
 FAILURE_REPLIES: dict[str, tuple[int, int]] = {
@@ -217,6 +219,7 @@ class Conn:
         "dialer",
         "down",
         "fd",
+        "forward",
         "host",
         "idle_since",
         "machine",
@@ -276,6 +279,7 @@ class Conn:
         self.idle_since = self.started
         self.upstream_code: int | None = None
         self.udp: Association | None = None
+        self.forward: Forwarder | None = None
         self._lingered = 0
 
     # -- handshake --------------------------------------------------------------------------
@@ -495,11 +499,42 @@ class Conn:
             self._associate(port)
             return
         if request.command != "CONNECT":
-            self.refuse("unsupported", f"{request.command} is not supported")
+            head = getattr(self.machine, "head", None)
+            if head is None or server.options.no_forward:
+                self.refuse("unsupported", f"{request.command} is not supported")
+            else:
+                self._start_forwarding(head)
             return
         if server.auth_required and self.protocol in ("socks4", "socks4a"):
             self.refuse("auth-failed", "SOCKS4 carries no password and this server requires one")
             return
+        self.connect_to(host, port)
+
+    def _start_forwarding(self, head: bytes) -> None:
+        """A plain HTTP request (any method but CONNECT): the forwarder takes the connection
+        over, with the head and whatever came after it; the machine's work (auth) is done."""
+        from hopcat.proto.http_connect import HttpConnectServer
+        from hopcat.server.forward import Forwarder
+
+        machine = self.machine
+        assert isinstance(machine, HttpConnectServer)
+        early = bytes(machine._inbox.data)  # the bytes after the head: a body, the next request
+        self.machine = None
+        self._stop_reading()
+        self.phase = FORWARD
+        self.server.to_relay(self)
+        self.forward = Forwarder(self, head + early)
+
+    def connect_to(self, host: str, port: int) -> None:
+        """Check ``host``:``port`` against the rules and connect to it, directly or through
+        --via: ``_established`` or ``refuse`` follows. Both a CONNECT and each request the
+        forwarder sends on (``hopcat.server.forward``) come here."""
+        server = self.server
+        self.host, self.port = host, port
+        self.dest = format_hostport(host, port)
+        self._name = None
+        if self.forward is not None:
+            server.to_pending(self)
         wire = resolver_form(host)
         if wire is None:
             self.refuse("dns-error", f"resolve {host}: not a valid host name (IDNA)")
@@ -513,8 +548,9 @@ class Conn:
                 self.refuse("denied", "destination not allowed by the rules")
                 return
         self.phase = CONNECTING
-        if not self.reading:  # watched while connecting (see _on_connecting_readable); the
-            self._read_client(self._on_handshake_readable)  # relay takes this registration over
+        if not self.reading and self.forward is None:  # watched while connecting (see
+            # _on_connecting_readable); the relay takes this registration over
+            self._read_client(self._on_handshake_readable)
         loop = server.loop
         self.deadline = loop.time() + server.connect_timeout
         if server.via:
@@ -667,7 +703,7 @@ class Conn:
         self.upstream = None
         self.via = via
         self._established(sock, None, None, trailing)
-        if via is not None and self.phase == RELAY:
+        if via is not None and self.phase in (RELAY, FORWARD):
             self.server.engine.watch(via.fd, self)
             via.start(self)
 
@@ -682,12 +718,23 @@ class Conn:
         trailing_down: bytes = b"",
     ) -> None:  # fmt: skip
         self.target = target
+        if self.forward is not None:
+            self.phase = FORWARD
+            self.server.to_relay(self)
+            self.forward.connected(target, trailing_down)
+            return
         machine = self.machine
         assert machine is not None
         machine.reply_success(bound_host, bound_port)
         reply = machine.data_to_send()
-        early = machine.trailing_data
         self.machine = None
+        self.start_relay(reply, machine.trailing_data, trailing_down)
+
+    def start_relay(self, reply: bytes, early: bytes, trailing_down: bytes) -> None:
+        """Relay between the client and ``target``: ``reply`` and ``trailing_down`` go to the
+        client first, ``early`` (what the client sent already) to the target."""
+        target = self.target
+        assert target is not None
         self.phase = RELAY
         server = self.server
         server.to_relay(self)
@@ -716,6 +763,12 @@ class Conn:
     def refuse(self, result: str, reason: str) -> None:
         """Answer the pending Request with the protocol's failure for ``result``, then linger."""
         socks5_code, http_status = FAILURE_REPLIES.get(result, FAILURE_REPLIES["error"])
+        if self.forward is not None:
+            self._abandon_connect()
+            self.phase = FORWARD
+            self.server.to_relay(self)
+            self.forward.refused(result, http_status, reason)
+            return
         if self.upstream_code is not None:
             socks5_code = self.upstream_code
         machine = self.machine
@@ -856,6 +909,8 @@ class Conn:
         self.result, self.reason = result, reason
         self._stop_reading()
         self._abandon_connect()
+        if self.forward is not None:
+            self.forward.close(result, reason)
         if self.machine is not None and result != "client-closed":
             self._send_abort_reply(_ABORT_STATUS.get(result, 500))
         relayed = self.phase == RELAY

@@ -614,6 +614,15 @@ class Server:
                 self.udp_per_client[conn.client_ip] = left
             else:
                 self.udp_per_client.pop(conn.client_ip, None)
+        if conn.forward is None:  # a forwarder logs each request itself
+            self._log_tunnel(conn)
+        if self.paused_for == "max-conns" and self.count < self.max_conns:
+            self._resume_accepting()
+        if self.stopping:
+            self._maybe_done()
+
+    def _log_tunnel(self, conn: Conn) -> None:
+        udp = conn.udp
         self.logger.tunnel(
             client=conn.peer,
             user=conn.user,
@@ -631,10 +640,6 @@ class Server:
             dropped=udp.dropped_total if udp is not None else None,
             drops=udp.drops_text() if udp is not None else None,
         )
-        if self.paused_for == "max-conns" and self.count < self.max_conns:
-            self._resume_accepting()
-        if self.stopping:
-            self._maybe_done()
 
     def http_challenges(self, *, stale: bool = False) -> list[str]:
         """The Proxy-Authenticate values of a 407, in --auth-scheme order (Digest: fresh nonce)."""
