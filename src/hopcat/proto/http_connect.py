@@ -820,6 +820,11 @@ def _digest_credentials(value: str, method: str, target: str) -> DigestCredentia
         or len(nc) != 8 or nc.strip(_HEX) or params.get("userhash", "false").lower() != "false"
     ):  # fmt: skip
         return None
+    if method != "CONNECT" and params["uri"].startswith("/") and target[:7].lower() == "http://":
+        # A forwarded request: clients (curl) answer for the URL's path, not the whole URL.
+        path = target[7:].partition("/")[1:]
+        if params["uri"] == "".join(path):
+            target = params["uri"]
     return DigestCredentials(
         params["username"], params["realm"], params["nonce"], params["uri"], params["response"],
         algorithm, nc, params["cnonce"], method, target,

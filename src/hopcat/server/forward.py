@@ -76,6 +76,7 @@ if TYPE_CHECKING:
     Headers = list[tuple[bytes, bytes]]
 
 RECV_BYTES = 256 * 1024
+OUT_BYTES = 64 * 1024
 VIA = b"1.1 hopcat"
 # Hop-by-hop fields (RFC 9110 section 7.6.1), and the proxy's own ones.
 HOP_BY_HOP = frozenset(
@@ -164,6 +165,16 @@ def host_matches(value: bytes, host: str, port: int) -> bool:
     return named is not None and (named[0].lower(), named[1]) == (host.lower(), port)
 
 
+def check_head_size(request: h11.Request) -> None:
+    """h11 caps a head only while it is incomplete; one that came whole in a read is measured
+    here (as written with CRLF), so every head keeps to the first head's cap."""
+    size = len(request.target) + sum(len(n) + len(v) + 4 for n, v in request.headers.raw_items())
+    if len(request.target) > MAX_HEAD_BYTES:
+        raise Refusal(414, "protocol-error", f"request target longer than {MAX_HEAD_BYTES} bytes")
+    if size > MAX_HEAD_BYTES:
+        raise Refusal(431, "protocol-error", f"request head larger than {MAX_HEAD_BYTES} bytes")
+
+
 def error_response(status: int, text: str, extra: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
     """A short plain-text response that closes the connection."""
     body = (text + "\n").encode("utf-8", "replace")
@@ -196,6 +207,8 @@ class Forwarder:
         "_connecting",
         "_first",
         "_origin_eof",
+        "_out_client",
+        "_out_origin",
         "_registered",
         "_responding",
         "_task",
@@ -225,6 +238,8 @@ class Forwarder:
         self._connecting: asyncio.Future[bytes] | None = None
         self._registered: list[tuple[int, bool]] = []  # (fd, writer?) registered on the loop
         self._first = True
+        self._out_client = bytearray()
+        self._out_origin = bytearray()
         self._responding = False  # response bytes of the request in flight have been sent
         self.method: str | None = None  # the request in flight, not yet logged
         self.status: int | None = None
@@ -301,6 +316,7 @@ class Forwarder:
                 continue
             if isinstance(event, h11.Request):
                 self._start_request(event.method.decode("ascii", "replace"))
+                check_head_size(event)
                 return event
             return None  # ConnectionClosed
 
@@ -515,6 +531,7 @@ class Forwarder:
                 await self._to_client(cli.send(answer))
             elif isinstance(answer, h11.EndOfMessage):
                 await self._to_client(cli.send(h11.EndOfMessage()))
+                await self._flush()
                 break
             else:  # ConnectionClosed before a response
                 raise _Gone("origin", "closed without a response")
@@ -530,8 +547,10 @@ class Forwarder:
         assert up is not None
         self.status = 101
         headers = self._response_headers(answer.headers, 101)
-        reply = cli.send(h11.InformationalResponse(status_code=101, headers=headers))
+        reply = cli.send(h11.InformationalResponse(status_code=101, headers=headers)) or b""
+        self.down += len(reply)
         self._responding = True
+        await self._flush()
         self._log("ok", None)
         early, _closed = cli.trailing_data
         from_origin, _closed = up.trailing_data
@@ -547,6 +566,9 @@ class Forwarder:
             got = (origin and self._recv(False)) or got
             if got:
                 return
+            if self._out_origin or self._out_client:
+                await self._flush()
+                continue
             if not client and not origin:
                 raise _Gone("origin", "nothing left to read")  # both ended: cannot happen
             await self._wait(
@@ -574,16 +596,32 @@ class Forwarder:
             self.up.receive_data(data)
         return True
 
+    # Writes are gathered until the forwarder would wait for a read (or OUT_BYTES are due): a
+    # head and its body's first bytes, or a short response whole, then go in one send.
     async def _to_origin(self, data: bytes | None) -> None:
         if data:
-            assert self.origin is not None
-            self.upstream += await self._send(self.origin, data, "origin")
+            self.upstream += len(data)
+            self._out_origin += data
+            if len(self._out_origin) >= OUT_BYTES:
+                await self._flush()
 
     async def _to_client(self, data: bytes | None) -> None:
         if data:
-            self.down += await self._send(self.conn.sock, data, "client")
+            self.down += len(data)
+            self._out_client += data
+            if len(self._out_client) >= OUT_BYTES:
+                await self._flush()
 
-    async def _send(self, sock: _socket.socket, data: bytes, side: str) -> int:
+    async def _flush(self) -> None:
+        if self._out_origin:
+            assert self.origin is not None
+            data, self._out_origin = self._out_origin, bytearray()
+            await self._send(self.origin, data, "origin")
+        if self._out_client:
+            data, self._out_client = self._out_client, bytearray()
+            await self._send(self.conn.sock, data, "client")
+
+    async def _send(self, sock: _socket.socket, data: bytearray, side: str) -> None:
         view = memoryview(data)
         while view:
             try:
@@ -596,7 +634,6 @@ class Forwarder:
             if view:
                 await self._wait([sock.fileno()], writer=True)
         self.conn.active = True
-        return len(data)
 
     async def _wait(self, fds: list[int], *, writer: bool) -> None:
         loop = self.conn.server.loop

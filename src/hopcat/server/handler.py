@@ -500,8 +500,10 @@ class Conn:
             return
         if request.command != "CONNECT":
             head = getattr(self.machine, "head", None)
-            if head is None or server.options.no_forward:
+            if head is None:
                 self.refuse("unsupported", f"{request.command} is not supported")
+            elif server.options.no_forward:
+                self.refuse("unsupported", f"{request.command} is not supported (--no-forward)")
             else:
                 self._start_forwarding(head)
             return
