@@ -185,6 +185,15 @@ def _start_pproxy(workdir: Path, extra: list[str]) -> peers.Daemon:
     )
 
 
+def _start_pproxy_http(workdir: Path, extra: list[str]) -> peers.Daemon:
+    """pproxy as an HTTP proxy: CONNECT and plain forwarding (serve.py's fwd runs)."""
+    python = str(ensure_venv(BENCH / ".venv-pproxy", ["pproxy"]))
+    return peers.start_daemon(
+        "pproxy", workdir, lambda port: [python, "-m", "pproxy", "-l", f"http://{HOST}:{port}"],
+        scheme="http",
+    )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Server:
     key: str  # name on the command line (--proxy, --servers)
@@ -224,6 +233,7 @@ SERVERS: dict[str, Server] = {
             "hopcat-uvloop", "hopcat serve (uvloop)", None, ("socks5", "http"), _start_hopcat_uvloop
         ),
         Server("pproxy", "pproxy", None, ("socks5",), _start_pproxy),
+        Server("pproxy-http", "pproxy (HTTP)", None, ("http",), _start_pproxy_http),
     )
 }
 

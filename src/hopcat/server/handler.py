@@ -516,8 +516,12 @@ class Conn:
         """A plain HTTP request (any method but CONNECT): the forwarder takes the connection
         over, with the head and whatever came after it; the machine's work (auth) is done."""
         from hopcat.proto.http_connect import HttpConnectServer
-        from hopcat.server.forward import Forwarder
 
+        try:
+            from hopcat.server.forward import Forwarder
+        except ImportError:  # run from a checkout without its dependencies installed
+            self.refuse("unsupported", "plain HTTP forwarding needs h11 (pip install h11)")
+            return
         machine = self.machine
         assert isinstance(machine, HttpConnectServer)
         early = bytes(machine._inbox.data)  # the bytes after the head: a body, the next request
