@@ -589,3 +589,23 @@ def test_auth_basic_and_digest(serve: Serve, origin: Origin, need: Callable[...,
     assert [h.status_code for h in heads] == [200, 407] and closed
     log = server.wait_log("status=407")
     assert PASSWORD not in log and auth not in log
+
+
+def test_connect_after_forwarded_requests(proxy: ServeProcess, origin: Origin) -> None:
+    """A CONNECT on a connection that forwarded requests becomes a tunnel, as a first one does."""
+    get = f"GET {origin.base}/bytes/2 HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n\r\n".encode()
+    connect = f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n\r\n"
+    inner = f"GET /bytes/6 HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\nConnection: close\r\n\r\n"
+    with socket.create_connection((proxy.host, proxy.port), timeout=IO_TIMEOUT_S) as sock:
+        sock.sendall(get + connect.encode())
+        got = b""
+        while got.count(b"\r\n\r\n") < 2:
+            got += sock.recv(65536)
+        assert got.startswith(b"HTTP/1.1 200 ")
+        assert got.endswith(pattern(2, 3) + b"HTTP/1.1 200 Connection established\r\n\r\n")
+        sock.sendall(inner.encode())
+        rest = b""
+        while chunk := sock.recv(65536):
+            rest += chunk
+    assert rest.endswith(b"\r\n\r\n" + pattern(6, 3))
+    assert [t for _, t, _, _ in origin.requests] == ["/bytes/2", "/bytes/6"]

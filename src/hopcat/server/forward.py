@@ -38,7 +38,8 @@ a Host header naming another authority is refused (400), a missing one (HTTP/1.0
 ``Expect: 100-continue`` is forwarded and the origin's 100 relayed; the client's body is
 forwarded whenever it comes, so an origin that never sends 100 cannot deadlock the exchange.
 An origin's 101 to a WebSocket upgrade turns the connection into a tunnel (the server's relay,
-with the bytes each side sent early). The origin connection is kept for the next request to
+with the bytes each side sent early), and so does a CONNECT that follows forwarded requests
+on the same connection (checked and dialled as a first one is). The origin connection is kept for the next request to
 the same origin when both messages allowed it; before reuse it is checked for an EOF, which
 leaves only the race of an origin closing while the request is on its way (a 502).
 
@@ -61,6 +62,7 @@ from hopcat.proto.http_connect import (
     MAX_HEAD_BYTES,
     _basic_credentials,
     _digest_credentials,
+    _parse_authority,
     http_url_authority,
 )
 from hopcat.server.handler import strerror
@@ -332,7 +334,10 @@ class Forwarder:
         conn.dest = None
         target = request.target.decode("latin-1")
         try:
-            authority = http_url_authority(target)
+            if request.method == b"CONNECT":
+                authority: tuple[str, int] | None = _parse_authority(target)
+            else:
+                authority = http_url_authority(target)
         except ProtocolError as exc:
             raise Refusal(400, "protocol-error", exc.message) from None
         if authority is None:
@@ -354,9 +359,12 @@ class Forwarder:
         if not self._first and conn.server.auth_required:
             self._authenticate(request, target)
         self._first = False
-        headers = self._request_headers(request, host, port)
         key = (host, port)
         conn.dest = format_hostport(host, port)
+        if request.method == b"CONNECT":
+            await self._tunnel(key)
+            return
+        headers = self._request_headers(request, host, port)
         if self.origin is None or self.origin_key != key or not self._reusable():
             await self._connect(key)  # a kept connection: the rules passed it when it was made
         up = self.up
@@ -540,6 +548,29 @@ class Forwarder:
             up.start_next_cycle()
         else:
             self._drop_origin()
+
+    async def _tunnel(self, key: tuple[str, int]) -> None:
+        """A CONNECT after forwarded requests on the same connection: the tunnel, as on a
+        connection that began with it (the same checks and dial), then the server's relay."""
+        conn, cli = self.conn, self.cli
+        while not isinstance(event := cli.next_event(), h11.EndOfMessage):
+            if event is h11.NEED_DATA:  # cannot happen: a CONNECT has no body
+                raise Refusal(400, "protocol-error", "CONNECT with a body")
+        await self._connect(key)
+        self.status = 200
+        reply = (
+            cli.send(h11.Response(status_code=200, headers=[], reason=b"Connection established"))
+            or b""
+        )
+        self.down += len(reply)
+        self._responding = True
+        await self._flush()
+        self._log("ok", None)
+        early, _closed = cli.trailing_data
+        from_origin = self.up.trailing_data[0] if self.up is not None else b""
+        self._unregister()
+        conn.forward = None
+        conn.start_relay(reply, early, from_origin)
 
     async def _switch(self, answer: h11.InformationalResponse) -> None:
         """The origin switched to WebSocket: relay both ways, with what each side sent early."""
