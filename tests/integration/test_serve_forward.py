@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -609,3 +610,18 @@ def test_connect_after_forwarded_requests(proxy: ServeProcess, origin: Origin) -
             rest += chunk
     assert rest.endswith(b"\r\n\r\n" + pattern(6, 3))
     assert [t for _, t, _, _ in origin.requests] == ["/bytes/2", "/bytes/6"]
+
+
+def test_stop_closes_idle_kept_connections(serve: Serve, origin: Origin) -> None:
+    """SIGTERM: a kept connection between requests is closed at once, not after --grace."""
+    server = serve("--grace", "60")
+    get = f"GET {origin.base}/bytes/2 HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n\r\n".encode()
+    with socket.create_connection((server.host, server.port), timeout=IO_TIMEOUT_S) as sock:
+        sock.sendall(get)
+        got = b""
+        while not got.endswith(pattern(2, 3)):
+            got += sock.recv(65536)
+        started = time.monotonic()
+        assert server.stop(signal.SIGTERM, timeout=10) == 0
+        assert time.monotonic() - started < 5
+        assert sock.recv(1) == b""

@@ -65,7 +65,7 @@ from hopcat.proto.http_connect import (
     _parse_authority,
     http_url_authority,
 )
-from hopcat.server.handler import strerror
+from hopcat.server.handler import FORWARD, strerror
 from hopcat.server.relay import reset_on_close
 
 TYPE_CHECKING = False
@@ -79,6 +79,7 @@ if TYPE_CHECKING:
 
 RECV_BYTES = 256 * 1024
 OUT_BYTES = 64 * 1024
+KEEP_ALIVE_S = 75.0  # for a kept client connection's next request (nginx's keepalive_timeout)
 VIA = b"1.1 hopcat"
 # Hop-by-hop fields (RFC 9110 section 7.6.1), and the proxy's own ones.
 HOP_BY_HOP = frozenset(
@@ -304,7 +305,22 @@ class Forwarder:
             conn.crashed(exc)
 
     async def _next_request(self) -> h11.Request | None:
-        """The next request head, or None when the client closed between requests."""
+        """The next request head, or None when the client closed between requests.
+
+        Meanwhile the connection is pending, as one in its handshake: its next head must be
+        whole within ``KEEP_ALIVE_S`` (the sweep closes it then), and a server that stops
+        closes it at once instead of granting it the grace period of a transfer."""
+        server = self.conn.server
+        if not self._first:
+            server.to_pending(self.conn)
+            self.conn.deadline = server.loop.time() + KEEP_ALIVE_S
+        try:
+            return await self._read_request()
+        finally:
+            if self.conn.forward is self and self.conn.phase == FORWARD:
+                server.to_relay(self.conn)
+
+    async def _read_request(self) -> h11.Request | None:
         while True:
             try:
                 event = self.cli.next_event()

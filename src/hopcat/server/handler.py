@@ -850,6 +850,8 @@ class Conn:
             )
         elif self.phase == LINGER:
             self.close(self.result or "error", self.reason or "")
+        elif self.phase == FORWARD:  # a kept connection waiting for its next request
+            self.close("idle-timeout", "no next request in time (keep-alive)")
 
     # -- relay callbacks ---------------------------------------------------------------------
     def half_done(self, half: Half | None) -> None:
