@@ -13,6 +13,7 @@ import hashlib
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -25,7 +26,7 @@ import peers
 import pytest
 from test_serve_support import IO_TIMEOUT_S, ServeProcess, serve_factory
 
-from support import clean_env, closed_port, pattern, sha256
+from support import ScriptedServer, clean_env, closed_port, pattern, sha256
 
 Serve = Callable[..., ServeProcess]
 USER, PASSWORD = "alice", "fwd-s3cret"
@@ -625,3 +626,49 @@ def test_stop_closes_idle_kept_connections(serve: Serve, origin: Origin) -> None
         assert server.stop(signal.SIGTERM, timeout=10) == 0
         assert time.monotonic() - started < 5
         assert sock.recv(1) == b""
+
+
+def test_http10_client_gets_host_added(proxy: ServeProcess, origin: Origin) -> None:
+    """HTTP/1.0 without Host: Host is added from the URL; the answer ends with the connection."""
+    with socket.create_connection((proxy.host, proxy.port), timeout=IO_TIMEOUT_S) as sock:
+        sock.sendall(f"GET {origin.base}/chunked/5000 HTTP/1.0\r\n\r\n".encode())
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"transfer-encoding" not in head.lower()
+    assert body == pattern(5000, 5)  # close-delimited: a 1.0 client knows no chunks
+    assert headers_of(origin)["host"] == f"127.0.0.1:{origin.port}"
+
+
+def test_origin_failures(proxy: ServeProcess, origin: Origin) -> None:
+    """An origin that resets mid-response: the client's connection is reset too (a cut body
+    never looks complete); one that closes before answering: 502."""
+
+    def cut(conn: socket.socket) -> None:
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    def mute(conn: socket.socket) -> None:
+        conn.recv(65536)
+
+    for handler, status in ((cut, 200), (mute, 502)):
+        with ScriptedServer(handler) as bad:
+            request = (
+                f"GET http://127.0.0.1:{bad.port}/ HTTP/1.1\r\nHost: 127.0.0.1:{bad.port}\r\n\r\n"
+            )
+            with socket.create_connection((proxy.host, proxy.port), timeout=IO_TIMEOUT_S) as sock:
+                sock.sendall(request.encode())
+                got = b""
+                try:
+                    while chunk := sock.recv(65536):
+                        got += chunk
+                    reset = False
+                except ConnectionResetError:
+                    reset = True
+            # A reset may take what was received but not yet read with it.
+            assert reset == (status == 200)
+            assert got.startswith(f"HTTP/1.1 {status} ".encode()) or reset, got[:80]
+    log = proxy.wait_log("status=502 result=upstream-error")
+    assert "result=reset" in log
