@@ -30,15 +30,15 @@ Peer text (reason phrase, header values) is sanitized before it goes into an err
 The server parses one request head (``REQUEST``), hands ``Credentials`` from a Basic
 Proxy-Authorization header, or ``DigestCredentials`` from a Digest one, to the server code when
 authentication is required (answering 407 itself when there is none usable), then a
-``Request``; any method other than CONNECT comes through with ``host=""`` for the server code
-to answer ``reply_failure(405)``. Every failure response carries ``Connection: close``: a
+``Request``; any method other than CONNECT comes through with the host and port of an
+absolute ``http://`` URL (``host=""`` for any other target) and its raw head in ``head``, for
+the server code to forward (``hopcat.server.forward``) or answer ``reply_failure(405)``. Every failure response carries ``Connection: close``: a
 client answers a 407 on a new connection.
 
 The server's 407 carries the ``challenges`` it was made with, one Proxy-Authenticate header
 each (Basic only by default); the schemes they name are the ones whose credentials it takes.
 Digest challenges hold a nonce, which needs a clock and a secret: the server code makes them
-(``http_auth.digest_challenge``) and verifies the answers. Not done: absolute-form requests
-(this is a tunnel, not a forwarding proxy).
+(``http_auth.digest_challenge``) and verifies the answers.
 """
 
 from __future__ import annotations

@@ -11,7 +11,10 @@ server's tunnels-per-second target). Its phases::
                                 LINGER --(client EOF, or LINGER_S)--> CLOSED
 
 HANDSHAKE: the first byte picks the machine (``proto.detect``): SOCKS4/4a, SOCKS5 or HTTP
-CONNECT. Every read is fed to the machine and whatever it queues is written back at once (a
+CONNECT. An HTTP request with another method (plain HTTP forwarding) passes the connection to a
+``hopcat.server.forward.Forwarder`` once the machine has authenticated it (phase FORWARD); the
+forwarder has each request's origin checked and dialled by ``connect_to``, the path a CONNECT
+takes, and ``_established``/``refuse`` hand it the outcome. Every read is fed to the machine and whatever it queues is written back at once (a
 handshake reply is a few bytes on a fresh socket: a client that does not take them is dropped).
 ``Credentials`` are checked against the credential store, ``DigestCredentials`` by
 ``server.digest`` with the store's HA1s (a stale nonce is answered with a fresh one, not counted
@@ -41,7 +44,7 @@ carries the target socket's local address (SOCKS) or is a 200 (HTTP).
 Failures get the protocol's own answer: SOCKS5 reply 2 (rules), 3/4 (unreachable, name not
 resolved, timeout), 5 (refused), 7 (BIND; UDP ASSOCIATE with --via or --no-udp), 1 (anything
 else); SOCKS4 91; HTTP 403,
-405 (methods other than CONNECT), 407 (credentials), 502, 503 (out of descriptors), 504
+405 (methods other than CONNECT with --no-forward), 407 (credentials), 502, 503 (out of descriptors), 504
 (timeout), 400 (malformed request). A handshake given up for any other reason (bad bytes, its
 timeout, the server stopping) is answered too, with the machine's ``abort_reply``. Then LINGER: our side is shut down for writing and the
 client's leftovers are read and dropped until it closes, so that closing with unread bytes does
