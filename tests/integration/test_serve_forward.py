@@ -672,3 +672,48 @@ def test_origin_failures(proxy: ServeProcess, origin: Origin) -> None:
             assert got.startswith(f"HTTP/1.1 {status} ".encode()) or reset, got[:80]
     log = proxy.wait_log("status=502 result=upstream-error")
     assert "result=reset" in log
+
+
+def test_full_duplex_echo_does_not_deadlock(proxy: ServeProcess) -> None:
+    """An origin that echoes the body as it comes, before the request is over: megabytes each
+    way at once, more than the sockets' buffers hold, must flow (no side waits for the other
+    to finish first)."""
+    size = 12 << 20
+    body = pattern(size, 21)
+
+    def echo(conn: socket.socket) -> None:
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):  # buffers that fill up soon
+            conn.setsockopt(socket.SOL_SOCKET, option, 65536)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += conn.recv(65536)
+        _, _, rest = head.partition(b"\r\n\r\n")
+        conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\n\r\n".encode() + rest)
+        left = size - len(rest)
+        while left:
+            data = conn.recv(min(left, 65536))
+            assert data
+            conn.sendall(data)
+            left -= len(data)
+
+    with ScriptedServer(echo) as origin_echo:
+        url = f"http://127.0.0.1:{origin_echo.port}/"
+        head = f"POST {url} HTTP/1.1\r\nHost: 127.0.0.1:{origin_echo.port}\r\nContent-Length: {size}\r\n\r\n"
+        with socket.create_connection((proxy.host, proxy.port), timeout=IO_TIMEOUT_S) as sock:
+            received = bytearray()
+
+            def read() -> None:
+                while len(received) < size or b"\r\n\r\n" not in received:
+                    data = sock.recv(1 << 20)
+                    if not data:
+                        return
+                    received.extend(data)
+                    if b"\r\n\r\n" in received and len(received.partition(b"\r\n\r\n")[2]) >= size:
+                        return
+
+            reader = threading.Thread(target=read)
+            reader.start()
+            sock.sendall(head.encode() + body)
+            reader.join(30)
+            assert not reader.is_alive()
+    assert sha256(bytes(received.partition(b"\r\n\r\n")[2])) == sha256(body)

@@ -330,7 +330,7 @@ class Forwarder:
             if event is h11.NEED_DATA:
                 if self._client_eof:
                     return None
-                await self._fill(True, False)
+                await self._fill()
                 continue
             if isinstance(event, h11.Request):
                 self._start_request(event.method.decode("ascii", "replace"))
@@ -386,9 +386,7 @@ class Forwarder:
         up = self.up
         assert up is not None and self.origin is not None
         _authority, path = split_target(target)
-        await self._to_origin(
-            up.send(h11.Request(method=request.method, target=path, headers=headers))
-        )
+        self._to_origin(up.send(h11.Request(method=request.method, target=path, headers=headers)))
         await self._pump(request)
 
     def _authenticate(self, request: h11.Request, target: str) -> None:
@@ -501,64 +499,96 @@ class Forwarder:
         self.origin_key = None
 
     async def _pump(self, request: h11.Request) -> None:
-        """Stream the request body on and the response back until the response is complete."""
+        """Stream the request body on and the response back until the response is complete.
+
+        Both directions at once (an origin may answer, or echo, before the body is all in):
+        the client is read only while less than OUT_BYTES wait for the origin, and the origin
+        only while less than OUT_BYTES wait for the client, so a slow reader on either side
+        slows its writer and nothing is buffered whole, and neither side can deadlock the
+        other by not reading until it has written."""
         cli, up = self.cli, self.up
-        assert up is not None
-        request_done = False
+        assert up is not None and self.origin is not None
+        request_done = response_done = False
         while True:
-            if not request_done:
+            # Everything the bytes received so far allow, within the buffers' bounds.
+            while not request_done and len(self._out_origin) < OUT_BYTES:
                 try:
                     event = cli.next_event()
                 except h11.RemoteProtocolError as exc:
                     if self._responding:
                         raise _Gone("client", f"bad request body: {exc}") from None
                     raise _h11_refusal(exc) from None
-                if isinstance(event, h11.Data | h11.EndOfMessage):
-                    request_done = isinstance(event, h11.EndOfMessage)
-                    await self._to_origin(up.send(event))
-                    continue
-                if event is not h11.NEED_DATA:  # ConnectionClosed mid-body
+                if event is h11.NEED_DATA:
+                    break
+                if not isinstance(event, h11.Data | h11.EndOfMessage):  # ConnectionClosed
                     raise _Gone("client", "closed in the middle of the request body")
-            try:
-                answer = up.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise _Gone("origin", f"bad response: {exc}") from None
-            if answer is h11.NEED_DATA:
-                client_waits = not request_done and not self._client_eof
-                await self._fill(client_waits, not self._origin_eof)
-                continue
-            if isinstance(answer, h11.InformationalResponse):
-                if answer.status_code == 101 and up.their_state is h11.SWITCHED_PROTOCOL:
-                    await self._switch(answer)
-                    return
-                if cli.their_http_version != b"1.0":
+                request_done = isinstance(event, h11.EndOfMessage)
+                self._to_origin(up.send(event))
+            while not response_done and len(self._out_client) < OUT_BYTES:
+                try:
+                    answer = up.next_event()
+                except h11.RemoteProtocolError as exc:
+                    raise _Gone("origin", f"bad response: {exc}") from None
+                if answer is h11.NEED_DATA:
+                    break
+                if isinstance(answer, h11.InformationalResponse):
+                    if answer.status_code == 101 and up.their_state is h11.SWITCHED_PROTOCOL:
+                        await self._switch(answer)
+                        return
+                    if cli.their_http_version != b"1.0":
+                        headers = self._response_headers(answer.headers, answer.status_code)
+                        info = h11.InformationalResponse(
+                            status_code=answer.status_code, headers=headers
+                        )
+                        self._to_client(cli.send(info))
+                elif isinstance(answer, h11.Response):
+                    self.status = answer.status_code
                     headers = self._response_headers(answer.headers, answer.status_code)
-                    await self._to_client(
-                        cli.send(
-                            h11.InformationalResponse(
-                                status_code=answer.status_code, headers=headers
-                            )
-                        )
+                    self._responding = True
+                    response = h11.Response(
+                        status_code=answer.status_code, headers=headers, reason=answer.reason
                     )
-            elif isinstance(answer, h11.Response):
-                self.status = answer.status_code
-                headers = self._response_headers(answer.headers, answer.status_code)
-                self._responding = True
-                await self._to_client(
-                    cli.send(
-                        h11.Response(
-                            status_code=answer.status_code, headers=headers, reason=answer.reason
-                        )
-                    )
-                )
-            elif isinstance(answer, h11.Data):
-                await self._to_client(cli.send(answer))
-            elif isinstance(answer, h11.EndOfMessage):
-                await self._to_client(cli.send(h11.EndOfMessage()))
-                await self._flush()
+                    self._to_client(cli.send(response))
+                elif isinstance(answer, h11.Data):
+                    self._to_client(cli.send(answer))
+                elif isinstance(answer, h11.EndOfMessage):
+                    self._to_client(cli.send(h11.EndOfMessage()))
+                    response_done = True
+                else:  # ConnectionClosed before a response
+                    raise _Gone("origin", "closed without a response")
+            if response_done:
                 break
-            else:  # ConnectionClosed before a response
-                raise _Gone("origin", "closed without a response")
+            # Then the sockets: write what is due, read what may be read, or wait.
+            try:
+                moved = self._try_send(False)
+            except _Gone:
+                if not self._out_origin or self._origin_eof:
+                    raise
+                # The origin stopped taking the body (it may have answered already, a 413
+                # say): send it nothing more, and read what it said.
+                self._out_origin.clear()
+                request_done = moved = True
+            moved = self._try_send(True) or moved
+            read_client = (
+                not request_done and not self._client_eof and len(self._out_origin) < OUT_BYTES
+            )
+            read_origin = not self._origin_eof and len(self._out_client) < OUT_BYTES
+            if read_client and self._recv(True):
+                moved = True
+            if read_origin and self._recv(False):
+                moved = True
+            if moved:
+                continue
+            readers = [self.conn.fd] if read_client else []
+            if read_origin:
+                readers.append(self.origin.fileno())
+            writers = [self.origin.fileno()] if self._out_origin else []
+            if self._out_client:
+                writers.append(self.conn.fd)
+            if not readers and not writers:
+                raise _Gone("origin", "ended the exchange unanswered")
+            await self._wait(readers, writers)
+        await self._flush()
         self._log("ok", None)
         if up.our_state is h11.DONE and up.their_state is h11.DONE:
             up.start_next_cycle()
@@ -606,25 +636,13 @@ class Forwarder:
         conn.start_relay(reply, early, from_origin)
 
     # -- socket I/O --------------------------------------------------------------------------
-    async def _fill(self, client: bool, origin: bool) -> None:
-        """Read what the client and/or the origin sent, waiting until one of them did."""
-        while True:
-            got = client and self._recv(True)
-            got = (origin and self._recv(False)) or got
-            if got:
-                return
-            if self._out_origin or self._out_client:
-                await self._flush()
-                continue
-            if not client and not origin:
-                raise _Gone("origin", "nothing left to read")  # both ended: cannot happen
-            await self._wait(
-                ([self.conn.fd] if client else [])
-                + ([self.origin.fileno()] if origin and self.origin else []),
-                writer=False,
-            )
+    async def _fill(self) -> None:
+        """Wait for the client's next bytes (between requests: nothing else is due)."""
+        while not self._recv(True):
+            await self._wait([self.conn.fd], [])
 
     def _recv(self, client: bool) -> bool:
+        """One read from the client or the origin into its parser; False if nothing came."""
         sock = self.conn.sock if client else self.origin
         assert sock is not None
         try:
@@ -643,46 +661,46 @@ class Forwarder:
             self.up.receive_data(data)
         return True
 
-    # Writes are gathered until the forwarder would wait for a read (or OUT_BYTES are due): a
-    # head and its body's first bytes, or a short response whole, then go in one send.
-    async def _to_origin(self, data: bytes | None) -> None:
+    # Writes are gathered and sent when the forwarder would otherwise wait: a head and its
+    # body's first bytes, or a short response whole, go in one send.
+    def _to_origin(self, data: bytes | None) -> None:
         if data:
             self.upstream += len(data)
             self._out_origin += data
-            if len(self._out_origin) >= OUT_BYTES:
-                await self._flush()
 
-    async def _to_client(self, data: bytes | None) -> None:
+    def _to_client(self, data: bytes | None) -> None:
         if data:
             self.down += len(data)
             self._out_client += data
-            if len(self._out_client) >= OUT_BYTES:
-                await self._flush()
+
+    def _try_send(self, client: bool) -> bool:
+        """Send what is due to one side without waiting; whether anything went."""
+        buffer = self._out_client if client else self._out_origin
+        if not buffer:
+            return False
+        sock = self.conn.sock if client else self.origin
+        assert sock is not None
+        try:
+            sent = sock.send(buffer)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            raise _Gone("client" if client else "origin", strerror(exc)) from None
+        del buffer[:sent]
+        self.conn.active = True
+        return sent > 0
 
     async def _flush(self) -> None:
-        if self._out_origin:
-            assert self.origin is not None
-            data, self._out_origin = self._out_origin, bytearray()
-            await self._send(self.origin, data, "origin")
-        if self._out_client:
-            data, self._out_client = self._out_client, bytearray()
-            await self._send(self.conn.sock, data, "client")
+        """Send everything due, waiting as needed."""
+        while self._out_origin or self._out_client:
+            if self._try_send(False) | self._try_send(True):
+                continue
+            writers = [self.origin.fileno()] if self._out_origin and self.origin else []
+            if self._out_client:
+                writers.append(self.conn.fd)
+            await self._wait([], writers)
 
-    async def _send(self, sock: _socket.socket, data: bytearray, side: str) -> None:
-        view = memoryview(data)
-        while view:
-            try:
-                sent = sock.send(view)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                raise _Gone(side, strerror(exc)) from None
-            view = view[sent:]
-            if view:
-                await self._wait([sock.fileno()], writer=True)
-        self.conn.active = True
-
-    async def _wait(self, fds: list[int], *, writer: bool) -> None:
+    async def _wait(self, readers: list[int], writers: list[int]) -> None:
         loop = self.conn.server.loop
         future = loop.create_future()
 
@@ -690,9 +708,12 @@ class Forwarder:
             if not future.done():
                 future.set_result(None)
 
-        for fd in fds:
-            (loop.add_writer if writer else loop.add_reader)(fd, wake)
-            self._registered.append((fd, writer))
+        for fd in readers:
+            loop.add_reader(fd, wake)
+            self._registered.append((fd, False))
+        for fd in writers:
+            loop.add_writer(fd, wake)
+            self._registered.append((fd, True))
         try:
             await future
         finally:
