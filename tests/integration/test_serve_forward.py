@@ -548,6 +548,11 @@ def test_error_statuses(proxy: ServeProcess, origin: Origin) -> None:
         proxy, ok + ok[:-4] + b"\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", responses=2
     )
     assert [h.status_code for h in heads] == [200, 431] and closed
+    # A head still incomplete past the cap (h11's own limit).
+    heads, _, closed = raw_exchange(
+        proxy, ok + ok[:-4] + b"\r\nX-Big: " + b"a" * 70000, responses=2
+    )
+    assert [h.status_code for h in heads] == [200, 431] and closed
     assert origin.requests and all(t == "/bytes/1" for _, t, _, _ in origin.requests)
     log = proxy.wait_log("status=431")
     assert "origin-form request" in log and "Host header names another authority" in log
@@ -717,3 +722,15 @@ def test_full_duplex_echo_does_not_deadlock(proxy: ServeProcess) -> None:
             reader.join(30)
             assert not reader.is_alive()
     assert sha256(bytes(received.partition(b"\r\n\r\n")[2])) == sha256(body)
+
+
+def test_unknown_transfer_coding_and_missing_host(proxy: ServeProcess, origin: Origin) -> None:
+    ok = f"GET {origin.base}/bytes/1 HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n\r\n"
+    gzip = (f"POST {origin.base}/echo HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
+            "Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n")  # fmt: skip
+    heads, _, closed = raw_exchange(proxy, (ok + gzip).encode(), responses=2)
+    assert [h.status_code for h in heads] == [200, 501] and closed
+    no_host = f"GET {origin.base}/bytes/1 HTTP/1.1\r\n\r\n"  # HTTP/1.1 requires Host
+    heads, _, closed = raw_exchange(proxy, (ok + no_host).encode(), responses=2)
+    assert [h.status_code for h in heads] == [200, 400] and closed
+    assert len(origin.requests) == 2

@@ -192,11 +192,9 @@ def error_response(status: int, text: str, extra: Sequence[tuple[bytes, bytes]] 
 
 
 def _h11_refusal(exc: h11.RemoteProtocolError) -> Refusal:
-    message = str(exc)
-    status = exc.error_status_hint
-    if "maximum" in message or "exceeds" in message:  # h11's "Receive buffer too long"
-        status = 431
-    return Refusal(status, "protocol-error", f"bad request: {message}")
+    """h11's verdict on a client's bytes: its status (431 for a head over the cap, 501 for a
+    transfer coding it does not know, else 400)."""
+    return Refusal(exc.error_status_hint, "protocol-error", f"bad request: {exc}")
 
 
 # --------------------------------------------------------------------------- the forwarder
