@@ -218,8 +218,9 @@ def raw_exchange(
                 break
             conn.start_next_cycle()
         closed = False
+        announced = bool(heads) and (b"connection", b"close") in list(heads[-1].headers)
         try:
-            sock.settimeout(3)
+            sock.settimeout(3 if announced else 0.2)  # an open one is only probed
             closed = sock.recv(1) == b""
         except ConnectionResetError:
             closed = True
