@@ -31,6 +31,14 @@ stall     kernel memory one stalled download pins (issue 8, rule 17): on a fresh
           the proxy's process group, every TCP socket's receive and send queue (``ss -tmp``
           skmem r + w) and the bytes held in its pipes, in MiB.
 
+fwd       plain HTTP forwarding (``GET http://...`` to the proxy; hopcat, tinyproxy and pproxy
+          with ``-l http://``; the SOCKS-only servers are skipped): requests per second with
+          ``--inflight`` clients for ``--fwd-seconds``, each request answered with
+          ``--fwd-body`` bytes, keep-alive (the next request on the same connection, as long as
+          the proxy keeps it) and not (``Connection: close``, a new connection each); then one
+          download and one upload (POST with Content-Length) of ``--fwd-size``, in MB/s. The
+          origin is a separate process, a thread per connection, sendfile for bodies.
+
 ``hopcat-w`` is hopcat serve with ``--workers auto`` (one worker per CPU it may use), so the
 multi-core figure stands next to the one-process ``hopcat``; both run on uvloop when the
 interpreter has it. pproxy comes from PyPI into ``bench/.venv-pproxy`` (created on first use with pip). The
@@ -43,6 +51,8 @@ Usage:
     python3 bench/serve.py --servers hopcat,dante --only single,tps --json out.json
     python3 bench/serve.py --servers hopcat,hopcat-uvloop --hopcat-args="-q" --only tps
     python3 bench/serve.py --only stall --reps 3
+    python3 bench/serve.py --servers hopcat,tinyproxy,pproxy --only fwd
+    python3 bench/serve.py --servers hopcat --only fwd --reps 1 --fwd-seconds 1 --fwd-size 8M
     python3 bench/serve.py --servers hopcat --only stall --hopcat-args="--max-receive-buffer 0"
 
 Progress goes to stderr, a Markdown report to stdout. Numbers on a shared 2-core machine are
@@ -77,6 +87,8 @@ CLIENT_ADDRESSES = 32  # and 127.0.0.1..127.0.0.32 as its source addresses
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 TRUNC_BUFFER = bytearray(4 * MiB)  # MSG_TRUNC never writes into it; recv_into needs one
 DEFAULT_SERVERS = "hopcat,hopcat-w,dante,microsocks,tinyproxy,pproxy"
+FORWARDING = {"hopcat": "hopcat", "hopcat-w": "hopcat-w", "hopcat-uvloop": "hopcat-uvloop",
+              "tinyproxy": "tinyproxy", "pproxy": "pproxy-http"}  # fmt: skip
 STALL_SETTLE_S = 3.0
 STALL_SIZE = 1 << 50  # "without end": the target is stopped by the proxy going away
 _SKMEM = re.compile(r"users:\(\(.*?pid=(\d+),.*?skmem:\(r(\d+),rb\d+,t\d+,tb\d+,f\d+,w(\d+)")
@@ -444,6 +456,210 @@ def measure_tps(
     }
 
 
+# --------------------------------------------------------------------------- HTTP forwarding
+
+
+def http_origin_main(port_file: str) -> None:
+    """The origin of the fwd runs: ``GET /N`` is answered with N zero bytes (Content-Length,
+    sendfile), ``POST`` bodies (Content-Length) are discarded and answered with an empty 200;
+    keep-alive unless the request says ``Connection: close``. A thread per connection."""
+    zeros = zero_memfd()
+    listener = socket.create_server((HOST, 0), backlog=4096)
+    Path(port_file + ".tmp").write_text(str(listener.getsockname()[1]))
+    os.replace(port_file + ".tmp", port_file)
+
+    def serve(conn: socket.socket) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buf = b""
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                method, path = lines[0].split(" ")[:2]
+                fields = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+                length = int(fields.get("content-length", "0"))
+                body, buf = buf[:length], buf[length:]
+                if len(body) < length:
+                    recv_discard(conn, TRUNC_BUFFER, length - len(body), socket.MSG_TRUNC)
+                size = int(path.rsplit("/", 1)[1] or 0) if method == "GET" else 0
+                closing = fields.get("connection", "").lower() == "close"
+                answer = f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\n"
+                answer += "Connection: close\r\n\r\n" if closing else "\r\n"
+                conn.sendall(answer.encode())
+                if size:
+                    send_zeros(conn.fileno(), zeros, size)
+                if closing:
+                    return
+
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+class HttpOrigin:
+    def __init__(self, workdir: Path) -> None:
+        port_file = workdir / "origin.port"
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--http-origin", str(port_file)], start_new_session=True
+        )
+        deadline = time.monotonic() + 10
+        while not port_file.exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError("HTTP origin did not start")
+            time.sleep(0.01)
+        self.port = int(port_file.read_text())
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def _response_end(data: bytes | bytearray) -> tuple[int, bool] | None:
+    """(the length of the response at the start of ``data``, whether it closes), or None
+    while its head is incomplete; a response without Content-Length is an error here."""
+    end = data.find(b"\r\n\r\n")
+    if end == -1:
+        return None
+    head = bytes(data[:end]).lower()
+    match = re.search(rb"\r\ncontent-length: *(\d+)", head)
+    if match is None:
+        raise ConnectionError(f"no Content-Length in {head[:80]!r}")
+    closes = b"\r\nconnection: close" in head or head.startswith(b"http/1.0")
+    return end + 4 + int(match.group(1)), closes
+
+
+def measure_requests(
+    daemon: daemons.Daemon, origin: HttpOrigin, inflight: int, seconds: float, body: int,
+    keep_alive: bool,
+) -> float:  # fmt: skip
+    """Forwarded requests per second, ``inflight`` clients at once (one thread, selectors)."""
+    url = f"http://{HOST}:{origin.port}/{body}"
+    request = f"GET {url} HTTP/1.1\r\nHost: {HOST}:{origin.port}\r\n"
+    request += "\r\n" if keep_alive else "Connection: close\r\n\r\n"
+    wire = request.encode()
+    sel = selectors.DefaultSelector()
+    completed = failed = 0
+    reused: set[object] = set()  # connections on their second request or later
+
+    def launch() -> None:
+        sock = socket.socket()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.connect((HOST, daemon.port))
+        sock.setblocking(False)
+        sock.send(wire)
+        sel.register(sock, selectors.EVENT_READ, bytearray())
+
+    for _ in range(inflight):
+        launch()
+    started = time.perf_counter()
+    deadline = started + seconds
+    while (now := time.perf_counter()) < deadline:
+        for key, _events in sel.select(deadline - now):
+            sock, got = key.fileobj, key.data
+            try:
+                data = sock.recv(262144)  # type: ignore[union-attr]
+                if not data and not got and sock in reused:
+                    # The proxy ended the keep-alive before this request (tinyproxy does after
+                    # every response): a client sends it again on a new connection.
+                    reused.discard(sock)
+                    sel.unregister(sock)
+                    sock.close()  # type: ignore[union-attr]
+                    launch()
+                    continue
+                if not data:
+                    raise ConnectionError("closed before the response ended")
+                got += data
+                ended = _response_end(got)
+                if ended is None or len(got) < ended[0]:
+                    continue
+                if len(got) > ended[0]:
+                    raise ConnectionError("bytes after the response")
+                completed += 1
+                if keep_alive and not ended[1]:
+                    got.clear()
+                    reused.add(sock)
+                    sock.send(wire)  # type: ignore[union-attr]
+                    continue
+            except OSError:
+                failed += 1
+            reused.discard(sock)
+            sel.unregister(sock)
+            sock.close()  # type: ignore[union-attr]
+            launch()
+    elapsed = time.perf_counter() - started
+    for key in list(sel.get_map().values()):
+        key.fileobj.close()  # type: ignore[union-attr]
+    sel.close()
+    if failed > completed // 100:
+        raise RuntimeError(f"{daemon.key}: fwd: {failed} failed, {completed} completed")
+    return completed / elapsed
+
+
+def measure_forward_bulk(
+    daemon: daemons.Daemon, origin: HttpOrigin, zeros: int, size: int
+) -> dict[str, float]:
+    """One download and one upload of ``size`` bytes through the forwarding proxy, in MB/s."""
+    out = {}
+    for direction in ("down", "up"):
+        with socket.create_connection((HOST, daemon.port), timeout=60) as sock:
+            sock.settimeout(None)  # sendfile(2) on a socket in timeout mode gets EAGAIN
+            target = f"http://{HOST}:{origin.port}/{size if direction == 'down' else 0}"
+            method, extra = (
+                ("GET", "") if direction == "down" else ("POST", f"Content-Length: {size}\r\n")
+            )
+            head = f"{method} {target} HTTP/1.1\r\nHost: {HOST}:{origin.port}\r\n{extra}\r\n"
+            started = time.perf_counter()
+            sock.sendall(head.encode())
+            if direction == "up":
+                send_zeros(sock.fileno(), zeros, size)
+            got = b""
+            while (ended := _response_end(got)) is None:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("closed before the response head")
+                got += chunk
+            rest = ended[0] - len(got)
+            if rest > 0 and discard(sock, rest) != rest:
+                raise ConnectionError("response body cut short")
+            elapsed = time.perf_counter() - started
+        out[f"fwd_{direction}_mbps"] = size / elapsed / 1e6
+    return out
+
+
+def measure_forwarding(
+    name: str, workdir: Path, extra: list[str], origin: HttpOrigin, zeros: int,
+    args: argparse.Namespace,
+) -> dict[str, float]:  # fmt: skip
+    row: dict[str, float] = {}
+    if name not in FORWARDING:
+        return row
+    body = parse_size(args.fwd_body)
+    for keep_alive, key in ((True, "fwd_rps"), (False, "fwd_rps_close")):
+        daemon = daemons.start(FORWARDING[name], workdir / f"fwd-{key}", extra)
+        try:
+            cpu0 = daemon.cpu()
+            started = time.perf_counter()
+            row[key] = measure_requests(
+                daemon, origin, args.inflight, args.fwd_seconds, body, keep_alive
+            )
+            row[key + "_cpu_ms"] = (
+                (daemon.cpu() - cpu0) / max(row[key] * (time.perf_counter() - started), 1) * 1000
+            )
+        finally:
+            daemon.stop()
+    daemon = daemons.start(FORWARDING[name], workdir / "fwd-bulk", extra)
+    try:
+        row |= measure_forward_bulk(daemon, origin, zeros, parse_size(args.fwd_size))
+    finally:
+        daemon.stop()
+    return row
+
+
 def measure_idle(
     daemon: daemons.Daemon, protocol: str, banner_port: int, count: int
 ) -> dict[str, float]:
@@ -473,9 +689,7 @@ def pinned_bytes(pids: set[int]) -> tuple[int, int]:
     out = subprocess.run(
         ["ss", "-tmnpH"], capture_output=True, text=True, check=True
     ).stdout.replace("\n\t", " ")
-    sockets = sum(
-        int(m[2]) + int(m[3]) for m in _SKMEM.finditer(out) if int(m[1]) in pids
-    )
+    sockets = sum(int(m[2]) + int(m[3]) for m in _SKMEM.finditer(out) if int(m[1]) in pids)
     pipes = 0
     seen: set[str] = set()
     for pid in pids:
@@ -526,6 +740,12 @@ COLUMNS = [
     ("tps_cpu_ms", "CPU ms/tunnel"),
     ("idle_kib", "KiB/idle tunnel"),
     ("stall_mib", "MiB/stalled tunnel"),
+    ("fwd_rps", "HTTP req/s keep-alive"),
+    ("fwd_rps_cpu_ms", "CPU ms/req keep-alive"),
+    ("fwd_rps_close", "HTTP req/s new conn"),
+    ("fwd_rps_close_cpu_ms", "CPU ms/req new conn"),
+    ("fwd_down_mbps", "HTTP down MB/s"),
+    ("fwd_up_mbps", "HTTP up MB/s"),
 ]
 
 
@@ -534,7 +754,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--servers", default=DEFAULT_SERVERS)
-    parser.add_argument("--only", default="single,aggregate,tps,idle,stall")
+    parser.add_argument("--only", default="single,aggregate,tps,idle,stall,fwd")
     parser.add_argument("--size", default="1G", help="single-stream size (default 1G)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--streams", type=int, default=64)
@@ -545,10 +765,17 @@ def main() -> int:
     parser.add_argument("--stall-warm", default="256M", help="read before stalling (256M)")
     parser.add_argument("--json", help="write raw results here")
     parser.add_argument("--hopcat-args", default="", help="extra options for hopcat serve")
+    parser.add_argument("--fwd-seconds", type=float, default=10.0, help="per fwd run (10)")
+    parser.add_argument("--fwd-body", default="1K", help="fwd response body (1K)")
+    parser.add_argument("--fwd-size", default="256M", help="fwd download/upload (256M)")
     parser.add_argument("--banner-target", help=argparse.SUPPRESS)
+    parser.add_argument("--http-origin", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.banner_target:
         banner_target_main(args.banner_target)
+        return 0
+    if args.http_origin:
+        http_origin_main(args.http_origin)
         return 0
     hopcat_extra = args.hopcat_args.split()
     names = [n for n in args.servers.split(",") if n]
@@ -568,6 +795,7 @@ def main() -> int:
         work = Path(tmp)
         banner = BannerTarget(work)
         target = StreamTarget(zeros)
+        origin = HttpOrigin(work) if "fwd" in only else None
         try:
             for rep in range(args.reps):
                 for name in rotated(names, rep):
@@ -612,6 +840,11 @@ def main() -> int:
                                 )
                             finally:
                                 daemon.stop()
+                        if origin is not None and name in FORWARDING:
+                            log(f"rep {rep + 1} {name}: HTTP forwarding")
+                            row |= measure_forwarding(
+                                name, work / f"{name}-{rep}", hopcat_extra, origin, zeros, args
+                            )
                     except Exception as exc:
                         failures.append(f"rep {rep + 1} {name}: {exc}")
                         log(f"FAILED: rep {rep + 1} {name}: {exc}")
@@ -619,6 +852,8 @@ def main() -> int:
         finally:
             target.close()
             banner.close()
+            if origin is not None:
+                origin.close()
     print(report(results, names, args, load, failures))
     write_json(args.json, {"args": vars(args), "results": results, "failures": failures})
     return 1 if failures else 0
@@ -671,6 +906,13 @@ def report(
         ("down_cpu_per_gib", dante, "CPU/GiB down <= Dante", "lower"),
         ("tps", dante, "tunnels/s >= Dante", "higher"),
         ("idle_kib", pproxy, "KiB/idle tunnel < pproxy", "lower"),
+        ("fwd_rps", medians.get("tinyproxy", {}), "HTTP req/s keep-alive >= tinyproxy", "higher"),
+        (
+            "fwd_rps_close",
+            medians.get("tinyproxy", {}),
+            "HTTP req/s new conn >= tinyproxy",
+            "higher",
+        ),
     ):
         if key in hop and key in other:
             ok = hop[key] >= other[key] if better == "higher" else hop[key] <= other[key]

@@ -192,6 +192,15 @@ def _start_pproxy(workdir: Path, extra: list[str]) -> peers.Daemon:
     )
 
 
+def _start_pproxy_http(workdir: Path, extra: list[str]) -> peers.Daemon:
+    """pproxy as an HTTP proxy: CONNECT and plain forwarding (serve.py's fwd runs)."""
+    python = str(ensure_venv(BENCH / ".venv-pproxy", ["pproxy"]))
+    return peers.start_daemon(
+        "pproxy", workdir, lambda port: [python, "-m", "pproxy", "-l", f"http://{HOST}:{port}"],
+        scheme="http",
+    )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Server:
     key: str  # name on the command line (--proxy, --servers)
@@ -238,6 +247,7 @@ SERVERS: dict[str, Server] = {
             _start_hopcat_workers,
         ),
         Server("pproxy", "pproxy", None, ("socks5",), _start_pproxy),
+        Server("pproxy-http", "pproxy (HTTP)", None, ("http",), _start_pproxy_http),
     )
 }
 

@@ -262,7 +262,7 @@ def test_via_upstream_refusal_is_passed_on(serve: Serve, danted: peers.Daemon) -
 
 
 def test_unsupported_commands_get_their_answer(serve: Serve) -> None:
-    server = serve()
+    server = serve("--no-forward")  # forwarding: test_serve_forward.py
     with connect(server) as sock:  # BIND (UDP ASSOCIATE is served: test_serve_udp.py)
         assert socks5_connect(sock, "127.0.0.1", 9, command=2) == 7
         assert wait_closed(sock) == b""

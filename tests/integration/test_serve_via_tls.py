@@ -246,3 +246,28 @@ def test_via_cacert_missing_file_is_a_usage_error(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 64, result.stderr
     assert f"--via-cacert {missing}" in result.stderr.decode()
+
+
+def test_http_forwarding_through_a_tls_hop(certificates: Certificates, workdir: Path,
+                                           tls_proxy: int) -> None:  # fmt: skip
+    """Plain HTTP forwarded through an https:// hop: two origins in turn on one client
+    connection, so the chain (and its TLS bridge) is opened, dropped and opened again."""
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl not installed (apt-get install curl)")
+    first, second = pattern(BULK, 12), pattern(1000, 13)
+    with (
+        peers.HttpTarget(first).start() as one,
+        peers.HttpTarget(second).start() as two,
+        via_server(workdir, certificates, f"https://localhost:{tls_proxy}",
+                   name="via-forward") as server,
+    ):  # fmt: skip
+        fetched = subprocess.run(
+            [curl, "-sS", "--max-time", "60", "-x", f"http://{server.host}:{server.port}",
+             one.url, two.url, one.url],
+            capture_output=True, timeout=90, env=clean_env(),
+        )  # fmt: skip
+        assert fetched.returncode == 0, fetched.stderr
+        assert sha256(fetched.stdout) == sha256(first + second + first)
+        log = server.wait_log("method=GET", count=3)
+        assert log.count("status=200 result=ok") == 3

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # socket.py and enum cost ~10 ms together on this platform; _socket is all the client needs.
 HEAVY = {"asyncio", "ssl", "argparse", "dataclasses", "typing", "logging", "re", "urllib.parse",
          "threading", "inspect", "encodings.idna", "getopt", "gettext", "socket", "enum",
-         "selectors", "ipaddress", "subprocess"}
+         "selectors", "ipaddress", "subprocess", "h11"}
 
 
 def _imported(args: list[str], **env: str) -> set[str]:

@@ -17,7 +17,12 @@ from hopcat.proto import http_connect
 from hopcat.proto._events import NEED_DATA, Credentials, Established, Rejected, Request
 from hopcat.proto._machine import State
 from hopcat.proto.detect import detect
-from hopcat.proto.http_connect import STATUS_TEXT, HttpConnectClient, HttpConnectServer
+from hopcat.proto.http_connect import (
+    STATUS_TEXT,
+    HttpConnectClient,
+    HttpConnectServer,
+    http_url_authority,
+)
 
 BANNER = b"SSH-2.0-OpenSSH_9.2\r\n"
 
@@ -283,8 +288,14 @@ def test_eof_during_the_handshake(received: bytes) -> None:
 @pytest.mark.parametrize(
     ("response", "message"),
     [
-        (b"\x05\x00", "not an HTTP response (first byte 0x05: this looks like a SOCKS5 proxy: use socks5h://)"),
-        (b"\x00\x5a", "not an HTTP response (first byte 0x00: this looks like a SOCKS4 proxy: use socks4a://)"),
+        (
+            b"\x05\x00",
+            "not an HTTP response (first byte 0x05: this looks like a SOCKS5 proxy: use socks5h://)",
+        ),
+        (
+            b"\x00\x5a",
+            "not an HTTP response (first byte 0x00: this looks like a SOCKS4 proxy: use socks4a://)",
+        ),
         (BANNER, "not an HTTP response: 'SSH-2.0-OpenSSH_9.2'"),
         (b"HTTX", "not an HTTP response: 'HTTX'"),
         (b"HTTP/2 200\r\n\r\n", "malformed HTTP status line 'HTTP/2 200'"),
@@ -449,8 +460,11 @@ def test_server_targets(target: bytes, host: str, port: int) -> None:
 
 def test_server_other_methods_are_answered_405() -> None:
     server = HttpConnectServer()
-    server.receive_data(b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n")
-    assert server.next_event() == Request("GET", "", 0)
+    head = b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n"
+    server.receive_data(head + b"next")
+    # An absolute http:// URL names its origin; the raw head is kept for a forwarder.
+    assert server.next_event() == Request("GET", "example.com", 80)
+    assert server.head == head
     server.reply_failure(405)
     assert server.data_to_send() == (
         b"HTTP/1.1 405 Method Not Allowed\r\nAllow: CONNECT\r\nContent-Type: text/plain\r\n"
@@ -518,7 +532,9 @@ def test_server_basic_auth_rejected() -> None:
     assert server.next_event() == Credentials("u", "p")
     server.accept_credentials(False)
     assert server.data_to_send() == CHALLENGE
-    assert server.next_event() == Rejected("HTTP 407: credentials rejected", Rejected.AUTHENTICATION)
+    assert server.next_event() == Rejected(
+        "HTTP 407: credentials rejected", Rejected.AUTHENTICATION
+    )
 
 
 @pytest.mark.parametrize(
@@ -829,3 +845,38 @@ def test_each_chunked_407_of_a_connection_is_drained_on_its_own() -> None:
     client.retry("NTLM TlRMTVNTUAAD")
     client.receive_data(SQUID + BANNER)
     assert isinstance(client.next_event(), Established) and client.trailing_data == BANNER
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("http://example.com/", ("example.com", 80)),
+        ("HTTP://Example.com:8080/x?y", ("Example.com", 8080)),
+        ("http://example.com?q", ("example.com", 80)),
+        ("http://example.com:", ("example.com", 80)),
+        ("http://[::1]/", ("::1", 80)),
+        ("http://[::1]:81", ("::1", 81)),
+        ("https://example.com/", None),
+        ("/index.html", None),
+        ("example.com:80", None),
+    ],
+)
+def test_http_url_authority(target: str, expected: tuple[str, int] | None) -> None:
+    assert http_url_authority(target) == expected
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["http://u:p@example.com/", "http:///x", "http://a b/", "http://h:99999/", "http://::1/"],
+)
+def test_http_url_authority_refuses(target: str) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        http_url_authority(target)
+    assert "u:p" not in str(info.value)
+
+
+def test_server_non_http_targets_carry_no_host() -> None:
+    for target in (b"/", b"https://example.com/", b"*"):
+        server = HttpConnectServer()
+        server.receive_data(b"GET " + target + b" HTTP/1.1\r\nHost: example.com\r\n\r\n")
+        assert server.next_event() == Request("GET", "", 0)

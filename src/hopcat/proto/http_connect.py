@@ -30,19 +30,19 @@ Peer text (reason phrase, header values) is sanitized before it goes into an err
 The server parses one request head (``REQUEST``), hands ``Credentials`` from a Basic
 Proxy-Authorization header, or ``DigestCredentials`` from a Digest one, to the server code when
 authentication is required (answering 407 itself when there is none usable), then a
-``Request``; any method other than CONNECT comes through with ``host=""`` for the server code
-to answer ``reply_failure(405)``. Every failure response carries ``Connection: close`` (a
-client answers a 407 on a new connection) and a one-line text/plain body. A request head it
-cannot take is refused by ``abort_reply()`` with the status its error names (400; 414 for a
-request line over ``MAX_REQUEST_LINE_BYTES``, 431 for a head over ``MAX_HEAD_BYTES`` or
-``MAX_HEADER_LINES``, 505 for a version other than 1.x), answered as soon as the bytes so far
-show it, not after the whole head.
+``Request``; any method other than CONNECT comes through with the host and port of an
+absolute ``http://`` URL (``host=""`` for any other target) and its raw head in ``head``, for
+the server code to forward (``hopcat.server.forward``) or answer ``reply_failure(405)``. Every
+failure response carries ``Connection: close`` (a client answers a 407 on a new connection) and
+a one-line text/plain body. A request head it cannot take is refused by ``abort_reply()`` with
+the status its error names (400; 414 for a request line over ``MAX_REQUEST_LINE_BYTES``, 431 for
+a head over ``MAX_HEAD_BYTES`` or ``MAX_HEADER_LINES``, 505 for a version other than 1.x),
+answered as soon as the bytes so far show it, not after the whole head.
 
 The server's 407 carries the ``challenges`` it was made with, one Proxy-Authenticate header
 each (Basic only by default); the schemes they name are the ones whose credentials it takes.
 Digest challenges hold a nonce, which needs a clock and a secret: the server code makes them
-(``http_auth.digest_challenge``) and verifies the answers. Not done: absolute-form requests
-(this is a tunnel, not a forwarding proxy).
+(``http_auth.digest_challenge``) and verifies the answers.
 """
 
 from __future__ import annotations
@@ -547,7 +547,9 @@ class HttpConnectServer(Machine):
     ``challenges`` are the Proxy-Authenticate values of a 407, the strongest first (default:
     ``AUTH_CHALLENGE``, Basic); credentials are taken in the schemes they name."""
 
-    __slots__ = ("_challenges", "_error", "_pending", "_require_auth", "_scanned", "_schemes")
+    __slots__ = (
+        "_challenges", "_error", "_pending", "_require_auth", "_scanned", "_schemes", "head"
+    )  # fmt: skip
     _PEER = "client"
     _SIZES: ClassVar[None] = None
 
@@ -566,6 +568,9 @@ class HttpConnectServer(Machine):
         self._pending: Request | None = None
         # What the client sent wrong, answered by abort_reply() with its status and message.
         self._error: RemoteProtocolError | None = None
+        # A request other than CONNECT, whole and raw: a forwarding proxy parses it again (see
+        # hopcat.server.forward) and owns its body's framing.
+        self.head: bytes | None = None
 
     def _on_request(self) -> Step:
         try:
@@ -609,7 +614,11 @@ class HttpConnectServer(Machine):
         _check_request_head(head)
         request_line, headers = _split_head(head)
         method, target = _parse_request_line(request_line)
-        host, port = _parse_authority(target) if method == "CONNECT" else ("", 0)
+        if method == "CONNECT":
+            host, port = _parse_authority(target)
+        else:
+            self.head = bytes(head)
+            host, port = http_url_authority(target) or ("", 0)
         request = Request(method, host, port)
         if not self._require_auth:
             self._state = State.REPLY_DECISION
@@ -788,6 +797,24 @@ def _parse_request_line(line: str) -> tuple[str, str]:
     return method, target
 
 
+def http_url_authority(target: str) -> tuple[str, int] | None:
+    """(host, port) of an absolute-form ``http://`` request target (port 80 unless given), None
+    for any other form or scheme; a malformed authority, or one with userinfo (RFC 9110 section
+    4.2.4: a recipient should treat it as an error), raises."""
+    if target[:7].lower() != "http://":
+        return None
+    authority = target[7:]
+    for end in "/?#":
+        authority = authority.partition(end)[0]
+    if "@" in authority:
+        raise RemoteProtocolError(f"userinfo in the request URL {_redacted(target)!r} is refused")
+    if not authority.endswith("]") and ":" in authority:
+        if authority.endswith(":"):
+            authority += "80"
+        return _parse_authority(authority)
+    return _parse_authority(authority + ":80")
+
+
 def _parse_authority(target: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` (RFC 9110 section 9.3.6) -> (host without brackets, port)."""
     malformed = RemoteProtocolError(f"malformed CONNECT target {_redacted(target)!r}")
@@ -868,6 +895,11 @@ def _digest_credentials(value: str, method: str, target: str) -> DigestCredentia
         or len(nc) != 8 or nc.strip(_HEX) or params.get("userhash", "false").lower() != "false"
     ):  # fmt: skip
         return None
+    if method != "CONNECT" and params["uri"].startswith("/") and target[:7].lower() == "http://":
+        # A forwarded request: clients (curl) answer for the URL's path, not the whole URL.
+        path = target[7:].partition("/")[1:]
+        if params["uri"] == "".join(path):
+            target = params["uri"]
     return DigestCredentials(
         params["username"], params["realm"], params["nonce"], params["uri"], params["response"],
         algorithm, nc, params["cnonce"], method, target,

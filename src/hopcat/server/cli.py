@@ -278,6 +278,20 @@ OPTION_TABLE: tuple[tuple[str, str, str, object, str], ...] = (
     ("no-splice", "", "no_splice", False, "relay by copying instead of splice(2)"),
     ("no-udp", "", "no_udp", False, "refuse SOCKS5 UDP ASSOCIATE (reply 7)"),
     (
+        "no-forward",
+        "",
+        "no_forward",
+        False,
+        "do not forward plain HTTP requests (GET http://...): 405, CONNECT only",
+    ),
+    (
+        "no-via-header",
+        "",
+        "no_via_header",
+        False,
+        "do not add 'Via: 1.1 hopcat' to forwarded HTTP requests and responses",
+    ),
+    (
         "udp-idle-timeout",
         "SECS",
         "udp_idle_timeout_s",
@@ -354,6 +368,8 @@ class ServeOptions:
     tls_verify_client: bool
     no_splice: bool
     no_udp: bool
+    no_forward: bool
+    no_via_header: bool
     udp_idle_timeout_s: float
     max_udp_per_client: int
     max_receive_buffer: int

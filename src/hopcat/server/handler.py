@@ -16,7 +16,10 @@ rules, -4/-6, --via, deadlines and logs are the proxy's; a refusal is the end of
 (LINGER without an answer), and success relays at once.
 
 HANDSHAKE: the first byte picks the machine (``proto.detect``): SOCKS4/4a, SOCKS5 or HTTP
-CONNECT. Every read is fed to the machine and whatever it queues is written back at once (a
+CONNECT. An HTTP request with another method (plain HTTP forwarding) passes the connection to a
+``hopcat.server.forward.Forwarder`` once the machine has authenticated it (phase FORWARD); the
+forwarder has each request's origin checked and dialled by ``connect_to``, the path a CONNECT
+takes, and ``_established``/``refuse`` hand it the outcome. Every read is fed to the machine and whatever it queues is written back at once (a
 handshake reply is a few bytes on a fresh socket: a client that does not take them is dropped).
 ``Credentials`` are checked against the credential store, ``DigestCredentials`` by
 ``server.digest`` with the store's HA1s (a stale nonce is answered with a fresh one, not counted
@@ -49,12 +52,13 @@ left: "dns-error"), and a literal of the other family is refused at once ("wrong
 Failures get the protocol's own answer: SOCKS5 reply 2 (rules), 3/4 (unreachable, name not
 resolved, timeout), 5 (refused), 7 (BIND; UDP ASSOCIATE with --via or --no-udp), 8 (an address
 -4/-6 excludes), 1 (anything else); SOCKS4 91; HTTP 403,
-405 (methods other than CONNECT), 407 (credentials), 502, 503 (out of descriptors), 504
-(timeout); a request head the machine refuses gets the status of its error (400 malformed,
-including a lower-case first letter and a CONNECT without a port, 414 an overlong request line,
-431 an overlong head, 505 another HTTP version) with the log line's reason as a one-line body.
-A handshake given up for any other reason (its timeout, the server stopping) is answered too,
-with the machine's ``abort_reply``. Then LINGER: our side is shut down for writing and the
+405 (methods other than CONNECT with --no-forward), 407 (credentials), 502, 503 (out of
+descriptors), 504 (timeout); a request head the machine refuses gets the status of its error
+(400 malformed, including a lower-case first letter and a CONNECT without a port, 414 an
+overlong request line, 431 an overlong head, 505 another HTTP version) with the log line's
+reason as a one-line body. A handshake given up for any other reason (its timeout, the server
+stopping) is answered too, with the machine's ``abort_reply``. Then LINGER: our side is shut
+down for writing and the
 client's leftovers are read and dropped until it closes, so that closing with unread bytes does
 not turn the answer into a reset before the client has read it.
 
@@ -97,6 +101,7 @@ if TYPE_CHECKING:
 
     from hopcat.net.dial import SockAddr
     from hopcat.proto._machine import ServerMachine
+    from hopcat.server.forward import Forwarder
     from hopcat.server.serve import Server
     from hopcat.server.tls import Bridge, Terminator
     from hopcat.server.udp import Association
@@ -117,6 +122,7 @@ RELAY = 3
 LINGER = 4
 CLOSED = 5
 UDP = 6  # serving a UDP association; the control connection only watched for its end
+FORWARD = 7  # forwarding plain HTTP requests (``hopcat.server.forward`` drives the sockets)
 
 # result -> (SOCKS5 reply code, HTTP status). SOCKS4 has a single failure code, 91.
 FAILURE_REPLIES: dict[str, tuple[int, int]] = {
@@ -232,6 +238,7 @@ class Conn:
         "dialer",
         "down",
         "fd",
+        "fixed",
         "forward",
         "host",
         "idle_since",
@@ -259,13 +266,13 @@ class Conn:
 
     def __init__(
         self, server: Server, sock: socket.socket, peer: str, client_ip: str,
-        tls: Terminator | None = None, forward: tuple[str, int] | None = None,
+        tls: Terminator | None = None, fixed: tuple[str, int] | None = None,
     ) -> None:  # fmt: skip
         """``sock``: the client's socket, or with ``tls`` the Conn's end of its pair (see
         ``hopcat.server.tls``); ``peer``/``client_ip`` are the client's, from the accept;
-        ``forward``: the fixed target of a --forward listener's connection."""
+        ``fixed``: the target of a --forward listener's connection."""
         self.server = server
-        self.forward = forward
+        self.fixed = fixed
         self.sock = sock
         self.tls = tls
         self.fd = sock.fileno()
@@ -297,15 +304,14 @@ class Conn:
         self.idle_since = self.started
         self.upstream_code: int | None = None
         self.udp: Association | None = None
+        self.forward: Forwarder | None = None
         self._lingered = 0
 
     # -- handshake --------------------------------------------------------------------------
     def start(self) -> None:
-        if self.forward is not None:
+        if self.fixed is not None:
             self.protocol = "forward"
-            self.host, self.port = self.forward
-            self.dest = format_hostport(*self.forward)
-            self._connect()
+            self.connect_to(*self.fixed)
             return
         # Under load the first bytes are usually there by the time we accept: try before waiting.
         self._on_handshake_readable()
@@ -525,18 +531,48 @@ class Conn:
             self._associate(port)
             return
         if request.command != "CONNECT":
-            self.refuse("unsupported", f"{request.command} is not supported")
+            head = getattr(self.machine, "head", None)
+            if head is None:
+                self.refuse("unsupported", f"{request.command} is not supported")
+            elif server.options.no_forward:
+                self.refuse("unsupported", f"{request.command} is not supported (--no-forward)")
+            else:
+                self._start_forwarding(head)
             return
         if server.auth_required and self.protocol in ("socks4", "socks4a"):
             self.refuse("auth-failed", "SOCKS4 carries no password and this server requires one")
             return
-        self._connect()
+        self.connect_to(host, port)
 
-    def _connect(self) -> None:
-        """CONNECTING from here: resolve, check and dial (or open --via to) ``host:port``, a
-        Request's or a forward's fixed target alike."""
+    def _start_forwarding(self, head: bytes) -> None:
+        """A plain HTTP request (any method but CONNECT): the forwarder takes the connection
+        over, with the head and whatever came after it; the machine's work (auth) is done."""
+        from hopcat.proto.http_connect import HttpConnectServer
+
+        try:
+            from hopcat.server.forward import Forwarder
+        except ImportError:  # run from a checkout without its dependencies installed
+            self.refuse("unsupported", "plain HTTP forwarding needs h11 (pip install h11)")
+            return
+        machine = self.machine
+        assert isinstance(machine, HttpConnectServer)
+        early = bytes(machine._inbox.data)  # the bytes after the head: a body, the next request
+        self.machine = None
+        self._stop_reading()
+        self.phase = FORWARD
+        self.server.to_relay(self)
+        self.forward = Forwarder(self, head + early)
+
+    def connect_to(self, host: str, port: int) -> None:
+        """Check ``host``:``port`` against the rules and connect to it, directly or through
+        --via: ``_established`` or ``refuse`` follows. Both a CONNECT and each request the
+        forwarder sends on (``hopcat.server.forward``) come here."""
         server = self.server
-        host, port = self.host, self.port
+        self.host, self.port = host, port
+        self.dest = format_hostport(host, port)
+        self._name = None
+        if self.forward is not None:
+            server.to_pending(self)
         wire = resolver_form(host)
         if wire is None:
             self.refuse("dns-error", f"resolve {host}: not a valid host name (IDNA)")
@@ -554,8 +590,9 @@ class Conn:
                 self.refuse("denied", "destination not allowed by the rules")
                 return
         self.phase = CONNECTING
-        if not self.reading:  # watched while connecting (see _on_connecting_readable); the
-            self._read_client(self._on_handshake_readable)  # relay takes this registration over
+        if not self.reading and self.forward is None:  # watched while connecting (see
+            # _on_connecting_readable); the relay takes this registration over
+            self._read_client(self._on_handshake_readable)
         loop = server.loop
         self.deadline = loop.time() + server.connect_timeout
         if server.via:
@@ -712,7 +749,7 @@ class Conn:
         self.upstream = None
         self.via = via
         self._established(sock, None, None, trailing)
-        if via is not None and self.phase == RELAY:
+        if via is not None and self.phase in (RELAY, FORWARD):
             self.server.engine.watch(via.fd, self)
             via.start(self)
 
@@ -727,13 +764,25 @@ class Conn:
         trailing_down: bytes = b"",
     ) -> None:  # fmt: skip
         self.target = target
+        if self.forward is not None:
+            self.phase = FORWARD
+            self.server.to_relay(self)
+            self.forward.connected(target, trailing_down)
+            return
         machine = self.machine
-        reply = early = b""  # a forward has no handshake to answer
+        reply = early = b""  # a fixed forward has no handshake to answer
         if machine is not None:
             machine.reply_success(bound_host, bound_port)
             reply = machine.data_to_send()
             early = machine.trailing_data
         self.machine = None
+        self.start_relay(reply, early, trailing_down)
+
+    def start_relay(self, reply: bytes, early: bytes, trailing_down: bytes) -> None:
+        """Relay between the client and ``target``: ``reply`` and ``trailing_down`` go to the
+        client first, ``early`` (what the client sent already) to the target."""
+        target = self.target
+        assert target is not None
         self.phase = RELAY
         server = self.server
         server.to_relay(self)
@@ -762,6 +811,12 @@ class Conn:
     def refuse(self, result: str, reason: str) -> None:
         """Answer the pending Request with the protocol's failure for ``result``, then linger."""
         socks5_code, http_status = FAILURE_REPLIES.get(result, FAILURE_REPLIES["error"])
+        if self.forward is not None:
+            self._abandon_connect()
+            self.phase = FORWARD
+            self.server.to_relay(self)
+            self.forward.refused(result, http_status, reason)
+            return
         if self.upstream_code is not None:
             socks5_code = self.upstream_code
         machine = self.machine
@@ -838,6 +893,8 @@ class Conn:
             )
         elif self.phase == LINGER:
             self.close(self.result or "error", self.reason or "")
+        elif self.phase == FORWARD:  # a kept connection waiting for its next request
+            self.close("idle-timeout", "no next request in time (keep-alive)")
 
     # -- relay callbacks ---------------------------------------------------------------------
     def half_done(self, half: Half | None) -> None:
@@ -903,6 +960,8 @@ class Conn:
         self.result, self.reason = result, reason
         self._stop_reading()
         self._abandon_connect()
+        if self.forward is not None:
+            self.forward.close(result, reason)
         if self.machine is not None and result != "client-closed":
             self._send_abort_reply(_ABORT_STATUS.get(result, 500))
         relayed = self.phase == RELAY

@@ -551,7 +551,7 @@ class Server:
 
     def _admit(
         self, sock: socket.socket, address: SockAddr, tls: bool = False,
-        forward: tuple[str, int] | None = None,
+        fixed: tuple[str, int] | None = None,
     ) -> None:  # fmt: skip
         ip = str(address[0])
         peer = format_hostport(ip, int(address[1]))
@@ -585,7 +585,7 @@ class Server:
                 return
             conn = Conn(self, terminator.outer, peer, ip, terminator)
         else:
-            conn = Conn(self, sock, peer, ip, forward=forward)
+            conn = Conn(self, sock, peer, ip, fixed=fixed)
         self.per_client[ip] = have + 1
         self.count += 1
         self.served += 1
@@ -651,6 +651,15 @@ class Server:
                 self.udp_per_client[conn.client_ip] = left
             else:
                 self.udp_per_client.pop(conn.client_ip, None)
+        if conn.forward is None:  # a forwarder logs each request itself
+            self._log_tunnel(conn)
+        if self.paused_for == "max-conns" and self.count < self.max_conns:
+            self._resume_accepting()
+        if self.stopping:
+            self._maybe_done()
+
+    def _log_tunnel(self, conn: Conn) -> None:
+        udp = conn.udp
         self.logger.tunnel(
             client=conn.peer,
             user=conn.user,
@@ -668,10 +677,6 @@ class Server:
             dropped=udp.dropped_total if udp is not None else None,
             drops=udp.drops_text() if udp is not None else None,
         )
-        if self.paused_for == "max-conns" and self.count < self.max_conns:
-            self._resume_accepting()
-        if self.stopping:
-            self._maybe_done()
 
     def http_challenges(self, *, stale: bool = False) -> list[str]:
         """The Proxy-Authenticate values of a 407, in --auth-scheme order (Digest: fresh nonce)."""
