@@ -13,7 +13,11 @@ HTTP CONNECT overlong Request-Line (24000)  413    414 (ncat's test takes 413 or
 HTTP CONNECT overlong header (10000 lines)  413    431 (RFC 6585's code for exactly this)
 HTTP CONNECT good request                   200    200 (no Host header: nc -X connect
                                                    and other HTTP/1.0 clients send none)
-HTTP proxy unknown method                   405    405 today; the forwarding code's with it
+HTTP proxy unknown method (``NOTHING``)     405    forwarded: every method is, as Squid and
+                                                   tinyproxy do (WebDAV, extension methods);
+                                                   405 with ``--no-forward``
+HTTP GET hostname only (``GET host``)       400    400
+HTTP GET path only (``GET /``)              400    400 (this is a proxy: an absolute URL)
 HTTP CONNECT IPv4-only proxy, v6 target     504    502 (see test_serve_families.py)
 ==========================================  =====  =======================================
 
@@ -21,8 +25,8 @@ ncat predates RFC 6585 and answers 413 ("Request Entity Too Large", a body code)
 will not read; its own test insists on 413 for the header block, but no client acts on the
 difference, and 431 tells an operator reading a capture what was too large. Further cases of
 the same kind: a missing or garbled version (400), a well-formed version other than 1.x (505),
-a CONNECT port out of range (400). ncat's "GET hostname only" and "GET path only" (400) concern
-plain-HTTP forwarding, answered by the forwarding code. Every refusal has a one-line text/plain
+a CONNECT port out of range (400), credentials in a CONNECT target or a URL (400, never echoed).
+Every refusal has a one-line text/plain
 body (the log line's reason, which quotes no header value and no credentials) and
 ``Connection: close``.
 
@@ -71,6 +75,12 @@ NCAT_CASES = [
      "request head is larger than 65536 bytes"),
     ("credentials in the target", b"CONNECT user:hunter2@h:9 HTTP/1.1\r\n\r\n", 400,
      "malformed CONNECT target"),
+    # Plain HTTP (the forwarder's answers): a proxy is asked for absolute http:// URLs.
+    ("GET hostname only", b"GET 127.0.0.1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400,
+     "authority-form target"),
+    ("GET path only", b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400, "origin-form request"),
+    ("credentials in the URL", b"GET http://user:hunter2@h/ HTTP/1.1\r\nHost: h\r\n\r\n", 400,
+     "userinfo in the request URL"),
 ]  # fmt: skip
 
 
@@ -116,7 +126,7 @@ def test_http_refusals(server: ServeProcess, data: bytes, status: int, reason: s
     lines = head.decode("ascii").split("\r\n")
     assert lines[0].startswith(f"HTTP/1.1 {status} "), answer[:200]
     fields = dict(item.split(": ", 1) for item in lines[1:])
-    assert fields["Connection"] == "close" and fields["Content-Type"] == "text/plain"
+    assert fields["Connection"] == "close" and fields["Content-Type"].startswith("text/plain")
     assert int(fields["Content-Length"]) == len(body) and body.count(b"\n") == 1
     assert reason in body.decode() and b"hunter2" not in answer
     assert line["result"] == "protocol-error" and reason in line["reason"], line

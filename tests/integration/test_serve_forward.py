@@ -554,6 +554,12 @@ def test_error_statuses(proxy: ServeProcess, origin: Origin) -> None:
         proxy, ok + ok[:-4] + b"\r\nX-Big: " + b"a" * 70000, responses=2
     )
     assert [h.status_code for h in heads] == [200, 431] and closed
+    # A URL over 8192 bytes: 414 on the first request (the machine) and a later one (h11) alike.
+    long_get = f"GET {origin.base}/{'a' * 8200} HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n\r\n"
+    heads, _, closed = raw_exchange(proxy, long_get.encode())
+    assert heads[0].status_code == 414 and closed
+    heads, _, closed = raw_exchange(proxy, ok + long_get.encode(), responses=2)
+    assert [h.status_code for h in heads] == [200, 414] and closed
     assert origin.requests and all(t == "/bytes/1" for _, t, _, _ in origin.requests)
     log = proxy.wait_log("status=431")
     assert "origin-form request" in log and "Host header names another authority" in log

@@ -873,6 +873,7 @@ def test_http_url_authority_refuses(target: str) -> None:
     with pytest.raises(RemoteProtocolError) as info:
         http_url_authority(target)
     assert "u:p" not in str(info.value)
+    assert "CONNECT" not in str(info.value)  # a URL's error names the URL, not a CONNECT
 
 
 def test_server_non_http_targets_carry_no_host() -> None:

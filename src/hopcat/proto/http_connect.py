@@ -811,14 +811,15 @@ def http_url_authority(target: str) -> tuple[str, int] | None:
     if not authority.endswith("]") and ":" in authority:
         if authority.endswith(":"):
             authority += "80"
-        return _parse_authority(authority)
-    return _parse_authority(authority + ":80")
+        return _parse_authority(authority, "URL authority")
+    return _parse_authority(authority + ":80", "URL authority")
 
 
-def _parse_authority(target: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` (RFC 9110 section 9.3.6) -> (host without brackets, port)."""
-    malformed = RemoteProtocolError(f"malformed CONNECT target {_redacted(target)!r}")
-    no_port = RemoteProtocolError(f"CONNECT target {_redacted(target)!r} has no port (host:port)")
+def _parse_authority(target: str, what: str = "CONNECT target") -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` (RFC 9110 section 9.3.6) -> (host without brackets, port);
+    ``what`` names it in the errors."""
+    malformed = RemoteProtocolError(f"malformed {what} {_redacted(target)!r}")
+    no_port = RemoteProtocolError(f"{what} {_redacted(target)!r} has no port (host:port)")
     if target.startswith("["):
         close = target.find("]")
         host, port_text = target[1:close], target[close + 1 :]

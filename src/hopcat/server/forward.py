@@ -60,6 +60,7 @@ from hopcat._endpoint import format_hostport
 from hopcat.errors import ProtocolError
 from hopcat.proto.http_connect import (
     MAX_HEAD_BYTES,
+    MAX_REQUEST_LINE_BYTES,
     _basic_credentials,
     _digest_credentials,
     _parse_authority,
@@ -172,8 +173,10 @@ def check_head_size(request: h11.Request) -> None:
     """h11 caps a head only while it is incomplete; one that came whole in a read is measured
     here (as written with CRLF), so every head keeps to the first head's cap."""
     size = len(request.target) + sum(len(n) + len(v) + 4 for n, v in request.headers.raw_items())
-    if len(request.target) > MAX_HEAD_BYTES:
-        raise Refusal(414, "protocol-error", f"request target longer than {MAX_HEAD_BYTES} bytes")
+    if len(request.target) > MAX_REQUEST_LINE_BYTES:  # the first head's limit (414) too
+        raise Refusal(
+            414, "protocol-error", f"request target longer than {MAX_REQUEST_LINE_BYTES} bytes"
+        )
     if size > MAX_HEAD_BYTES:
         raise Refusal(431, "protocol-error", f"request head larger than {MAX_HEAD_BYTES} bytes")
 
