@@ -741,3 +741,28 @@ def test_unknown_transfer_coding_and_missing_host(proxy: ServeProcess, origin: O
     heads, _, closed = raw_exchange(proxy, (ok + no_host).encode(), responses=2)
     assert [h.status_code for h in heads] == [200, 400] and closed
     assert len(origin.requests) == 2
+
+
+def test_workers_and_metrics(serve: Serve, origin: Origin) -> None:
+    """Forwarding under --workers 2, and the requests and their bytes in the metrics (the
+    supervisor's sum over the workers)."""
+    from test_serve_metrics import scrape, value
+
+    server = serve("--workers", "2", "--metrics", "127.0.0.1:0")
+    get = f"GET {origin.base}/bytes/1000 HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n\r\n"
+    missing = f"GET {origin.base}/status/404 HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n\r\n"
+    for _ in range(8):  # several connections: both workers are likely to serve some
+        heads, bodies, closed = raw_exchange(server, (get + missing).encode(), responses=2)
+        assert [h.status_code for h in heads] == [200, 404] and not closed
+        assert bodies[0] == pattern(1000, 3)
+    heads, _, closed = raw_exchange(server, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert heads[0].status_code == 400 and closed
+    server.wait_log("event=tunnel", count=17)
+    lines = re.findall(r"event=tunnel .* up=(\d+) down=(\d+)", server.log())
+    assert len(lines) == 17
+    samples = scrape(server)[1]
+    assert value(samples, "hopcat_http_requests_total", code="2xx") == 8
+    assert value(samples, "hopcat_http_requests_total", code="4xx") == 9
+    assert value(samples, "hopcat_bytes_total", direction="up") == sum(int(u) for u, _ in lines)
+    down = value(samples, "hopcat_bytes_total", direction="down")
+    assert down == sum(int(d) for _, d in lines) > 8 * 1000

@@ -767,4 +767,5 @@ class Forwarder:
             up=self.upstream, down=self.down, duration=server.loop.time() - self.started,
             tls=conn.tls.version if conn.tls is not None else None,
         )  # fmt: skip
+        server.metrics.request(self.status, self.upstream, self.down)
         self.method = None

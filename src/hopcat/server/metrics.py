@@ -60,7 +60,9 @@ RESTARTS = ACCEPT_BACKOFFS + 1  # only the supervisor's slot counts these
 HISTOGRAM = len(BUCKETS) + 2  # a count per bucket and +Inf (not cumulative), then the sum in µs
 HANDSHAKE = RESTARTS + 1
 CONNECT = HANDSHAKE + HISTOGRAM
-SLOT_WORDS = CONNECT + HISTOGRAM
+REQUESTS = CONNECT + HISTOGRAM  # forwarded plain HTTP requests, by status class
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "none")  # none: no answer was sent
+SLOT_WORDS = REQUESTS + len(STATUS_CLASSES)
 WORD = 8
 
 REQUEST_TIMEOUT_S = 5.0
@@ -126,6 +128,15 @@ class Slot:
         elif result == "client-denied":
             words[base + DENIED_CLIENT] += 1
 
+    def request(self, status: int | None, up: int, down: int) -> None:
+        """A forwarded HTTP request is done: its status class and its bytes (a forwarding
+        connection's own end adds none)."""
+        words, base = self._words, self._base
+        index = status // 100 - 1 if status is not None and 100 <= status < 600 else 5
+        words[base + REQUESTS + index] += 1
+        words[base + BYTES_UP] += up
+        words[base + BYTES_DOWN] += down
+
     def backed_off(self) -> None:
         self._words[self._base + ACCEPT_BACKOFFS] += 1
 
@@ -160,7 +171,8 @@ def render(totals: list[int], *, supervised: bool) -> str:
     for i, result in enumerate(RESULTS):
         out.append(f'hopcat_tunnels_total{{result="{result}"}} {totals[ENDED + i]}')
     family("hopcat_bytes_total", "counter",
-           "Bytes relayed, counted when the connection ends; up is client to target.")  # fmt: skip
+           "Bytes relayed, counted when the connection (a forwarded request) ends; up is "
+           "client to target.")  # fmt: skip
     out.append(f'hopcat_bytes_total{{direction="up"}} {totals[BYTES_UP]}')
     out.append(f'hopcat_bytes_total{{direction="down"}} {totals[BYTES_DOWN]}')
     family("hopcat_auth_failures_total", "counter", "Connections refused for their credentials.")
@@ -172,6 +184,10 @@ def render(totals: list[int], *, supervised: bool) -> str:
     family("hopcat_accept_backoffs_total", "counter",
            "Pauses of accepting for lack of descriptors or memory.")  # fmt: skip
     out.append(f"hopcat_accept_backoffs_total {totals[ACCEPT_BACKOFFS]}")
+    family("hopcat_http_requests_total", "counter",
+           "Plain HTTP requests forwarded, by the status class answered (none: no answer).")  # fmt: skip
+    for i, code in enumerate(STATUS_CLASSES):
+        out.append(f'hopcat_http_requests_total{{code="{code}"}} {totals[REQUESTS + i]}')
     for name, at, text in (
         ("hopcat_handshake_seconds", HANDSHAKE, "From accept to a complete request."),
         ("hopcat_connect_seconds", CONNECT, "From the request to the tunnel established."),
