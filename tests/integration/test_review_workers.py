@@ -31,3 +31,50 @@ def test_group_sigterm_with_idle_workers_restarts_nothing(serve: Serve) -> None:
     assert server.proc.wait(10) == 0
     log = server.log()
     assert "restart_in" not in log, log
+
+
+def test_second_server_on_the_same_port_is_refused(serve: Serve) -> None:
+    """Without --workers a second server on a port in use fails at once ("address already in
+    use"). With --workers (SO_REUSEPORT), a second hopcat (or any program of the same user that
+    sets SO_REUSEPORT) joins the group and silently takes a share of the connections."""
+    import subprocess
+
+    from support import HOPCAT, clean_env
+
+    first = serve("--workers", "2")
+    proc = subprocess.Popen(
+        [*HOPCAT, "serve", f"127.0.0.1:{first.port}", "--workers", "2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=clean_env(),
+    )  # fmt: skip
+    try:
+        code = proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        proc.wait(10)
+        code = None
+    assert code not in (None, 0), "a second server shares the port"
+
+
+def test_forward_on_a_proxy_port_is_refused(serve: Serve) -> None:
+    """--forward on the proxy's own port: refused without --workers ("address already in use");
+    with --workers both bind with SO_REUSEPORT and the kernel splits connections between the
+    proxy and the forward."""
+    import subprocess
+
+    from support import HOPCAT, clean_env
+
+    first = serve()  # only to find a free port number
+    port = first.port
+    first.stop()
+    proc = subprocess.Popen(
+        [*HOPCAT, "serve", f"127.0.0.1:{port}", "--workers", "2",
+         "--forward", f"127.0.0.1:{port}=127.0.0.1:9"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=clean_env(),
+    )  # fmt: skip
+    try:
+        code = proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        proc.wait(10)
+        code = None
+    assert code not in (None, 0), "the proxy and the forward share one port"
