@@ -78,3 +78,37 @@ def test_forward_on_a_proxy_port_is_refused(serve: Serve) -> None:
         proc.wait(10)
         code = None
     assert code not in (None, 0), "the proxy and the forward share one port"
+
+
+def test_replayed_digest_answer_refused_in_every_worker(serve: Serve, digest_server) -> None:  # type: ignore[no-untyped-def]
+    """One Digest answer (nonce, nc=1) sent on many connections: a single server takes it
+    once and refuses each replay; with --workers each worker keeps its own nc table, so the
+    replay is taken once per worker."""
+    import hashlib
+    import re
+
+    from test_serve_support import connect, http_connect
+    from test_serve_workers import SPREAD
+
+    server = serve("--workers", "2", "--auth", "alice:s3cret", "--auth-scheme", "digest")
+    authority = f"{digest_server.host}:{digest_server.port}"
+    with connect(server) as sock:
+        status, head = http_connect(sock, digest_server.host, digest_server.port)
+    assert status == 407
+    challenge = next(line for line in head.split("\r\n") if "algorithm=MD5" in line)
+    nonce = re.search(r'nonce="([^"]+)"', challenge)[1]  # type: ignore[index]
+    realm = re.search(r'realm="([^"]+)"', challenge)[1]  # type: ignore[index]
+
+    def md5(text: str) -> str:
+        return hashlib.md5(text.encode()).hexdigest()
+
+    ha1, ha2 = md5(f"alice:{realm}:s3cret"), md5(f"CONNECT:{authority}")
+    response = md5(f"{ha1}:{nonce}:00000001:c0ffee:auth:{ha2}")
+    header = (f'Proxy-Authorization: Digest username="alice", realm="{realm}", '
+              f'nonce="{nonce}", uri="{authority}", qop=auth, nc=00000001, '
+              f'cnonce="c0ffee", response="{response}", algorithm=MD5\r\n')  # fmt: skip
+    accepted = 0
+    for _ in range(SPREAD):
+        with connect(server) as sock:
+            accepted += http_connect(sock, digest_server.host, digest_server.port, header)[0] == 200
+    assert accepted == 1, f"one captured Digest answer was accepted {accepted} times"
