@@ -30,7 +30,7 @@ from test_serve_support import (
     wait_closed,
 )
 
-from support import HOPCAT, clean_env, make_certificates, pattern
+from support import HOPCAT, clean_env, closed_port, make_certificates, pattern
 
 Serve = Callable[..., ServeProcess]
 SPREAD = 24
@@ -311,3 +311,78 @@ def test_tls_and_plain_listeners(
     digest_tunnel(server, digest_server, b"plain", http=True)
     server.wait_log("event=tunnel", count=9)
     assert "tls=TLSv1.3" in server.log()
+
+
+def test_worker_killed_by_realtime_signal_is_restarted(serve: Serve) -> None:
+    """A worker ended by a signal that signal.Signals does not name (SIGRTMIN+6) is restarted
+    like any other, with no traceback in the supervisor."""
+    server = serve("--workers", "2")
+    os.kill(worker_pids(server)[1], signal.SIGRTMIN + 6)
+    log = server.wait_log("event=listen worker=1", count=2)
+    assert "Traceback" not in log
+
+
+def test_group_sigterm_with_idle_workers_restarts_nothing(serve: Serve) -> None:
+    """systemd's default stop (KillMode=control-group) sends SIGTERM to every process at once:
+    idle workers drain at once and exit 0. The supervisor must not take that for a crash and
+    restart (or count a restart of) any worker."""
+    server = serve("--workers", "2")
+    os.killpg(server.pid, signal.SIGTERM)
+    assert server.proc.wait(10) == 0
+    log = server.log()
+    assert "restart_in" not in log, log
+
+
+def test_second_server_on_the_same_port_is_refused(serve: Serve) -> None:
+    """Without --workers a second server on a port in use fails at once ("address already in
+    use"). With --workers (SO_REUSEPORT), a second hopcat (or any program of the same user that
+    sets SO_REUSEPORT) joins the group and silently takes a share of the connections."""
+    first = serve("--workers", "2")
+    second = subprocess.run(
+        [*HOPCAT, "serve", f"127.0.0.1:{first.port}", "--workers", "2"],
+        capture_output=True, timeout=30, env=clean_env(),
+    )  # fmt: skip
+    assert second.returncode == 69 and b"address already in use" in second.stderr
+
+
+def test_forward_on_a_proxy_port_is_refused(serve: Serve) -> None:
+    """--forward on the proxy's own port: refused without --workers ("address already in use");
+    with --workers both bind with SO_REUSEPORT and the kernel splits connections between the
+    proxy and the forward."""
+    with closed_port() as port:
+        result = subprocess.run(
+            [*HOPCAT, "serve", f"127.0.0.1:{port}", "--workers", "2",
+             "--forward", f"127.0.0.1:{port}=127.0.0.1:9"],
+            capture_output=True, timeout=30, env=clean_env(),
+        )  # fmt: skip
+    assert result.returncode == 69 and b"address already in use" in result.stderr
+
+
+def test_replayed_digest_answer_refused_in_every_worker(
+    serve: Serve, digest_server: peers.DigestServer
+) -> None:
+    """One Digest answer (nonce, nc=1) sent on many connections: a single server takes it
+    once and refuses each replay; with --workers each worker keeps its own nc table, so the
+    replay is taken once per worker."""
+    server = serve("--workers", "2", "--auth", "alice:s3cret", "--auth-scheme", "digest")
+    authority = f"{digest_server.host}:{digest_server.port}"
+    with connect(server) as sock:
+        status, head = http_connect(sock, digest_server.host, digest_server.port)
+    assert status == 407
+    challenge = next(line for line in head.split("\r\n") if "algorithm=MD5" in line)
+    nonce = re.search(r'nonce="([^"]+)"', challenge)[1]  # type: ignore[index]
+    realm = re.search(r'realm="([^"]+)"', challenge)[1]  # type: ignore[index]
+
+    def md5(text: str) -> str:
+        return hashlib.md5(text.encode()).hexdigest()
+
+    ha1, ha2 = md5(f"alice:{realm}:s3cret"), md5(f"CONNECT:{authority}")
+    response = md5(f"{ha1}:{nonce}:00000001:c0ffee:auth:{ha2}")
+    header = (f'Proxy-Authorization: Digest username="alice", realm="{realm}", '
+              f'nonce="{nonce}", uri="{authority}", qop=auth, nc=00000001, '
+              f'cnonce="c0ffee", response="{response}", algorithm=MD5\r\n')  # fmt: skip
+    accepted = 0
+    for _ in range(SPREAD):
+        with connect(server) as sock:
+            accepted += http_connect(sock, digest_server.host, digest_server.port, header)[0] == 200
+    assert accepted == 1, f"one captured Digest answer was accepted {accepted} times"

@@ -19,10 +19,14 @@ the user's HA1 (compared with ``hmac.compare_digest``; an unknown user is checke
 dummy HA1, so the time taken does not tell whether the user exists). A right response with a
 nonce older than ``lifetime_s`` is answered with a new nonce and ``stale=true`` (section 3.3):
 the client answers again without asking its user. Replay: the nc of each nonce seen in its
-lifetime is remembered and a count not above the last one is refused; at most
-``MAX_TRACKED_NONCES`` are remembered (the oldest forgotten first), so an answer replayed after
-that many newer nonces were used, within its nonce's lifetime, would pass. Clients answer a
-nonce once per connection here (every 407 closes the connection), and nc starts at 00000001.
+lifetime is remembered (``NonceCounts``) and a count not above the last one is refused. The
+table is shared by every worker of ``--workers`` (a client's next connection, or an attacker's
+replay, may reach any of them, and the nonce key is theirs in common too): a fixed
+open-addressing table in a shared memory mapping, updated under a POSIX record lock. It holds
+``MAX_TRACKED_NONCES``; where a nonce's few slots are all taken by live nonces, the oldest of
+them is forgotten, so an answer replayed after that many newer nonces were used, within its
+nonce's lifetime, could pass. Clients answer a nonce once per connection here (every 407 closes
+the connection), and nc starts at 00000001.
 
 Not done: -sess algorithms, SHA-512-256, qop=auth-int, userhash, opaque (nothing to carry: the
 nonce is its own state). The response, the nonce secret and HA1 never reach a log or a message.
@@ -30,7 +34,10 @@ nonce is its own state). The response, the nonce secret and HA1 never reach a lo
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import hmac
+import mmap
 import os
 
 from hopcat.proto.http_auth import digest_challenge, digest_response, make_nonce, nonce_time
@@ -45,6 +52,7 @@ REALM = "hopcat"
 NONCE_LIFETIME_S = 300.0
 ALGORITHMS = ("MD5", "SHA-256")  # in the 407's order (see above)
 MAX_TRACKED_NONCES = 65536
+NONCE_PROBES = 8  # slots a nonce may take in the table, from the one its hash names
 NONCE_SALT_BYTES = 8
 
 # check() outcomes.
@@ -53,10 +61,57 @@ STALE = "stale"  # the right password for a nonce past its lifetime: answer agai
 WRONG = "wrong"  # counts as a failed login
 
 
-class DigestAuth:
-    """The nonce secret and the nc bookkeeping of one server; ``clock`` is seconds (monotonic)."""
+class NonceCounts:
+    """The last nc of each nonce in use: ``MAX_TRACKED_NONCES`` entries of (key, time, nc) in a
+    memfd mapping, made before workers fork so that all of them share it. lockf() locks are held
+    per process, so the descriptor the workers inherit in common still excludes each other."""
 
-    __slots__ = ("_secret", "_seen", "algorithms", "clock", "lifetime_s")
+    __slots__ = ("_fd", "_map", "_words")
+    ENTRY = 3  # words: the nonce's key (never 0), its time, its last nc
+
+    def __init__(self) -> None:
+        size = MAX_TRACKED_NONCES * self.ENTRY * 8
+        self._fd = os.memfd_create("hopcat-digest-nc", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self._fd, size)
+            self._map = mmap.mmap(self._fd, size)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._words = memoryview(self._map).cast("q")
+
+    def advance(self, nonce: str, made: int, nc: int, now: int, lifetime_s: float) -> bool:
+        """Record ``nc`` for ``nonce``; False when it is not above the count last recorded."""
+        key = int.from_bytes(hashlib.sha256(nonce.encode()).digest()[:8], "big", signed=True) or 1
+        words, entry = self._words, self.ENTRY
+        first = key % MAX_TRACKED_NONCES
+        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+        try:
+            free = oldest = -1
+            for probe in range(NONCE_PROBES):
+                at = (first + probe) % MAX_TRACKED_NONCES * entry
+                if words[at] == key:
+                    if nc <= words[at + 2]:
+                        return False
+                    words[at + 2] = nc
+                    return True
+                if words[at] == 0 or now - words[at + 1] > lifetime_s:
+                    free = at if free == -1 else free
+                elif oldest == -1 or words[at + 1] < words[oldest + 1]:
+                    oldest = at
+            at = free if free != -1 else oldest
+            words[at], words[at + 1], words[at + 2] = key, made, nc
+            return True
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+
+
+class DigestAuth:
+    """The nonce secret and the nc bookkeeping of one server (``counts``: shared by the
+    workers of --workers); ``clock`` is seconds, monotonic (the system's, the same in every
+    worker)."""
+
+    __slots__ = ("_counts", "_secret", "algorithms", "clock", "lifetime_s")
 
     def __init__(
         self,
@@ -65,13 +120,13 @@ class DigestAuth:
         lifetime_s: float = NONCE_LIFETIME_S,
         algorithms: Sequence[str] = ALGORITHMS,
         secret: bytes | None = None,
+        counts: NonceCounts | None = None,
     ) -> None:
         self.clock = clock
         self.lifetime_s = lifetime_s
         self.algorithms = tuple(algorithms)
         self._secret = os.urandom(32) if secret is None else secret
-        # nonce -> (its time, the last nc), oldest first
-        self._seen: dict[str, tuple[int, int]] = {}
+        self._counts = NonceCounts() if counts is None else counts
 
     def __repr__(self) -> str:
         return f"<DigestAuth algorithms={self.algorithms} lifetime={self.lifetime_s:g}s>"
@@ -110,16 +165,6 @@ class DigestAuth:
         return self._count(answer.nonce, made, int(answer.nc, 16), now)
 
     def _count(self, nonce: str, made: int, nc: int, now: int) -> tuple[str, str]:
-        seen = self._seen
-        # Insertion order is nearly nonce age (a nonce is used soon after it is made): expired
-        # entries are at the front, and a replay of one would be refused as stale anyway.
-        while seen:
-            oldest = next(iter(seen))
-            if now - seen[oldest][0] <= self.lifetime_s and len(seen) < MAX_TRACKED_NONCES:
-                break
-            del seen[oldest]
-        last = seen.get(nonce)
-        if last is not None and nc <= last[1]:
+        if not self._counts.advance(nonce, made, nc, now, self.lifetime_s):
             return WRONG, "Digest nonce count reused (a replayed answer)"
-        seen[nonce] = (made, nc)
         return OK, ""

@@ -571,6 +571,7 @@ class Conn:
         self.host, self.port = host, port
         self.dest = format_hostport(host, port)
         self._name = None
+        self.requested = time.monotonic()  # the connect latency's start (each forwarded request's)
         if self.forward is not None:
             server.to_pending(self)
         wire = resolver_form(host)
@@ -639,6 +640,7 @@ class Conn:
         reply = machine.data_to_send()
         self.machine = None
         self.phase = UDP
+        server.metrics.connect(time.monotonic() - self.requested)
         server.to_relay(self)
         self.idle_since = server.loop.time()
         if not self._send_handshake(reply):
@@ -764,6 +766,7 @@ class Conn:
         trailing_down: bytes = b"",
     ) -> None:  # fmt: skip
         self.target = target
+        self.server.metrics.connect(time.monotonic() - self.requested)
         if self.forward is not None:
             self.phase = FORWARD
             self.server.to_relay(self)

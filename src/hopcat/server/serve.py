@@ -61,7 +61,6 @@ import queue
 import signal
 import socket
 import threading
-import time
 
 from hopcat._accept import OUT_OF_RESOURCES, next_backoff
 from hopcat._endpoint import format_hostport
@@ -70,7 +69,7 @@ from hopcat.errors import ExitCode, HopcatError, UsageError
 from hopcat.proto.http_connect import AUTH_CHALLENGE as BASIC_CHALLENGE
 from hopcat.server.digest import ALGORITHMS as DIGEST_ALGORITHMS
 from hopcat.server.digest import REALM as DIGEST_REALM
-from hopcat.server.digest import DigestAuth
+from hopcat.server.digest import DigestAuth, NonceCounts
 from hopcat.server.handler import CONNECTING, UDP, Conn, strerror
 from hopcat.server.ifaddrs import host_addresses
 from hopcat.server.log import Logger
@@ -426,12 +425,13 @@ class Server:
         forwards: dict[int, tuple[str, int]] | None = None,
         metrics: Slot | None = None,
         digest_secret: bytes | None = None,
+        digest_counts: NonceCounts | None = None,
     ) -> None:
         """``listeners``: every listener, ``tls_listeners`` among them those whose clients
         speak TLS (``tls``: their certificate), ``forwards`` the fixed target of each --forward
         listener by its descriptor; ``metrics``: where to count (--metrics); ``digest_secret``:
-        the Digest nonces' key (--workers: one for all, since a client's next connection may
-        reach another worker)."""
+        the Digest nonces' key and ``digest_counts`` their counts seen (--workers: one for all,
+        since a client's next connection, or a replayed answer, may reach another worker)."""
         self.options = options
         self.metrics = Store(1).slot(0) if metrics is None else metrics
         self.listeners = listeners
@@ -460,8 +460,9 @@ class Server:
         self.digest: DigestAuth | None = None
         if self.auth_required and "digest" in options.auth_schemes:
             self.digest = DigestAuth(
-                loop.time, lifetime_s=options.nonce_lifetime_s, secret=digest_secret
-            )
+                loop.time, lifetime_s=options.nonce_lifetime_s, secret=digest_secret,
+                counts=digest_counts,
+            )  # fmt: skip
         self.via: list[ProxyURL] = options.via
         # Whether names must be resolved here: always when dialling, through --via only when
         # the last hop dials from this host (see handler).
@@ -620,10 +621,9 @@ class Server:
     # -- bookkeeping called by Conn ---------------------------------------------------------
     def to_relay(self, conn: Conn) -> None:
         self.pending.discard(conn)
-        self.tunnels.add(conn)
-        protocol = "socks5-udp" if conn.udp is not None else conn.protocol
-        self.metrics.opened(protocol)
-        self.metrics.connect(time.monotonic() - conn.requested)
+        if conn not in self.tunnels:  # a forwarding connection comes here once per request
+            self.tunnels.add(conn)
+            self.metrics.opened("socks5-udp" if conn.udp is not None else conn.protocol)
 
     def _left_relay(self, conn: Conn) -> None:
         if conn in self.tunnels:
@@ -885,6 +885,9 @@ class Startup:
         self.credentials, self.policy, self.warnings = load_config(options)
         self.rules_file_empty = _rules_file_empty(options, self.policy)
         self.digest_secret = os.urandom(32)
+        self.digest_counts = (
+            NonceCounts() if options.auth_required and "digest" in options.auth_schemes else None
+        )
         self.tls: TLSFront | None = None
         if options.tls_addresses:
             from hopcat.net.tls import TLSSettings
@@ -983,6 +986,7 @@ def serve_on(
             options, listeners, loop, logger, startup.credentials, startup.policy,
             resolver=startup.resolver, tls=startup.tls, tls_listeners=tls_listeners,
             forwards=forwards, metrics=metrics, digest_secret=startup.digest_secret,
+            digest_counts=startup.digest_counts,
         )  # fmt: skip
         logger.attach(loop)
         addresses = ready_lines(options, [sock.getsockname() for sock in listeners])

@@ -63,6 +63,7 @@ if TYPE_CHECKING:
     from hopcat.server.serve import Server, Startup
 
 STABLE_S = 10.0
+CLEAN_EXIT_WAIT_S = 1.0  # for the stop signal that made a worker exit 0 (see _exited)
 RESTART_FIRST_S = 0.1
 RESTART_MAX_S = 30.0
 _DRAIN = {"SIGTERM": b"T", "SIGINT": b"I"}
@@ -70,6 +71,13 @@ _COMMANDS = {
     ord("T"): ("SIGTERM", False), ord("I"): ("SIGINT", False),
     ord("t"): ("SIGTERM", True), ord("i"): ("SIGINT", True),
 }  # fmt: skip
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # a real-time signal has no name of its own
+        return f"SIG{number}"
 
 
 def ceil_share(limit: int, workers: int) -> int:
@@ -128,10 +136,15 @@ class Supervisor:
         loop = self.loop
         endpoint = None
         try:
-            self.reserved = bind_listeners(
-                listen_addresses(options), reuse_port=True, listen=False
-            )
-            self.addresses = [(sock.family, sock.getsockname()) for sock in self.reserved]
+            # First as one process would (listening, no SO_REUSEPORT): a port in use, by
+            # another server or by two of our own addresses, is refused as it is without
+            # --workers, instead of joining a SO_REUSEPORT group and taking a share of its
+            # connections. Then the group's reservation on exactly the ports found.
+            probes = bind_listeners(listen_addresses(options))
+            self.addresses = [(sock.family, sock.getsockname()) for sock in probes]
+            for sock in probes:
+                sock.close()
+            self.reserved = bind_listeners(self.addresses, reuse_port=True, listen=False)
             if options.via:  # a chain that loops back here: refused once, not by every worker
                 policy = self.startup.policy
                 policy.host_addresses = host_addresses()
@@ -280,8 +293,18 @@ class Supervisor:
         worker.control = -1
         worker.pid, pid = 0, worker.pid
         self.store.clear_gauges(worker.index)
-        status = f"signal:{signal.Signals(-code).name}" if code < 0 else f"exit:{code}"
+        status = f"signal:{_signal_name(-code)}" if code < 0 else f"exit:{code}"
         exit_code = 128 - code if code < 0 else code
+        if code == 0 and not self.stopping:
+            # A worker exits 0 only after a drain: a stop signal sent to the whole process group
+            # (systemd's KillMode=control-group, timeout(1)) reached it before the supervisor's
+            # own copy is handled. That copy is on its way; a worker told to stop on its own is
+            # restarted after CLEAN_EXIT_WAIT_S unless it arrives.
+            self.logger.log("worker-exit", worker=worker.index + 1, pid=pid, status=status)
+            self.restarts[worker.index] = self.loop.call_later(
+                CLEAN_EXIT_WAIT_S, self._restart, worker
+            )
+            return
         if self.stopping or not self.announced:
             self.logger.log("worker-exit", worker=worker.index + 1, pid=pid, status=status)
             if exit_code and not self.code:
@@ -297,23 +320,30 @@ class Supervisor:
         worker.restart_s = (
             0.0 if lived >= STABLE_S else min(RESTART_MAX_S, worker.restart_s * 2 or RESTART_FIRST_S)
         )
-        self.store.slot(self.count).restarted()
         self.logger.log(
             "worker-exit", worker=worker.index + 1, pid=pid, status=status,
             restart_in=worker.restart_s,
         )  # fmt: skip
         self.restarts[worker.index] = self.loop.call_later(
-            worker.restart_s, self.spawn, worker
+            worker.restart_s, self._restart, worker
         )
+
+    def _restart(self, worker: Worker) -> None:
+        if self.stopping:
+            return
+        self.store.slot(self.count).restarted()
+        self.spawn(worker)
 
     # -- a worker (in the forked child) ------------------------------------------------------
     def _worker(self, index: int, control: int, ready_pipe: int) -> int:
         # Forked from inside the supervisor's loop: none of its state is ours.
         asyncio.events._set_running_loop(None)
         signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
-            signal.signal(signum, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # see the module docstring
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        # Until the server's handlers are in: a stop or reload sent to the whole group reaches
+        # this worker through its control pipe as well, so the direct copy may be ignored.
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(signum, signal.SIG_IGN)
         for other in self.workers:
             for fd in (other.control, other.ready_pipe):
                 if fd >= 0:
