@@ -55,6 +55,7 @@ def test_ipv4_only(
     server = serve("-4", "--log-format", "json")
     assert reached(server, "127.0.0.1", banner_server) == 0
     assert reached(server, "localhost", banner_server) == 0
+    assert reached(server, "::ffff:127.0.0.1", banner_server) == 0  # IPv4 on the wire
     assert reached(server, "::1", banner_server_v6) == 8
     with connect(server) as sock:
         status, head = http_connect(sock, "::1", banner_server_v6.port)
@@ -80,6 +81,8 @@ def test_ipv6_only(
         "wrong-family": "127.0.0.1 is not an IPv6 address (-6)",
         "dns-error": "resolve localhost: no IPv6 address (-6)",
     }
+    # An IPv4-mapped IPv6 address is IPv4 on the wire.
+    assert reached(server, "::ffff:127.0.0.1", banner_server) == 8
     assert not banner_server.records
 
 

@@ -191,3 +191,10 @@ def test_metrics_beyond_loopback_needs_allow_open() -> None:
     proc = subprocess.run([*HOPCAT, "serve", "--metrics", "0.0.0.0:0"], capture_output=True,
                           text=True, timeout=30, env=clean_env())  # fmt: skip
     assert proc.returncode == 64 and "--allow-open" in proc.stderr
+
+
+def test_metrics_address_needs_a_port() -> None:
+    # Without one it would take the proxy's default port (1080) and clash with the proxy.
+    proc = subprocess.run([*HOPCAT, "serve", "--metrics", "localhost"], capture_output=True,
+                          text=True, timeout=30, env=clean_env())  # fmt: skip
+    assert proc.returncode == 64 and "needs a port" in proc.stderr

@@ -530,7 +530,11 @@ def finish(options: ServeOptions) -> ServeOptions:
         raise UsageError("--handshake-timeout and --connect-timeout must be above 0")
     options.workers = _workers(str(options.workers))
     if options.metrics is not None:
-        options.metrics_address = _listen_addresses(options.metrics)[0]
+        text = options.metrics
+        if not text.isdigit() and split_hostport(text, what="--metrics address")[1] is None:
+            # Not the proxy's default port: the two would clash.
+            raise UsageError(f"--metrics {text!r} needs a port (e.g. 127.0.0.1:9464 or 9464)")
+        options.metrics_address = _listen_addresses(text)[0]
         if not _is_loopback(options.metrics_address[1]) and not options.allow_open:
             raise UsageError(
                 f"refusing to serve --metrics on {options.metrics} beyond loopback: anyone who "

@@ -184,6 +184,20 @@ def numeric_address(host: str, port: int) -> tuple[int, SockAddr] | None:
     return infos[0][0], infos[0][4]
 
 
+def wire_family(family: int, sockaddr: SockAddr) -> int:
+    """The family a connect to ``sockaddr`` speaks on the wire, which -4/-6 are about: an
+    IPv4-mapped IPv6 address (``::ffff:127.0.0.1``) is IPv4 there."""
+    if family == socket.AF_INET6 and str(sockaddr[0]).lower().startswith("::ffff:"):
+        import ipaddress
+
+        try:
+            if ipaddress.IPv6Address(str(sockaddr[0]).partition("%")[0]).ipv4_mapped:
+                return socket.AF_INET
+        except ValueError:
+            pass
+    return family
+
+
 def compared_name(wire: str) -> str:
     """A name in the form rule globs are matched against (see hopcat.server.policy)."""
     return wire.lower().rstrip(".")
@@ -579,7 +593,7 @@ class Conn:
             self.refuse("dns-error", f"resolve {host}: not a valid host name (IDNA)")
             return
         literal = numeric_address(wire, port)
-        if literal is not None and server.family and literal[0] != server.family:
+        if literal is not None and server.family and wire_family(*literal) != server.family:
             self.refuse("wrong-family", f"{host} is not an {_FAMILY_NAMES[server.family]} "
                         f"address ({_FAMILY_FLAGS[server.family]})")  # fmt: skip
             return
@@ -676,7 +690,9 @@ class Conn:
             return
         families = (self.server.family,) if self.server.family else _FAMILY_NAMES
         candidates = [
-            (info[0], info[4]) for info in interleave_families(list(infos)) if info[0] in families
+            (info[0], info[4])
+            for info in interleave_families(list(infos))
+            if wire_family(info[0], info[4]) in families
         ]
         if not candidates and self.server.family:
             family = self.server.family

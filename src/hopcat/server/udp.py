@@ -43,7 +43,7 @@ import socket
 from hopcat._endpoint import format_hostport
 from hopcat.errors import LocalProtocolError, RemoteProtocolError
 from hopcat.proto import socks5_udp
-from hopcat.server.handler import compared_name, numeric_address
+from hopcat.server.handler import compared_name, numeric_address, wire_family
 from hopcat.server.policy import resolver_form
 
 TYPE_CHECKING = False
@@ -258,15 +258,15 @@ class Association:
     ) -> None:  # fmt: skip
         """Send ``data`` to the first of ``candidates`` the rules allow for ``port``."""
         family = self.conn.server.family
-        if family and candidates and all(item[0] != family for item in candidates):
-            which = "IPv4 address (-4)" if family == socket.AF_INET else "IPv6 address (-6)"
-            self._denied(format_hostport(host, port), f"no {which}")
-            return
         if not candidates:
             self._drop("dns")
             return
         if family:
-            candidates = [item for item in candidates if item[0] == family]
+            candidates = [item for item in candidates if wire_family(*item) == family]
+            if not candidates:
+                which = "IPv4 address (-4)" if family == socket.AF_INET else "IPv6 address (-6)"
+                self._denied(format_hostport(host, port), f"no {which}")
+                return
         policy = self.conn.server.policy
         for family, sockaddr in candidates:
             if policy.check_address(name, ipaddress.ip_address(sockaddr[0]), port):

@@ -189,6 +189,7 @@ class Supervisor:
         except OSError as exc:  # out of processes or descriptors
             reason = f"worker {worker.index + 1}: fork: {os.strerror(exc.errno or 0).lower()}"
             if not self.announced:
+                self.send_all(b"t")  # the ones forked already must not serve unsupervised
                 raise ServeError(reason) from None
             worker.restart_s = min(RESTART_MAX_S, worker.restart_s * 2 or RESTART_FIRST_S)
             self.logger.log("error", reason=reason, restart_in=worker.restart_s)
