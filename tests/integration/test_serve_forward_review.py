@@ -1,0 +1,150 @@
+"""Review of plain HTTP forwarding (issue 13 item 1): each test proves one bug."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from test_serve_forward import Origin, origin, raw_exchange  # noqa: F401 (fixture)
+from test_serve_support import IO_TIMEOUT_S, ServeProcess, serve_factory
+
+from support import ScriptedServer
+
+Serve = Callable[..., ServeProcess]
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Serve]:
+    yield from serve_factory(tmp_path)
+
+
+def _read_head(conn: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_connection_naming_content_length_crashes(serve: Serve, origin: Origin) -> None:  # noqa: F811
+    """``Connection: content-length`` drops Content-Length from the forwarded head (end_to_end),
+    h11 then frames the request with no body and ``up.send(Data)`` raises LocalProtocolError,
+    which escapes as an internal error with a traceback."""
+    server = serve("--allow-open")
+    req = (f"POST {origin.base}/echo HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
+           "Content-Length: 5\r\nConnection: content-length\r\n\r\nhello").encode()
+    try:
+        heads, _, _ = raw_exchange(server, req)
+    except Exception:  # h11 on the test's side: the proxy closed without an answer
+        heads = []
+    time.sleep(0.3)
+    log = server.log()
+    assert "internal error" not in log and "Traceback" not in log, log
+    assert heads and heads[0].status_code in (200, 400)
+
+
+def test_connect_with_bad_chunked_body_crashes(serve: Serve, origin: Origin) -> None:  # noqa: F811
+    """A CONNECT after a forwarded request, with a malformed chunked body: _tunnel calls
+    cli.next_event() unguarded, h11.RemoteProtocolError escapes -> internal error."""
+    server = serve("--allow-open")
+    get = f"GET {origin.base}/bytes/2 HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n\r\n"
+    connect = (f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
+               "Transfer-Encoding: chunked\r\n\r\nzz\r\n")
+    with socket.create_connection((server.host, server.port), timeout=IO_TIMEOUT_S) as sock:
+        sock.sendall((get + connect).encode())
+        time.sleep(0.5)
+    log = server.log()
+    assert "internal error" not in log and "Traceback" not in log, log
+
+
+def test_h11_error_puts_credentials_in_log(serve: Serve, origin: Origin) -> None:  # noqa: F811
+    """A later request with a malformed header line: h11's message quotes the whole line, and
+    the refusal's reason (log line) carries the credentials in it."""
+    server = serve("--allow-open")
+    secret = "sid=8f14e45fceea167a5a36dedd4bea2543"  # a session cookie for the origin
+    ok = f"GET {origin.base}/bytes/1 HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n\r\n"
+    bad = (f"GET {origin.base}/bytes/1 HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
+           f"Cookie : {secret}\r\n\r\n")
+    heads, _, _ = raw_exchange(server, (ok + bad).encode(), responses=2)
+    assert [h.status_code for h in heads] == [200, 400]
+    server.wait_log("status=400")
+    assert secret not in server.log(), server.log()
+
+
+def test_origin_extra_bytes_answer_the_next_request(serve: Serve) -> None:
+    """An origin that sends more than its Content-Length in the same read: the surplus stays in
+    h11's buffer, _reusable() only peeks the socket, and the surplus is taken as the answer to
+    the client's next request (response desync)."""
+    def handler(conn: socket.socket) -> None:
+        _read_head(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"
+                     b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL")
+        _read_head(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nreal")
+        time.sleep(1)
+
+    evil = ScriptedServer(handler)
+    try:
+        server = serve("--allow-open")
+        one = f"GET http://127.0.0.1:{evil.port}/a HTTP/1.1\r\nHost: 127.0.0.1:{evil.port}\r\n\r\n"
+        heads, bodies, _ = raw_exchange(server, one.encode(), responses=1)
+        with socket.create_connection((server.host, server.port), timeout=IO_TIMEOUT_S) as sock:
+            sock.sendall(one.encode())
+            got = b""
+            while not got.endswith(b"hi"):
+                got += sock.recv(65536)
+            time.sleep(0.3)
+            sock.sendall(one.replace("/a", "/b").encode())
+            got = b""
+            while got.count(b"\r\n\r\n") < 1 or len(got.partition(b"\r\n\r\n")[2]) < 4:
+                got += sock.recv(65536)
+        assert got.endswith(b"real"), got
+    finally:
+        evil.close()
+
+
+def _digest(method: str, uri: str, nonce: str, nc: int, user: str, password: str) -> str:
+    def h(text: str) -> str:
+        return hashlib.md5(text.encode()).hexdigest()
+
+    cnonce = "0a4f113b"
+    ha1, ha2 = h(f"{user}:hopcat:{password}"), h(f"{method}:{uri}")
+    response = h(f"{ha1}:{nonce}:{nc:08x}:{cnonce}:auth:{ha2}")
+    return (f'Digest username="{user}", realm="hopcat", nonce="{nonce}", uri="{uri}", '
+            f'qop=auth, nc={nc:08x}, cnonce="{cnonce}", response="{response}", algorithm=MD5')
+
+
+def test_stale_digest_on_kept_connection_counts_as_failed_login(
+    serve: Serve, origin: Origin  # noqa: F811
+) -> None:
+    """A right Digest answer with an expired nonce on a later request of a kept connection:
+    the handler answers stale=true and does not count it; the forwarder counts a failed login
+    and sends no stale=true (a client then asks its user for the password again)."""
+    server = serve("--auth", "alice:pw", "--auth-scheme", "digest", "--nonce-lifetime", "1")
+    url = f"{origin.base}/bytes/1"
+    with socket.create_connection((server.host, server.port), timeout=IO_TIMEOUT_S) as sock:
+        sock.sendall(f"GET {url} HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n\r\n".encode())
+        head = _read_head(sock).decode()
+    nonce = head.split('nonce="')[1].split('"')[0]
+    with socket.create_connection((server.host, server.port), timeout=IO_TIMEOUT_S) as sock:
+        auth = _digest("GET", url, nonce, 1, "alice", "pw")
+        sock.sendall(f"GET {url} HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
+                     f"Proxy-Authorization: {auth}\r\n\r\n".encode())
+        first = _read_head(sock)
+        assert first.startswith(b"HTTP/1.1 200"), first
+        time.sleep(2.2)
+        auth = _digest("GET", url, nonce, 2, "alice", "pw")
+        sock.sendall(f"GET {url} HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
+                     f"Proxy-Authorization: {auth}\r\n\r\n".encode())
+        second = _read_head(sock)
+    assert second.startswith(b"HTTP/1.1 407"), second
+    assert b"stale=true" in second, second
+    assert "event=limit" not in server.log()
