@@ -148,3 +148,63 @@ def test_stale_digest_on_kept_connection_counts_as_failed_login(
     assert second.startswith(b"HTTP/1.1 407"), second
     assert b"stale=true" in second, second
     assert "event=limit" not in server.log()
+
+
+def test_client_gone_while_origin_is_silent(serve: Serve) -> None:
+    """Default options (--idle-timeout 0): an origin that takes the request and never answers
+    holds the exchange forever, even after the client has closed (nothing reads the client
+    while the response is awaited): the origin connection is never closed."""
+    closed_at: list[float] = []
+
+    def handler(conn: socket.socket) -> None:
+        _read_head(conn)
+        conn.settimeout(6)
+        try:
+            if conn.recv(1) == b"":
+                closed_at.append(time.monotonic())
+        except OSError:
+            closed_at.append(time.monotonic())
+
+    silent = ScriptedServer(handler)
+    try:
+        server = serve("--allow-open")
+        with socket.create_connection((server.host, server.port), timeout=IO_TIMEOUT_S) as sock:
+            sock.sendall(f"GET http://127.0.0.1:{silent.port}/ HTTP/1.1\r\n"
+                         f"Host: 127.0.0.1:{silent.port}\r\n\r\n".encode())
+            time.sleep(0.3)
+        started = time.monotonic()
+        time.sleep(5)
+        assert closed_at and closed_at[0] - started < 5, "origin connection still open"
+    finally:
+        silent.close()
+
+
+def test_open_tunnels_gauge_back_to_zero(serve: Serve, origin: Origin) -> None:  # noqa: F811
+    """to_relay() is called for a Conn that is already in server.tunnels (the first request's
+    _next_request finally, after _start_forwarding), so metrics.opened() counts it twice and
+    the open gauge never comes back to 0."""
+    from test_serve_metrics import scrape
+
+    server = serve("--allow-open", "--metrics", "127.0.0.1:0")
+    get = f"GET {origin.base}/bytes/10 HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
+    heads, _, _ = raw_exchange(server, (get + "\r\n" + get + "Connection: close\r\n\r\n").encode(),
+                               responses=2)
+    assert [h.status_code for h in heads] == [200, 200]
+    server.wait_log("event=tunnel", count=2)
+    time.sleep(0.3)
+    samples = scrape(server)[1]
+    open_now = {k: v for k, v in samples.items() if "open" in str(k)}
+    assert {k: v for k, v in open_now.items() if v} == {}
+
+
+def test_trailers_forwarded_verbatim(serve: Serve, origin: Origin) -> None:  # noqa: F811
+    """A chunked request's trailer section goes to the origin as the client wrote it (h11's
+    EndOfMessage.headers passed to up.send): a Proxy-Authorization trailer is forwarded."""
+    server = serve("--allow-open")
+    req = (f"POST {origin.base}/echo HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
+           "Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n"
+           "Proxy-Authorization: Basic Ym9iOnNlY3JldA==\r\n\r\n").encode()
+    heads, _, _ = raw_exchange(server, req)
+    assert heads[0].status_code == 200
+    raw = bytes(origin.raw[-1])
+    assert b"Proxy-Authorization" not in raw, raw
