@@ -208,3 +208,82 @@ def test_trailers_forwarded_verbatim(serve: Serve, origin: Origin) -> None:  # n
     assert heads[0].status_code == 200
     raw = bytes(origin.raw[-1])
     assert b"Proxy-Authorization" not in raw, raw
+
+
+def test_sigterm_drain_does_not_serve_new_requests(serve: Serve, origin: Origin) -> None:  # noqa: F811
+    """SIGTERM while a kept connection has a request in flight: once its answer is sent the
+    connection goes back to pending (after stop() closed the pending ones), so the client's
+    next requests are still forwarded during the drain, and the server waits for the 75 s
+    keep-alive deadline or --grace instead of stopping when the in-flight request is done."""
+    def handler(conn: socket.socket) -> None:
+        while _read_head(conn):
+            time.sleep(1.0)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    slow = ScriptedServer(handler)
+    try:
+        server = serve("--allow-open", "--grace", "60")
+        get = (f"GET http://127.0.0.1:{slow.port}/ HTTP/1.1\r\n"
+               f"Host: 127.0.0.1:{slow.port}\r\n\r\n").encode()
+        with socket.create_connection((server.host, server.port), timeout=IO_TIMEOUT_S) as sock:
+            sock.sendall(get)
+            time.sleep(0.3)
+            started = time.monotonic()
+            server.send_signal(15)
+            got = b""
+            while not got.endswith(b"ok"):
+                got += sock.recv(65536)
+            head = got.partition(b"\r\n\r\n")[0].lower()
+            try:
+                sock.sendall(get)
+                second = sock.recv(65536)
+            except OSError:
+                second = b""
+        assert b"connection: close" in head or second == b"", (head, second)
+        assert server.stop(timeout=10) is not None
+        assert time.monotonic() - started < 5
+    finally:
+        slow.close()
+
+
+def test_host_header_from_raw_authority_text(serve: Serve, origin: Origin) -> None:  # noqa: F811
+    """split_target() cuts the authority at "/" or "?" but not at "#", while http_url_authority()
+    (the address dialled and checked) cuts at "#" too: the origin gets a Host header that is not
+    the authority that was checked (``Host: 127.0.0.1:P#.evil.example``)."""
+    server = serve("--allow-open")
+    req = (f"GET http://127.0.0.1:{origin.port}#.evil.example/bytes/1 HTTP/1.1\r\n"
+           f"Host: 127.0.0.1:{origin.port}\r\n\r\n").encode()
+    heads, _, _ = raw_exchange(server, req)
+    if heads[0].status_code == 200:
+        host = {n.lower(): v for n, v in origin.requests[-1][2]}[b"host"]
+        assert host == f"127.0.0.1:{origin.port}".encode(), host
+
+
+def test_limits_of_later_heads_match_the_first(serve: Serve, origin: Origin) -> None:  # noqa: F811
+    """The first head is refused with 431 past MAX_HEADER_LINES (100) header lines; a later
+    head on the same connection (parsed by h11) is not."""
+    server = serve("--allow-open")
+    many = "".join(f"X-H{i}: v\r\n" for i in range(150))
+    req = f"GET {origin.base}/bytes/1 HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
+    heads, _, _ = raw_exchange(server, (req + many + "\r\n").encode())
+    assert heads[0].status_code == 431
+    heads, _, _ = raw_exchange(server, (req + "\r\n" + req + many + "\r\n").encode(), responses=2)
+    assert [h.status_code for h in heads] == [200, 431]
+
+
+def test_later_request_line_checks_match_the_first(serve: Serve, origin: Origin) -> None:  # noqa: F811
+    """The first request line is refused for a lower-case method (400) and past 8192 bytes
+    counting method and version (414); later ones on the same connection (h11) are forwarded."""
+    server = serve("--allow-open")
+    ok = f"GET {origin.base}/bytes/1 HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n\r\n"
+    lower = f"get {origin.base}/x HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n\r\n"
+    heads, _, _ = raw_exchange(server, lower.encode())
+    assert heads[0].status_code == 400
+    heads, _, _ = raw_exchange(server, (ok + lower).encode(), responses=2)
+    statuses = [h.status_code for h in heads]
+    long_target = f"{origin.base}/" + "a" * (8190 - len(origin.base) - 1)
+    long = f"GET {long_target} HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n\r\n"
+    heads, _, _ = raw_exchange(server, long.encode())
+    assert heads[0].status_code == 414
+    heads, _, _ = raw_exchange(server, (ok + long).encode(), responses=2)
+    assert (statuses, [h.status_code for h in heads]) == ([200, 400], [200, 414])
