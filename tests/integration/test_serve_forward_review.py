@@ -286,3 +286,48 @@ def test_later_request_line_checks_match_the_first(serve: Serve, origin: Origin)
     assert heads[0].status_code == 414
     heads, _, _ = raw_exchange(server, (ok + long).encode(), responses=2)
     assert (statuses, [h.status_code for h in heads]) == ([200, 400], [200, 414])
+
+
+def test_early_answer_while_origin_stops_reading(serve: Serve) -> None:
+    """An origin answers a large upload at once and then stops reading (socket kept open):
+    the answer is complete, but _pump's final _flush() still waits to push the queued body
+    bytes into the origin, with no deadline: the client connection is neither closed nor
+    logged, and when the origin finally closes the client gets a reset (result=reset)."""
+    def handler(conn: socket.socket) -> None:
+        _read_head(conn)
+        time.sleep(1)  # not reading: the socket buffers toward it fill up
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        time.sleep(4)
+
+    early = ScriptedServer(handler)
+    try:
+        server = serve("--allow-open")
+        size = 200_000_000
+        head = (f"POST http://127.0.0.1:{early.port}/up HTTP/1.1\r\n"
+                f"Host: 127.0.0.1:{early.port}\r\nContent-Length: {size}\r\n\r\n").encode()
+        with socket.create_connection((server.host, server.port), timeout=IO_TIMEOUT_S) as sock:
+            sock.sendall(head)
+
+            def upload() -> None:
+                try:
+                    for _ in range(size // 65536):
+                        sock.sendall(b"x" * 65536)
+                except OSError:
+                    pass
+
+            threading.Thread(target=upload, daemon=True).start()
+            got = b""
+            while not got.endswith(b"ok"):
+                got += sock.recv(65536)
+            sock.settimeout(2)
+            try:
+                ended = sock.recv(65536) == b""
+            except TimeoutError:
+                ended = False
+            except OSError:
+                ended = True
+            assert ended, "client connection neither closed nor answered 2 s after the answer"
+        time.sleep(3)
+        assert "result=reset" not in server.log(), server.log()
+    finally:
+        early.close()
