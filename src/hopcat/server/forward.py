@@ -607,6 +607,11 @@ class Forwarder:
             if not readers and not writers:
                 raise _Gone("origin", "ended the exchange unanswered")
             await self._wait(readers, writers)
+        if not request_done:
+            # Answered before the body was all in: the origin connection is dropped below and
+            # the client's is closed after the answer; what is queued for the origin is moot,
+            # and an origin that stopped reading must not hold the answer's end.
+            self._out_origin.clear()
         await self._flush()
         self._log("ok", None)
         if up.our_state is h11.DONE and up.their_state is h11.DONE:
