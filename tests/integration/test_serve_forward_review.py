@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import socket
 import threading
@@ -39,8 +38,10 @@ def test_connection_naming_content_length_crashes(serve: Serve, origin: Origin) 
     h11 then frames the request with no body and ``up.send(Data)`` raises LocalProtocolError,
     which escapes as an internal error with a traceback."""
     server = serve("--allow-open")
-    req = (f"POST {origin.base}/echo HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
-           "Content-Length: 5\r\nConnection: content-length\r\n\r\nhello").encode()
+    req = (
+        f"POST {origin.base}/echo HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
+        "Content-Length: 5\r\nConnection: content-length\r\n\r\nhello"
+    ).encode()
     try:
         heads, _, _ = raw_exchange(server, req)
     except Exception:  # h11 on the test's side: the proxy closed without an answer
@@ -56,8 +57,10 @@ def test_connect_with_bad_chunked_body_crashes(serve: Serve, origin: Origin) -> 
     cli.next_event() unguarded, h11.RemoteProtocolError escapes -> internal error."""
     server = serve("--allow-open")
     get = f"GET {origin.base}/bytes/2 HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n\r\n"
-    connect = (f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
-               "Transfer-Encoding: chunked\r\n\r\nzz\r\n")
+    connect = (
+        f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
+        "Transfer-Encoding: chunked\r\n\r\nzz\r\n"
+    )
     with socket.create_connection((server.host, server.port), timeout=IO_TIMEOUT_S) as sock:
         sock.sendall((get + connect).encode())
         time.sleep(0.5)
@@ -71,8 +74,10 @@ def test_h11_error_puts_credentials_in_log(serve: Serve, origin: Origin) -> None
     server = serve("--allow-open")
     secret = "sid=8f14e45fceea167a5a36dedd4bea2543"  # a session cookie for the origin
     ok = f"GET {origin.base}/bytes/1 HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n\r\n"
-    bad = (f"GET {origin.base}/bytes/1 HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
-           f"Cookie : {secret}\r\n\r\n")
+    bad = (
+        f"GET {origin.base}/bytes/1 HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
+        f"Cookie : {secret}\r\n\r\n"
+    )
     heads, _, _ = raw_exchange(server, (ok + bad).encode(), responses=2)
     assert [h.status_code for h in heads] == [200, 400]
     server.wait_log("status=400")
@@ -83,11 +88,14 @@ def test_origin_extra_bytes_answer_the_next_request(serve: Serve) -> None:
     """An origin that sends more than its Content-Length in the same read: the surplus stays in
     h11's buffer, _reusable() only peeks the socket, and the surplus is taken as the answer to
     the client's next request (response desync)."""
+
     def handler(conn: socket.socket) -> None:
         while head := _read_head(conn):
             if head.startswith(b"GET /a "):
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"
-                             b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL")
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL"
+                )
             else:
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nreal")
 
@@ -117,12 +125,15 @@ def _digest(method: str, uri: str, nonce: str, nc: int, user: str, password: str
     cnonce = "0a4f113b"
     ha1, ha2 = h(f"{user}:hopcat:{password}"), h(f"{method}:{uri}")
     response = h(f"{ha1}:{nonce}:{nc:08x}:{cnonce}:auth:{ha2}")
-    return (f'Digest username="{user}", realm="hopcat", nonce="{nonce}", uri="{uri}", '
-            f'qop=auth, nc={nc:08x}, cnonce="{cnonce}", response="{response}", algorithm=MD5')
+    return (
+        f'Digest username="{user}", realm="hopcat", nonce="{nonce}", uri="{uri}", '
+        f'qop=auth, nc={nc:08x}, cnonce="{cnonce}", response="{response}", algorithm=MD5'
+    )
 
 
 def test_stale_digest_on_kept_connection_counts_as_failed_login(
-    serve: Serve, origin: Origin  # noqa: F811
+    serve: Serve,
+    origin: Origin,  # noqa: F811
 ) -> None:
     """A right Digest answer with an expired nonce on a later request of a kept connection:
     the handler answers stale=true and does not count it; the forwarder counts a failed login
@@ -135,14 +146,18 @@ def test_stale_digest_on_kept_connection_counts_as_failed_login(
     nonce = head.split('nonce="')[1].split('"')[0]
     with socket.create_connection((server.host, server.port), timeout=IO_TIMEOUT_S) as sock:
         auth = _digest("GET", url, nonce, 1, "alice", "pw")
-        sock.sendall(f"GET {url} HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
-                     f"Proxy-Authorization: {auth}\r\n\r\n".encode())
+        sock.sendall(
+            f"GET {url} HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
+            f"Proxy-Authorization: {auth}\r\n\r\n".encode()
+        )
         first = _read_head(sock)
         assert first.startswith(b"HTTP/1.1 200"), first
         time.sleep(2.2)
         auth = _digest("GET", url, nonce, 2, "alice", "pw")
-        sock.sendall(f"GET {url} HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
-                     f"Proxy-Authorization: {auth}\r\n\r\n".encode())
+        sock.sendall(
+            f"GET {url} HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
+            f"Proxy-Authorization: {auth}\r\n\r\n".encode()
+        )
         second = _read_head(sock)
     assert second.startswith(b"HTTP/1.1 407"), second
     assert b"stale=true" in second, second
@@ -168,8 +183,10 @@ def test_client_gone_while_origin_is_silent(serve: Serve) -> None:
     try:
         server = serve("--allow-open")
         with socket.create_connection((server.host, server.port), timeout=IO_TIMEOUT_S) as sock:
-            sock.sendall(f"GET http://127.0.0.1:{silent.port}/ HTTP/1.1\r\n"
-                         f"Host: 127.0.0.1:{silent.port}\r\n\r\n".encode())
+            sock.sendall(
+                f"GET http://127.0.0.1:{silent.port}/ HTTP/1.1\r\n"
+                f"Host: 127.0.0.1:{silent.port}\r\n\r\n".encode()
+            )
             time.sleep(0.3)
         started = time.monotonic()
         time.sleep(5)
@@ -186,8 +203,9 @@ def test_open_tunnels_gauge_back_to_zero(serve: Serve, origin: Origin) -> None: 
 
     server = serve("--allow-open", "--metrics", "127.0.0.1:0")
     get = f"GET {origin.base}/bytes/10 HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
-    heads, _, _ = raw_exchange(server, (get + "\r\n" + get + "Connection: close\r\n\r\n").encode(),
-                               responses=2)
+    heads, _, _ = raw_exchange(
+        server, (get + "\r\n" + get + "Connection: close\r\n\r\n").encode(), responses=2
+    )
     assert [h.status_code for h in heads] == [200, 200]
     server.wait_log("event=tunnel", count=2)
     time.sleep(0.3)
@@ -200,9 +218,11 @@ def test_trailers_forwarded_verbatim(serve: Serve, origin: Origin) -> None:  # n
     """A chunked request's trailer section goes to the origin as the client wrote it (h11's
     EndOfMessage.headers passed to up.send): a Proxy-Authorization trailer is forwarded."""
     server = serve("--allow-open")
-    req = (f"POST {origin.base}/echo HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
-           "Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n"
-           "Proxy-Authorization: Basic Ym9iOnNlY3JldA==\r\n\r\n").encode()
+    req = (
+        f"POST {origin.base}/echo HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n"
+        "Proxy-Authorization: Basic Ym9iOnNlY3JldA==\r\n\r\n"
+    ).encode()
     heads, _, _ = raw_exchange(server, req)
     assert heads[0].status_code == 200
     raw = bytes(origin.raw[-1])
@@ -214,6 +234,7 @@ def test_sigterm_drain_does_not_serve_new_requests(serve: Serve, origin: Origin)
     connection goes back to pending (after stop() closed the pending ones), so the client's
     next requests are still forwarded during the drain, and the server waits for the 75 s
     keep-alive deadline or --grace instead of stopping when the in-flight request is done."""
+
     def handler(conn: socket.socket) -> None:
         while _read_head(conn):
             time.sleep(1.0)
@@ -222,8 +243,9 @@ def test_sigterm_drain_does_not_serve_new_requests(serve: Serve, origin: Origin)
     slow = ScriptedServer(handler)
     try:
         server = serve("--allow-open", "--grace", "60")
-        get = (f"GET http://127.0.0.1:{slow.port}/ HTTP/1.1\r\n"
-               f"Host: 127.0.0.1:{slow.port}\r\n\r\n").encode()
+        get = (
+            f"GET http://127.0.0.1:{slow.port}/ HTTP/1.1\r\nHost: 127.0.0.1:{slow.port}\r\n\r\n"
+        ).encode()
         with socket.create_connection((server.host, server.port), timeout=IO_TIMEOUT_S) as sock:
             sock.sendall(get)
             time.sleep(0.3)
@@ -250,8 +272,10 @@ def test_host_header_from_raw_authority_text(serve: Serve, origin: Origin) -> No
     (the address dialled and checked) cuts at "#" too: the origin gets a Host header that is not
     the authority that was checked (``Host: 127.0.0.1:P#.evil.example``)."""
     server = serve("--allow-open")
-    req = (f"GET http://127.0.0.1:{origin.port}#.evil.example/bytes/1 HTTP/1.1\r\n"
-           f"Host: 127.0.0.1:{origin.port}\r\n\r\n").encode()
+    req = (
+        f"GET http://127.0.0.1:{origin.port}#.evil.example/bytes/1 HTTP/1.1\r\n"
+        f"Host: 127.0.0.1:{origin.port}\r\n\r\n"
+    ).encode()
     heads, _, _ = raw_exchange(server, req)
     if heads[0].status_code == 200:
         host = {n.lower(): v for n, v in origin.requests[-1][2]}[b"host"]
@@ -293,6 +317,7 @@ def test_early_answer_while_origin_stops_reading(serve: Serve) -> None:
     the answer is complete, but _pump's final _flush() still waits to push the queued body
     bytes into the origin, with no deadline: the client connection is neither closed nor
     logged, and when the origin finally closes the client gets a reset (result=reset)."""
+
     def handler(conn: socket.socket) -> None:
         _read_head(conn)
         time.sleep(1)  # not reading: the socket buffers toward it fill up
@@ -303,8 +328,10 @@ def test_early_answer_while_origin_stops_reading(serve: Serve) -> None:
     try:
         server = serve("--allow-open")
         size = 200_000_000
-        head = (f"POST http://127.0.0.1:{early.port}/up HTTP/1.1\r\n"
-                f"Host: 127.0.0.1:{early.port}\r\nContent-Length: {size}\r\n\r\n").encode()
+        head = (
+            f"POST http://127.0.0.1:{early.port}/up HTTP/1.1\r\n"
+            f"Host: 127.0.0.1:{early.port}\r\nContent-Length: {size}\r\n\r\n"
+        ).encode()
         with socket.create_connection((server.host, server.port), timeout=IO_TIMEOUT_S) as sock:
             sock.sendall(head)
 

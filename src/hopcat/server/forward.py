@@ -540,7 +540,7 @@ class Forwarder:
                 if not isinstance(event, h11.Data | h11.EndOfMessage):  # ConnectionClosed
                     raise _Gone("client", "closed in the middle of the request body")
                 request_done = isinstance(event, h11.EndOfMessage)
-                if request_done and event.headers:
+                if isinstance(event, h11.EndOfMessage) and event.headers:  # trailers
                     event = h11.EndOfMessage(headers=end_to_end(event.headers.raw_items()))
                 self._to_origin(up.send(event))
             while not response_done and len(self._out_client) < OUT_BYTES:
