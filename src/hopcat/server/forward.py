@@ -52,6 +52,7 @@ as for CONNECT.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 
 import h11
@@ -60,6 +61,7 @@ from hopcat._endpoint import format_hostport
 from hopcat.errors import ProtocolError
 from hopcat.proto.http_connect import (
     MAX_HEAD_BYTES,
+    MAX_HEADER_LINES,
     MAX_REQUEST_LINE_BYTES,
     _basic_credentials,
     _digest_credentials,
@@ -113,9 +115,10 @@ _STATUS_TEXT = {
 class Refusal(Exception):
     """A request answered with an error status and the connection closed."""
 
-    def __init__(self, status: int, result: str, reason: str) -> None:
+    def __init__(self, status: int, result: str, reason: str, *, stale: bool = False) -> None:
         super().__init__(reason)
         self.status, self.result, self.reason = status, result, reason
+        self.stale = stale
 
 
 class _Gone(Exception):
@@ -146,7 +149,9 @@ def is_websocket_upgrade(headers: Sequence[tuple[bytes, bytes]]) -> bool:
 
 def end_to_end(headers: Sequence[tuple[bytes, bytes]]) -> Headers:
     """``headers`` (names in any case) without the hop-by-hop ones."""
-    drop = HOP_BY_HOP | connection_tokens(headers)
+    # Connection may not unname the fields the framing (and the target) depend on: dropping
+    # Content-Length from a request whose body h11 is reading would mis-frame it.
+    drop = HOP_BY_HOP | (connection_tokens(headers) - {b"content-length", b"host"})
     return [(name, value) for name, value in headers if name.lower() not in drop]
 
 
@@ -173,10 +178,14 @@ def check_head_size(request: h11.Request) -> None:
     """h11 caps a head only while it is incomplete; one that came whole in a read is measured
     here (as written with CRLF), so every head keeps to the first head's cap."""
     size = len(request.target) + sum(len(n) + len(v) + 4 for n, v in request.headers.raw_items())
-    if len(request.target) > MAX_REQUEST_LINE_BYTES:  # the first head's limit (414) too
+    if request.method[:1].islower():
+        raise Refusal(400, "protocol-error", "request line starts with a lower-case letter")
+    if len(request.method) + len(request.target) + 10 > MAX_REQUEST_LINE_BYTES:
         raise Refusal(
-            414, "protocol-error", f"request target longer than {MAX_REQUEST_LINE_BYTES} bytes"
+            414, "protocol-error", f"request line longer than {MAX_REQUEST_LINE_BYTES} bytes"
         )
+    if len(request.headers) > MAX_HEADER_LINES:
+        raise Refusal(431, "protocol-error", f"more than {MAX_HEADER_LINES} header lines")
     if size > MAX_HEAD_BYTES:
         raise Refusal(431, "protocol-error", f"request head larger than {MAX_HEAD_BYTES} bytes")
 
@@ -197,7 +206,9 @@ def error_response(status: int, text: str, extra: Sequence[tuple[bytes, bytes]] 
 def _h11_refusal(exc: h11.RemoteProtocolError) -> Refusal:
     """h11's verdict on a client's bytes: its status (431 for a head over the cap, 501 for a
     transfer coding it does not know, else 400)."""
-    return Refusal(exc.error_status_hint, "protocol-error", f"bad request: {exc}")
+    # h11 quotes the offending bytes (a header line with a cookie or a token in it): not logged.
+    verdict = re.sub(r":?\s*(bytearray\()?b['\"].*$", "", str(exc), flags=re.S)
+    return Refusal(exc.error_status_hint, "protocol-error", f"bad request: {verdict}")
 
 
 # --------------------------------------------------------------------------- the forwarder
@@ -290,7 +301,8 @@ class Forwarder:
                 if self.conn.forward is not self:
                     return  # a WebSocket upgrade: the relay has the connection now
                 cli = self.cli
-                if cli.our_state is h11.DONE and cli.their_state is h11.DONE:
+                stopping = conn.server.stopping  # draining: no new request on this connection
+                if cli.our_state is h11.DONE and cli.their_state is h11.DONE and not stopping:
                     cli.start_next_cycle()
                     continue
                 conn.linger("ok", "")  # Connection: close, HTTP/1.0, or a body left unread
@@ -404,7 +416,7 @@ class Forwarder:
                 conn.user = credentials.username
                 ok = conn._check_login(credentials)
         elif scheme == "digest" and conn.server.digest is not None:
-            from hopcat.server.digest import OK
+            from hopcat.server.digest import OK, STALE
 
             answer = _digest_credentials(values[0], request.method.decode("latin-1"), target)
             if answer is not None:
@@ -416,6 +428,8 @@ class Forwarder:
                     ok = outcome == OK
                     if ok:
                         conn.server.logins.succeeded(conn.client_ip)
+                    elif outcome == STALE:  # as the handler: a new nonce, not a failure
+                        raise Refusal(407, "auth-failed", why, stale=True)
                     else:
                         conn._login_failed(why)
         if not ok:
@@ -437,7 +451,7 @@ class Forwarder:
             raise Refusal(
                 400, "protocol-error", "the Host header names another authority than the URL"
             )
-        authority, _path = split_target(request.target.decode("latin-1"))
+        authority = format_hostport(host, port) if port != 80 else format_hostport(host, 80)[:-3]
         out: Headers = [(b"Host", authority.encode("latin-1"))]
         out += [(n, v) for n, v in end_to_end(request.headers.raw_items()) if n.lower() != b"host"]
         if b"transfer-encoding" in names:
@@ -462,6 +476,8 @@ class Forwarder:
         """Whether the kept origin connection is still open (no EOF, no stray bytes)."""
         origin = self.origin
         assert origin is not None
+        if self.up is None or self.up.trailing_data[0]:
+            return False  # the origin sent more than its last response: not to be trusted
         try:
             origin.recv(1, socket.MSG_PEEK)
         except BlockingIOError:
@@ -524,6 +540,8 @@ class Forwarder:
                 if not isinstance(event, h11.Data | h11.EndOfMessage):  # ConnectionClosed
                     raise _Gone("client", "closed in the middle of the request body")
                 request_done = isinstance(event, h11.EndOfMessage)
+                if isinstance(event, h11.EndOfMessage) and event.headers:  # trailers
+                    event = h11.EndOfMessage(headers=end_to_end(event.headers.raw_items()))
                 self._to_origin(up.send(event))
             while not response_done and len(self._out_client) < OUT_BYTES:
                 try:
@@ -589,6 +607,11 @@ class Forwarder:
             if not readers and not writers:
                 raise _Gone("origin", "ended the exchange unanswered")
             await self._wait(readers, writers)
+        if not request_done:
+            # Answered before the body was all in: the origin connection is dropped below and
+            # the client's is closed after the answer; what is queued for the origin is moot,
+            # and an origin that stopped reading must not hold the answer's end.
+            self._out_origin.clear()
         await self._flush()
         self._log("ok", None)
         if up.our_state is h11.DONE and up.their_state is h11.DONE:
@@ -600,9 +623,12 @@ class Forwarder:
         """A CONNECT after forwarded requests on the same connection: the tunnel, as on a
         connection that began with it (the same checks and dial), then the server's relay."""
         conn, cli = self.conn, self.cli
-        while not isinstance(event := cli.next_event(), h11.EndOfMessage):
-            if event is h11.NEED_DATA:  # cannot happen: a CONNECT has no body
-                raise Refusal(400, "protocol-error", "CONNECT with a body")
+        try:
+            event = cli.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise _h11_refusal(exc) from None
+        if not isinstance(event, h11.EndOfMessage):
+            raise Refusal(400, "protocol-error", "CONNECT with a body")
         await self._connect(key)
         self.status = 200
         reply = (
@@ -735,7 +761,8 @@ class Forwarder:
         self.status = refusal.status
         extra: Headers = []
         if refusal.status == 407:
-            extra = [(b"Proxy-Authenticate", v.encode()) for v in conn.server.http_challenges()]
+            challenges = conn.server.http_challenges(stale=refusal.stale)
+            extra = [(b"Proxy-Authenticate", v.encode()) for v in challenges]
         answer = error_response(
             refusal.status,
             refusal.reason if refusal.status != 407 else "proxy authentication required",
