@@ -292,6 +292,13 @@ OPTION_TABLE: tuple[tuple[str, str, str, object, str], ...] = (
         "do not add 'Via: 1.1 hopcat' to forwarded HTTP requests and responses",
     ),
     (
+        "answer-timeout",
+        "SECS",
+        "answer_timeout_s",
+        300.0,
+        "a forwarded HTTP request whose origin sends no answer for SECS gets 504 (default 300)",
+    ),
+    (
         "udp-idle-timeout",
         "SECS",
         "udp_idle_timeout_s",
@@ -327,6 +334,7 @@ _SECONDS = frozenset(
         "udp_idle_timeout_s",
         "grace_s",
         "nonce_lifetime_s",
+        "answer_timeout_s",
     }
 )
 AUTH_SCHEMES = ("digest", "basic")
@@ -350,6 +358,7 @@ class ServeOptions:
     max_conns: int
     max_conns_per_client: int
     handshake_timeout_s: float
+    answer_timeout_s: float
     connect_timeout_s: float
     ipv4: bool
     ipv6: bool
@@ -526,8 +535,8 @@ def finish(options: ServeOptions) -> ServeOptions:
         raise UsageError("--event-loop takes auto, asyncio or uvloop")
     if options.max_conns < 1:
         raise UsageError("--max-conns must be at least 1")
-    if options.handshake_timeout_s <= 0 or options.connect_timeout_s <= 0:
-        raise UsageError("--handshake-timeout and --connect-timeout must be above 0")
+    if min(options.handshake_timeout_s, options.connect_timeout_s, options.answer_timeout_s) <= 0:
+        raise UsageError("--handshake-timeout, --connect-timeout and --answer-timeout must be above 0")
     options.workers = _workers(str(options.workers))
     if options.metrics is not None:
         text = options.metrics

@@ -451,7 +451,9 @@ class Forwarder:
             raise Refusal(
                 400, "protocol-error", "the Host header names another authority than the URL"
             )
-        authority = format_hostport(host, port) if port != 80 else format_hostport(host, 80)[:-3]
+        authority = format_hostport(host, port)
+        if port == 80:
+            authority = authority.removesuffix(":80")
         out: Headers = [(b"Host", authority.encode("latin-1"))]
         out += [(n, v) for n, v in end_to_end(request.headers.raw_items()) if n.lower() != b"host"]
         if b"transfer-encoding" in names:
@@ -606,7 +608,11 @@ class Forwarder:
                 writers.append(self.conn.fd)
             if not readers and not writers:
                 raise _Gone("origin", "ended the exchange unanswered")
-            await self._wait(readers, writers)
+            # Until the answer's head, a silent origin is bounded (--answer-timeout) even with
+            # no --idle-timeout: a client that left meanwhile cannot be told from one that
+            # half-closed, so only the origin's silence ends the wait.
+            timeout = None if self._responding else self.conn.server.options.answer_timeout_s
+            await self._wait(readers, writers, timeout)
         if not request_done:
             # Answered before the body was all in: the origin connection is dropped below and
             # the client's is closed after the answer; what is queued for the origin is moot,
@@ -727,13 +733,24 @@ class Forwarder:
                 writers.append(self.conn.fd)
             await self._wait([], writers)
 
-    async def _wait(self, readers: list[int], writers: list[int]) -> None:
+    async def _wait(
+        self, readers: list[int], writers: list[int], timeout: float | None = None
+    ) -> None:
+        """Until one of the descriptors is ready; past ``timeout`` a 504 (see _pump)."""
         loop = self.conn.server.loop
         future = loop.create_future()
 
         def wake() -> None:
             if not future.done():
                 future.set_result(None)
+
+        def expire() -> None:
+            if not future.done():
+                future.set_exception(
+                    Refusal(504, "timeout", f"the origin sent no answer in {timeout:g} s")
+                )
+
+        timer = loop.call_later(timeout, expire) if timeout is not None else None
 
         for fd in readers:
             loop.add_reader(fd, wake)
@@ -744,6 +761,8 @@ class Forwarder:
         try:
             await future
         finally:
+            if timer is not None:
+                timer.cancel()
             self._unregister()
 
     def _unregister(self) -> None:
