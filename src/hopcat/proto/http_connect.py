@@ -818,31 +818,39 @@ def http_url_authority(target: str) -> tuple[str, int] | None:
 def _parse_authority(target: str, what: str = "CONNECT target") -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` (RFC 9110 section 9.3.6) -> (host without brackets, port);
     ``what`` names it in the errors."""
-    malformed = RemoteProtocolError(f"malformed {what} {_redacted(target)!r}")
-    no_port = RemoteProtocolError(f"{what} {_redacted(target)!r} has no port (host:port)")
+    parsed = _split_authority(target)
+    if isinstance(parsed, tuple):
+        return parsed
+    if parsed == "no port":  # the message is made only now: every request comes here
+        raise RemoteProtocolError(f"{what} {_redacted(target)!r} has no port (host:port)")
+    raise RemoteProtocolError(f"malformed {what} {_redacted(target)!r}")
+
+
+def _split_authority(target: str) -> tuple[str, int] | str:
+    """``_parse_authority``'s work: (host, port), or what is wrong ("no port", "malformed")."""
     if target.startswith("["):
         close = target.find("]")
         host, port_text = target[1:close], target[close + 1 :]
         if close != -1 and port_text in ("", ":"):
-            raise no_port
+            return "no port"
         if close == -1 or not port_text.startswith(":"):
-            raise malformed
+            return "malformed"
         port_text = port_text[1:]
         try:
             socket.inet_pton(socket.AF_INET6, host)
         except (OSError, ValueError):
-            raise malformed from None
+            return "malformed"
     else:
         host, colon, port_text = target.rpartition(":")
         if (not colon or not port_text) and not target.strip(_REG_NAME_CHARS + ":"):
-            raise no_port
+            return "no port"
         if not colon or not host or len(host) > 255 or host.strip(_REG_NAME_CHARS):
-            raise malformed
+            return "malformed"
     if not 1 <= len(port_text) <= 5 or not (port_text.isascii() and port_text.isdigit()):
-        raise malformed
+        return "malformed"
     port = int(port_text)
     if port > 65535:
-        raise malformed
+        return "malformed"
     return host, port
 
 
