@@ -812,3 +812,39 @@ def test_connect_after_forwarded_request_leaves_no_open_tunnel(
 
     _types, samples = scrape(server)
     assert value(samples, "hopcat_open_tunnels", protocol="http") == 0
+
+
+def test_reloaded_rules_apply_to_a_kept_origin_connection(
+    serve: Serve, origin: Origin, tmp_path: Path
+) -> None:
+    """A kept origin connection was checked by the rules of its dial: after SIGHUP brings rules
+    that deny it, the next request on the same client connection is refused (403), not sent on
+    over the old connection."""
+    rules = tmp_path / "rules"
+    rules.write_text("")
+    server = serve("--rules", str(rules))
+    get = f"GET {origin.base}/bytes/5 HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n\r\n".encode()
+    with socket.create_connection((server.host, server.port), timeout=IO_TIMEOUT_S) as sock:
+        conn = h11.Connection(h11.CLIENT)
+
+        def exchange() -> int:
+            sock.sendall(get)
+            conn.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+            conn.send(h11.EndOfMessage())
+            status = 0
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(sock.recv(65536))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                    return status
+
+        assert exchange() == 200
+        conn.start_next_cycle()
+        rules.write_text(f"deny 127.0.0.1:{origin.port}\n")
+        server.send_signal(signal.SIGHUP)
+        server.wait_log("event=reload result=ok")
+        assert exchange() == 403
+    assert len(origin.requests) == 1

@@ -233,6 +233,7 @@ class Forwarder:
         "method",
         "origin",
         "origin_key",
+        "origin_policy",
         "started",
         "status",
         "up",
@@ -248,6 +249,7 @@ class Forwarder:
         self.up: h11.Connection | None = None  # the origin connection's parser
         self.origin: _socket.socket | None = None
         self.origin_key: tuple[str, int] | None = None
+        self.origin_policy: object = None  # the rules the kept origin connection was checked by
         self.via_header = not conn.server.options.no_via_header
         self._client_eof = self._origin_eof = False
         self._connecting: asyncio.Future[bytes] | None = None
@@ -480,6 +482,8 @@ class Forwarder:
         assert origin is not None
         if self.up is None or self.up.trailing_data[0]:
             return False  # the origin sent more than its last response: not to be trusted
+        if self.origin_policy is not self.conn.server.policy:
+            return False  # SIGHUP brought other rules: the origin is checked (and dialled) anew
         try:
             origin.recv(1, socket.MSG_PEEK)
         except BlockingIOError:
@@ -500,6 +504,7 @@ class Forwarder:
             self._connecting = None
         self.origin = conn.target
         self.origin_key = key
+        self.origin_policy = conn.server.policy
         self._origin_eof = False
         self.up = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
         if trailing:
