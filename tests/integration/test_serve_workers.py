@@ -225,15 +225,12 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_digest_nonce_good_in_every_worker(
-    serve: Serve, digest_server: peers.DigestServer
-) -> None:
-    """A 407's nonce from one worker is answered on a new connection, which may reach the
-    other: the nonce key is the server's, not a worker's."""
-    server = serve("--workers", "2", "--auth", "alice:s3cret", "--auth-scheme", "digest")
-    authority = f"{digest_server.host}:{digest_server.port}"
+def digest_answerer(server: ServeProcess, target: peers.DigestServer) -> Callable[[int], str]:
+    """Ask for a 407 and take its MD5 nonce: the Proxy-Authorization header line (alice,
+    s3cret) that answers it with a given nonce count."""
+    authority = f"{target.host}:{target.port}"
     with connect(server) as sock:
-        status, head = http_connect(sock, digest_server.host, digest_server.port)
+        status, head = http_connect(sock, target.host, target.port)
     assert status == 407
     challenge = next(line for line in head.split("\r\n") if "algorithm=MD5" in line)
     nonce = re.search(r'nonce="([^"]+)"', challenge)[1]  # type: ignore[index]
@@ -243,12 +240,26 @@ def test_digest_nonce_good_in_every_worker(
         return hashlib.md5(text.encode()).hexdigest()
 
     ha1, ha2 = md5(f"alice:{realm}:s3cret"), md5(f"CONNECT:{authority}")
-    for nc in range(1, SPREAD + 1):
+
+    def header(nc: int) -> str:
         count = f"{nc:08x}"
         response = md5(f"{ha1}:{nonce}:{count}:c0ffee:auth:{ha2}")
-        header = (f'Proxy-Authorization: Digest username="alice", realm="{realm}", '
-                  f'nonce="{nonce}", uri="{authority}", qop=auth, nc={count}, '
-                  f'cnonce="c0ffee", response="{response}", algorithm=MD5\r\n')  # fmt: skip
+        return (f'Proxy-Authorization: Digest username="alice", realm="{realm}", '
+                f'nonce="{nonce}", uri="{authority}", qop=auth, nc={count}, '
+                f'cnonce="c0ffee", response="{response}", algorithm=MD5\r\n')  # fmt: skip
+
+    return header
+
+
+def test_digest_nonce_good_in_every_worker(
+    serve: Serve, digest_server: peers.DigestServer
+) -> None:
+    """A 407's nonce from one worker is answered on a new connection, which may reach the
+    other: the nonce key is the server's, not a worker's."""
+    server = serve("--workers", "2", "--auth", "alice:s3cret", "--auth-scheme", "digest")
+    answer = digest_answerer(server, digest_server)
+    for nc in range(1, SPREAD + 1):
+        header = answer(nc)
         with connect(server) as sock:
             assert http_connect(sock, digest_server.host, digest_server.port, header)[0] == 200
             sock.sendall(b"x")
@@ -361,26 +372,10 @@ def test_forward_on_a_proxy_port_is_refused(serve: Serve) -> None:
 def test_replayed_digest_answer_refused_in_every_worker(
     serve: Serve, digest_server: peers.DigestServer
 ) -> None:
-    """One Digest answer (nonce, nc=1) sent on many connections: a single server takes it
-    once and refuses each replay; with --workers each worker keeps its own nc table, so the
-    replay is taken once per worker."""
+    """One Digest answer (nonce, nc=1) sent on many connections is taken once: the workers
+    share one table of the counts seen, so a replay is refused whichever worker it reaches."""
     server = serve("--workers", "2", "--auth", "alice:s3cret", "--auth-scheme", "digest")
-    authority = f"{digest_server.host}:{digest_server.port}"
-    with connect(server) as sock:
-        status, head = http_connect(sock, digest_server.host, digest_server.port)
-    assert status == 407
-    challenge = next(line for line in head.split("\r\n") if "algorithm=MD5" in line)
-    nonce = re.search(r'nonce="([^"]+)"', challenge)[1]  # type: ignore[index]
-    realm = re.search(r'realm="([^"]+)"', challenge)[1]  # type: ignore[index]
-
-    def md5(text: str) -> str:
-        return hashlib.md5(text.encode()).hexdigest()
-
-    ha1, ha2 = md5(f"alice:{realm}:s3cret"), md5(f"CONNECT:{authority}")
-    response = md5(f"{ha1}:{nonce}:00000001:c0ffee:auth:{ha2}")
-    header = (f'Proxy-Authorization: Digest username="alice", realm="{realm}", '
-              f'nonce="{nonce}", uri="{authority}", qop=auth, nc=00000001, '
-              f'cnonce="c0ffee", response="{response}", algorithm=MD5\r\n')  # fmt: skip
+    header = digest_answerer(server, digest_server)(1)
     accepted = 0
     for _ in range(SPREAD):
         with connect(server) as sock:
