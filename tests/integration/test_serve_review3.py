@@ -1,0 +1,72 @@
+"""Review 3 of the fixes since 8955de0: each test is a bug found, failing on main."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from test_serve_support import IO_TIMEOUT_S, ServeProcess, serve_factory
+
+from support import ScriptedServer
+
+Serve = Callable[..., ServeProcess]
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Serve]:
+    yield from serve_factory(tmp_path)
+
+
+def _read_head(conn: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_answer_timeout_blames_origin_for_a_slow_client_upload(serve: Serve) -> None:
+    """--answer-timeout is "an origin that sends no answer for SECS", but _pump arms it on every
+    wait until the response head, whoever is silent: a client streaming a chunked upload with a
+    pause longer than SECS (the origin read everything so far and waits for the rest, as it
+    must) gets a 504 "the origin sent no answer" and its upload is cut."""
+    got_body: list[bytes] = []
+
+    def handler(conn: socket.socket) -> None:
+        data = _read_head(conn)
+        while not data.endswith(b"0\r\n\r\n"):
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            data += chunk
+        got_body.append(data)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    origin = ScriptedServer(handler)
+    try:
+        server = serve("--answer-timeout", "1")
+        with socket.create_connection((server.host, server.port), timeout=IO_TIMEOUT_S) as sock:
+            sock.sendall(
+                f"POST http://127.0.0.1:{origin.port}/up HTTP/1.1\r\n"
+                f"Host: 127.0.0.1:{origin.port}\r\nTransfer-Encoding: chunked\r\n\r\n"
+                "5\r\nfirst\r\n".encode()
+            )
+            time.sleep(2.0)  # the client's source is slow (curl -T - from a pipe, say)
+            try:
+                sock.sendall(b"6\r\nsecond\r\n0\r\n\r\n")
+            except OSError:
+                pass
+            answer = b""
+            while not answer.endswith(b"ok"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 "), (answer, server.log())
+    finally:
+        origin.close()
