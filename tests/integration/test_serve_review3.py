@@ -70,3 +70,40 @@ def test_answer_timeout_blames_origin_for_a_slow_client_upload(serve: Serve) -> 
         assert answer.startswith(b"HTTP/1.1 200 "), (answer, server.log())
     finally:
         origin.close()
+
+
+def test_forwarded_request_being_dialled_at_sigterm_gets_no_answer(serve: Serve) -> None:
+    """SIGTERM while a forwarded request's origin is being dialled (here: a --via hop that
+    has not answered yet): stop() closes the pending connection and Forwarder.close() sends
+    nothing, so the client gets a bare EOF for its request, where a CONNECT in the same state
+    gets its 503 (README: "whatever ends a handshake (... the server stopping) gets the
+    protocol's own refusal, never a bare EOF")."""
+
+    def mute(conn: socket.socket) -> None:
+        conn.recv(64)
+        time.sleep(5)
+
+    hop = ScriptedServer(mute)
+    try:
+        answers = []
+        for request in (
+            "GET http://example.invalid/ HTTP/1.1\r\nHost: example.invalid\r\n\r\n",
+            "CONNECT example.invalid:80 HTTP/1.1\r\nHost: example.invalid:80\r\n\r\n",
+        ):
+            server = serve("--via", f"socks5h://127.0.0.1:{hop.port}")
+            with socket.create_connection((server.host, server.port), timeout=IO_TIMEOUT_S) as s:
+                s.sendall(request.encode())
+                time.sleep(0.5)
+                server.send_signal(15)
+                answer = b""
+                try:
+                    while chunk := s.recv(65536):
+                        answer += chunk
+                except OSError:
+                    pass
+            answers.append(answer.partition(b"\r\n")[0])
+            server.stop(timeout=10)
+        assert answers[1].startswith(b"HTTP/1.1 503"), answers  # CONNECT: answered
+        assert answers[0].startswith(b"HTTP/1.1 503"), answers  # forwarded GET: bare EOF
+    finally:
+        hop.close()
