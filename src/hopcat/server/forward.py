@@ -280,10 +280,14 @@ class Forwarder:
         """The Conn is closing (any reason): stop, and log the request in flight."""
         self._unregister()
         if self.method is not None:
-            if result == "idle-timeout" and not self._responding:
-                self.status = 504
+            answers = {
+                "idle-timeout": (504, "the origin did not answer in time"),
+                "shutdown": (503, "the server is stopping"),
+            }
+            if result in answers and not self._responding:
+                self.status, text = answers[result]
                 try:
-                    self.conn.sock.send(error_response(504, "the origin did not answer in time"))
+                    self.conn.sock.send(error_response(self.status, text))
                 except OSError:
                     pass
             self._log(result, reason)
@@ -616,7 +620,11 @@ class Forwarder:
             # Until the answer's head, a silent origin is bounded (--answer-timeout) even with
             # no --idle-timeout: a client that left meanwhile cannot be told from one that
             # half-closed, so only the origin's silence ends the wait.
-            timeout = None if self._responding else self.conn.server.options.answer_timeout_s
+            # Only while the origin owes something: the whole request is in (its answer is
+            # due) or it is not taking the body; a client pausing its upload is not the
+            # origin's silence (--idle-timeout bounds that).
+            owed = not self._responding and (request_done or bool(self._out_origin))
+            timeout = self.conn.server.options.answer_timeout_s if owed else None
             await self._wait(readers, writers, timeout)
         if not request_done:
             # Answered before the body was all in: the origin connection is dropped below and

@@ -314,6 +314,9 @@ class Supervisor:
                 # The start failed: whatever the others do, this server is not serving.
                 self.code = self.code or int(ExitCode.SOFTWARE)
                 self.stopping = 2
+                for handle in self.restarts.values():
+                    handle.cancel()
+                self.restarts.clear()
                 self.send_all(b"t")
             self._maybe_done()
             return
@@ -330,7 +333,9 @@ class Supervisor:
         )
 
     def _restart(self, worker: Worker) -> None:
+        self.restarts.pop(worker.index, None)
         if self.stopping:
+            self._maybe_done()
             return
         self.store.slot(self.count).restarted()
         self.spawn(worker)
