@@ -107,3 +107,43 @@ def test_forwarded_request_being_dialled_at_sigterm_gets_no_answer(serve: Serve)
         assert answers[0].startswith(b"HTTP/1.1 503"), answers  # forwarded GET: bare EOF
     finally:
         hop.close()
+
+
+_RACE = r'''
+import asyncio, os, signal
+from hopcat.server.cli import finish, parse_args
+from hopcat.server import serve
+
+parent = os.getpid()
+real = asyncio.events._set_running_loop
+def patched(loop):
+    if loop is None and os.getpid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)  # reaches the worker just after fork
+    return real(loop)
+asyncio.events._set_running_loop = patched
+signal.signal(signal.SIGALRM, lambda *a: os.kill(os.getpid(), signal.SIGTERM))
+signal.alarm(3)
+serve.run(finish(parse_args(["--workers", "2", "-q", "127.0.0.1:0"])))
+'''
+
+
+def test_signal_to_a_new_worker_is_taken_by_the_supervisor(tmp_path: Path) -> None:
+    """A signal that reaches a worker between fork() and its set_wakeup_fd(-1) runs the
+    inherited C handler, which writes the signal number into the supervisor's wakeup socket
+    (the very same socket, shared by fork): the supervisor acts on a signal sent to the worker.
+    Here SIGTERM reached each new worker only (a group-wide stop during a restart gives the
+    supervisor its own copy as well): the supervisor counts two and ends everything at once
+    ("second signal"), where nothing was sent to it."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "race.py"
+    script.write_text(_RACE)
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src"), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=30, env=env
+    )
+    supervisor = [
+        line for line in done.stderr.splitlines() if "event=shutdown" in line and "worker=" not in line
+    ]
+    assert "second signal" not in "\n".join(supervisor), done.stderr
