@@ -147,3 +147,89 @@ def test_signal_to_a_new_worker_is_taken_by_the_supervisor(tmp_path: Path) -> No
         line for line in done.stderr.splitlines() if "event=shutdown" in line and "worker=" not in line
     ]
     assert "second signal" not in "\n".join(supervisor), done.stderr
+
+
+def _slow_socks5_hop(delay_s: float) -> ScriptedServer:
+    """A SOCKS5 hop (no auth, CONNECT to an IPv4 address) that waits ``delay_s`` before
+    dialling, then relays."""
+    import select
+    import struct
+
+    def handler(conn: socket.socket) -> None:
+        conn.recv(3)
+        conn.sendall(b"\x05\x00")
+        request = b""
+        while len(request) < 10:
+            request += conn.recv(10 - len(request))
+        host = socket.inet_ntoa(request[4:8])
+        (port,) = struct.unpack("!H", request[8:10])
+        time.sleep(delay_s)
+        target = socket.create_connection((host, port))
+        conn.sendall(b"\x05\x00\x00\x01" + b"\x00" * 6)
+        with target:
+            while True:
+                ready, _, _ = select.select([conn, target], [], [], 10)
+                if not ready:
+                    return
+                for src in ready:
+                    data = src.recv(65536)
+                    if not data:
+                        return
+                    (target if src is conn else conn).sendall(data)
+
+    return ScriptedServer(handler)
+
+
+def test_rules_reloaded_during_the_dial_are_taken_for_the_kept_connections(
+    serve: Serve, tmp_path: Path
+) -> None:
+    """_connect records origin_policy after the dial, so a SIGHUP that lands while the origin is
+    being dialled (here through a --via hop that takes 1.5 s) marks a connection the old rules
+    checked as checked by the new ones: the next request to that origin on the same client
+    connection reuses it, although the new rules deny it (3df7f6e's check is bypassed)."""
+    import signal
+
+    import h11
+
+    def web(conn: socket.socket) -> None:
+        while _read_head(conn):
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    origin = ScriptedServer(web)
+    hop = _slow_socks5_hop(1.5)
+    try:
+        rules = tmp_path / "rules"
+        rules.write_text("")
+        server = serve("--rules", str(rules), "--via", f"socks5://127.0.0.1:{hop.port}")
+        get = (
+            f"GET http://127.0.0.1:{origin.port}/ HTTP/1.1\r\n"
+            f"Host: 127.0.0.1:{origin.port}\r\n\r\n"
+        ).encode()
+        with socket.create_connection((server.host, server.port), timeout=IO_TIMEOUT_S) as sock:
+            conn = h11.Connection(h11.CLIENT)
+
+            def answer() -> int:
+                conn.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+                conn.send(h11.EndOfMessage())
+                status = 0
+                while True:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        conn.receive_data(sock.recv(65536))
+                    elif isinstance(event, h11.Response):
+                        status = event.status_code
+                    elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                        return status
+
+            sock.sendall(get)
+            time.sleep(0.5)  # the hop is dialling
+            rules.write_text(f"deny 127.0.0.1:{origin.port}\n")
+            server.send_signal(signal.SIGHUP)
+            server.wait_log("event=reload result=ok")
+            assert answer() == 200  # checked and dialled under the old rules: fine
+            conn.start_next_cycle()
+            sock.sendall(get)
+            assert answer() == 403, server.log()
+    finally:
+        hop.close()
+        origin.close()
