@@ -501,6 +501,7 @@ class Forwarder:
         self._drop_origin()
         loop = conn.server.loop
         self._connecting = future = loop.create_future()
+        policy = conn.server.policy  # the rules this dial is checked by (a SIGHUP may land meanwhile)
         conn.connect_to(*key)
         try:
             trailing = await future
@@ -508,7 +509,7 @@ class Forwarder:
             self._connecting = None
         self.origin = conn.target
         self.origin_key = key
-        self.origin_policy = conn.server.policy
+        self.origin_policy = policy
         self._origin_eof = False
         self.up = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
         if trailing:
