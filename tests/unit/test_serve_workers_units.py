@@ -76,3 +76,42 @@ def test_counters_sum_over_slots() -> None:
     assert "hopcat_handshake_seconds_count 2\n" in text
     assert "hopcat_worker_restarts_total 1\n" in text
     assert "restarts" not in render(store.totals(), supervised=False)
+
+
+def test_supervisor_hangs_when_a_start_fails_after_a_clean_exit() -> None:
+    """Review 3. Before the start completed, worker 1 exits 0 (a SIGTERM sent to it alone: it
+    drains) and _exited schedules its restart in CLEAN_EXIT_WAIT_S; then worker 2 fails to
+    start (exit 70). That failure sets stopping without clearing self.restarts, _restart then
+    returns early without removing its entry, and _maybe_done waits for an empty dict
+    forever: the supervisor never exits (no worker left, no signal pending)."""
+    import asyncio
+    import os
+
+    from hopcat.server import workers as workers_mod
+    from hopcat.server.workers import Supervisor
+
+    options = finish(parse_args(["--workers", "2", "-q"]))
+    supervisor = Supervisor(options, startup=None, metrics_sock=None)  # type: ignore[arg-type]
+    loop = supervisor.loop
+    fds = []
+    try:
+        for i, worker in enumerate(supervisor.workers):
+            r, w = os.pipe()
+            fds.append(r)
+            worker.pid, worker.control, worker.ready = 10_000 + i, w, True
+        saved = workers_mod.CLEAN_EXIT_WAIT_S
+        workers_mod.CLEAN_EXIT_WAIT_S = 0.05
+        try:
+            supervisor._exited(supervisor.workers[0], 0)  # drained on its own
+            supervisor._exited(supervisor.workers[1], 70)  # the start fails
+            try:
+                code = loop.run_until_complete(asyncio.wait_for(supervisor.done, 1.0))
+            except TimeoutError:
+                code = None
+        finally:
+            workers_mod.CLEAN_EXIT_WAIT_S = saved
+        assert code == 70, f"supervisor not done; restarts pending: {supervisor.restarts}"
+    finally:
+        for fd in fds:
+            os.close(fd)
+        loop.close()

@@ -66,11 +66,14 @@ class NonceCounts:
     memfd mapping, made before workers fork so that all of them share it. lockf() locks are held
     per process, so the descriptor the workers inherit in common still excludes each other."""
 
-    __slots__ = ("_fd", "_map", "_words")
+    __slots__ = ("_fd", "_key", "_map", "_words")
     ENTRY = 3  # words: the nonce's key (never 0), its time, its last nc
 
     def __init__(self) -> None:
         size = MAX_TRACKED_NONCES * self.ENTRY * 8
+        # The slot hash is keyed: with a public hash, anyone holding nonces (free from 407s)
+        # could pick ones that land on another nonce's slots and evict it.
+        self._key = os.urandom(16)
         self._fd = os.memfd_create("hopcat-digest-nc", os.MFD_CLOEXEC)
         try:
             os.ftruncate(self._fd, size)
@@ -82,7 +85,8 @@ class NonceCounts:
 
     def advance(self, nonce: str, made: int, nc: int, now: int, lifetime_s: float) -> bool:
         """Record ``nc`` for ``nonce``; False when it is not above the count last recorded."""
-        key = int.from_bytes(hashlib.sha256(nonce.encode()).digest()[:8], "big", signed=True) or 1
+        digest = hashlib.blake2b(nonce.encode(), digest_size=8, key=self._key).digest()
+        key = int.from_bytes(digest, "big", signed=True) or 1
         words, entry = self._words, self.ENTRY
         first = key % MAX_TRACKED_NONCES
         fcntl.lockf(self._fd, fcntl.LOCK_EX)

@@ -280,10 +280,14 @@ class Forwarder:
         """The Conn is closing (any reason): stop, and log the request in flight."""
         self._unregister()
         if self.method is not None:
-            if result == "idle-timeout" and not self._responding:
-                self.status = 504
+            answers = {
+                "idle-timeout": (504, "the origin did not answer in time"),
+                "shutdown": (503, "the server is stopping"),
+            }
+            if result in answers and not self._responding:
+                self.status, text = answers[result]
                 try:
-                    self.conn.sock.send(error_response(504, "the origin did not answer in time"))
+                    self.conn.sock.send(error_response(self.status, text))
                 except OSError:
                     pass
             self._log(result, reason)
@@ -497,6 +501,7 @@ class Forwarder:
         self._drop_origin()
         loop = conn.server.loop
         self._connecting = future = loop.create_future()
+        policy = conn.server.policy  # the rules this dial is checked by (a SIGHUP may land meanwhile)
         conn.connect_to(*key)
         try:
             trailing = await future
@@ -504,7 +509,7 @@ class Forwarder:
             self._connecting = None
         self.origin = conn.target
         self.origin_key = key
-        self.origin_policy = conn.server.policy
+        self.origin_policy = policy
         self._origin_eof = False
         self.up = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
         if trailing:
@@ -616,7 +621,11 @@ class Forwarder:
             # Until the answer's head, a silent origin is bounded (--answer-timeout) even with
             # no --idle-timeout: a client that left meanwhile cannot be told from one that
             # half-closed, so only the origin's silence ends the wait.
-            timeout = None if self._responding else self.conn.server.options.answer_timeout_s
+            # Only while the origin owes something: the whole request is in (its answer is
+            # due) or it is not taking the body; a client pausing its upload is not the
+            # origin's silence (--idle-timeout bounds that).
+            owed = not self._responding and (request_done or bool(self._out_origin))
+            timeout = self.conn.server.options.answer_timeout_s if owed else None
             await self._wait(readers, writers, timeout)
         if not request_done:
             # Answered before the body was all in: the origin connection is dropped below and

@@ -67,6 +67,7 @@ CLEAN_EXIT_WAIT_S = 1.0  # for the stop signal that made a worker exit 0 (see _e
 RESTART_FIRST_S = 0.1
 RESTART_MAX_S = 30.0
 _DRAIN = {"SIGTERM": b"T", "SIGINT": b"I"}
+_FORWARDED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 _COMMANDS = {
     ord("T"): ("SIGTERM", False), ord("I"): ("SIGINT", False),
     ord("t"): ("SIGTERM", True), ord("i"): ("SIGINT", True),
@@ -314,6 +315,9 @@ class Supervisor:
                 # The start failed: whatever the others do, this server is not serving.
                 self.code = self.code or int(ExitCode.SOFTWARE)
                 self.stopping = 2
+                for handle in self.restarts.values():
+                    handle.cancel()
+                self.restarts.clear()
                 self.send_all(b"t")
             self._maybe_done()
             return
@@ -330,7 +334,9 @@ class Supervisor:
         )
 
     def _restart(self, worker: Worker) -> None:
+        self.restarts.pop(worker.index, None)
         if self.stopping:
+            self._maybe_done()
             return
         self.store.slot(self.count).restarted()
         self.spawn(worker)
@@ -345,6 +351,7 @@ class Supervisor:
         # this worker through its control pipe as well, so the direct copy may be ignored.
         for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
             signal.signal(signum, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)  # blocked by _fork
         for other in self.workers:
             for fd in (other.control, other.ready_pipe):
                 if fd >= 0:
@@ -393,12 +400,20 @@ def _fork() -> tuple[int, int, int, int, int]:
         os.close(control_r)
         os.close(control_w)
         raise
+    # Signals stay blocked across fork() until the child has dropped the supervisor's wakeup
+    # socket: a signal run by the inherited handler would be written into that very socket
+    # and acted on by the supervisor as its own. The child unblocks them in _worker.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
     try:
-        return control_r, control_w, ready_r, ready_w, os.fork()
+        pid = os.fork()
     except OSError:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
         for fd in (control_r, control_w, ready_r, ready_w):
             os.close(fd)
         raise
+    if pid:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
+    return control_r, control_w, ready_r, ready_w, pid
 
 
 def _drain(server: Server, signame: str) -> None:
