@@ -34,7 +34,7 @@ def _read_head(conn: socket.socket) -> bytes:
     return data
 
 
-def test_connection_naming_content_length_crashes(serve: Serve, origin: Origin) -> None:  # noqa: F811
+def test_connection_naming_content_length_is_harmless(serve: Serve, origin: Origin) -> None:  # noqa: F811
     """``Connection: content-length`` drops Content-Length from the forwarded head (end_to_end),
     h11 then frames the request with no body and ``up.send(Data)`` raises LocalProtocolError,
     which escapes as an internal error with a traceback."""
@@ -53,7 +53,7 @@ def test_connection_naming_content_length_crashes(serve: Serve, origin: Origin) 
     assert heads and heads[0].status_code in (200, 400)
 
 
-def test_connect_with_bad_chunked_body_crashes(serve: Serve, origin: Origin) -> None:  # noqa: F811
+def test_connect_with_bad_chunked_body_is_refused(serve: Serve, origin: Origin) -> None:  # noqa: F811
     """A CONNECT after a forwarded request, with a malformed chunked body: _tunnel calls
     cli.next_event() unguarded, h11.RemoteProtocolError escapes -> internal error."""
     server = serve("--allow-open")
@@ -69,7 +69,7 @@ def test_connect_with_bad_chunked_body_crashes(serve: Serve, origin: Origin) -> 
     assert "internal error" not in log and "Traceback" not in log, log
 
 
-def test_h11_error_puts_credentials_in_log(serve: Serve, origin: Origin) -> None:  # noqa: F811
+def test_h11_error_keeps_credentials_out_of_the_log(serve: Serve, origin: Origin) -> None:  # noqa: F811
     """A later request with a malformed header line: h11's message quotes the whole line, and
     the refusal's reason (log line) carries the credentials in it."""
     server = serve("--allow-open")
@@ -85,7 +85,7 @@ def test_h11_error_puts_credentials_in_log(serve: Serve, origin: Origin) -> None
     assert secret not in server.log(), server.log()
 
 
-def test_origin_extra_bytes_answer_the_next_request(serve: Serve) -> None:
+def test_origin_extra_bytes_never_answer_the_next_request(serve: Serve) -> None:
     """An origin that sends more than its Content-Length in the same read: the surplus stays in
     h11's buffer, _reusable() only peeks the socket, and the surplus is taken as the answer to
     the client's next request (response desync)."""
@@ -132,7 +132,7 @@ def _digest(method: str, uri: str, nonce: str, nc: int, user: str, password: str
     )
 
 
-def test_stale_digest_on_kept_connection_counts_as_failed_login(
+def test_stale_digest_on_kept_connection_is_no_failed_login(
     serve: Serve,
     origin: Origin,  # noqa: F811
 ) -> None:
@@ -204,7 +204,7 @@ def test_silent_origin_gets_504_after_answer_timeout(serve: Serve) -> None:
         silent.close()
 
 
-def test_trailers_forwarded_verbatim(serve: Serve, origin: Origin) -> None:  # noqa: F811
+def test_trailers_lose_hop_by_hop_fields(serve: Serve, origin: Origin) -> None:  # noqa: F811
     """A chunked request's trailer section goes to the origin as the client wrote it (h11's
     EndOfMessage.headers passed to up.send): a Proxy-Authorization trailer is forwarded."""
     server = serve("--allow-open")
@@ -220,10 +220,10 @@ def test_trailers_forwarded_verbatim(serve: Serve, origin: Origin) -> None:  # n
 
 
 def test_sigterm_drain_does_not_serve_new_requests(serve: Serve, origin: Origin) -> None:  # noqa: F811
-    """SIGTERM while a kept connection has a request in flight: once its answer is sent the
-    connection goes back to pending (after stop() closed the pending ones), so the client's
-    next requests are still forwarded during the drain, and the server waits for the 75 s
-    keep-alive deadline or --grace instead of stopping when the in-flight request is done."""
+    """SIGTERM while a kept connection has a request in flight: its answer says
+    ``Connection: close`` and the connection ends after it, so no new request is forwarded
+    during the drain and the server stops as soon as the answer is out (not after the 75 s
+    keep-alive deadline or --grace)."""
 
     def handler(conn: socket.socket) -> None:
         while _read_head(conn):
@@ -250,14 +250,14 @@ def test_sigterm_drain_does_not_serve_new_requests(serve: Serve, origin: Origin)
                 second = sock.recv(65536)
             except OSError:
                 second = b""
-        assert b"connection: close" in head or second == b"", (head, second)
+        assert b"connection: close" in head and second == b"", (head, second)
         assert server.stop(timeout=10) is not None
         assert time.monotonic() - started < 5
     finally:
         slow.close()
 
 
-def test_host_header_from_raw_authority_text(serve: Serve, origin: Origin) -> None:  # noqa: F811
+def test_host_header_from_the_parsed_authority(serve: Serve, origin: Origin) -> None:  # noqa: F811
     """split_target() cuts the authority at "/" or "?" but not at "#", while http_url_authority()
     (the address dialled and checked) cuts at "#" too: the origin gets a Host header that is not
     the authority that was checked (``Host: 127.0.0.1:P#.evil.example``)."""

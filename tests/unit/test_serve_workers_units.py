@@ -78,7 +78,7 @@ def test_counters_sum_over_slots() -> None:
     assert "restarts" not in render(store.totals(), supervised=False)
 
 
-def test_supervisor_hangs_when_a_start_fails_after_a_clean_exit() -> None:
+def test_supervisor_exits_when_a_start_fails_after_a_clean_exit() -> None:
     """Review 3. Before the start completed, worker 1 exits 0 (a SIGTERM sent to it alone: it
     drains) and _exited schedules its restart in CLEAN_EXIT_WAIT_S; then worker 2 fails to
     start (exit 70). That failure sets stopping without clearing self.restarts, _restart then

@@ -22,10 +22,12 @@ the client answers again without asking its user. Replay: the nc of each nonce s
 lifetime is remembered (``NonceCounts``) and a count not above the last one is refused. The
 table is shared by every worker of ``--workers`` (a client's next connection, or an attacker's
 replay, may reach any of them, and the nonce key is theirs in common too): a fixed
-open-addressing table in a shared memory mapping, updated under a POSIX record lock. It holds
-``MAX_TRACKED_NONCES``; where a nonce's few slots are all taken by live nonces, the oldest of
-them is forgotten, so an answer replayed after that many newer nonces were used, within its
-nonce's lifetime, could pass. Clients answer a nonce once per connection here (every 407 closes
+open-addressing table in a shared memory mapping, updated under a POSIX record lock, with
+``NONCE_SLOTS`` slots for ``MAX_TRACKED_NONCES`` live nonces (kept a quarter full, so a nonce
+finds room among its ``NONCE_PROBES`` slots). Where they are all taken by live nonces (far more
+logins than that within a lifetime) the oldest is forgotten, and a replay of its answer could
+pass. Slots come from a keyed hash: anyone can get nonces from 407s, and with a public hash could
+pick ones that crowd out another's. Clients answer a nonce once per connection here (every 407 closes
 the connection), and nc starts at 00000001.
 
 Not done: -sess algorithms, SHA-512-256, qop=auth-int, userhash, opaque (nothing to carry: the
@@ -51,8 +53,9 @@ if TYPE_CHECKING:
 REALM = "hopcat"
 NONCE_LIFETIME_S = 300.0
 ALGORITHMS = ("MD5", "SHA-256")  # in the 407's order (see above)
-MAX_TRACKED_NONCES = 65536
-NONCE_PROBES = 8  # slots a nonce may take in the table, from the one its hash names
+MAX_TRACKED_NONCES = 65536  # live nonces remembered: one Digest login every 4.6 ms for 300 s
+NONCE_SLOTS = 4 * MAX_TRACKED_NONCES  # a quarter full at most: probing finds room
+NONCE_PROBES = 16  # slots a nonce may take in the table, from the one its hash names
 NONCE_SALT_BYTES = 8
 
 # check() outcomes.
@@ -62,7 +65,7 @@ WRONG = "wrong"  # counts as a failed login
 
 
 class NonceCounts:
-    """The last nc of each nonce in use: ``MAX_TRACKED_NONCES`` entries of (key, time, nc) in a
+    """The last nc of each nonce in use: ``NONCE_SLOTS`` entries of (key, time, nc) in a
     memfd mapping, made before workers fork so that all of them share it. lockf() locks are held
     per process, so the descriptor the workers inherit in common still excludes each other."""
 
@@ -70,7 +73,7 @@ class NonceCounts:
     ENTRY = 3  # words: the nonce's key (never 0), its time, its last nc
 
     def __init__(self) -> None:
-        size = MAX_TRACKED_NONCES * self.ENTRY * 8
+        size = NONCE_SLOTS * self.ENTRY * 8
         # The slot hash is keyed: with a public hash, anyone holding nonces (free from 407s)
         # could pick ones that land on another nonce's slots and evict it.
         self._key = os.urandom(16)
@@ -88,12 +91,12 @@ class NonceCounts:
         digest = hashlib.blake2b(nonce.encode(), digest_size=8, key=self._key).digest()
         key = int.from_bytes(digest, "big", signed=True) or 1
         words, entry = self._words, self.ENTRY
-        first = key % MAX_TRACKED_NONCES
+        first = key % NONCE_SLOTS
         fcntl.lockf(self._fd, fcntl.LOCK_EX)
         try:
             free = oldest = -1
             for probe in range(NONCE_PROBES):
-                at = (first + probe) % MAX_TRACKED_NONCES * entry
+                at = (first + probe) % NONCE_SLOTS * entry
                 if words[at] == key:
                     if nc <= words[at + 2]:
                         return False

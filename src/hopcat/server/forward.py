@@ -476,6 +476,8 @@ class Forwarder:
             out = [(n, v) for n, v in out if n.lower() != b"content-length"]  # h11 frames it anew
         if status == 101:
             out += [(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")]
+        elif status >= 200 and self.conn.server.stopping:
+            out.append((b"Connection", b"close"))  # draining: this is the connection's last
         if self.via_header:
             out.append((b"Via", VIA))
         return out

@@ -187,15 +187,19 @@ def numeric_address(host: str, port: int) -> tuple[int, SockAddr] | None:
 def wire_family(family: int, sockaddr: SockAddr) -> int:
     """The family a connect to ``sockaddr`` speaks on the wire, which -4/-6 are about: an
     IPv4-mapped IPv6 address (``::ffff:127.0.0.1``) is IPv4 there."""
+    return socket.AF_INET if _mapped_ipv4(family, sockaddr) is not None else family
+
+
+def _mapped_ipv4(family: int, sockaddr: SockAddr) -> str | None:
     if family == socket.AF_INET6 and str(sockaddr[0]).lower().startswith("::ffff:"):
         import ipaddress
 
         try:
-            if ipaddress.IPv6Address(str(sockaddr[0]).partition("%")[0]).ipv4_mapped:
-                return socket.AF_INET
+            mapped = ipaddress.IPv6Address(str(sockaddr[0]).partition("%")[0]).ipv4_mapped
         except ValueError:
-            pass
-    return family
+            return None
+        return str(mapped) if mapped is not None else None
+    return None
 
 
 def compared_name(wire: str) -> str:
@@ -593,6 +597,9 @@ class Conn:
             self.refuse("dns-error", f"resolve {host}: not a valid host name (IDNA)")
             return
         literal = numeric_address(wire, port)
+        mapped = _mapped_ipv4(*literal) if literal is not None else None
+        if mapped is not None:  # dialled as the IPv4 address it is: no IPv6 socket needed
+            literal = (socket.AF_INET, (mapped, port))
         if literal is not None and server.family and wire_family(*literal) != server.family:
             self.refuse("wrong-family", f"{host} is not an {_FAMILY_NAMES[server.family]} "
                         f"address ({_FAMILY_FLAGS[server.family]})")  # fmt: skip

@@ -202,7 +202,7 @@ def render(totals: list[int], *, supervised: bool) -> str:
         out.append(f"{name}_count {cumulative}")
     if supervised:
         family("hopcat_worker_restarts_total", "counter",
-               "Workers restarted after an unexpected exit.")  # fmt: skip
+               "Workers restarted after exiting unbidden.")  # fmt: skip
         out.append(f"hopcat_worker_restarts_total {totals[RESTARTS]}")
     return "\n".join(out) + "\n"
 

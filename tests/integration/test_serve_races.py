@@ -1,4 +1,6 @@
-"""Review 3 of the fixes since 8955de0: each test is a bug found, failing on main."""
+"""Races and timing edges of the server that a review found (each was a bug): a slow
+client upload against --answer-timeout, SIGTERM during a forwarded request's dial, a signal
+right after fork, rules reloaded during a dial."""
 
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ def _read_head(conn: socket.socket) -> bytes:
     return data
 
 
-def test_answer_timeout_blames_origin_for_a_slow_client_upload(serve: Serve) -> None:
+def test_answer_timeout_spares_a_slow_client_upload(serve: Serve) -> None:
     """--answer-timeout is "an origin that sends no answer for SECS", but _pump arms it on every
     wait until the response head, whoever is silent: a client streaming a chunked upload with a
     pause longer than SECS (the origin read everything so far and waits for the rest, as it
@@ -72,7 +74,7 @@ def test_answer_timeout_blames_origin_for_a_slow_client_upload(serve: Serve) -> 
         origin.close()
 
 
-def test_forwarded_request_being_dialled_at_sigterm_gets_no_answer(serve: Serve) -> None:
+def test_forwarded_request_being_dialled_at_sigterm_gets_503(serve: Serve) -> None:
     """SIGTERM while a forwarded request's origin is being dialled (here: a --via hop that
     has not answered yet): stop() closes the pending connection and Forwarder.close() sends
     nothing, so the client gets a bare EOF for its request, where a CONNECT in the same state
@@ -127,7 +129,7 @@ serve.run(finish(parse_args(["--workers", "2", "-q", "127.0.0.1:0"])))
 '''
 
 
-def test_signal_to_a_new_worker_is_taken_by_the_supervisor(tmp_path: Path) -> None:
+def test_signal_to_a_new_worker_stays_the_workers(tmp_path: Path) -> None:
     """A signal that reaches a worker between fork() and its set_wakeup_fd(-1) runs the
     inherited C handler, which writes the signal number into the supervisor's wakeup socket
     (the very same socket, shared by fork): the supervisor acts on a signal sent to the worker.
@@ -180,7 +182,7 @@ def _slow_socks5_hop(delay_s: float) -> ScriptedServer:
     return ScriptedServer(handler)
 
 
-def test_rules_reloaded_during_the_dial_are_taken_for_the_kept_connections(
+def test_rules_reloaded_during_the_dial_apply_to_the_kept_connection(
     serve: Serve, tmp_path: Path
 ) -> None:
     """_connect records origin_policy after the dial, so a SIGHUP that lands while the origin is
