@@ -79,11 +79,10 @@ def test_counters_sum_over_slots() -> None:
 
 
 def test_supervisor_exits_when_a_start_fails_after_a_clean_exit() -> None:
-    """Review 3. Before the start completed, worker 1 exits 0 (a SIGTERM sent to it alone: it
-    drains) and _exited schedules its restart in CLEAN_EXIT_WAIT_S; then worker 2 fails to
-    start (exit 70). That failure sets stopping without clearing self.restarts, _restart then
-    returns early without removing its entry, and _maybe_done waits for an empty dict
-    forever: the supervisor never exits (no worker left, no signal pending)."""
+    """Before the start completed, worker 1 exits 0 (a SIGTERM sent to it alone: it drains)
+    and _exited schedules its restart in CLEAN_EXIT_WAIT_S; then worker 2 fails to start
+    (exit 70). The failure must drop the pending restart, or _maybe_done would wait for it
+    forever: the supervisor exits (no worker left, no signal pending)."""
     import asyncio
     import os
 
