@@ -205,18 +205,20 @@ def test_silent_origin_gets_504_after_answer_timeout(serve: Serve) -> None:
 
 
 def test_trailers_lose_hop_by_hop_fields(serve: Serve, origin: Origin) -> None:  # noqa: F811
-    """A chunked request's trailer section goes to the origin as the client wrote it (h11's
-    EndOfMessage.headers passed to up.send): a Proxy-Authorization trailer is forwarded."""
+    """A chunked request's trailer section loses its hop-by-hop fields before it reaches the
+    origin: a Proxy-Authorization trailer, and a field the request head's Connection names;
+    an end-to-end trailer stays."""
     server = serve("--allow-open")
     req = (
         f"POST {origin.base}/echo HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
-        "Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n"
-        "Proxy-Authorization: Basic Ym9iOnNlY3JldA==\r\n\r\n"
+        "Connection: X-Hop\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n"
+        "Proxy-Authorization: Basic Ym9iOnNlY3JldA==\r\nX-Hop: 1\r\nX-Sum: 2\r\n\r\n"
     ).encode()
     heads, _, _ = raw_exchange(server, req)
     assert heads[0].status_code == 200
     raw = bytes(origin.raw[-1])
-    assert b"Proxy-Authorization" not in raw, raw
+    assert b"Proxy-Authorization" not in raw and b"X-Hop" not in raw, raw
+    assert b"X-Sum: 2" in raw, raw
 
 
 def test_sigterm_drain_does_not_serve_new_requests(serve: Serve, origin: Origin) -> None:  # noqa: F811

@@ -555,7 +555,11 @@ class Forwarder:
                     raise _Gone("client", "closed in the middle of the request body")
                 request_done = isinstance(event, h11.EndOfMessage)
                 if isinstance(event, h11.EndOfMessage) and event.headers:  # trailers
-                    event = h11.EndOfMessage(headers=end_to_end(event.headers.raw_items()))
+                    # Hop-by-hop by their own Connection field or by the head's.
+                    named = connection_tokens(request.headers.raw_items())
+                    kept = [(n, v) for n, v in end_to_end(event.headers.raw_items())
+                            if n.lower() not in named]  # fmt: skip
+                    event = h11.EndOfMessage(headers=kept)
                 self._to_origin(up.send(event))
             while not response_done and len(self._out_client) < OUT_BYTES:
                 try:
