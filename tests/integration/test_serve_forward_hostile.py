@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from test_serve_forward import Origin, origin, raw_exchange  # noqa: F401 (fixture)
+from test_serve_forward import Origin, origin, raw_exchange, read_head  # noqa: F401 (fixture)
 from test_serve_support import IO_TIMEOUT_S, ServeProcess, serve_factory
 
 from support import ScriptedServer
@@ -22,16 +22,6 @@ Serve = Callable[..., ServeProcess]
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Serve]:
     yield from serve_factory(tmp_path)
-
-
-def _read_head(conn: socket.socket) -> bytes:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = conn.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def test_connection_naming_content_length_is_harmless(serve: Serve, origin: Origin) -> None:  # noqa: F811
@@ -91,7 +81,7 @@ def test_origin_extra_bytes_never_answer_the_next_request(serve: Serve) -> None:
     the client's next request (response desync)."""
 
     def handler(conn: socket.socket) -> None:
-        while head := _read_head(conn):
+        while head := read_head(conn):
             if head.startswith(b"GET /a "):
                 conn.sendall(
                     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"
@@ -143,7 +133,7 @@ def test_stale_digest_on_kept_connection_is_no_failed_login(
     url = f"{origin.base}/bytes/1"
     with socket.create_connection((server.host, server.port), timeout=IO_TIMEOUT_S) as sock:
         sock.sendall(f"GET {url} HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n\r\n".encode())
-        head = _read_head(sock).decode()
+        head = read_head(sock).decode()
     nonce = head.split('nonce="')[1].split('"')[0]
     with socket.create_connection((server.host, server.port), timeout=IO_TIMEOUT_S) as sock:
         auth = _digest("GET", url, nonce, 1, "alice", "pw")
@@ -151,7 +141,7 @@ def test_stale_digest_on_kept_connection_is_no_failed_login(
             f"GET {url} HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
             f"Proxy-Authorization: {auth}\r\n\r\n".encode()
         )
-        first = _read_head(sock)
+        first = read_head(sock)
         assert first.startswith(b"HTTP/1.1 200"), first
         time.sleep(2.2)
         auth = _digest("GET", url, nonce, 2, "alice", "pw")
@@ -159,7 +149,7 @@ def test_stale_digest_on_kept_connection_is_no_failed_login(
             f"GET {url} HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
             f"Proxy-Authorization: {auth}\r\n\r\n".encode()
         )
-        second = _read_head(sock)
+        second = read_head(sock)
     assert second.startswith(b"HTTP/1.1 407"), second
     assert b"stale=true" in second, second
     assert "event=limit" not in server.log()
@@ -172,7 +162,7 @@ def test_silent_origin_gets_504_after_answer_timeout(serve: Serve) -> None:
     closed_at: list[float] = []
 
     def handler(conn: socket.socket) -> None:
-        _read_head(conn)
+        read_head(conn)
         conn.settimeout(6)
         try:
             if conn.recv(1) == b"":
@@ -228,7 +218,7 @@ def test_sigterm_drain_does_not_serve_new_requests(serve: Serve, origin: Origin)
     keep-alive deadline or --grace)."""
 
     def handler(conn: socket.socket) -> None:
-        while _read_head(conn):
+        while read_head(conn):
             time.sleep(1.0)
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 
@@ -311,7 +301,7 @@ def test_early_answer_while_origin_stops_reading(serve: Serve) -> None:
     logged, and when the origin finally closes the client gets a reset (result=reset)."""
 
     def handler(conn: socket.socket) -> None:
-        _read_head(conn)
+        read_head(conn)
         time.sleep(1)  # not reading: the socket buffers toward it fill up
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         time.sleep(4)

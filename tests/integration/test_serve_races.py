@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from test_serve_forward import next_status, read_head
 from test_serve_support import IO_TIMEOUT_S, ServeProcess, serve_factory
 
 from support import ScriptedServer
@@ -22,16 +23,6 @@ def serve(tmp_path: Path) -> Iterator[Serve]:
     yield from serve_factory(tmp_path)
 
 
-def _read_head(conn: socket.socket) -> bytes:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = conn.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
 def test_answer_timeout_spares_a_slow_client_upload(serve: Serve) -> None:
     """--answer-timeout is "an origin that sends no answer for SECS", but _pump arms it on every
     wait until the response head, whoever is silent: a client streaming a chunked upload with a
@@ -40,7 +31,7 @@ def test_answer_timeout_spares_a_slow_client_upload(serve: Serve) -> None:
     got_body: list[bytes] = []
 
     def handler(conn: socket.socket) -> None:
-        data = _read_head(conn)
+        data = read_head(conn)
         while not data.endswith(b"0\r\n\r\n"):
             chunk = conn.recv(65536)
             if not chunk:
@@ -194,7 +185,7 @@ def test_rules_reloaded_during_the_dial_apply_to_the_kept_connection(
     import h11
 
     def web(conn: socket.socket) -> None:
-        while _read_head(conn):
+        while read_head(conn):
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 
     origin = ScriptedServer(web)
@@ -209,29 +200,15 @@ def test_rules_reloaded_during_the_dial_apply_to_the_kept_connection(
         ).encode()
         with socket.create_connection((server.host, server.port), timeout=IO_TIMEOUT_S) as sock:
             conn = h11.Connection(h11.CLIENT)
-
-            def answer() -> int:
-                conn.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
-                conn.send(h11.EndOfMessage())
-                status = 0
-                while True:
-                    event = conn.next_event()
-                    if event is h11.NEED_DATA:
-                        conn.receive_data(sock.recv(65536))
-                    elif isinstance(event, h11.Response):
-                        status = event.status_code
-                    elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                        return status
-
             sock.sendall(get)
             time.sleep(0.5)  # the hop is dialling
             rules.write_text(f"deny 127.0.0.1:{origin.port}\n")
             server.send_signal(signal.SIGHUP)
             server.wait_log("event=reload result=ok")
-            assert answer() == 200  # checked and dialled under the old rules: fine
+            assert next_status(conn, sock) == 200  # checked and dialled under the old rules: fine
             conn.start_next_cycle()
             sock.sendall(get)
-            assert answer() == 403, server.log()
+            assert next_status(conn, sock) == 403, server.log()
     finally:
         hop.close()
         origin.close()
