@@ -70,11 +70,8 @@ TRUNCATED = [(b"\x05", b"\x05\xff"), (b"\x05\x02\x00", b"\x05\xff"),
              (b"CONNECT 127.0.0.1:80 HTTP/1.1\r\nHost: x", b"HTTP/1.1 400 ")]  # fmt: skip
 
 
-def test_garbage_truncation_and_oversize(serve: Serve, digest_server: peers.DigestServer) -> None:
-    server = serve()
-    good_tunnel(server, digest_server)
-    baseline = settled_fds(server)
-
+def hostile_clients(server: ServeProcess) -> None:
+    """One client per GARBAGE and TRUNCATED case, each answered (or dropped) as it should."""
     for data in GARBAGE:
         with connect(server) as sock:
             sock.sendall(data)
@@ -86,6 +83,14 @@ def test_garbage_truncation_and_oversize(serve: Serve, digest_server: peers.Dige
             sock.shutdown(socket.SHUT_WR)
             answer = wait_closed(sock)
             assert answer.startswith(refusal), (data, answer)
+
+
+def test_garbage_truncation_and_oversize(serve: Serve, digest_server: peers.DigestServer) -> None:
+    server = serve()
+    good_tunnel(server, digest_server)
+    baseline = settled_fds(server)
+
+    hostile_clients(server)
 
     # Oversized: a SOCKS4 user id without its NUL, a 70 KiB HTTP head, too many header lines.
     with connect(server) as sock:

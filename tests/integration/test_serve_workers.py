@@ -19,7 +19,7 @@ from pathlib import Path
 
 import peers
 import pytest
-from test_serve_hostile import GARBAGE, TRUNCATED, settled_fds
+from test_serve_hostile import hostile_clients, settled_fds
 from test_serve_support import (
     ServeProcess,
     connect,
@@ -167,16 +167,7 @@ def test_descriptors_settle_after_hostile_clients(
         digest_tunnel(server, digest_server, b"warm-up", http=bool(i % 2))
     baseline = settled_fds(server)
     for _ in range(3):
-        for data in GARBAGE:
-            with connect(server) as sock:
-                sock.sendall(data)
-                answer = wait_closed(sock)
-                assert answer in (b"",) or answer.startswith(b"HTTP/1.1 400 "), (data, answer)
-        for data, refusal in TRUNCATED:
-            with connect(server) as sock:
-                sock.sendall(data)
-                sock.shutdown(socket.SHUT_WR)
-                assert wait_closed(sock).startswith(refusal), data
+        hostile_clients(server)
     digest_tunnel(server, digest_server, b"after", http=False)
     assert settled_fds(server, baseline) == baseline
     assert served_by(server, "protocol-error") == {"1", "2"}
