@@ -63,6 +63,7 @@ from hopcat.proto.http_connect import (
     MAX_HEAD_BYTES,
     MAX_HEADER_LINES,
     MAX_REQUEST_LINE_BYTES,
+    STATUS_TEXT,
     _basic_credentials,
     _digest_credentials,
     _parse_authority,
@@ -98,18 +99,6 @@ HOP_BY_HOP = frozenset(
         b"proxy-authenticate",
     }
 )
-_STATUS_TEXT = {
-    400: "Bad Request",
-    403: "Forbidden",
-    405: "Method Not Allowed",
-    407: "Proxy Authentication Required",
-    414: "URI Too Long",
-    431: "Request Header Fields Too Large",
-    501: "Not Implemented",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-    504: "Gateway Timeout",
-}
 
 
 class Refusal(Exception):
@@ -193,7 +182,7 @@ def check_head_size(request: h11.Request) -> None:
 def error_response(status: int, text: str, extra: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
     """A short plain-text response that closes the connection."""
     body = (text + "\n").encode("utf-8", "replace")
-    lines = [f"HTTP/1.1 {status} {_STATUS_TEXT.get(status, 'Error')}".encode()]
+    lines = [f"HTTP/1.1 {status} {STATUS_TEXT.get(status, 'Error')}".encode()]
     lines += [name + b": " + value for name, value in extra]
     lines += [
         b"Content-Type: text/plain; charset=utf-8",
@@ -420,24 +409,17 @@ class Forwarder:
             credentials = _basic_credentials(values)
             if credentials is not None:
                 conn.user = credentials.username
-                ok = conn._check_login(credentials)
+                ok = conn.check_login(credentials)
         elif scheme == "digest" and conn.server.digest is not None:
             from hopcat.server.digest import OK, STALE
 
             answer = _digest_credentials(values[0], request.method.decode("latin-1"), target)
             if answer is not None:
                 conn.user = answer.username
-                if not conn._throttled():
-                    outcome, why = conn.server.digest.check(
-                        answer, conn.server.credentials.digest_ha1
-                    )
-                    ok = outcome == OK
-                    if ok:
-                        conn.server.logins.succeeded(conn.client_ip)
-                    elif outcome == STALE:  # as the handler: a new nonce, not a failure
-                        raise Refusal(407, "auth-failed", why, stale=True)
-                    else:
-                        conn._login_failed(why)
+                outcome = conn.check_digest(answer)
+                if outcome == STALE:  # as in the handshake: a new nonce, not a failure
+                    raise Refusal(407, "auth-failed", conn.reason or "", stale=True)
+                ok = outcome == OK
         if not ok:
             raise Refusal(407, "auth-failed", conn.reason or "no usable Proxy-Authorization header")
 

@@ -425,7 +425,7 @@ class Conn:
                 return
             if isinstance(event, Credentials):
                 self.user = event.username
-                machine.accept_credentials(self._check_login(event))
+                machine.accept_credentials(self.check_login(event))
             elif isinstance(event, DigestCredentials):
                 self.user = event.username
                 self._answer_digest(event)
@@ -440,29 +440,41 @@ class Conn:
                 return
 
     def _answer_digest(self, answer: DigestCredentials) -> None:
-        """Verify a Digest answer (see ``server.digest``); a right password with an expired
-        nonce gets a new nonce marked stale, so the client answers again."""
+        """Answer the machine's Digest credentials; a right password with an expired nonce gets
+        a new nonce marked stale, so the client answers again."""
         from hopcat.proto.http_connect import HttpConnectServer
         from hopcat.server.digest import OK, STALE
 
         machine = self.machine
-        digest = self.server.digest
-        assert isinstance(machine, HttpConnectServer) and digest is not None
-        if self._throttled():
+        assert isinstance(machine, HttpConnectServer)
+        outcome = self.check_digest(answer)
+        if outcome == OK:
+            machine.accept_credentials(True)
+        elif outcome == STALE:
+            machine.accept_credentials(
+                False, challenges=self.server.http_challenges(stale=True), reason=self.reason
+            )
+        else:
             machine.accept_credentials(False)
-            return
+
+    def check_digest(self, answer: DigestCredentials) -> str:
+        """``check_login`` for a Digest answer (see ``server.digest``): OK; STALE, a right
+        password with an expired nonce, which is no failed login; or WRONG. ``reason`` says
+        why unless OK. The handshake's and the forwarder's later requests' check."""
+        from hopcat.server.digest import OK, STALE, WRONG
+
+        digest = self.server.digest
+        assert digest is not None
+        if self._throttled():
+            return WRONG
         outcome, reason = digest.check(answer, self.server.credentials.digest_ha1)
         if outcome == OK:
             self.server.logins.succeeded(self.client_ip)
-            machine.accept_credentials(True)
         elif outcome == STALE:
             self.result, self.reason = "auth-failed", reason
-            machine.accept_credentials(
-                False, challenges=self.server.http_challenges(stale=True), reason=reason
-            )
         else:
             self._login_failed(reason)
-            machine.accept_credentials(False)
+        return outcome
 
     def _throttled(self) -> bool:
         """Whether this client failed too often lately: then it is refused without looking
@@ -474,8 +486,8 @@ class Conn:
             return True
         return False
 
-    def _check_login(self, credentials: Credentials) -> bool:
-        """The password check, unless the client is throttled."""
+    def check_login(self, credentials: Credentials) -> bool:
+        """The password check, unless the client is throttled (``reason`` says why not)."""
         if self._throttled():
             return False
         server = self.server
