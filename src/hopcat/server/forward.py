@@ -606,12 +606,10 @@ class Forwarder:
                 writers.append(self.conn.fd)
             if not readers and not writers:
                 raise _Gone("origin", "ended the exchange unanswered")
-            # Until the answer's head, a silent origin is bounded (--answer-timeout) even with
-            # no --idle-timeout: a client that left meanwhile cannot be told from one that
-            # half-closed, so only the origin's silence ends the wait.
-            # Only while the origin owes something: the whole request is in (its answer is
-            # due) or it is not taking the body; a client pausing its upload is not the
-            # origin's silence (--idle-timeout bounds that).
+            # Until the answer's head, an origin that owes something (the answer, the whole
+            # request being in; or taking the body) and is silent is bounded by
+            # --answer-timeout even with no --idle-timeout. A client pausing its upload is
+            # not the origin's silence (--idle-timeout bounds that).
             owed = not self._responding and (request_done or bool(self._out_origin))
             timeout = self.conn.server.options.answer_timeout_s if owed else None
             await self._wait(readers, writers, timeout)
@@ -630,7 +628,7 @@ class Forwarder:
     async def _tunnel(self, key: tuple[str, int]) -> None:
         """A CONNECT after forwarded requests on the same connection: the tunnel, as on a
         connection that began with it (the same checks and dial), then the server's relay."""
-        conn, cli = self.conn, self.cli
+        cli = self.cli
         try:
             event = cli.next_event()
         except h11.RemoteProtocolError as exc:
@@ -643,32 +641,28 @@ class Forwarder:
             cli.send(h11.Response(status_code=200, headers=[], reason=b"Connection established"))
             or b""
         )
-        self.down += len(reply)
-        self._responding = True
-        await self._flush()
-        self._log("ok", None)
-        early, _closed = cli.trailing_data
-        from_origin = self.up.trailing_data[0] if self.up is not None else b""
-        self._unregister()
-        conn.forward = None
-        conn.start_relay(reply, early, from_origin)
+        await self._hand_to_relay(reply)
 
     async def _switch(self, answer: h11.InformationalResponse) -> None:
         """The origin switched to WebSocket: relay both ways, with what each side sent early."""
-        conn, cli, up = self.conn, self.cli, self.up
-        assert up is not None
+        cli = self.cli
         self.status = 101
         headers = self._response_headers(answer.headers, 101)
         reply = cli.send(h11.InformationalResponse(status_code=101, headers=headers)) or b""
+        await self._hand_to_relay(reply)
+
+    async def _hand_to_relay(self, reply: bytes) -> None:
+        """The connection becomes a tunnel (a CONNECT, a WebSocket upgrade): ``reply`` sent
+        and logged, then the server's relay, with the bytes each side sent past their heads."""
         self.down += len(reply)
         self._responding = True
         await self._flush()
         self._log("ok", None)
-        early, _closed = cli.trailing_data
-        from_origin, _closed = up.trailing_data
+        early, _closed = self.cli.trailing_data
+        from_origin = self.up.trailing_data[0] if self.up is not None else b""
         self._unregister()
-        conn.forward = None
-        conn.start_relay(reply, early, from_origin)
+        self.conn.forward = None
+        self.conn.start_relay(reply, early, from_origin)
 
     # -- socket I/O --------------------------------------------------------------------------
     async def _fill(self) -> None:
