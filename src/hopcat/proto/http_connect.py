@@ -698,6 +698,14 @@ class HttpConnectServer(Machine):
         text = reason if reason is not None else STATUS_TEXT.get(code, "")
         self._finish(State.CLOSED, Rejected(f"HTTP {code} {text}".rstrip(), Rejected.REFUSED))
 
+    def request_bytes(self) -> bytes:
+        """In place of a reply, for a forwarding proxy: the request other than CONNECT whole
+        (``head``, and every byte that came after it, a body or the next request), for the
+        forwarder to parse again and frame."""
+        self._expect(State.REPLY_DECISION, "request_bytes()")
+        assert self.head is not None
+        return self.head + bytes(self._inbox.data)
+
     def abort_reply(self, http_status: int = 400) -> bytes:
         """The response that ends the handshake with a refusal, whatever state it stopped in:
         ``http_status`` (400 for bad bytes, 408 for a timeout, 503 when the server stops) while

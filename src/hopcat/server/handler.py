@@ -11,7 +11,7 @@ server's tunnels-per-second target). Its phases::
                                 LINGER --(client EOF, or LINGER_S)--> CLOSED
 
 A --forward listener's Conn has no handshake and no machine: it starts in CONNECTING with its
-fixed target (``forward``, protocol "forward"), through the same ``_connect`` as a Request, so
+fixed target (``fixed``, protocol "forward"), through the same ``connect_to`` as a Request, so
 rules, -4/-6, --via, deadlines and logs are the proxy's; a refusal is the end of its stream
 (LINGER without an answer), and success relays at once.
 
@@ -561,22 +561,21 @@ class Conn:
             self._associate(port)
             return
         if request.command != "CONNECT":
-            head = getattr(self.machine, "head", None)
-            if head is None:
+            if getattr(self.machine, "head", None) is None:
                 self.refuse("unsupported", f"{request.command} is not supported")
             elif server.options.no_forward:
                 self.refuse("unsupported", f"{request.command} is not supported (--no-forward)")
             else:
-                self._start_forwarding(head)
+                self._start_forwarding()
             return
         if server.auth_required and self.protocol in ("socks4", "socks4a"):
             self.refuse("auth-failed", "SOCKS4 carries no password and this server requires one")
             return
         self.connect_to(host, port)
 
-    def _start_forwarding(self, head: bytes) -> None:
+    def _start_forwarding(self) -> None:
         """A plain HTTP request (any method but CONNECT): the forwarder takes the connection
-        over, with the head and whatever came after it; the machine's work (auth) is done."""
+        over, with the request as the client sent it; the machine's work (auth) is done."""
         from hopcat.proto.http_connect import HttpConnectServer
 
         try:
@@ -586,12 +585,12 @@ class Conn:
             return
         machine = self.machine
         assert isinstance(machine, HttpConnectServer)
-        early = bytes(machine._inbox.data)  # the bytes after the head: a body, the next request
+        request = machine.request_bytes()
         self.machine = None
         self._stop_reading()
         self.phase = FORWARD
         self.server.to_relay(self)
-        self.forward = Forwarder(self, head + early)
+        self.forward = Forwarder(self, request)
 
     def connect_to(self, host: str, port: int) -> None:
         """Check ``host``:``port`` against the rules and connect to it, directly or through
@@ -612,7 +611,7 @@ class Conn:
         mapped = _mapped_ipv4(*literal) if literal is not None else None
         if mapped is not None:  # dialled as the IPv4 address it is: no IPv6 socket needed
             literal = (socket.AF_INET, (mapped, port))
-        if literal is not None and server.family and wire_family(*literal) != server.family:
+        if literal is not None and server.family and literal[0] != server.family:
             self.refuse("wrong-family", f"{host} is not an {_FAMILY_NAMES[server.family]} "
                         f"address ({_FAMILY_FLAGS[server.family]})")  # fmt: skip
             return
