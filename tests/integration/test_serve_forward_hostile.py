@@ -75,6 +75,27 @@ def test_h11_error_keeps_credentials_out_of_the_log(serve: Serve, origin: Origin
     assert secret not in server.log(), server.log()
 
 
+def test_bad_origin_header_keeps_its_secret_out_of_the_log(serve: Serve) -> None:
+    """The same from the other side: an origin's malformed Set-Cookie line is a 502, and the
+    log line's reason has h11's verdict without the line it quotes."""
+    secret = "sid=1679091c5a880faf6fb5e6087eb1b2dc"
+
+    def handler(conn: socket.socket) -> None:
+        read_head(conn)
+        conn.sendall(f"HTTP/1.1 200 OK\r\nSet-Cookie : {secret}\r\n\r\n".encode())
+
+    bad = ScriptedServer(handler)
+    try:
+        server = serve()
+        get = f"GET http://127.0.0.1:{bad.port}/ HTTP/1.1\r\nHost: 127.0.0.1:{bad.port}\r\n\r\n"
+        heads, _, _ = raw_exchange(server, get.encode())
+        assert heads[0].status_code == 502
+        server.wait_log("status=502")
+        assert secret not in server.log(), server.log()
+    finally:
+        bad.close()
+
+
 def test_origin_extra_bytes_never_answer_the_next_request(serve: Serve) -> None:
     """An origin that sends more than its Content-Length in the same read: the surplus stays in
     h11's buffer, _reusable() only peeks the socket, and the surplus is taken as the answer to

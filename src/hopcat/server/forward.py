@@ -192,12 +192,16 @@ def error_response(status: int, text: str, extra: Sequence[tuple[bytes, bytes]] 
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
+def _h11_verdict(exc: h11.RemoteProtocolError) -> str:
+    """h11's message without the bytes it quotes: a header line of either peer's may hold a
+    cookie or a token, and the message goes to the log."""
+    return re.sub(r":?\s*(bytearray\()?b['\"].*$", "", str(exc), flags=re.S)
+
+
 def _h11_refusal(exc: h11.RemoteProtocolError) -> Refusal:
     """h11's verdict on a client's bytes: its status (431 for a head over the cap, 501 for a
     transfer coding it does not know, else 400)."""
-    # h11 quotes the offending bytes (a header line with a cookie or a token in it): not logged.
-    verdict = re.sub(r":?\s*(bytearray\()?b['\"].*$", "", str(exc), flags=re.S)
-    return Refusal(exc.error_status_hint, "protocol-error", f"bad request: {verdict}")
+    return Refusal(exc.error_status_hint, "protocol-error", f"bad request: {_h11_verdict(exc)}")
 
 
 # --------------------------------------------------------------------------- the forwarder
@@ -529,7 +533,7 @@ class Forwarder:
                     event = cli.next_event()
                 except h11.RemoteProtocolError as exc:
                     if self._responding:
-                        raise _Gone("client", f"bad request body: {exc}") from None
+                        raise _Gone("client", f"bad request body: {_h11_verdict(exc)}") from None
                     raise _h11_refusal(exc) from None
                 if event is h11.NEED_DATA:
                     break
@@ -547,7 +551,7 @@ class Forwarder:
                 try:
                     answer = up.next_event()
                 except h11.RemoteProtocolError as exc:
-                    raise _Gone("origin", f"bad response: {exc}") from None
+                    raise _Gone("origin", f"bad response: {_h11_verdict(exc)}") from None
                 if answer is h11.NEED_DATA:
                     break
                 if isinstance(answer, h11.InformationalResponse):
