@@ -331,24 +331,32 @@ def banner_target_main(port_file: str) -> None:
                     conn.close()
 
 
-class BannerTarget:
-    def __init__(self, workdir: Path) -> None:
-        port_file = workdir / "banner.port"
+class HelperProcess:
+    """This script run again as a helper (``flag``: --banner-target, --http-origin), in a
+    session of its own; it writes its port(s) to a file once it listens."""
+
+    def __init__(self, workdir: Path, flag: str, what: str) -> None:
+        port_file = workdir / f"{flag.strip('-')}.port"
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--banner-target", str(port_file)], start_new_session=True
+            [sys.executable, __file__, flag, str(port_file)], start_new_session=True
         )
         deadline = time.monotonic() + 10
         while not port_file.exists():
             if time.monotonic() > deadline:
-                raise RuntimeError("banner target did not start")
+                raise RuntimeError(f"{what} did not start")
             time.sleep(0.01)
-        ports = [int(port) for port in port_file.read_text().split()]
-        self.port = ports[0]  # holds connections open
-        self.ports = ports[1:]  # banner, then close
+        self.ports = [int(port) for port in port_file.read_text().split()]
 
     def close(self) -> None:
         self.proc.kill()
         self.proc.wait()
+
+
+class BannerTarget(HelperProcess):
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir, "--banner-target", "banner target")
+        self.port = self.ports[0]  # holds connections open
+        self.ports = self.ports[1:]  # banner, then close
 
 
 def measure_tps(
@@ -501,22 +509,10 @@ def http_origin_main(port_file: str) -> None:
         threading.Thread(target=serve, args=(conn,), daemon=True).start()
 
 
-class HttpOrigin:
+class HttpOrigin(HelperProcess):
     def __init__(self, workdir: Path) -> None:
-        port_file = workdir / "origin.port"
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--http-origin", str(port_file)], start_new_session=True
-        )
-        deadline = time.monotonic() + 10
-        while not port_file.exists():
-            if time.monotonic() > deadline:
-                raise RuntimeError("HTTP origin did not start")
-            time.sleep(0.01)
-        self.port = int(port_file.read_text())
-
-    def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
+        super().__init__(workdir, "--http-origin", "HTTP origin")
+        self.port = self.ports[0]
 
 
 def _response_end(data: bytes | bytearray) -> tuple[int, bool] | None:
